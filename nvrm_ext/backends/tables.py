@@ -1,0 +1,139 @@
+"""Launch tables: the one place that turns a list of tensors into what a single kernel launch needs.
+
+Every fused backend (Triton, CUDA, CPU) consumes the same three arrays, so one launch covers
+all parameters of all groups on one (device, dtype):
+
+* ``int_table``  int64 [T, INT_COLUMNS], one row per tensor (addresses, sizes, counters, flags);
+* ``float_table`` float32 [T, FLOAT_COLUMNS], one row per tensor (hyperparameters, already
+  folded the way the update uses them, e.g. ``1 - dampening``, ``lr / bias_correction1``);
+* ``block_table`` int64 [B, 2], one row per block of BLOCK consecutive *global* elements:
+  (tensor row, global index of the block's first element). It depends only on sizes, so it
+  is cached per parameter layout; blocks start at multiples of 4 so that every Philox call
+  (one per quad of 4 elements) lies inside one block.
+
+The element math that reads these rows lives in csrc/nvrm/update.h and its Triton twin
+nvrm_ext/backends/triton.py; docs/noise.md specifies both.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+# --- int_table columns -------------------------------------------------------------------
+I_PARAM = 0        # address of the parameter's first element
+I_GRAD = 1         # address of the gradient (same strides as the parameter); 0 for OP_NOISE
+I_STATE0 = 2       # SGD momentum_buffer | Adam exp_avg; 0 when absent
+I_STATE1 = 3       # Adam exp_avg_sq; 0 when absent
+I_STATE2 = 4       # Adam max_exp_avg_sq (amsgrad); 0 when absent
+I_NUMEL = 5        # number of elements of this tensor (or shard)
+I_KEY = 6          # parameter key: position in the optimizer's flat parameter list
+I_OLD_STEP = 7     # step whose noise is on the weights now (0: none) -> regenerated, subtracted
+I_NEW_STEP = 8     # step whose noise is put on the weights (0: none)
+I_FLAGS = 9        # bit field, below
+I_OFFSET = 10      # global index of this tensor's first element (0 unless sharded)
+INT_COLUMNS = 11
+
+# --- float_table columns -----------------------------------------------------------------
+F_LR = 0
+F_WEIGHT_DECAY = 1
+F_MOMENTUM = 2       # SGD momentum | Adam beta1
+F_MOMENTUM_COEF = 3  # SGD 1 - dampening | Adam 1 - beta1
+F_BETA2 = 4          # Adam beta2
+F_BETA2_COEF = 5     # Adam 1 - beta2
+F_EPS = 6            # Adam eps
+F_STEP_SIZE = 7      # Adam lr / (1 - beta1**step)
+F_SQRT_BC2 = 8       # Adam sqrt(1 - beta2**step)
+F_DECAY = 9          # Adam decoupled: 1 - lr * weight_decay
+F_OLD_SCALE = 10     # scale of the noise being removed
+F_NEW_SCALE = 11     # scale of the noise being added
+FLOAT_COLUMNS = 12
+
+# --- I_FLAGS bits ------------------------------------------------------------------------
+FLAG_OLD_TYPE_SHIFT = 0   # 2 bits: noise type code of the old noise (0 Gaussian, 1 Laplace, 2 Uniform)
+FLAG_NEW_TYPE_SHIFT = 2   # 2 bits: noise type code of the new noise
+FLAG_WEIGHT_DECAY = 1 << 4   # SGD: add weight_decay * p to the gradient (Adam L2 always adds)
+FLAG_MOMENTUM = 1 << 5       # SGD: momentum buffer in use
+FLAG_MOMENTUM_INIT = 1 << 6  # SGD: first use of the buffer: buf = d
+FLAG_NESTEROV = 1 << 7       # SGD
+FLAG_AMSGRAD = 1 << 8        # Adam
+FLAG_DECOUPLED = 1 << 9      # Adam: p *= 1 - lr*wd instead of L2
+
+# --- operations (one launch runs one of them on every row) ----------------------------------
+OP_SGD = 0
+OP_ADAM = 1
+OP_NOISE = 2   # no update: p += new_noise - old_noise (denoised() entry / exit)
+
+
+@dataclass
+class TensorPlan:
+    """What one launch does to one tensor."""
+
+    param: torch.Tensor
+    grad: torch.Tensor | None
+    states: tuple  # up to three state tensors (None where absent), see I_STATE0..2
+    key: int
+    old_step: int
+    new_step: int
+    flags: int
+    floats: tuple  # FLOAT_COLUMNS values
+    offset: int = 0
+
+
+def _address(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def build_rows(plans: list[TensorPlan]) -> tuple[np.ndarray, np.ndarray]:
+    """int_table and float_table (numpy, host) for one launch."""
+    n = len(plans)
+    ints = np.zeros((n, INT_COLUMNS), dtype=np.int64)
+    floats = np.zeros((n, FLOAT_COLUMNS), dtype=np.float32)
+    for row, plan in enumerate(plans):
+        s0, s1, s2 = (tuple(plan.states) + (None, None, None))[:3]
+        ints[row] = (
+            _address(plan.param), _address(plan.grad), _address(s0), _address(s1), _address(s2),
+            plan.param.numel(), plan.key, plan.old_step, plan.new_step, plan.flags, plan.offset,
+        )
+        floats[row] = plan.floats
+    return ints, floats
+
+
+def build_block_table(numels: list[int], offsets: list[int], block: int) -> np.ndarray:
+    """[B, 2] int64 rows (tensor row, global start) covering every element once.
+
+    Blocks of tensor t cover the global range [offset_t, offset_t + numel_t) starting at the
+    quad boundary at or below offset_t; block must be a multiple of 4.
+    """
+    if block % 4:
+        raise ValueError(f"block size must be a multiple of 4, got {block}")
+    rows, starts = [], []
+    for row, (numel, offset) in enumerate(zip(numels, offsets)):
+        if numel == 0:
+            continue
+        first = (offset // 4) * 4
+        s = np.arange(first, offset + numel, block, dtype=np.int64)
+        rows.append(np.full(len(s), row, dtype=np.int64))
+        starts.append(s)
+    if not rows:
+        return np.zeros((0, 2), dtype=np.int64)
+    return np.stack([np.concatenate(rows), np.concatenate(starts)], axis=1)
+
+
+@dataclass
+class LaunchTables:
+    """Device-resident tables for one launch (what the kernels read)."""
+
+    ints: torch.Tensor
+    floats: torch.Tensor
+    blocks: torch.Tensor
+    rows: int = field(default=0)
+
+
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Host array -> tensor on `device` (pinned, asynchronous copy for CUDA)."""
+    host = torch.from_numpy(array)
+    if device.type == "cpu":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)

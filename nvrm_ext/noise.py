@@ -1,0 +1,145 @@
+"""The noise specification, executable (see docs/noise.md).
+
+Noise is a pure function of (seed, parameter key, step, element index): nothing is stored.
+This module is the readable reference every backend is tested against. It computes the
+transforms (log, sqrt, sin, cos) in float64 from the exactly representable uniforms and
+rounds once to float32, so it is the "mathematically exact" form of the specification; the
+fused kernels use the float32 polynomials of docs/noise.md and agree with it to a few ulp.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+NOISE_TYPES = ("Gaussian", "Laplace", "Uniform")
+"""Noise type names in the order of their integer codes (0, 1, 2) used by the kernels."""
+
+# Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11);
+# the Random123 constants, shared with curand and Triton.
+PHILOX_M0 = 0xD2511F53
+PHILOX_M1 = 0xCD9E8D57
+PHILOX_W0 = 0x9E3779B9
+PHILOX_W1 = 0xBB67AE85
+PHILOX_ROUNDS = 10
+
+_MASK32 = 0xFFFFFFFF
+
+
+def noise_type_code(noise_type: str) -> int:
+    """The integer code of a noise type name ('Gaussian' -> 0, 'Laplace' -> 1, 'Uniform' -> 2)."""
+    try:
+        return NOISE_TYPES.index(noise_type)
+    except ValueError:
+        raise ValueError(
+            f"Invalid noise_type {noise_type!r}: expected one of {', '.join(NOISE_TYPES)}"
+        ) from None
+
+
+def _mulhilo32(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) 32-bit halves of the 64-bit product a*b, a in int64 holding uint32 values."""
+    b_lo, b_hi = b & 0xFFFF, b >> 16
+    p_lo = a * b_lo  # < 2**48, exact in int64
+    p_hi = a * b_hi  # < 2**48
+    low = p_lo + ((p_hi & 0xFFFF) << 16)  # < 2**49
+    hi = (p_hi >> 16) + (low >> 32)
+    return hi & _MASK32, low & _MASK32
+
+
+def philox4x32(c0, c1, c2, c3, k0: int, k1: int):
+    """Philox4x32-10 on int64 tensors holding uint32 counter words; key (k0, k1) as ints.
+
+    Returns the four uint32 output words as int64 tensors, in Random123 order.
+    """
+    c0, c1, c2, c3 = (torch.as_tensor(c, dtype=torch.int64) for c in (c0, c1, c2, c3))
+    c0, c1, c2, c3 = torch.broadcast_tensors(c0, c1, c2, c3)
+    for _ in range(PHILOX_ROUNDS):
+        hi0, lo0 = _mulhilo32(c0, PHILOX_M0)
+        hi1, lo1 = _mulhilo32(c2, PHILOX_M1)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0 = (k0 + PHILOX_W0) & _MASK32
+        k1 = (k1 + PHILOX_W1) & _MASK32
+    return c0, c1, c2, c3
+
+
+def uniform_from_bits(x: torch.Tensor) -> torch.Tensor:
+    """u = ((x >> 8) | 1) * 2**-24: the 24 high bits, forced odd, so u lies in the open
+    interval (0, 1), is exact in float32 and is symmetric about 1/2 (never 0, 1/2 or 1)."""
+    return ((x >> 8) | 1).to(torch.float64) * 2.0**-24
+
+
+def raw_bits(seed: int, key: int, step: int, numel: int, *, offset: int = 0, device=None):
+    """The Philox words for elements offset .. offset+numel-1, as four int64 tensors over quads.
+
+    Element i belongs to quad j = i // 4 and takes lane i % 4. Counter: (lo32(j), hi32(j),
+    key, step); Philox key: (lo32(seed), hi32(seed)).
+    """
+    first_quad = offset // 4
+    last_quad = (offset + numel + 3) // 4
+    quads = torch.arange(first_quad, last_quad, dtype=torch.int64, device=device)
+    return philox4x32(
+        quads & _MASK32,
+        quads >> 32,
+        torch.full_like(quads, key & _MASK32),
+        torch.full_like(quads, step & _MASK32),
+        seed & _MASK32,
+        (seed >> 32) & _MASK32,
+    )
+
+
+def standard_noise(noise_type: str, seed: int, key: int, step: int, numel: int, *,
+                   offset: int = 0, device=None) -> torch.Tensor:
+    """Unit-scale noise z for elements offset .. offset+numel-1, float32, flat.
+
+    Gaussian: Box-Muller on lane pairs (0, 1) and (2, 3):
+        z0 = sqrt(-2 ln u0) cos(2 pi u1),  z1 = sqrt(-2 ln u0) sin(2 pi u1)
+    Laplace (unit scale): z = ln(2u) if u < 1/2 else -ln(2(1 - u))
+    Uniform on [-1, 1]:   z = 2u - 1
+    """
+    code = noise_type_code(noise_type)
+    words = [uniform_from_bits(x) for x in raw_bits(seed, key, step, numel, offset=offset, device=device)]
+    if code == 0:
+        u0, u1, u2, u3 = words
+        r01 = torch.sqrt(-2.0 * torch.log(u0))
+        r23 = torch.sqrt(-2.0 * torch.log(u2))
+        t1, t3 = 2.0 * math.pi * u1, 2.0 * math.pi * u3
+        lanes = [r01 * torch.cos(t1), r01 * torch.sin(t1), r23 * torch.cos(t3), r23 * torch.sin(t3)]
+    elif code == 1:
+        lanes = [torch.where(u < 0.5, torch.log(2.0 * u), -torch.log(2.0 * (1.0 - u))) for u in words]
+    else:
+        lanes = [2.0 * u - 1.0 for u in words]
+    z = torch.stack(lanes, dim=1).reshape(-1).to(torch.float32)  # rounded once to float32
+    start = offset - (offset // 4) * 4
+    return z[start:start + numel]
+
+
+def noise(noise_type: str, scale: float, seed: int, key: int, step: int, numel: int, *,
+          offset: int = 0, device=None) -> torch.Tensor:
+    """The noise added to elements offset .. offset+numel-1 of parameter `key` at `step`:
+    float32(scale) * z, one float32 multiplication. Step 0 means "no noise" (zeros)."""
+    if step == 0:
+        return torch.zeros(numel, dtype=torch.float32, device=device)
+    z = standard_noise(noise_type, seed, key, step, numel, offset=offset, device=device)
+    return z * torch.tensor(scale, dtype=torch.float32, device=device)
+
+
+def noise_like(param: torch.Tensor, noise_type: str, scale: float, seed: int, key: int,
+               step: int, *, offset: int = 0) -> torch.Tensor:
+    """Noise shaped like `param`, elements numbered in `param`'s memory order (see docs)."""
+    flat = noise(noise_type, scale, seed, key, step, param.numel(), offset=offset, device=param.device)
+    return from_memory_order(flat, param)
+
+
+def memory_order_permutation(t: torch.Tensor) -> list[int]:
+    """Dimensions of a dense tensor sorted from the outermost to the innermost in memory."""
+    return sorted(range(t.dim()), key=lambda d: (-t.stride(d), -t.size(d)))
+
+
+def from_memory_order(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Lay out `flat` (numbered in `like`'s memory order) with `like`'s shape."""
+    if like.is_contiguous():
+        return flat.view(like.shape)
+    perm = memory_order_permutation(like)
+    permuted = flat.view([like.size(d) for d in perm])
+    inverse = [perm.index(d) for d in range(like.dim())]
+    return permuted.permute(inverse)
