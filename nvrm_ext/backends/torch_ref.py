@@ -1,0 +1,89 @@
+"""The 'torch' backend: docs/noise.md §7 in plain per-tensor PyTorch ops.
+
+Readable and device-agnostic; it is the oracle the fused kernels are tested against and the
+fallback where no fused backend runs. Only single binary ops are used (no `alpha=` forms that a
+vectorized kernel might contract into an fma), so its update arithmetic rounds exactly like the
+kernels'; its noise comes from nvrm_ext.noise (float64 transforms).
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import noise as spec
+from . import tables as T
+
+
+def _math_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _noise(plan: T.TensorPlan, step: int, type_shift: int, scale: float, seed: int, like: torch.Tensor):
+    if step == 0:
+        return None
+    noise_type = spec.NOISE_TYPES[(plan.flags >> type_shift) & 3]
+    return spec.noise_like(like, noise_type, scale, seed, plan.key, step, offset=plan.offset)
+
+
+def _sgd(p, g, plan, f, states):
+    d = g
+    if plan.flags & T.FLAG_WEIGHT_DECAY:
+        d = d + f[T.F_WEIGHT_DECAY] * p
+    if plan.flags & T.FLAG_MOMENTUM:
+        buf = states[0]
+        if plan.flags & T.FLAG_MOMENTUM_INIT:
+            new_buf = d
+        else:
+            new_buf = f[T.F_MOMENTUM] * buf.to(p.dtype) + f[T.F_MOMENTUM_COEF] * d
+        buf.copy_(new_buf)
+        d = d + f[T.F_MOMENTUM] * new_buf if plan.flags & T.FLAG_NESTEROV else new_buf
+    return p - f[T.F_LR] * d
+
+
+def _adam(p, g, plan, f, states):
+    if plan.flags & T.FLAG_DECOUPLED:
+        p = p * f[T.F_DECAY]
+    else:
+        g = g + f[T.F_WEIGHT_DECAY] * p
+    exp_avg, exp_avg_sq, max_exp_avg_sq = states
+    m = f[T.F_MOMENTUM] * exp_avg.to(p.dtype) + f[T.F_MOMENTUM_COEF] * g
+    v = f[T.F_BETA2] * exp_avg_sq.to(p.dtype) + (f[T.F_BETA2_COEF] * g) * g
+    exp_avg.copy_(m)
+    exp_avg_sq.copy_(v)
+    if plan.flags & T.FLAG_AMSGRAD:
+        v = torch.maximum(max_exp_avg_sq.to(p.dtype), v)
+        max_exp_avg_sq.copy_(v)
+    denom = torch.sqrt(v) / f[T.F_SQRT_BC2] + f[T.F_EPS]
+    return p - f[T.F_STEP_SIZE] * (m / denom)
+
+
+class TorchBackend:
+    """Per-tensor loop over the same TensorPlans the fused backends turn into tables."""
+
+    name = "torch"
+
+    @torch.no_grad()
+    def run(self, op: int, plans: list[T.TensorPlan], seed: int) -> None:
+        for plan in plans:
+            self._run_one(op, plan, seed)
+
+    def _run_one(self, op: int, plan: T.TensorPlan, seed: int) -> None:
+        param = plan.param
+        p = param.to(_math_dtype(param.dtype))
+        f = plan.floats
+        n_old = _noise(plan, plan.old_step, T.FLAG_OLD_TYPE_SHIFT, f[T.F_OLD_SCALE], seed, param)
+        n_new = _noise(plan, plan.new_step, T.FLAG_NEW_TYPE_SHIFT, f[T.F_NEW_SCALE], seed, param)
+        if op != T.OP_NOISE:
+            g = plan.grad.to(p.dtype)
+            p = (_sgd if op == T.OP_SGD else _adam)(p, g, plan, f, plan.states)
+        if n_old is not None or n_new is not None:
+            if n_old is None:
+                delta = n_new
+            elif n_new is None:
+                delta = -n_old
+            else:
+                delta = n_new - n_old
+            p = p + delta.to(p.dtype)
+        param.copy_(p)
+
+
+TORCH = TorchBackend()

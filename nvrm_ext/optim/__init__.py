@@ -1,0 +1,5 @@
+from .base import NeuralVariableOptimizer
+from .vadam import FusedVAdam
+from .vsgd import FusedVSGD
+
+__all__ = ["FusedVSGD", "FusedVAdam", "NeuralVariableOptimizer"]

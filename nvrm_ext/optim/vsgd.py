@@ -1,0 +1,73 @@
+"""FusedVSGD: NVRM-SGD (SGD with momentum, dampening, nesterov, L2 weight decay)."""
+from __future__ import annotations
+
+import torch
+
+from ..backends import tables as T
+from .base import NeuralVariableOptimizer
+
+
+class FusedVSGD(NeuralVariableOptimizer):
+    r"""Neural-variable SGD (VSGD / NVRM-SGD, Xie et al., Neural Computation 2021), fused.
+
+    Drop-in for the original ``variable_optim.VSGD`` (same arguments, same math given the same
+    noise): the gradient is taken at the perturbed weights ``w + b``, the SGD update
+    (``torch.optim.SGD`` semantics; weight decay acts on the perturbed weights, as in the
+    original) is applied, the previous noise is removed and fresh noise
+    ``b ~ noise_type(variability)`` is added. Every ``num_iters``-th step of a parameter adds no
+    new noise, so the weights are clean then (the original's end-of-epoch evaluation point).
+
+    No noise is stored: it is regenerated from ``(seed, parameter, step, element)``
+    (docs/noise.md), and the whole step is one kernel launch per (device, dtype).
+
+    Between steps the parameters hold *perturbed* weights; evaluate or save inside
+    ``with optimizer.denoised():``.
+
+    Args:
+        params: iterable of parameters or of dicts defining parameter groups.
+        lr: learning rate.
+        variability: noise scale (Gaussian std, Laplace scale b, Uniform half-width).
+        num_iters: steps per epoch; every num_iters-th step leaves the weights clean.
+        momentum, dampening, weight_decay, nesterov: as in torch.optim.SGD.
+        noise_type: 'Gaussian', 'Laplace' or 'Uniform'.
+        seed: 64-bit noise seed; None draws it from torch's default generator.
+        backend: 'auto', 'torch', 'triton', 'cpu' or 'cuda'.
+        denoise: False gives PSGD (noise added each step, never removed), the paper's
+            perturbed-gradient baseline.
+    """
+
+    _op = T.OP_SGD
+
+    def __init__(self, params, lr, variability=0.01, num_iters=1000, momentum=0, dampening=0,
+                 weight_decay=0, noise_type="Gaussian", nesterov=False, *, seed=None,
+                 backend="auto", denoise=True):
+        defaults = dict(lr=lr, variability=variability, num_iters=num_iters, momentum=momentum,
+                        dampening=dampening, weight_decay=weight_decay, noise_type=noise_type,
+                        nesterov=nesterov)
+        super().__init__(params, defaults, seed=seed, backend=backend, denoise=denoise)
+
+    def _validate_group(self, group: dict) -> None:
+        super()._validate_group(group)
+        if not group["momentum"] >= 0.0:
+            raise ValueError(f"Invalid momentum: {group['momentum']!r} (expected a number >= 0)")
+        if not 0.0 <= group["dampening"] <= 1.0:
+            raise ValueError(f"Invalid dampening: {group['dampening']!r} (expected a number in [0, 1])")
+        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+            raise ValueError("Nesterov momentum requires a momentum > 0 and zero dampening")
+
+    def _row(self, group: dict, p: torch.Tensor, state: dict, step: int):
+        flags = 0
+        if group["weight_decay"] != 0:
+            flags |= T.FLAG_WEIGHT_DECAY
+        buf = None
+        if group["momentum"] != 0:
+            flags |= T.FLAG_MOMENTUM
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                buf = state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                flags |= T.FLAG_MOMENTUM_INIT
+            if group["nesterov"]:
+                flags |= T.FLAG_NESTEROV
+        hyper = [float(group["lr"]), group["weight_decay"], group["momentum"], 1.0 - group["dampening"],
+                 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+        return (buf, None, None), flags, hyper
