@@ -25,6 +25,8 @@ import triton.language as tl
 ELEMENTS_PER_PROGRAM = 1024
 MASK_STREAM = 0
 NOISE_STREAM = 1
+# Sizes and seeds may equal 1; without this Triton would turn them into compile-time constants.
+_RUNTIME_INTS = ("numel", "height", "width", "seed", "block_size")
 
 
 @triton.jit
@@ -70,17 +72,17 @@ def _standard_normal(seed, offsets):
     return normal
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _count_kept_kernel(kept_ptr, numel, height, width, seed, gamma, block_size,
                        BLOCK: tl.constexpr):
     offsets, in_bounds, plane, row, col = _element_coordinates(numel, height, width, BLOCK)
     hit = _distorted(seed, plane, row, col, gamma, block_size,
                      height - block_size + 1, width - block_size + 1)
-    kept = tl.sum((in_bounds & (hit == 0)).to(tl.int64), axis=0)
+    kept = tl.sum((in_bounds & (~hit)).to(tl.int64), axis=0)
     tl.atomic_add(kept_ptr, kept)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _forward_kernel(x_ptr, out_ptr, std_ptr, kept_ptr, numel, height, width, seed, gamma,
                     block_size, distortion_coef, BLOCK: tl.constexpr):
     offsets, in_bounds, plane, row, col = _element_coordinates(numel, height, width, BLOCK)
@@ -95,7 +97,7 @@ def _forward_kernel(x_ptr, out_ptr, std_ptr, kept_ptr, numel, height, width, see
     tl.store(out_ptr + offsets, value * scale.to(x.dtype), mask=in_bounds)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _backward_kernel(grad_out_ptr, grad_in_ptr, kept_ptr, numel, height, width, seed, gamma,
                      block_size, BLOCK: tl.constexpr):
     offsets, in_bounds, plane, row, col = _element_coordinates(numel, height, width, BLOCK)
@@ -108,7 +110,7 @@ def _backward_kernel(grad_out_ptr, grad_in_ptr, kept_ptr, numel, height, width, 
              mask=in_bounds)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _draws_kernel(distorted_ptr, noise_ptr, numel, height, width, seed, gamma, block_size,
                   BLOCK: tl.constexpr):
     offsets, in_bounds, plane, row, col = _element_coordinates(numel, height, width, BLOCK)
