@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..nn.disout import input_std
+
 ELEMENTS_PER_PROGRAM = 1024
 MASK_STREAM = 0
 NOISE_STREAM = 1
@@ -168,8 +170,7 @@ class DisoutTritonFunction(torch.autograd.Function):
         x = x.contiguous()
         numel = x.numel()
         _, _, height, width = x.shape
-        # Published Disout: unbiased variance of the whole input, detached.
-        std = x.detach().float().var().sqrt().reshape(1)
+        std = input_std(x.detach().float()).reshape(1)
         kept = count_kept(x.shape, gamma, block_size, seed, x.device)
         out = torch.empty_like(x)
         if numel:

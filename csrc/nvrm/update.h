@@ -1,0 +1,131 @@
+// The per-element update of docs/noise.md §7 and the launch-table row it reads
+// (nvrm_ext/backends/tables.py is the authority on the layout mirrored here).
+#pragma once
+
+#include "noise.h"
+
+namespace nvrm {
+
+// int_table columns
+constexpr int kIntParam = 0, kIntGrad = 1, kIntState0 = 2, kIntState1 = 3, kIntState2 = 4,
+              kIntNumel = 5, kIntKey = 6, kIntOldStep = 7, kIntNewStep = 8, kIntFlags = 9,
+              kIntOffset = 10, kIntColumns = 11;
+// float_table columns
+constexpr int kFloatLr = 0, kFloatWeightDecay = 1, kFloatMomentum = 2, kFloatMomentumCoef = 3,
+              kFloatBeta2 = 4, kFloatBeta2Coef = 5, kFloatEps = 6, kFloatStepSize = 7,
+              kFloatSqrtBc2 = 8, kFloatDecay = 9, kFloatOldScale = 10, kFloatNewScale = 11,
+              kFloatColumns = 12;
+// I_FLAGS bits
+constexpr int kFlagOldTypeShift = 0, kFlagNewTypeShift = 2;
+constexpr int64_t kFlagWeightDecay = 1 << 4, kFlagMomentum = 1 << 5, kFlagMomentumInit = 1 << 6,
+                  kFlagNesterov = 1 << 7, kFlagAmsgrad = 1 << 8, kFlagDecoupled = 1 << 9;
+// operations
+enum Op : int { kOpSgd = 0, kOpAdam = 1, kOpNoise = 2 };
+
+// One tensor's row of the launch tables, decoded once per block.
+struct Row {
+  int64_t param, grad, state0, state1, state2;  // addresses; 0 when absent
+  int64_t numel, offset;                        // offset: global index of element 0
+  uint32_t key, old_step, new_step;
+  int old_type, new_type;
+  bool weight_decay, momentum, momentum_init, nesterov, amsgrad, decoupled;
+  float lr, weight_decay_value, momentum_value, momentum_coef, beta2, beta2_coef, eps, step_size,
+      sqrt_bc2, decay, old_scale, new_scale;
+};
+
+NVRM_HD Row decode_row(const int64_t* ints, const float* floats) {
+  const int64_t flags = ints[kIntFlags];
+  Row row;
+  row.param = ints[kIntParam];
+  row.grad = ints[kIntGrad];
+  row.state0 = ints[kIntState0];
+  row.state1 = ints[kIntState1];
+  row.state2 = ints[kIntState2];
+  row.numel = ints[kIntNumel];
+  row.offset = ints[kIntOffset];
+  row.key = static_cast<uint32_t>(ints[kIntKey]);
+  row.old_step = static_cast<uint32_t>(ints[kIntOldStep]);
+  row.new_step = static_cast<uint32_t>(ints[kIntNewStep]);
+  row.old_type = static_cast<int>((flags >> kFlagOldTypeShift) & 3);
+  row.new_type = static_cast<int>((flags >> kFlagNewTypeShift) & 3);
+  row.weight_decay = (flags & kFlagWeightDecay) != 0;
+  row.momentum = (flags & kFlagMomentum) != 0;
+  row.momentum_init = (flags & kFlagMomentumInit) != 0;
+  row.nesterov = (flags & kFlagNesterov) != 0;
+  row.amsgrad = (flags & kFlagAmsgrad) != 0;
+  row.decoupled = (flags & kFlagDecoupled) != 0;
+  row.lr = floats[kFloatLr];
+  row.weight_decay_value = floats[kFloatWeightDecay];
+  row.momentum_value = floats[kFloatMomentum];
+  row.momentum_coef = floats[kFloatMomentumCoef];
+  row.beta2 = floats[kFloatBeta2];
+  row.beta2_coef = floats[kFloatBeta2Coef];
+  row.eps = floats[kFloatEps];
+  row.step_size = floats[kFloatStepSize];
+  row.sqrt_bc2 = floats[kFloatSqrtBc2];
+  row.decay = floats[kFloatDecay];
+  row.old_scale = floats[kFloatOldScale];
+  row.new_scale = floats[kFloatNewScale];
+  return row;
+}
+
+NVRM_HD float div32(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fdiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+
+// The options of one row's update. The CPU launcher passes compile-time constants (so every
+// `if` below folds away inside its vectorized loops); CUDA passes the row's values, which are
+// uniform across a thread block.
+struct SgdOptions {
+  bool weight_decay, momentum, momentum_init, nesterov;
+};
+
+struct AdamOptions {
+  bool amsgrad, decoupled;
+};
+
+// SGD (§7) on one element; returns the new parameter before noise, updates `buffer` in place.
+// With momentum_init the loaded buffer is not read.
+NVRM_HD float sgd_element(float p, float g, float& buffer, const Row& row, SgdOptions options) {
+  float d = g;
+  if (options.weight_decay) d = g + row.weight_decay_value * p;
+  if (options.momentum) {
+    buffer = options.momentum_init ? d : row.momentum_value * buffer + row.momentum_coef * d;
+    d = options.nesterov ? d + row.momentum_value * buffer : buffer;
+  }
+  return p - row.lr * d;
+}
+
+// Adam (§7) on one element; returns the new parameter before noise, updates the moments in place
+// (`max_exp_avg_sq` only with amsgrad).
+NVRM_HD float adam_element(float p, float g, float& exp_avg, float& exp_avg_sq,
+                           float& max_exp_avg_sq, const Row& row, AdamOptions options) {
+  if (options.decoupled) {
+    p = p * row.decay;
+  } else {
+    g = g + row.weight_decay_value * p;
+  }
+  exp_avg = row.momentum_value * exp_avg + row.momentum_coef * g;
+  exp_avg_sq = row.beta2 * exp_avg_sq + (row.beta2_coef * g) * g;
+  float second_moment = exp_avg_sq;
+  if (options.amsgrad) {
+    // NaN-propagating maximum, as torch.maximum.
+    const bool keep = max_exp_avg_sq > exp_avg_sq || max_exp_avg_sq != max_exp_avg_sq;
+    max_exp_avg_sq = keep ? max_exp_avg_sq : exp_avg_sq;
+    second_moment = max_exp_avg_sq;
+  }
+  const float denom = div32(sqrt32(second_moment), row.sqrt_bc2) + row.eps;
+  return p - row.step_size * div32(exp_avg, denom);
+}
+
+// The noise change of one element: the new noise minus the regenerated old one (either is 0
+// when its step is 0), added to the updated parameter.
+NVRM_HD float noise_delta(float new_noise, float old_noise) { return new_noise - old_noise; }
+
+NVRM_HD float add_noise(float p, float delta) { return p + delta; }
+
+}  // namespace nvrm
