@@ -11,6 +11,7 @@ import math
 
 import torch
 from torch.optim import Optimizer
+from torch.optim.optimizer import required
 
 
 def _draw(noise_type: str, like: torch.Tensor, variability: float) -> torch.Tensor:
@@ -56,7 +57,7 @@ class _OriginalNVRM(Optimizer):
 
 
 class OriginalVSGD(_OriginalNVRM):
-    def __init__(self, params, lr, variability=0.01, num_iters=1000, momentum=0, dampening=0,
+    def __init__(self, params, lr=required, variability=0.01, num_iters=1000, momentum=0, dampening=0,
                  weight_decay=0, noise_type="Gaussian", nesterov=False, noise_fn=None):
         defaults = dict(lr=lr, variability=variability, num_iters=num_iters, momentum=momentum,
                         dampening=dampening, weight_decay=weight_decay, noise_type=noise_type,

@@ -16,6 +16,7 @@ import numbers
 import numpy as np
 import torch
 from torch.optim import Optimizer
+from torch.optim.optimizer import required
 
 from .. import noise as spec
 from ..backends import tables as T
@@ -83,6 +84,8 @@ class NeuralVariableOptimizer(Optimizer):
         """Validate the group (with defaults filled in) before it is added, so nothing is lost."""
         probe = dict(param_group)
         for name, default in self.defaults.items():
+            if default is required and name not in probe:
+                raise ValueError(f"parameter group didn't specify a value of required optimization parameter {name}")
             probe.setdefault(name, default)
         probe.pop("params", None)
         self._validate_group(probe)

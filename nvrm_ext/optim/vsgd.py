@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+from torch.optim.optimizer import required
 
 from ..backends import tables as T
 from .base import NeuralVariableOptimizer
@@ -25,7 +26,7 @@ class FusedVSGD(NeuralVariableOptimizer):
 
     Args:
         params: iterable of parameters or of dicts defining parameter groups.
-        lr: learning rate.
+        lr: learning rate (required, here or in every parameter group).
         variability: noise scale (Gaussian std, Laplace scale b, Uniform half-width).
         num_iters: steps per epoch; every num_iters-th step leaves the weights clean.
         momentum, dampening, weight_decay, nesterov: as in torch.optim.SGD.
@@ -38,7 +39,7 @@ class FusedVSGD(NeuralVariableOptimizer):
 
     _op = T.OP_SGD
 
-    def __init__(self, params, lr, variability=0.01, num_iters=1000, momentum=0, dampening=0,
+    def __init__(self, params, lr=required, variability=0.01, num_iters=1000, momentum=0, dampening=0,
                  weight_decay=0, noise_type="Gaussian", nesterov=False, *, seed=None,
                  backend="auto", denoise=True):
         defaults = dict(lr=lr, variability=variability, num_iters=num_iters, momentum=momentum,
