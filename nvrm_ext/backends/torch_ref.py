@@ -24,6 +24,13 @@ def _noise(plan: T.TensorPlan, step: int, type_shift: int, scale: float, seed: i
     return spec.noise_like(like, noise_type, scale, seed, plan.key, step, offset=plan.offset)
 
 
+def _sqrt_rn(x: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded sqrt (as the kernels'): ATen's float32 CPU sqrt is not always."""
+    if x.dtype == torch.float64:
+        return torch.sqrt(x)
+    return torch.sqrt(x.double()).to(x.dtype)  # rounding the float64 root once is exact here
+
+
 def _sgd(p, g, plan, f, states):
     d = g
     if plan.flags & T.FLAG_WEIGHT_DECAY:
@@ -52,7 +59,7 @@ def _adam(p, g, plan, f, states):
     if plan.flags & T.FLAG_AMSGRAD:
         v = torch.maximum(max_exp_avg_sq.to(p.dtype), v)
         max_exp_avg_sq.copy_(v)
-    denom = torch.sqrt(v) / f[T.F_SQRT_BC2] + f[T.F_EPS]
+    denom = _sqrt_rn(v) / f[T.F_SQRT_BC2] + f[T.F_EPS]
     return p - f[T.F_STEP_SIZE] * (m / denom)
 
 

@@ -229,14 +229,14 @@ class NeuralVariableOptimizer(Optimizer):
         if len(state) == 0:
             state["step"] = 0
             state["noise_step"] = 0
-            state["noise_type"] = group["noise_type"]
+            state["noise_type"] = spec.noise_type_code(group["noise_type"])
             state["noise_scale"] = float(group["variability"])
         if g.stride() != p.stride():  # the kernels walk param and grad in one memory order
             g = torch.empty_like(p).copy_(g)
         step = state["step"] + 1
         new_step = step if step % group["num_iters"] != 0 else 0
         old_step = state["noise_step"] if self._denoise else 0
-        old_type = spec.noise_type_code(state["noise_type"])
+        old_type = state["noise_type"]
         new_type = spec.noise_type_code(group["noise_type"])
         states, flags, hyper = self._row(group, p, state, step)
         flags |= (old_type << T.FLAG_OLD_TYPE_SHIFT) | (new_type << T.FLAG_NEW_TYPE_SHIFT)
@@ -247,7 +247,7 @@ class NeuralVariableOptimizer(Optimizer):
         def commit():
             state["step"] = step
             state["noise_step"] = new_step if self._denoise else 0
-            state["noise_type"] = group["noise_type"]
+            state["noise_type"] = new_type
             state["noise_scale"] = float(group["variability"])
 
         return plan, commit
@@ -293,7 +293,7 @@ class NeuralVariableOptimizer(Optimizer):
     def _noise_launch(self, noisy, *, remove: bool) -> None:
         buckets: dict = {}
         for key, p, state in noisy:
-            code = spec.noise_type_code(state["noise_type"])
+            code = state["noise_type"]
             s = state["noise_step"]
             plan = T.TensorPlan(
                 param=p, grad=None, states=(), key=key,

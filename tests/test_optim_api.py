@@ -1,0 +1,366 @@
+"""The public optimizer API: validation, torch.optim behaviour, state_dict, launches, backends."""
+import copy
+
+import pytest
+import torch
+
+import nvrm_ext
+from nvrm_ext.backends import fused_backend
+
+OPTIMIZERS = [
+    (nvrm_ext.FusedVSGD, dict(lr=0.1, momentum=0.9)),
+    (nvrm_ext.FusedVAdam, dict(lr=1e-2, amsgrad=True)),
+]
+
+
+def _params(shapes=((5, 3), (7,), (2, 2, 2)), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+
+
+def _set_grads(params, seed):
+    g = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g)
+
+
+# ---------------------------------------------------------------------- validation
+BAD_SGD = [
+    (dict(lr=-0.1), "Invalid learning rate"),
+    (dict(lr=0.1, variability=0.0), "Invalid variability"),
+    (dict(lr=0.1, variability=-1.0), "Invalid variability"),
+    (dict(lr=0.1, variability=float("nan")), "Invalid variability"),
+    (dict(lr=0.1, num_iters=0), "Invalid num_iters"),
+    (dict(lr=0.1, num_iters=2.5), "Invalid num_iters"),
+    (dict(lr=0.1, noise_type="Cauchy"), "Invalid noise_type"),
+    (dict(lr=0.1, momentum=-0.5), "Invalid momentum"),
+    (dict(lr=0.1, weight_decay=-1e-4), "Invalid weight_decay"),
+    (dict(lr=0.1, nesterov=True), "Nesterov momentum requires"),
+    (dict(lr=0.1, momentum=0.9, dampening=0.1, nesterov=True), "Nesterov momentum requires"),
+    (dict(lr=0.1, backend="opencl"), "Invalid backend"),
+    (dict(lr=0.1, seed=-1), "Invalid seed"),
+    (dict(lr=0.1, seed=2**64), "Invalid seed"),
+]
+BAD_ADAM = [
+    (dict(lr=-1e-3), "Invalid learning rate"),
+    (dict(betas=(1.0, 0.999)), "Invalid beta parameter at index 0"),
+    (dict(betas=(0.9, -0.1)), "Invalid beta parameter at index 1"),
+    (dict(eps=-1e-8), "Invalid epsilon value"),
+    (dict(variability=0), "Invalid variability"),
+    (dict(noise_type="gaussian"), "Invalid noise_type"),
+    (dict(num_iters=0), "Invalid num_iters"),
+]
+
+
+@pytest.mark.parametrize("kwargs,message", BAD_SGD)
+def test_vsgd_rejects_bad_hyperparameters(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        nvrm_ext.FusedVSGD(_params(), **kwargs)
+
+
+@pytest.mark.parametrize("kwargs,message", BAD_ADAM)
+def test_vadam_rejects_bad_hyperparameters(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        nvrm_ext.FusedVAdam(_params(), **kwargs)
+
+
+def test_lr_is_required_somewhere():
+    with pytest.raises(ValueError, match="required optimization parameter lr"):
+        nvrm_ext.FusedVSGD(_params())
+    opt = nvrm_ext.FusedVSGD([{"params": _params(), "lr": 0.1}])
+    assert opt.param_groups[0]["lr"] == 0.1
+
+
+def test_num_iters_float_like_the_original_default():
+    opt = nvrm_ext.FusedVSGD(_params(), lr=0.1, num_iters=1e3)
+    assert opt.param_groups[0]["num_iters"] == 1000
+
+
+def test_bad_param_group_is_rejected_and_nothing_is_added():
+    params = _params()
+    opt = nvrm_ext.FusedVSGD(params[:1], lr=0.1)
+    with pytest.raises(ValueError, match="Invalid variability"):
+        opt.add_param_group({"params": params[1:], "variability": -1})
+    assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.int64])
+def test_complex_and_integer_parameters_are_rejected(dtype):
+    with pytest.raises(ValueError, match="real floating-point parameters only"):
+        nvrm_ext.FusedVSGD([torch.zeros(3, dtype=dtype)], lr=0.1)
+
+
+def test_overlapping_parameter_is_rejected():
+    overlapping = torch.zeros(8).as_strided((4, 4), (1, 1))
+    with pytest.raises(ValueError, match="overlaps itself or has gaps"):
+        nvrm_ext.FusedVSGD([overlapping], lr=0.1)
+
+
+@pytest.mark.parametrize("cls,kwargs", OPTIMIZERS)
+def test_sparse_gradient_is_rejected_before_anything_changes(cls, kwargs):
+    params = _params()
+    opt = cls(params, **kwargs, backend="torch")
+    _set_grads(params, 1)
+    opt.step()
+    before_params = [p.detach().clone() for p in params]
+    before_state = copy.deepcopy(opt.state_dict())
+    _set_grads(params, 2)
+    params[-1].grad = params[-1].grad.to_sparse()
+    with pytest.raises(RuntimeError, match="sparse gradients"):
+        opt.step()
+    for p, b in zip(params, before_params):
+        assert torch.equal(p.detach(), b)
+    after_state = opt.state_dict()
+    assert after_state["nvrm"] == before_state["nvrm"]
+    for index, s in before_state["state"].items():
+        for name, value in s.items():
+            other = after_state["state"][index][name]
+            assert torch.equal(other, value) if torch.is_tensor(value) else other == value
+
+
+# ---------------------------------------------------------------------- torch.optim behaviour
+def test_parameters_without_grad_are_untouched():
+    params = _params()
+    opt = nvrm_ext.FusedVSGD(params, lr=0.1, momentum=0.9, backend="torch")
+    _set_grads(params, 0)
+    params[1].grad = None
+    before = params[1].detach().clone()
+    opt.step()
+    assert torch.equal(params[1].detach(), before)
+    assert params[1] not in opt.state
+
+
+@pytest.mark.parametrize("cls,kwargs", OPTIMIZERS)
+def test_closure_loss_is_returned(cls, kwargs):
+    params = _params()
+    opt = cls(params, **kwargs, backend="torch")
+
+    def closure():
+        opt.zero_grad()
+        loss = sum((p ** 2).sum() for p in params)
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert torch.is_tensor(loss) and loss.item() > 0
+
+
+def test_lr_scheduler_drives_the_update():
+    """With variability tiny and lr scheduled to 0, the clean weights stop moving."""
+    params = _params()
+    opt = nvrm_ext.FusedVSGD(params, lr=0.1, backend="torch")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 1.0 if epoch == 0 else 0.0)
+    _set_grads(params, 0)
+    opt.step()
+    scheduler.step()
+    with opt.denoised():
+        clean = [p.detach().clone() for p in params]
+    opt.step()
+    with opt.denoised():
+        for p, c in zip(params, clean):
+            torch.testing.assert_close(p.detach(), c, rtol=0, atol=1e-6)
+
+
+def test_hyperparameters_may_differ_per_group():
+    params = _params()
+    opt = nvrm_ext.FusedVSGD([{"params": params[:1], "variability": 0.5, "noise_type": "Uniform"},
+                              {"params": params[1:], "lr": 0.0}], lr=0.0, variability=1e-3,
+                             backend="torch", seed=0)
+    _set_grads(params, 0)
+    before = [p.detach().clone() for p in params]
+    opt.step()
+    first_noise = (params[0].detach() - before[0]).abs()
+    other_noise = (params[1].detach() - before[1]).abs()
+    assert 0.1 < first_noise.max() <= 0.5 and other_noise.max() < 0.01
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_denoised_restores_clean_weights_and_puts_the_same_noise_back(backend):
+    params = _params()
+    opt = nvrm_ext.FusedVSGD(params, lr=0.0, variability=0.1, backend=backend)
+    before = [p.detach().clone() for p in params]
+    _set_grads(params, 0)
+    opt.step()
+    noisy = [p.detach().clone() for p in params]
+    with opt.denoised():
+        for p, b in zip(params, before):
+            torch.testing.assert_close(p.detach(), b, rtol=0, atol=1e-7)
+        with pytest.raises(RuntimeError, match="do not nest"):
+            with opt.denoised():
+                pass
+        with pytest.raises(RuntimeError, match="inside denoised"):
+            opt.step()
+    for p, n in zip(params, noisy):
+        torch.testing.assert_close(p.detach(), n, rtol=0, atol=1e-7)
+
+
+# ---------------------------------------------------------------------- state
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("cls,kwargs", OPTIMIZERS)
+def test_state_dict_round_trip_resumes_identically(cls, kwargs, backend):
+    kwargs = dict(kwargs, num_iters=4)
+    params_a = _params()
+    opt_a = cls(params_a, **kwargs, seed=11, backend=backend)
+    for step in range(3):
+        _set_grads(params_a, step)
+        opt_a.step()
+    saved_opt = copy.deepcopy(opt_a.state_dict())
+    saved_params = [p.detach().clone() for p in params_a]
+    for step in range(3, 7):
+        _set_grads(params_a, step)
+        opt_a.step()
+
+    params_b = [torch.nn.Parameter(p) for p in saved_params]
+    opt_b = cls(params_b, **kwargs, seed=999, backend=backend)
+    opt_b.load_state_dict(saved_opt)
+    assert opt_b.seed == 11
+    for step in range(3, 7):
+        _set_grads(params_b, step)
+        opt_b.step()
+    for a, b in zip(params_a, params_b):
+        assert torch.equal(a.detach(), b.detach())
+
+
+def test_load_state_dict_of_a_plain_optimizer_is_refused():
+    params = _params()
+    sgd = torch.optim.SGD(params, lr=0.1)
+    opt = nvrm_ext.FusedVSGD(params, lr=0.1)
+    with pytest.raises(ValueError, match="not saved by an nvrm_ext optimizer"):
+        opt.load_state_dict(sgd.state_dict())
+
+
+@pytest.mark.parametrize("cls,kwargs,tensors_per_param", [
+    (nvrm_ext.FusedVSGD, dict(lr=0.1), 0),
+    (nvrm_ext.FusedVSGD, dict(lr=0.1, momentum=0.9), 1),
+    (nvrm_ext.FusedVAdam, dict(lr=1e-3), 2),
+    (nvrm_ext.FusedVAdam, dict(lr=1e-3, amsgrad=True), 3),
+])
+def test_no_noise_state(cls, kwargs, tensors_per_param):
+    """Per-element state is exactly the base optimizer's: zero bytes for noise."""
+    params = _params()
+    opt = cls(params, **kwargs, backend="torch")
+    for step in range(3):
+        _set_grads(params, step)
+        opt.step()
+    numel = sum(p.numel() for p in params)
+    state_bytes = sum(v.numel() * v.element_size() for s in opt.state.values()
+                      for v in s.values() if torch.is_tensor(v))
+    assert state_bytes == tensors_per_param * 4 * numel
+
+
+# ---------------------------------------------------------------------- launches and backends
+class _LaunchCounter:
+    """Records every backend.launch call; with execute=False the kernel is not run (the
+    interpreter needs ~0.1 s per program, too slow for 300-tensor launches)."""
+
+    def __init__(self, backend, monkeypatch, execute=True):
+        self.calls = []
+        original = backend.launch
+
+        def counted(op, dtype, ints, floats, blocks, seed):
+            self.calls.append((op, dtype, ints.clone(), blocks.clone()))
+            if execute:
+                return original(op, dtype, ints, floats, blocks, seed)
+
+        monkeypatch.setattr(backend, "launch", counted)
+
+
+@pytest.mark.parametrize("cls,kwargs", OPTIMIZERS)
+def test_one_triton_kernel_launch_per_step(cls, kwargs, monkeypatch):
+    """Counted at the Triton kernel itself: one grid launch per step, one per denoised() edge."""
+    from nvrm_ext.backends import triton as triton_backend
+
+    kernel = triton_backend._nvrm_kernel
+    grids = []
+
+    class CountingKernel:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(triton_backend, "_nvrm_kernel", CountingKernel())
+    params = [torch.nn.Parameter(torch.randn(3 + 50 * i)) for i in range(12)]
+    opt = cls([{"params": params[i::5]} for i in range(5)], **kwargs, backend="triton")
+    for step in range(2):
+        _set_grads(params, step)
+        opt.step()
+    assert len(grids) == 2
+    with opt.denoised():
+        assert len(grids) == 3
+    assert len(grids) == 4
+
+
+@pytest.mark.parametrize("count,groups", [(3, 1), (300, 5)])
+@pytest.mark.parametrize("cls,kwargs", OPTIMIZERS)
+def test_one_launch_per_step_covers_every_parameter(cls, kwargs, count, groups, monkeypatch):
+    counter = _LaunchCounter(fused_backend("triton"), monkeypatch, execute=False)
+    params = [torch.nn.Parameter(torch.randn(3 + i % 7)) for i in range(count)]
+    opt = cls([{"params": params[i::groups]} for i in range(groups)], **kwargs, backend="triton")
+    for step in range(2):
+        _set_grads(params, step)
+        opt.step()
+    assert len(counter.calls) == 2
+    _, _, ints, blocks = counter.calls[-1]
+    assert sorted(ints[:, 0].tolist()) == sorted(p.data_ptr() for p in params)
+    assert sorted(ints[:, 6].tolist()) == list(range(count))  # parameter keys
+    assert sorted(blocks[:, 0].tolist()) == list(range(count))  # each tiny tensor: one block
+
+
+def test_one_launch_per_dtype_bucket(monkeypatch):
+    counter = _LaunchCounter(fused_backend("triton"), monkeypatch)
+    params = _params() + [torch.nn.Parameter(torch.randn(5, dtype=torch.bfloat16))]
+    opt = nvrm_ext.FusedVSGD(params, lr=0.1, backend="triton")
+    _set_grads(params[:-1], 0)
+    params[-1].grad = torch.randn(5, dtype=torch.bfloat16)
+    opt.step()
+    assert sorted(str(call[1]) for call in counter.calls) == ["torch.bfloat16", "torch.float32"]
+
+
+@pytest.mark.parametrize("noise_type", ["Uniform", "Gaussian", "Laplace"])
+@pytest.mark.parametrize("cls,kwargs", OPTIMIZERS)
+def test_triton_agrees_with_torch_backend(cls, kwargs, noise_type):
+    """Uniform noise: bit for bit. Gaussian/Laplace: within the documented noise tolerance."""
+    runs = []
+    for backend in ("torch", "triton"):
+        params = _params(shapes=((33, 7), (4099,), (1,)))
+        opt = cls(params, **kwargs, num_iters=3, noise_type=noise_type, variability=0.05, seed=5,
+                  backend=backend)
+        for step in range(5):
+            _set_grads(params, step)
+            opt.step()
+        runs.append([p.detach() for p in params])
+    for a, b in zip(*runs):
+        if noise_type == "Uniform":
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a, b, rtol=0, atol=2e-6)
+
+
+def test_channels_last_parameters_number_elements_in_memory_order():
+    """Dense non-contiguous parameters work in every backend and agree with each other."""
+    runs = []
+    for backend in ("torch", "triton"):
+        weight = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(0))
+        p = torch.nn.Parameter(weight.contiguous(memory_format=torch.channels_last))
+        opt = nvrm_ext.FusedVSGD([p], lr=0.1, momentum=0.9, noise_type="Uniform", seed=3, backend=backend)
+        for step in range(3):
+            p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(step))  # contiguous
+            opt.step()
+        runs.append(p.detach())
+    assert runs[1].is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_float64_parameters_use_the_torch_backend_under_auto_and_refuse_triton():
+    p = torch.nn.Parameter(torch.randn(10, dtype=torch.float64))
+    opt = nvrm_ext.FusedVSGD([p], lr=0.1)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    assert p.dtype == torch.float64
+    with pytest.raises(RuntimeError, match="cannot run torch.float64"):
+        nvrm_ext.FusedVSGD([p], lr=0.1, backend="triton")
+
+
+def test_explicit_cuda_backend_without_gpu_says_why():
+    with pytest.raises(RuntimeError, match="backend='cuda'"):
+        nvrm_ext.FusedVSGD(_params(), lr=0.1, backend="cuda")
