@@ -364,3 +364,19 @@ def test_float64_parameters_use_the_torch_backend_under_auto_and_refuse_triton()
 def test_explicit_cuda_backend_without_gpu_says_why():
     with pytest.raises(RuntimeError, match="backend='cuda'"):
         nvrm_ext.FusedVSGD(_params(), lr=0.1, backend="cuda")
+
+
+@pytest.mark.parametrize("cls,kwargs", OPTIMIZERS)
+def test_deepcopy_keeps_seed_and_trajectory(cls, kwargs):
+    params = _params()
+    opt = cls(params, **kwargs, seed=77, backend="torch")
+    _set_grads(params, 0)
+    opt.step()
+    twin = copy.deepcopy({"params": params, "opt": opt})
+    assert twin["opt"].seed == 77
+    _set_grads(params, 1)
+    _set_grads(twin["params"], 1)
+    opt.step()
+    twin["opt"].step()
+    for a, b in zip(params, twin["params"]):
+        assert torch.equal(a.detach(), b.detach())

@@ -118,6 +118,17 @@ class NeuralVariableOptimizer(Optimizer):
             raise ValueError(f"Invalid weight_decay: {wd!r} (expected a number >= 0)")
 
     # ------------------------------------------------------------------ seed and state_dict
+    def __getstate__(self):
+        # torch's Optimizer pickles only defaults, state and param_groups; keep the seed too
+        state = super().__getstate__()
+        state.update(_seed=self._seed, _backend_name=self._backend_name, _denoise=self._denoise)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._block_tables = {}
+        self._inside_denoised = False
+
     @property
     def seed(self) -> int:
         """The 64-bit seed of the noise (part of the optimizer state)."""
