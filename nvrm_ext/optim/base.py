@@ -56,6 +56,47 @@ def draw_seed() -> int:
     return (hi << 32) | lo
 
 
+def broadcast_seed(seed: int) -> int:
+    """Rank 0's seed on every rank when a process group is initialised: data-parallel replicas
+    must draw the same noise or they drift apart."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return seed
+    backend = str(dist.get_backend())
+    on_gpu = "nccl" in backend and "gloo" not in backend
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    words = torch.tensor([seed >> 32, seed & 0xFFFFFFFF], dtype=torch.int64, device=device)
+    dist.broadcast(words, src=0)
+    hi, lo = words.tolist()
+    return (hi << 32) | lo
+
+
+def _is_dtensor(t) -> bool:
+    return type(t).__name__ == "DTensor" and hasattr(t, "to_local")
+
+
+def _local(t):
+    """The local shard of a DTensor (FSDP2), the tensor itself otherwise."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _global_offset(p) -> int:
+    """Global index of the first local element: noise follows the global element index, so a
+    sharded run draws exactly the unsharded run's noise. Supports shards along dim 0
+    (FSDP2's layout) and replication."""
+    if not _is_dtensor(p):
+        return 0
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if any(isinstance(pl, Shard) and pl.dim != 0 for pl in p.placements):
+        raise ValueError(f"DTensor parameters sharded along a dimension other than 0 are not "
+                         f"supported (placements {p.placements}); FSDP2's default is Shard(0)")
+    _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    return int(offset[0]) * math.prod(p.shape[1:]) if p.dim() else 0
+
+
 class NeuralVariableOptimizer(Optimizer):
     """Base class of FusedVSGD and FusedVAdam (not used directly).
 
@@ -73,7 +114,7 @@ class NeuralVariableOptimizer(Optimizer):
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64:
             raise ValueError(f"Invalid seed: {seed!r} (expected an integer in [0, 2**64))")
         self._backend_name = backend
-        self._seed = int(seed)
+        self._seed = broadcast_seed(int(seed))
         self._denoise = bool(denoise)
         self._block_tables: dict = {}
         self._inside_denoised = False
@@ -92,17 +133,18 @@ class NeuralVariableOptimizer(Optimizer):
         params = param_group["params"]
         params = [params] if isinstance(params, torch.Tensor) else list(params)
         for p in params:
-            if isinstance(p, torch.Tensor) and not (p.is_floating_point()):
+            if isinstance(p, torch.Tensor) and not p.is_floating_point():
                 raise ValueError(
                     f"{type(self).__name__} supports real floating-point parameters only, "
                     f"got a parameter of dtype {p.dtype}")
-            if isinstance(p, torch.Tensor) and not p.is_sparse and not _is_dense(p):
+            if isinstance(p, torch.Tensor) and not _is_dense(_local(p)):
                 raise ValueError(
                     f"{type(self).__name__}: a parameter of shape {tuple(p.shape)} and strides "
                     f"{p.stride()} overlaps itself or has gaps; parameters must be dense tensors")
-        super().add_param_group(param_group)
-        if hasattr(self, "_seed"):  # construction done: check the new group's backends now
-            self._check_backends(self.param_groups[-1]["params"])
+            if isinstance(p, torch.Tensor):
+                _global_offset(p)  # raises for shardings the noise cannot follow
+        self._check_backends(p for p in params if isinstance(p, torch.Tensor))
+        super().add_param_group({**param_group, "params": params})
 
     def _validate_group(self, group: dict) -> None:
         lr = group["lr"]
@@ -242,8 +284,9 @@ class NeuralVariableOptimizer(Optimizer):
             state["noise_step"] = 0
             state["noise_type"] = spec.noise_type_code(group["noise_type"])
             state["noise_scale"] = float(group["variability"])
-        if g.stride() != p.stride():  # the kernels walk param and grad in one memory order
-            g = torch.empty_like(p).copy_(g)
+        local_p, local_g = _local(p), _local(g)
+        if local_g.stride() != local_p.stride():  # the kernels walk param and grad in one memory order
+            local_g = torch.empty_like(local_p).copy_(local_g)
         step = state["step"] + 1
         new_step = step if step % group["num_iters"] != 0 else 0
         old_step = state["noise_step"] if self._denoise else 0
@@ -252,8 +295,9 @@ class NeuralVariableOptimizer(Optimizer):
         states, flags, hyper = self._row(group, p, state, step)
         flags |= (old_type << T.FLAG_OLD_TYPE_SHIFT) | (new_type << T.FLAG_NEW_TYPE_SHIFT)
         floats = _fp32(list(hyper) + [state["noise_scale"], group["variability"]])
-        plan = T.TensorPlan(param=p, grad=g, states=states, key=key, old_step=old_step,
-                            new_step=new_step, flags=flags, floats=floats)
+        plan = T.TensorPlan(param=local_p, grad=local_g, states=tuple(_local(s) for s in states),
+                            key=key, old_step=old_step, new_step=new_step, flags=flags,
+                            floats=floats, offset=_global_offset(p))
 
         def commit():
             state["step"] = step
@@ -285,14 +329,7 @@ class NeuralVariableOptimizer(Optimizer):
         put back. Use it to evaluate or save clean weights. One launch per bucket each way."""
         if self._inside_denoised:
             raise RuntimeError("denoised() blocks do not nest")
-        noisy = []
-        key = 0
-        for group in self.param_groups:
-            for p in group["params"]:
-                state = self.state.get(p)
-                if state and state.get("noise_step", 0):
-                    noisy.append((key, p, state))
-                key += 1
+        noisy = self._noisy_parameters()
         self._noise_launch(noisy, remove=True)
         self._inside_denoised = True
         try:
@@ -301,13 +338,42 @@ class NeuralVariableOptimizer(Optimizer):
             self._inside_denoised = False
             self._noise_launch(noisy, remove=False)
 
+    @torch.no_grad()
+    def clean_state_dict(self, module: torch.nn.Module) -> dict:
+        """`module.state_dict()` holding clean copies of the parameters this optimizer
+        perturbed; the live (perturbed) parameters are not touched. The copies are made by the
+        same launch as denoised(), so they are bit-identical to what denoised() shows."""
+        state_dict = module.state_dict(keep_vars=True)
+        noisy = {id(p): (key, state) for key, p, state in self._noisy_parameters()}
+        copies = []
+        for name, tensor in state_dict.items():
+            if id(tensor) in noisy:
+                key, state = noisy[id(tensor)]
+                tensor = tensor.detach().clone()
+                copies.append((key, tensor, state))
+            state_dict[name] = tensor.detach()
+        self._noise_launch(copies, remove=True)
+        return state_dict
+
+    def _noisy_parameters(self):
+        """(key, param, state) of every parameter that has noise on it now."""
+        noisy = []
+        key = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if state and state.get("noise_step", 0):
+                    noisy.append((key, p, state))
+                key += 1
+        return noisy
+
     def _noise_launch(self, noisy, *, remove: bool) -> None:
         buckets: dict = {}
         for key, p, state in noisy:
             code = state["noise_type"]
             s = state["noise_step"]
             plan = T.TensorPlan(
-                param=p, grad=None, states=(), key=key,
+                param=_local(p), grad=None, states=(), key=key, offset=_global_offset(p),
                 old_step=s if remove else 0, new_step=0 if remove else s,
                 flags=(code << T.FLAG_OLD_TYPE_SHIFT) | (code << T.FLAG_NEW_TYPE_SHIFT),
                 floats=_fp32([0.0] * T.F_OLD_SCALE + [state["noise_scale"]] * 2))
