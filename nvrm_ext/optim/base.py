@@ -260,6 +260,14 @@ class NeuralVariableOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._step_all()
+        return loss
+
+    @torch.compiler.disable
+    def _step_all(self) -> None:
+        """The step proper. Opaque to torch.compile: host-side table building and one launch
+        per bucket, nothing for the compiler to fuse, so a compiled training step breaks its
+        graph once here instead of tracing (and breaking) through every line."""
         participants = self._participants()
         buckets: dict = {}
         for key, group, p, g in participants:
@@ -274,7 +282,6 @@ class NeuralVariableOptimizer(Optimizer):
             self._launch(resolved[bucket], self._op, bucket, plans)
             for commit in commits:
                 commit()
-        return loss
 
     def _plan_step(self, key: int, group: dict, p: torch.Tensor, g: torch.Tensor):
         """The TensorPlan of one parameter and a callback that records the step in its state."""
@@ -367,6 +374,7 @@ class NeuralVariableOptimizer(Optimizer):
                 key += 1
         return noisy
 
+    @torch.compiler.disable
     def _noise_launch(self, noisy, *, remove: bool) -> None:
         buckets: dict = {}
         for key, p, state in noisy:
