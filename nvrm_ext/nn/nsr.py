@@ -10,7 +10,8 @@ times ``lam``. A neuron of a conv map (N, C, H, W) is a channel; its response to
 spatial mean of the channel. Class statistics come from one pass of segment sums of z and z**2
 (``index_add``), shifted by the detached batch mean of each neuron to avoid cancellation. With
 ``queue_length > 0`` the last ``queue_length`` responses of each class (detached) join the
-current batch in the class statistics; only the current batch carries gradient.
+current batch in the class statistics through running float64 sums; only the current batch
+carries gradient.
 """
 from __future__ import annotations
 
@@ -82,28 +83,40 @@ def _check_batch(labels: torch.Tensor, responses: torch.Tensor, where: str) -> N
 # --- statistics ----------------------------------------------------------------------------
 
 def _class_variances(responses: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                     bank: torch.Tensor | None = None, bank_fill: torch.Tensor | None = None):
+                     queue: "_ResponseQueue | None" = None):
     """Per-class population variance of each neuron, (K, D), and the per-class sample counts.
 
-    One pass of segment sums; `bank` (K, L, D, detached) with `bank_fill` (K,) valid slots adds
-    remembered responses to each class's statistics.
+    One pass of segment sums over the batch; a `queue` adds its remembered responses through
+    its running float64 sums, so it costs O(K·D), not O(K·queue_length·D).
     """
+    if responses.dtype in (torch.float16, torch.bfloat16):
+        responses = responses.float()  # half-precision sums of squares lose the variance
     shift = responses.detach().mean(dim=0)
     centred = responses - shift
     counts = torch.bincount(labels, minlength=num_classes).to(responses.dtype)
     sums = responses.new_zeros(num_classes, responses.shape[1]).index_add(0, labels, centred)
     squares = responses.new_zeros(num_classes, responses.shape[1]).index_add(
         0, labels, centred * centred)
-    if bank is not None:
-        slots = torch.arange(bank.shape[1], device=bank.device)
-        valid = (slots < bank_fill[:, None]).to(bank.dtype)[..., None]
-        remembered = (bank - shift) * valid
-        sums = sums + remembered.sum(dim=1)
-        squares = squares + (remembered * remembered).sum(dim=1)
-        counts = counts + bank_fill.to(responses.dtype)
+    if queue is not None:
+        # Shift the remembered sums by the same s: sum(b - s) = S1 - n s and
+        # sum((b - s)**2) = S2 - 2 s S1 + n s**2, in float64 so the subtraction does not cancel.
+        fill = queue.fill.to(torch.float64)[:, None]
+        shift64 = shift.to(torch.float64)
+        remembered_sums = queue.sums - fill * shift64
+        remembered_squares = queue.squares - 2 * shift64 * queue.sums + fill * shift64**2
+        sums = sums + remembered_sums.to(responses.dtype)
+        squares = squares + remembered_squares.to(responses.dtype)
+        counts = counts + queue.fill.to(responses.dtype)
     safe_counts = counts.clamp(min=1)[:, None]
     mean = sums / safe_counts
     return squares / safe_counts - mean * mean, counts
+
+
+def _sum_over_present_classes(variances: torch.Tensor, labels: torch.Tensor,
+                              num_classes: int) -> torch.Tensor:
+    """Sum of the (K, D) variances over classes with a sample in the batch (no host sync)."""
+    present = torch.bincount(labels, minlength=num_classes) > 0
+    return torch.where(present[:, None], variances, torch.zeros_like(variances)).sum()
 
 
 def nsr_loss(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -117,17 +130,22 @@ def nsr_loss(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> 
     _check_batch(labels, responses, "features")
     labels = labels.to(device=responses.device, dtype=torch.int64)
     variances, _ = _class_variances(responses, labels, num_classes)
-    present = torch.bincount(labels, minlength=num_classes) > 0
-    return variances[present].sum()
+    return _sum_over_present_classes(variances, labels, num_classes)
 
 
 class _ResponseQueue:
-    """Ring buffer of the last `length` detached responses of each class."""
+    """Ring buffer of the last `length` detached responses of each class, with running sums.
+
+    `sums`/`squares` (K, D, float64) track the sum and sum of squares of the stored responses;
+    evicted rows are subtracted, so each push costs O(batch · D).
+    """
 
     def __init__(self, num_classes: int, length: int, width: int, like: torch.Tensor):
         self.bank = like.new_zeros(num_classes, length, width)
         self.fill = torch.zeros(num_classes, dtype=torch.int64, device=like.device)
         self.head = torch.zeros(num_classes, dtype=torch.int64, device=like.device)
+        self.sums = torch.zeros(num_classes, width, dtype=torch.float64, device=like.device)
+        self.squares = torch.zeros_like(self.sums)
 
     def push(self, responses: torch.Tensor, labels: torch.Tensor) -> None:
         """Append a batch; a class with more than `length` samples keeps its last ones."""
@@ -139,9 +157,14 @@ class _ResponseQueue:
         rank = torch.arange(labels.numel(), device=labels.device) - starts[sorted_labels]
         skipped = (counts - length).clamp(min=0)  # oldest of the batch that do not fit
         keep = rank >= skipped[sorted_labels]
-        slot = (self.head[sorted_labels] + rank - skipped[sorted_labels]) % length
-        self.bank[sorted_labels[keep], slot[keep]] = \
-            responses.detach()[order][keep].to(self.bank.dtype)
+        classes = sorted_labels[keep]
+        slots = ((self.head[sorted_labels] + rank - skipped[sorted_labels]) % length)[keep]
+        incoming = responses.detach()[order][keep].to(self.bank.dtype)
+        evicted = self.bank[classes, slots].to(torch.float64)  # zeros where a slot was empty
+        self.bank[classes, slots] = incoming
+        incoming = incoming.to(torch.float64)
+        self.sums.index_add_(0, classes, incoming - evicted)
+        self.squares.index_add_(0, classes, incoming * incoming - evicted * evicted)
         stored = counts - skipped
         self.head = (self.head + stored) % length
         self.fill = (self.fill + stored).clamp(max=length)
@@ -172,7 +195,7 @@ class NeuronSteadiness:
         self.modules = modules
         self._outputs: list[torch.Tensor | None] = [None] * len(modules)
         self._queues: list[_ResponseQueue | None] = [None] * len(modules)
-        self._last_variances: torch.Tensor | None = None
+        self._last_variances: list[torch.Tensor] | None = None
         self._handles = [module.register_forward_hook(self._recorder(index))
                          for index, module in enumerate(modules)]
 
@@ -206,18 +229,15 @@ class NeuronSteadiness:
                                  f"neurons but its queue holds {queue.bank.shape[2]}")
             responses.append(layer_responses)
 
-        present = None
         total = None
         per_layer = []
         for index, layer_responses in enumerate(responses):
             layer_labels = labels.to(device=layer_responses.device, dtype=torch.int64)
             queue = self._queues[index]
-            variances, counts = _class_variances(
-                layer_responses, layer_labels, self.num_classes,
-                None if queue is None else queue.bank, None if queue is None else queue.fill)
-            present = torch.bincount(layer_labels, minlength=self.num_classes) > 0
-            layer_total = variances[present].sum()
-            per_layer.append(layer_total.detach().to(device="cpu", dtype=torch.float64))
+            variances, _ = _class_variances(layer_responses, layer_labels, self.num_classes,
+                                            queue)
+            layer_total = _sum_over_present_classes(variances, layer_labels, self.num_classes)
+            per_layer.append(layer_total.detach())  # no host sync until layer_variances()
             total = layer_total if total is None else total + layer_total.to(total.device)
 
         if self.queue_length > 0:
@@ -229,7 +249,7 @@ class NeuronSteadiness:
                 self._queues[index].push(
                     layer_responses, labels.to(device=layer_responses.device, dtype=torch.int64))
         self._outputs = [None] * len(self.modules)
-        self._last_variances = torch.stack(per_layer)
+        self._last_variances = per_layer
         return self.lam * total
 
     def layer_variances(self) -> torch.Tensor:
@@ -239,7 +259,8 @@ class NeuronSteadiness:
         """
         if self._last_variances is None:
             raise ValueError("layer_variances() needs a previous penalty(labels) call")
-        return self._last_variances.clone()
+        return torch.stack([value.to(device="cpu", dtype=torch.float64)
+                            for value in self._last_variances])
 
     def queue_contents(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(bank (K, L, D), fill (K,)) of one layer's queue, or None before the first push."""

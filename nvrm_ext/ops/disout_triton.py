@@ -22,11 +22,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ..nn.disout import input_std
+from ..nn.disout import DISTORTION_STD_FACTOR, input_std
 
 ELEMENTS_PER_PROGRAM = 1024
-MASK_STREAM = 0
-NOISE_STREAM = 1
+MASK_STREAM = tl.constexpr(0)  # third Philox counter word of the anchor draws
+NOISE_STREAM = tl.constexpr(1)  # ... and of the per-element normal draws
 # Sizes and seeds may equal 1; without this Triton would turn them into compile-time constants.
 _RUNTIME_INTS = ("numel", "height", "width", "seed", "block_size")
 
@@ -52,7 +52,7 @@ def _distorted(seed, plane, row, col, gamma, block_size, anchor_rows, anchor_col
             anchor_col = col - dx
             valid = row_valid & (anchor_col >= 0) & (anchor_col < anchor_cols)
             anchor = (plane * anchor_rows + anchor_row) * anchor_cols + anchor_col
-            bits, _ = _philox_words(seed, anchor, 0)
+            bits, _ = _philox_words(seed, anchor, MASK_STREAM)
             hit = hit | (valid & (tl.uint_to_uniform_float(bits) < gamma))
     return hit
 
@@ -68,7 +68,7 @@ def _element_coordinates(numel, height, width, BLOCK: tl.constexpr):
 
 @triton.jit
 def _standard_normal(seed, offsets):
-    bits0, bits1 = _philox_words(seed, offsets, 1)
+    bits0, bits1 = _philox_words(seed, offsets, NOISE_STREAM)
     normal, _ = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(bits0),
                                           tl.uint_to_uniform_float(bits1))
     return normal
@@ -85,31 +85,29 @@ def _count_kept_kernel(kept_ptr, numel, height, width, seed, gamma, block_size,
 
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
-def _forward_kernel(x_ptr, out_ptr, std_ptr, kept_ptr, numel, height, width, seed, gamma,
+def _forward_kernel(x_ptr, out_ptr, std_ptr, scale_ptr, numel, height, width, seed, gamma,
                     block_size, distortion_coef, BLOCK: tl.constexpr):
     offsets, in_bounds, plane, row, col = _element_coordinates(numel, height, width, BLOCK)
     hit = _distorted(seed, plane, row, col, gamma, block_size,
                      height - block_size + 1, width - block_size + 1)
     x = tl.load(x_ptr + offsets, mask=in_bounds, other=0.0)
-    std = tl.load(std_ptr)
-    kept = tl.maximum(tl.load(kept_ptr), 1)
-    scale = numel.to(tl.float64) / kept.to(tl.float64)
-    distortion = distortion_coef * std * _standard_normal(seed, offsets)
-    value = tl.where(hit, distortion.to(x.dtype), x)
-    tl.store(out_ptr + offsets, value * scale.to(x.dtype), mask=in_bounds)
+    std = tl.load(std_ptr)  # std and scale come in the compute dtype (>= float32)
+    scale = tl.load(scale_ptr)
+    distortion = distortion_coef * std * _standard_normal(seed, offsets).to(std.dtype)
+    value = tl.where(hit, distortion, x.to(std.dtype))
+    tl.store(out_ptr + offsets, (value * scale).to(x.dtype), mask=in_bounds)
 
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
-def _backward_kernel(grad_out_ptr, grad_in_ptr, kept_ptr, numel, height, width, seed, gamma,
+def _backward_kernel(grad_out_ptr, grad_in_ptr, scale_ptr, numel, height, width, seed, gamma,
                      block_size, BLOCK: tl.constexpr):
     offsets, in_bounds, plane, row, col = _element_coordinates(numel, height, width, BLOCK)
     hit = _distorted(seed, plane, row, col, gamma, block_size,
                      height - block_size + 1, width - block_size + 1)
     grad = tl.load(grad_out_ptr + offsets, mask=in_bounds, other=0.0)
-    kept = tl.maximum(tl.load(kept_ptr), 1)
-    scale = numel.to(tl.float64) / kept.to(tl.float64)
-    tl.store(grad_in_ptr + offsets, tl.where(hit, 0.0, grad * scale.to(grad.dtype)),
-             mask=in_bounds)
+    scale = tl.load(scale_ptr)
+    grad_in = tl.where(hit, 0.0, grad.to(scale.dtype) * scale)
+    tl.store(grad_in_ptr + offsets, grad_in.to(grad.dtype), mask=in_bounds)
 
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
@@ -163,33 +161,40 @@ def disout_draws(shape, gamma: float, block_size: int, seed: int,
 
 
 class DisoutTritonFunction(torch.autograd.Function):
-    """Disout forward/backward; the backward regenerates the mask from the seed."""
+    """Disout forward/backward; the backward regenerates the mask from the seed.
+
+    Only the rescale factor (one element) is saved. Arithmetic is done in float32 (float64 for
+    float64 inputs) and rounded once to the input dtype, as in `apply_distortion`.
+    """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, gamma: float, block_size: int, alpha: float, seed: int):
         x = x.contiguous()
         numel = x.numel()
         _, _, height, width = x.shape
-        std = input_std(x.detach().float()).reshape(1)
+        compute_dtype = torch.promote_types(x.dtype, torch.float32)
+        std = input_std(x.detach().to(compute_dtype)).reshape(1)
         kept = count_kept(x.shape, gamma, block_size, seed, x.device)
+        scale = (numel / kept.clamp(min=1).to(torch.float64)).to(compute_dtype)
         out = torch.empty_like(x)
         if numel:
-            _forward_kernel[_grid(numel)](x, out, std, kept, numel, height, width,
+            _forward_kernel[_grid(numel)](x, out, std, scale, numel, height, width,
                                           _int_seed(seed), float(gamma), block_size,
-                                          0.01 * float(alpha), BLOCK=ELEMENTS_PER_PROGRAM)
-        ctx.save_for_backward(kept)
+                                          DISTORTION_STD_FACTOR * float(alpha),
+                                          BLOCK=ELEMENTS_PER_PROGRAM)
+        ctx.save_for_backward(scale)
         ctx.disout_args = (x.shape, gamma, block_size, seed)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        (kept,) = ctx.saved_tensors
+        (scale,) = ctx.saved_tensors
         shape, gamma, block_size, seed = ctx.disout_args
         grad_out = grad_out.contiguous()
         grad_in = torch.empty_like(grad_out)
         numel = grad_out.numel()
         if numel:
-            _backward_kernel[_grid(numel)](grad_out, grad_in, kept, numel, shape[2], shape[3],
+            _backward_kernel[_grid(numel)](grad_out, grad_in, scale, numel, shape[2], shape[3],
                                            seed, float(gamma), block_size,
                                            BLOCK=ELEMENTS_PER_PROGRAM)
         return grad_in, None, None, None, None
