@@ -17,11 +17,12 @@ def _math_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _noise(plan: T.TensorPlan, step: int, type_shift: int, scale: float, seed: int, like: torch.Tensor):
+def _noise(ints_row, step: int, type_shift: int, scale: float, seed: int, like: torch.Tensor):
     if step == 0:
         return None
-    noise_type = spec.NOISE_TYPES[(plan.flags >> type_shift) & 3]
-    return spec.noise_like(like, noise_type, scale, seed, plan.key, step, offset=plan.offset)
+    noise_type = spec.NOISE_TYPES[(int(ints_row[T.I_FLAGS]) >> type_shift) & 3]
+    return spec.noise_like(like, noise_type, scale, seed, int(ints_row[T.I_KEY]), step,
+                           offset=int(ints_row[T.I_OFFSET]))
 
 
 def _sqrt_rn(x: torch.Tensor) -> torch.Tensor:
@@ -31,23 +32,23 @@ def _sqrt_rn(x: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(x.double()).to(x.dtype)  # rounding the float64 root once is exact here
 
 
-def _sgd(p, g, plan, f, states):
+def _sgd(p, g, flags, f, states):
     d = g
-    if plan.flags & T.FLAG_WEIGHT_DECAY:
+    if flags & T.FLAG_WEIGHT_DECAY:
         d = d + f[T.F_WEIGHT_DECAY] * p
-    if plan.flags & T.FLAG_MOMENTUM:
+    if flags & T.FLAG_MOMENTUM:
         buf = states[0]
-        if plan.flags & T.FLAG_MOMENTUM_INIT:
+        if flags & T.FLAG_MOMENTUM_INIT:
             new_buf = d
         else:
             new_buf = f[T.F_MOMENTUM] * buf.to(p.dtype) + f[T.F_MOMENTUM_COEF] * d
         buf.copy_(new_buf)
-        d = d + f[T.F_MOMENTUM] * new_buf if plan.flags & T.FLAG_NESTEROV else new_buf
+        d = d + f[T.F_MOMENTUM] * new_buf if flags & T.FLAG_NESTEROV else new_buf
     return p - f[T.F_LR] * d
 
 
-def _adam(p, g, plan, f, states):
-    if plan.flags & T.FLAG_DECOUPLED:
+def _adam(p, g, flags, f, states):
+    if flags & T.FLAG_DECOUPLED:
         p = p * f[T.F_DECAY]
     else:
         g = g + f[T.F_WEIGHT_DECAY] * p
@@ -56,7 +57,7 @@ def _adam(p, g, plan, f, states):
     v = f[T.F_BETA2] * exp_avg_sq.to(p.dtype) + (f[T.F_BETA2_COEF] * g) * g
     exp_avg.copy_(m)
     exp_avg_sq.copy_(v)
-    if plan.flags & T.FLAG_AMSGRAD:
+    if flags & T.FLAG_AMSGRAD:
         v = torch.maximum(max_exp_avg_sq.to(p.dtype), v)
         max_exp_avg_sq.copy_(v)
     denom = _sqrt_rn(v) / f[T.F_SQRT_BC2] + f[T.F_EPS]
@@ -64,24 +65,24 @@ def _adam(p, g, plan, f, states):
 
 
 class TorchBackend:
-    """Per-tensor loop over the same TensorPlans the fused backends turn into tables."""
+    """Per-tensor loop reading the same launch tables the fused kernels read."""
 
     name = "torch"
 
     @torch.no_grad()
-    def run(self, op: int, plans: list[T.TensorPlan], seed: int) -> None:
-        for plan in plans:
-            self._run_one(op, plan, seed)
+    def run(self, op: int, rows: list, ints, floats, seed: int) -> None:
+        """rows: (param, grad, states) per table row; ints / floats: the host tables."""
+        for (param, grad, states), ints_row, float_row in zip(rows, ints, floats.tolist()):
+            self._run_one(op, param, grad, states, ints_row, float_row, seed)
 
-    def _run_one(self, op: int, plan: T.TensorPlan, seed: int) -> None:
-        param = plan.param
+    def _run_one(self, op, param, grad, states, ints_row, f, seed) -> None:
         p = param.to(_math_dtype(param.dtype))
-        f = plan.floats
-        n_old = _noise(plan, plan.old_step, T.FLAG_OLD_TYPE_SHIFT, f[T.F_OLD_SCALE], seed, param)
-        n_new = _noise(plan, plan.new_step, T.FLAG_NEW_TYPE_SHIFT, f[T.F_NEW_SCALE], seed, param)
+        flags = int(ints_row[T.I_FLAGS])
+        n_old = _noise(ints_row, int(ints_row[T.I_OLD_STEP]), T.FLAG_OLD_TYPE_SHIFT, f[T.F_OLD_SCALE], seed, param)
+        n_new = _noise(ints_row, int(ints_row[T.I_NEW_STEP]), T.FLAG_NEW_TYPE_SHIFT, f[T.F_NEW_SCALE], seed, param)
         if op != T.OP_NOISE:
-            g = plan.grad.to(p.dtype)
-            p = (_sgd if op == T.OP_SGD else _adam)(p, g, plan, f, plan.states)
+            g = grad.to(p.dtype)
+            p = (_sgd if op == T.OP_SGD else _adam)(p, g, flags, f, states)
         if n_old is not None or n_new is not None:
             if n_old is None:
                 delta = n_new

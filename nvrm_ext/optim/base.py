@@ -72,8 +72,22 @@ def broadcast_seed(seed: int) -> int:
     return (hi << 32) | lo
 
 
+def _dtensor_type():
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return ()
+    return DTensor
+
+
+_DTENSOR = None
+
+
 def _is_dtensor(t) -> bool:
-    return type(t).__name__ == "DTensor" and hasattr(t, "to_local")
+    global _DTENSOR
+    if _DTENSOR is None:
+        _DTENSOR = _dtensor_type()
+    return isinstance(t, _DTENSOR)
 
 
 def _local(t):
@@ -100,9 +114,15 @@ def _global_offset(p) -> int:
 class NeuralVariableOptimizer(Optimizer):
     """Base class of FusedVSGD and FusedVAdam (not used directly).
 
-    Subclasses set `_op` (tables.OP_SGD / OP_ADAM) and implement `_validate_group`,
-    `_init_state` and `_row` (the state tensors, flags and float row of one parameter).
+    Subclasses set `_op` (tables.OP_SGD / OP_ADAM) and implement `_validate_group` and the
+    hooks of `_BucketPlan`: `_state_signature(group)` (which state tensors a group needs),
+    `_state_tensors(group, p, state)` (create them; the I_STATE0..2 tensors and whether a fresh
+    buffer needs FLAG_MOMENTUM_INIT), `_group_row(group)` (static flags and float64 columns) and
+    `_step_columns(floats, steps)` (the step-dependent columns, vectorized).
     """
+
+    def _step_columns(self, floats: np.ndarray, steps: np.ndarray) -> None:
+        """Fill step-dependent float columns in place (float64 [n, FLOAT_COLUMNS]); none by default."""
 
     _op: int
 
@@ -117,6 +137,8 @@ class NeuralVariableOptimizer(Optimizer):
         self._seed = broadcast_seed(int(seed))
         self._denoise = bool(denoise)
         self._block_tables: dict = {}
+        self._plans: dict = {}
+        self._state_epoch = 0
         self._inside_denoised = False
         super().__init__(params, defaults)
 
@@ -169,6 +191,8 @@ class NeuralVariableOptimizer(Optimizer):
     def __setstate__(self, state):
         super().__setstate__(state)
         self._block_tables = {}
+        self._plans = {}
+        self._state_epoch = 0
         self._inside_denoised = False
 
     @property
@@ -198,6 +222,7 @@ class NeuralVariableOptimizer(Optimizer):
         super().load_state_dict(rest)
         self._seed = int(extra["seed"])
         self._block_tables.clear()
+        self._state_epoch += 1  # state tensors were replaced: rebuild the launch data
 
     # ------------------------------------------------------------------ backends
     def _resolve_backend(self, device: torch.device, dtype: torch.dtype):
@@ -268,65 +293,44 @@ class NeuralVariableOptimizer(Optimizer):
         """The step proper. Opaque to torch.compile: host-side table building and one launch
         per bucket, nothing for the compiler to fuse, so a compiled training step breaks its
         graph once here instead of tracing (and breaking) through every line."""
-        participants = self._participants()
-        buckets: dict = {}
-        for key, group, p, g in participants:
-            buckets.setdefault((p.device, p.dtype), []).append((key, group, p, g))
-        resolved = {bucket: self._resolve_backend(*bucket) for bucket in buckets}
-        for bucket, members in buckets.items():
-            plans, commits = [], []
-            for key, group, p, g in members:
-                plan, commit = self._plan_step(key, group, p, g)
-                plans.append(plan)
-                commits.append(commit)
-            self._launch(resolved[bucket], self._op, bucket, plans)
-            for commit in commits:
-                commit()
+        members: dict = {}
+        for key, group, p, g in self._participants():
+            members.setdefault((p.device, p.dtype), []).append((key, group, p, g))
+        resolved = {bucket: self._resolve_backend(*bucket) for bucket in members}
+        for bucket, bucket_members in members.items():
+            plan = self._bucket_plan(bucket, bucket_members)
+            grads = [g for _, _, _, g in bucket_members]
+            ints, floats = plan.tables(grads, self._denoise)
+            self._launch(resolved[bucket], self._op, bucket, plan.rows(), ints, floats)
+            plan.commit(self._denoise)
 
-    def _plan_step(self, key: int, group: dict, p: torch.Tensor, g: torch.Tensor):
-        """The TensorPlan of one parameter and a callback that records the step in its state."""
-        state = self.state[p]
-        if len(state) == 0:
-            state["step"] = 0
-            state["noise_step"] = 0
-            state["noise_type"] = spec.noise_type_code(group["noise_type"])
-            state["noise_scale"] = float(group["variability"])
-        local_p, local_g = _local(p), _local(g)
-        if local_g.stride() != local_p.stride():  # the kernels walk param and grad in one memory order
-            local_g = torch.empty_like(local_p).copy_(local_g)
-        step = state["step"] + 1
-        new_step = step if step % group["num_iters"] != 0 else 0
-        old_step = state["noise_step"] if self._denoise else 0
-        old_type = state["noise_type"]
-        new_type = spec.noise_type_code(group["noise_type"])
-        states, flags, hyper = self._row(group, p, state, step)
-        flags |= (old_type << T.FLAG_OLD_TYPE_SHIFT) | (new_type << T.FLAG_NEW_TYPE_SHIFT)
-        floats = _fp32(list(hyper) + [state["noise_scale"], group["variability"]])
-        plan = T.TensorPlan(param=local_p, grad=local_g, states=tuple(_local(s) for s in states),
-                            key=key, old_step=old_step, new_step=new_step, flags=flags,
-                            floats=floats, offset=_global_offset(p))
+    def _bucket_plan(self, bucket, members) -> "_BucketPlan":
+        """The cached launch data of a bucket, rebuilt when its parameters, their groups'
+        state needs or the optimizer state (load_state_dict) change."""
+        groups = {id(group): group for _, group, _, _ in members}
+        signature = (self._state_epoch,
+                     tuple((key, id(p)) for key, _, p, _ in members),
+                     tuple((gid, self._state_signature(group)) for gid, group in groups.items()))
+        plan = self._plans.get(bucket)
+        if plan is None or plan.signature != signature:
+            plan = self._plans[bucket] = _BucketPlan(self, members, signature)
+        return plan
 
-        def commit():
-            state["step"] = step
-            state["noise_step"] = new_step if self._denoise else 0
-            state["noise_type"] = new_type
-            state["noise_scale"] = float(group["variability"])
-
-        return plan, commit
-
-    def _launch(self, backend, op: int, bucket, plans: list) -> None:
-        if not plans:
+    def _launch(self, backend, op: int, bucket, rows: list, ints: np.ndarray, floats: np.ndarray) -> None:
+        """One launch over the rows of one bucket."""
+        if not rows:
             return
         if backend is TORCH:
-            TORCH.run(op, plans, self._seed)
+            TORCH.run(op, rows, ints, floats, self._seed)
             return
         device, dtype = bucket
-        layout = (device, backend.name, tuple((p.param.numel(), p.offset) for p in plans))
+        numels = tuple(ints[:, T.I_NUMEL].tolist())
+        offsets = tuple(ints[:, T.I_OFFSET].tolist())
+        layout = (device, backend.name, numels, offsets)
         blocks = self._block_tables.get(layout)
         if blocks is None:
-            array = T.build_block_table([n for n, _ in layout[2]], [o for _, o in layout[2]], backend.block_size)
+            array = T.build_block_table(numels, offsets, backend.block_size)
             blocks = self._block_tables[layout] = T.to_device(array, device)
-        ints, floats = T.build_rows(plans)
         backend.launch(op, dtype, T.to_device(ints, device), T.to_device(floats, device), blocks, self._seed)
 
     # ------------------------------------------------------------------ evaluation
@@ -387,4 +391,102 @@ class NeuralVariableOptimizer(Optimizer):
                 floats=_fp32([0.0] * T.F_OLD_SCALE + [state["noise_scale"]] * 2))
             buckets.setdefault((p.device, p.dtype), []).append(plan)
         for bucket, plans in buckets.items():
-            self._launch(self._resolve_backend(*bucket), T.OP_NOISE, bucket, plans)
+            ints, floats = T.build_rows(plans)
+            rows = [(plan.param, None, ()) for plan in plans]
+            self._launch(self._resolve_backend(*bucket), T.OP_NOISE, bucket, rows, ints, floats)
+
+
+class _BucketPlan:
+    """Launch data of one (device, dtype) bucket, built once while its parameters and their
+    state tensors stay the same. Per step only a few columns change -- gradient addresses,
+    step counters, flags, hyperparameters -- and they are written with numpy, so the host cost
+    of a step is a few microseconds per tensor."""
+
+    def __init__(self, opt: NeuralVariableOptimizer, members, signature):
+        self.signature = signature
+        self.params = [p for _, _, p, _ in members]
+        self.states = []
+        group_ids: dict = {}
+        group_of, momentum_init, plans = [], [], []
+        for key, group, p, _ in members:
+            state = opt.state[p]
+            if len(state) == 0:
+                state["step"] = 0
+                state["noise_step"] = 0
+                state["noise_type"] = spec.noise_type_code(group["noise_type"])
+                state["noise_scale"] = float(group["variability"])
+            tensors, fresh_buffer = opt._state_tensors(group, p, state)
+            self.states.append(state)
+            group_of.append(group_ids.setdefault(id(group), len(group_ids)))
+            momentum_init.append(fresh_buffer)
+            plans.append(T.TensorPlan(param=_local(p), grad=None, states=tuple(_local(t) for t in tensors),
+                                      key=key, old_step=0, new_step=0, flags=0,
+                                      floats=(0.0,) * T.FLOAT_COLUMNS, offset=_global_offset(p)))
+        self.opt = opt
+        self.groups = [None] * len(group_ids)
+        for _, group, _, _ in members:
+            self.groups[group_ids[id(group)]] = group
+        self.group_of = np.asarray(group_of, dtype=np.int64)
+        self.momentum_init = np.asarray(momentum_init, dtype=bool)
+        self.static_ints, _ = T.build_rows(plans)
+        self.row_tensors = [(plan.param, plan.states) for plan in plans]
+        self._pending = None
+
+    def rows(self) -> list:
+        """(param, grad, states) per row, as the torch backend reads them (after tables())."""
+        return [(param, grad, states) for (param, states), grad in zip(self.row_tensors, self._grads)]
+
+    def tables(self, grads, denoise: bool):
+        """The int64 and float32 tables of this step."""
+        n = len(self.params)
+        local_grads = []
+        for (param, _), g in zip(self.row_tensors, grads):
+            g = _local(g)
+            if g.stride() != param.stride():  # the kernels walk param and grad in one memory order
+                g = torch.empty_like(param).copy_(g)
+            local_grads.append(g)
+        self._grads = local_grads
+
+        group_flags, group_rows, num_iters, new_types, new_scales = [], [], [], [], []
+        for group in self.groups:
+            flags, row = self.opt._group_row(group)
+            group_flags.append(flags)
+            group_rows.append(row)
+            num_iters.append(group["num_iters"])
+            new_types.append(spec.noise_type_code(group["noise_type"]))
+            new_scales.append(float(group["variability"]))
+        g = self.group_of
+        states = self.states
+        steps = np.fromiter((s["step"] for s in states), np.int64, n) + 1
+        new_steps = np.where(steps % np.asarray(num_iters, dtype=np.int64)[g] == 0, 0, steps)
+        old_steps = np.fromiter((s["noise_step"] for s in states), np.int64, n) if denoise else np.zeros(n, np.int64)
+        old_types = np.fromiter((s["noise_type"] for s in states), np.int64, n)
+        new_types = np.asarray(new_types, dtype=np.int64)[g]
+
+        ints = self.static_ints.copy()
+        ints[:, T.I_GRAD] = [t.data_ptr() for t in local_grads]
+        ints[:, T.I_OLD_STEP] = old_steps
+        ints[:, T.I_NEW_STEP] = new_steps
+        ints[:, T.I_FLAGS] = (np.asarray(group_flags, dtype=np.int64)[g]
+                              | (old_types << T.FLAG_OLD_TYPE_SHIFT) | (new_types << T.FLAG_NEW_TYPE_SHIFT)
+                              | np.where(self.momentum_init, T.FLAG_MOMENTUM_INIT, 0))
+        floats = np.asarray(group_rows, dtype=np.float64)[g]
+        self.opt._step_columns(floats, steps)
+        floats[:, T.F_OLD_SCALE] = np.fromiter((s["noise_scale"] for s in states), np.float64, n)
+        new_scales = np.asarray(new_scales, dtype=np.float64)[g]
+        floats[:, T.F_NEW_SCALE] = new_scales
+        self._pending = (steps.tolist(), (new_steps if denoise else np.zeros(n, np.int64)).tolist(),
+                         new_types.tolist(), new_scales.tolist())
+        return ints, floats.astype(np.float32)  # host float64 constants rounded to float32 once
+
+    def commit(self, denoise: bool) -> None:
+        """Record the launched step in the per-parameter state."""
+        steps, noise_steps, types, scales = self._pending
+        for state, step, noise_step, noise_type, scale in zip(self.states, steps, noise_steps, types, scales):
+            state["step"] = step
+            state["noise_step"] = noise_step
+            state["noise_type"] = noise_type
+            state["noise_scale"] = scale
+        self.momentum_init[:] = False
+        self._pending = None
+        self._grads = None

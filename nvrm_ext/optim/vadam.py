@@ -1,8 +1,7 @@
 """FusedVAdam: NVRM-Adam (Adam with bias correction, amsgrad, L2 or decoupled weight decay)."""
 from __future__ import annotations
 
-import math
-
+import numpy as np
 import torch
 
 from ..backends import tables as T
@@ -41,22 +40,26 @@ class FusedVAdam(NeuralVariableOptimizer):
         if not group["eps"] >= 0.0:
             raise ValueError(f"Invalid epsilon value: {group['eps']!r} (expected a number >= 0)")
 
-    def _row(self, group: dict, p: torch.Tensor, state: dict, step: int):
-        if "exp_avg" not in state:
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        flags = 0
-        max_exp_avg_sq = None
-        if group["amsgrad"]:
-            flags |= T.FLAG_AMSGRAD
-            max_exp_avg_sq = state.get("max_exp_avg_sq")
-            if max_exp_avg_sq is None:
-                max_exp_avg_sq = state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        if group["decoupled"]:
-            flags |= T.FLAG_DECOUPLED
-        lr = float(group["lr"])
+    def _state_signature(self, group: dict):
+        return bool(group["amsgrad"])
+
+    def _state_tensors(self, group: dict, p: torch.Tensor, state: dict):
+        for name in ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ()):
+            if name not in state:
+                state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return (state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq") if group["amsgrad"] else None), False
+
+    def _group_row(self, group: dict):
+        flags = (T.FLAG_AMSGRAD if group["amsgrad"] else 0) | (T.FLAG_DECOUPLED if group["decoupled"] else 0)
+        lr, wd = float(group["lr"]), group["weight_decay"]
         beta1, beta2 = group["betas"]
-        wd = group["weight_decay"]
-        hyper = [lr, wd, beta1, 1.0 - beta1, beta2, 1.0 - beta2, group["eps"],
-                 lr / (1.0 - beta1 ** step), math.sqrt(1.0 - beta2 ** step), 1.0 - lr * wd]
-        return (state["exp_avg"], state["exp_avg_sq"], max_exp_avg_sq), flags, hyper
+        row = [0.0] * T.FLOAT_COLUMNS
+        row[T.F_LR], row[T.F_WEIGHT_DECAY], row[T.F_EPS], row[T.F_DECAY] = lr, wd, group["eps"], 1.0 - lr * wd
+        row[T.F_MOMENTUM], row[T.F_MOMENTUM_COEF] = beta1, 1.0 - beta1
+        row[T.F_BETA2], row[T.F_BETA2_COEF] = beta2, 1.0 - beta2
+        return flags, row
+
+    def _step_columns(self, floats: np.ndarray, steps: np.ndarray) -> None:
+        """Bias corrections: lr / (1 - beta1^t) and sqrt(1 - beta2^t), per parameter step t."""
+        floats[:, T.F_STEP_SIZE] = floats[:, T.F_LR] / (1.0 - floats[:, T.F_MOMENTUM] ** steps)
+        floats[:, T.F_SQRT_BC2] = np.sqrt(1.0 - floats[:, T.F_BETA2] ** steps)

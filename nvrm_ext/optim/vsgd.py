@@ -56,19 +56,25 @@ class FusedVSGD(NeuralVariableOptimizer):
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise ValueError("Nesterov momentum requires a momentum > 0 and zero dampening")
 
-    def _row(self, group: dict, p: torch.Tensor, state: dict, step: int):
-        flags = 0
-        if group["weight_decay"] != 0:
-            flags |= T.FLAG_WEIGHT_DECAY
-        buf = None
+    def _state_signature(self, group: dict):
+        return group["momentum"] != 0
+
+    def _state_tensors(self, group: dict, p: torch.Tensor, state: dict):
+        if group["momentum"] == 0:
+            return (None, None, None), False
+        buf = state.get("momentum_buffer")
+        fresh = buf is None
+        if fresh:  # torch.optim.SGD semantics: the first direction initialises the buffer
+            buf = state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return (buf, None, None), fresh
+
+    def _group_row(self, group: dict):
+        flags = T.FLAG_WEIGHT_DECAY if group["weight_decay"] != 0 else 0
         if group["momentum"] != 0:
-            flags |= T.FLAG_MOMENTUM
-            buf = state.get("momentum_buffer")
-            if buf is None:
-                buf = state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                flags |= T.FLAG_MOMENTUM_INIT
-            if group["nesterov"]:
-                flags |= T.FLAG_NESTEROV
-        hyper = [float(group["lr"]), group["weight_decay"], group["momentum"], 1.0 - group["dampening"],
-                 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
-        return (buf, None, None), flags, hyper
+            flags |= T.FLAG_MOMENTUM | (T.FLAG_NESTEROV if group["nesterov"] else 0)
+        row = [0.0] * T.FLOAT_COLUMNS
+        row[T.F_LR] = float(group["lr"])
+        row[T.F_WEIGHT_DECAY] = group["weight_decay"]
+        row[T.F_MOMENTUM] = group["momentum"]
+        row[T.F_MOMENTUM_COEF] = 1.0 - group["dampening"]
+        return flags, row
