@@ -129,6 +129,17 @@ def _noise_tile(seed_lo, seed_hi, key, step, quads, noise_type, scale):
 
 
 @triton.jit
+def _to_storage(x, DTYPE: tl.constexpr):
+    """float32 -> storage dtype, round to nearest even. bfloat16 is rounded explicitly on the
+    bits: Triton's interpreter truncates, and the C++ kernels round this same way."""
+    if DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        x = tl.where(x != x, x, rounded.to(tl.float32, bitcast=True))  # keep NaNs NaN
+    return x.to(DTYPE)
+
+
+@triton.jit
 def _nvrm_kernel(blocks, ints, floats, seed_lo, seed_hi,
                  OP: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
                  INT_COLUMNS: tl.constexpr, FLOAT_COLUMNS: tl.constexpr):
@@ -163,7 +174,7 @@ def _nvrm_kernel(blocks, ints, floats, seed_lo, seed_hi,
             else:
                 buf = momentum * tl.load(buf_ptr + local, mask=mask, other=0.0).to(tl.float32) \
                     + tl.load(frow + 3) * d
-            tl.store(buf_ptr + local, buf.to(DTYPE), mask=mask)
+            tl.store(buf_ptr + local, _to_storage(buf, DTYPE), mask=mask)
             if (flags & 128) != 0:
                 d = d + momentum * buf
             else:
@@ -180,12 +191,12 @@ def _nvrm_kernel(blocks, ints, floats, seed_lo, seed_hi,
         m = tl.load(frow + 2) * tl.load(m_ptr + local, mask=mask, other=0.0).to(tl.float32) + tl.load(frow + 3) * g
         v = tl.load(frow + 4) * tl.load(v_ptr + local, mask=mask, other=0.0).to(tl.float32) \
             + (tl.load(frow + 5) * g) * g
-        tl.store(m_ptr + local, m.to(DTYPE), mask=mask)
-        tl.store(v_ptr + local, v.to(DTYPE), mask=mask)
+        tl.store(m_ptr + local, _to_storage(m, DTYPE), mask=mask)
+        tl.store(v_ptr + local, _to_storage(v, DTYPE), mask=mask)
         if (flags & 256) != 0:
             vmax_ptr = tl.load(irow + 4).to(tl.pointer_type(DTYPE))
             v = tl.maximum(tl.load(vmax_ptr + local, mask=mask, other=0.0).to(tl.float32), v)
-            tl.store(vmax_ptr + local, v.to(DTYPE), mask=mask)
+            tl.store(vmax_ptr + local, _to_storage(v, DTYPE), mask=mask)
         denom = tl.div_rn(tl.sqrt_rn(v), tl.load(frow + 8)) + tl.load(frow + 6)
         p = p - tl.load(frow + 7) * tl.div_rn(m, denom)
 
@@ -196,7 +207,7 @@ def _nvrm_kernel(blocks, ints, floats, seed_lo, seed_hi,
     if new_step != 0:
         n_new = _noise_tile(seed_lo, seed_hi, key, new_step, quads, (flags >> 2) & 3, tl.load(frow + 11))
     p = p + (n_new - n_old)
-    tl.store(param_ptr + local, p.to(DTYPE), mask=mask)
+    tl.store(param_ptr + local, _to_storage(p, DTYPE), mask=mask)
 
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
