@@ -1,8 +1,10 @@
 """nvrm_ext: artificial neural variability (NVRM) optimizers at the cost of plain ones.
 
-Public names: FusedVSGD, FusedVAdam (drop-in for the original VSGD / VAdam).
+Public names: FusedVSGD, FusedVAdam (drop-in for the original VSGD / VAdam), FusedAMP
+(adversarial model perturbation) and the nn modules Disout and NeuronSteadiness.
 """
-from .optim import FusedVAdam, FusedVSGD
+from . import nn
+from .optim import FusedAMP, FusedVAdam, FusedVSGD
 
 __version__ = "0.1.0"
-__all__ = ["FusedVSGD", "FusedVAdam", "__version__"]
+__all__ = ["FusedVSGD", "FusedVAdam", "FusedAMP", "nn", "__version__"]

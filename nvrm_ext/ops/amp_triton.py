@@ -57,13 +57,13 @@ def _clip_and_perturb_kernel(blocks, ints, floats, tiny, FIRST: tl.constexpr, DT
     start = tl.load(blocks + 2 * pid + 1)
     irow = ints + row * INT_COLUMNS
     frow = floats + row * FLOAT_COLUMNS
-    numel = tl.load(irow + 4)
+    numel = tl.load(irow + 4)  # column offsets: I_* and F_* above (jit code cannot read them)
     index = start + tl.arange(0, BLOCK).to(tl.int64)
     mask = index < numel
 
-    norm = tl.load(tl.load(irow + 3).to(tl.pointer_type(tl.float32)))
-    epsilon = tl.load(frow + 0)
-    scale = tl.load(frow + 1)
+    norm = tl.load(tl.load(irow + 3).to(tl.pointer_type(tl.float32)))  # I_NORM
+    epsilon = tl.load(frow + 0)  # F_EPSILON
+    scale = tl.load(frow + 1)  # F_SCALE
     denominator = scale * norm + tiny
     factor = tl.minimum(epsilon * tl.div_rn(1.0, denominator), 1.0) * scale
 

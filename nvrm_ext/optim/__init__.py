@@ -1,5 +1,6 @@
+from .amp import FusedAMP
 from .base import NeuralVariableOptimizer
 from .vadam import FusedVAdam
 from .vsgd import FusedVSGD
 
-__all__ = ["FusedVSGD", "FusedVAdam", "NeuralVariableOptimizer"]
+__all__ = ["FusedVSGD", "FusedVAdam", "FusedAMP", "NeuralVariableOptimizer"]
