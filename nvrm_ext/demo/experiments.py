@@ -1,0 +1,252 @@
+"""The four experiments behind the paper's claims, at digits scale.
+
+Every experiment returns a JSON-ready dict: its `config`, the raw per-seed numbers under
+`runs`, and mean/std `summary` rows that the table and the plot are drawn from. Within a seed
+all arms share the data split, the label noise, the initial weights and the batch order, so
+they differ only in the optimizer.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad, vmap
+
+from .data import DigitsSplit, corrupt_labels, load_digits_split, permutation_tasks
+from .training import (OptimizerConfig, accuracy, build_mlp, clean_weights, make_optimizer,
+                       perturbed_accuracy, steps_per_epoch, train_epoch)
+
+NOISE_TYPES = ("Gaussian", "Laplace", "Uniform")
+#: Standard deviation of one unit of `variability` for each noise type (Laplace scale b has
+#: std sqrt(2) b, Uniform half-width a has std a / sqrt(3)), to compare types at equal std.
+NOISE_STD_PER_VARIABILITY = {"Gaussian": 1.0, "Laplace": math.sqrt(2.0), "Uniform": 1.0 / math.sqrt(3.0)}
+
+
+@dataclass
+class Common:
+    """Settings every experiment shares (the CLI's common options)."""
+
+    seeds: int = 3
+    epochs: int = 30
+    lr: float = 0.01
+    variability: float = 0.1
+    hidden: int = 512
+    batch_size: int = 64
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    device: str = "cpu"
+    progress: object = field(default=None, repr=False)  # a tqdm bar, advanced once per epoch
+
+    def config(self, **extra) -> dict:
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "progress"}
+        out.update(extra)
+        return out
+
+    def tick(self, description: str) -> None:
+        if self.progress is not None:
+            self.progress.set_postfix_str(description, refresh=False)
+            self.progress.update(1)
+
+
+def mean_std(values) -> dict:
+    values = np.asarray(values, dtype=float)
+    return {"mean": float(values.mean()), "std": float(values.std(ddof=0)), "n": int(values.size)}
+
+
+def _seeded_model(common: Common, seed: int):
+    torch.manual_seed(seed)
+    return build_mlp(common.hidden).to(common.device)
+
+
+# ---------------------------------------------------------------------------------- label noise
+def train_on_noisy_labels(common: Common, arm: OptimizerConfig, data: DigitsSplit, noisy_labels: torch.Tensor,
+                          seed: int) -> dict:
+    """Train one arm on the noisy labels; per-epoch accuracy on the noisy and the clean training
+    labels and on the clean test set, always measured at the clean weights."""
+    model = _seeded_model(common, seed)
+    optimizer = make_optimizer(arm, model.parameters(), steps_per_epoch(len(noisy_labels), common.batch_size), seed)
+    batches = torch.Generator().manual_seed(seed)
+    curves = {"noisy_train": [], "clean_train": [], "test": []}
+    for _ in range(common.epochs):
+        train_epoch(model, optimizer, data.x_train, noisy_labels, common.batch_size, batches)
+        with clean_weights(optimizer):
+            curves["noisy_train"].append(accuracy(model, data.x_train, noisy_labels))
+            curves["clean_train"].append(accuracy(model, data.x_train, data.y_train))
+            curves["test"].append(accuracy(model, data.x_test, data.y_test))
+        common.tick(f"{arm.name} seed {seed}")
+    return curves
+
+
+def noisy_digits(seed: int, noise: str, rate: float, device: str) -> tuple[DigitsSplit, torch.Tensor]:
+    """The seed's digits split and its corrupted training labels (test labels stay clean)."""
+    data = load_digits_split(seed).to(device)
+    noisy = corrupt_labels(data.y_train.cpu().numpy(), rate, noise, seed)
+    return data, torch.as_tensor(noisy, device=device)
+
+
+def label_noise(common: Common, noise: str = "pair", rate: float = 0.4,
+                arms=("sgd", "nvrm-sgd", "psgd")) -> dict:
+    """Claim 3: SGD memorizes noisy labels, NVRM does not (PSGD: noise without denoising)."""
+    runs = {name: [] for name in arms}
+    for seed in range(common.seeds):
+        data, noisy = noisy_digits(seed, noise, rate, common.device)
+        for name in arms:
+            arm = OptimizerConfig(name, common.lr, common.momentum, common.weight_decay, common.variability)
+            runs[name].append(train_on_noisy_labels(common, arm, data, noisy, seed))
+    summary = {name: {metric: mean_std([run[metric][-1] for run in seed_runs])
+                      for metric in ("noisy_train", "clean_train", "test")}
+               for name, seed_runs in runs.items()}
+    return {"experiment": "label-noise", "config": common.config(noise=noise, rate=rate, arms=list(arms)),
+            "runs": runs, "summary": summary}
+
+
+# ---------------------------------------------------------------------------------- perturbation
+def perturbation(common: Common, sigmas=(0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2), draws: int = 5,
+                 arms=("sgd", "nvrm-sgd")) -> dict:
+    """Claims 1 and 2 on clean labels: test accuracy when N(0, sigma^2) is added to every clean
+    weight, and the generalization gap (train minus test accuracy) at the end of training."""
+    runs = {name: [] for name in arms}
+    for seed in range(common.seeds):
+        data = load_digits_split(seed).to(common.device)
+        for name in arms:
+            arm = OptimizerConfig(name, common.lr, common.momentum, common.weight_decay, common.variability)
+            model = _seeded_model(common, seed)
+            optimizer = make_optimizer(arm, model.parameters(),
+                                       steps_per_epoch(len(data.y_train), common.batch_size), seed)
+            batches = torch.Generator().manual_seed(seed)
+            for _ in range(common.epochs):
+                train_epoch(model, optimizer, data.x_train, data.y_train, common.batch_size, batches)
+                common.tick(f"{name} seed {seed}")
+            perturbations = torch.Generator().manual_seed(10_000 + seed)  # same draws for every arm
+            with clean_weights(optimizer):
+                train_acc = accuracy(model, data.x_train, data.y_train)
+                test_acc = accuracy(model, data.x_test, data.y_test)
+                curve = [perturbed_accuracy(model, data.x_test, data.y_test, s, draws, perturbations)
+                         for s in sigmas]
+            runs[name].append({"train": train_acc, "test": test_acc, "gap": train_acc - test_acc,
+                               "perturbed_test": curve})
+    summary = {name: {"train": mean_std([r["train"] for r in rs]), "test": mean_std([r["test"] for r in rs]),
+                      "gap": mean_std([r["gap"] for r in rs]),
+                      "perturbed_test": [mean_std([r["perturbed_test"][i] for r in rs]) for i in range(len(sigmas))]}
+               for name, rs in runs.items()}
+    return {"experiment": "perturbation", "config": common.config(sigmas=list(sigmas), draws=draws, arms=list(arms)),
+            "runs": runs, "summary": summary}
+
+
+# ---------------------------------------------------------------------------------- forgetting
+class EWC:
+    """Elastic weight consolidation (Kirkpatrick et al. 2017): after each task, anchor the
+    weights with a quadratic penalty weighted by the diagonal empirical Fisher information."""
+
+    def __init__(self, model: torch.nn.Module, strength: float):
+        self.model = model
+        self.strength = strength
+        self.anchors: list[tuple[dict, dict]] = []
+
+    def consolidate(self, x: torch.Tensor, y: torch.Tensor, samples: int = 256, chunk: int = 128) -> None:
+        """Record the (clean) current weights and their Fisher, estimated from per-sample
+        gradients on the first `samples` (already shuffled) training examples of the task."""
+        x, y = x[:samples], y[:samples]
+        params = {k: v.detach().clone() for k, v in self.model.named_parameters()}
+
+        def sample_loss(p, xi, yi):
+            return F.cross_entropy(functional_call(self.model, p, (xi[None],)), yi[None])
+
+        per_sample_grad = vmap(grad(sample_loss), in_dims=(None, 0, 0))
+        fisher = {k: torch.zeros_like(v) for k, v in params.items()}
+        for xs, ys in zip(x.split(chunk), y.split(chunk)):
+            for k, g in per_sample_grad(params, xs, ys).items():
+                fisher[k] += g.pow(2).sum(0)
+        self.anchors.append((params, {k: f / len(y) for k, f in fisher.items()}))
+
+    def penalty(self) -> torch.Tensor:
+        total = torch.zeros((), device=next(self.model.parameters()).device)
+        for params, fisher in self.anchors:
+            for k, p in self.model.named_parameters():
+                total = total + (fisher[k] * (p - params[k]).pow(2)).sum()
+        return 0.5 * self.strength * total
+
+
+def forgetting_run(common: Common, name: str, ewc: float, data: DigitsSplit, num_tasks: int, seed: int) -> dict:
+    """One arm learning the permuted tasks in sequence with one optimizer; after each task, the
+    clean-weight test accuracy on every task."""
+    permutations = [p.to(common.device) for p in permutation_tasks(num_tasks, seed=seed)]
+    arm = OptimizerConfig(name, common.lr, 0.0, common.weight_decay, common.variability)
+    model = _seeded_model(common, seed)
+    optimizer = make_optimizer(arm, model.parameters(), steps_per_epoch(len(data.y_train), common.batch_size), seed)
+    regularizer = EWC(model, ewc) if ewc > 0 else None
+    batches = torch.Generator().manual_seed(seed)
+    matrix = []  # matrix[t][j]: accuracy on task j after training on task t
+    for task, permutation in enumerate(permutations):
+        x_task = data.x_train[:, permutation]
+        for _ in range(common.epochs):
+            train_epoch(model, optimizer, x_task, data.y_train, common.batch_size, batches,
+                        penalty=regularizer.penalty if regularizer else None)
+            common.tick(f"{_variant_key(name, ewc)} seed {seed} task {task}")
+        with clean_weights(optimizer):
+            matrix.append([accuracy(model, data.x_test[:, p], data.y_test) for p in permutations])
+            if regularizer:
+                regularizer.consolidate(x_task, data.y_train)
+    return {"accuracy_matrix": matrix,
+            "base_task": [row[0] for row in matrix],
+            "mean_seen": [float(np.mean(row[:t + 1])) for t, row in enumerate(matrix)]}
+
+
+def forgetting(common: Common, num_tasks: int = 5, ewc: float = 0.0, arms=("adam", "nvrm-adam")) -> dict:
+    """Claim 4: permuted digits learned in sequence; accuracy on every task after each task.
+    `common.epochs` is epochs *per task*. With ewc > 0 each arm also runs with EWC."""
+    variants = [(name, 0.0) for name in arms] + ([(name, ewc) for name in arms] if ewc > 0 else [])
+    runs = {_variant_key(name, strength): [] for name, strength in variants}
+    for seed in range(common.seeds):
+        data = load_digits_split(seed).to(common.device)
+        for name, strength in variants:
+            runs[_variant_key(name, strength)].append(forgetting_run(common, name, strength, data, num_tasks, seed))
+    summary = {key: {metric: [mean_std([r[metric][t] for r in rs]) for t in range(num_tasks)]
+                     for metric in ("base_task", "mean_seen")}
+               for key, rs in runs.items()}
+    return {"experiment": "forgetting",
+            "config": common.config(num_tasks=num_tasks, ewc=ewc, arms=list(arms), epochs_per_task=common.epochs,
+                                    task_0="identity permutation (original digits)"),
+            "runs": runs, "summary": summary}
+
+
+def _variant_key(name: str, ewc: float) -> str:
+    return f"{name}+ewc" if ewc > 0 else name
+
+
+# ---------------------------------------------------------------------------------- noise types
+def weight_rms(model: torch.nn.Module) -> float:
+    """Root-mean-square of all weights and biases: the yardstick the noise scale is relative to."""
+    squares = torch.cat([p.detach().flatten().pow(2) for p in model.parameters()])
+    return squares.mean().sqrt().item()
+
+
+def noise_types(common: Common, scales=(0.01, 0.03, 0.1, 0.2), noise: str = "pair", rate: float = 0.4) -> dict:
+    """Gaussian vs Laplace vs Uniform NVRM-SGD across variability scales, on the label-noise
+    task, with plain SGD as the scale-free reference."""
+    runs: dict = {"sgd": []}
+    runs.update({kind: {str(s): [] for s in scales} for kind in NOISE_TYPES})
+    initial_rms = []
+    for seed in range(common.seeds):
+        data, noisy = noisy_digits(seed, noise, rate, common.device)
+        initial_rms.append(weight_rms(_seeded_model(common, seed)))
+        sgd = OptimizerConfig("sgd", common.lr, common.momentum, common.weight_decay)
+        runs["sgd"].append(train_on_noisy_labels(common, sgd, data, noisy, seed))
+        for kind in NOISE_TYPES:
+            for scale in scales:
+                arm = OptimizerConfig("nvrm-sgd", common.lr, common.momentum, common.weight_decay, scale, kind)
+                runs[kind][str(scale)].append(train_on_noisy_labels(common, arm, data, noisy, seed))
+    rms = float(np.mean(initial_rms))
+    final = lambda seed_runs, metric: mean_std([r[metric][-1] for r in seed_runs])  # noqa: E731
+    summary = {"sgd": {m: final(runs["sgd"], m) for m in ("noisy_train", "test")}}
+    for kind in NOISE_TYPES:
+        summary[kind] = [{"variability": s, "noise_std": s * NOISE_STD_PER_VARIABILITY[kind],
+                          "std_over_weight_rms": s * NOISE_STD_PER_VARIABILITY[kind] / rms,
+                          "noisy_train": final(runs[kind][str(s)], "noisy_train"),
+                          "test": final(runs[kind][str(s)], "test")} for s in scales]
+    return {"experiment": "noise-types",
+            "config": common.config(scales=list(scales), noise=noise, rate=rate, initial_weight_rms=rms),
+            "runs": runs, "summary": summary}
