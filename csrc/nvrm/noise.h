@@ -115,8 +115,10 @@ NVRM_HD SinCos sincos_2pi_f32(float u) {
 template <int Type>
 NVRM_HD void unit_noise(const PhiloxWords& words, float z[4]) {
   float u[4];
+  NVRM_UNROLL
   for (int lane = 0; lane < 4; ++lane) u[lane] = uniform_from_bits(words.x[lane]);
   if (Type == kGaussian) {
+    NVRM_UNROLL
     for (int pair = 0; pair < 4; pair += 2) {
       const float radius = sqrt32(-2.0f * log_f32(u[pair]));
       const SinCos angle = sincos_2pi_f32(u[pair + 1]);
@@ -124,25 +126,34 @@ NVRM_HD void unit_noise(const PhiloxWords& words, float z[4]) {
       z[pair + 1] = radius * angle.sin;
     }
   } else if (Type == kLaplace) {
-    for (int lane = 0; lane < 4; ++lane) {
+    NVRM_UNROLL
+  for (int lane = 0; lane < 4; ++lane) {
       const float complement = 1.0f - u[lane];
       const float w = 2.0f * (u[lane] < complement ? u[lane] : complement);
       const float l = log_f32(w);
       z[lane] = u[lane] < 0.5f ? l : -l;
     }
   } else {
-    for (int lane = 0; lane < 4; ++lane) z[lane] = 2.0f * u[lane] - 1.0f;
+    NVRM_UNROLL
+  for (int lane = 0; lane < 4; ++lane) z[lane] = 2.0f * u[lane] - 1.0f;
   }
 }
 
-// The noise of elements 4*quad .. 4*quad+3 of parameter `key` at `step` (§5: one float32
-// multiplication by the scale). step must be nonzero: step 0 means "no noise".
+// §5: the noise of the four lanes of one Philox call, one float32 multiplication by the scale.
+template <int Type>
+NVRM_HD void noise_from_words(const PhiloxWords& words, float scale, float noise[4]) {
+  float z[4];
+  unit_noise<Type>(words, z);
+  NVRM_UNROLL
+  for (int lane = 0; lane < 4; ++lane) noise[lane] = scale * z[lane];
+}
+
+// The noise of elements 4*quad .. 4*quad+3 of parameter `key` at `step`. step must be nonzero:
+// step 0 means "no noise".
 template <int Type>
 NVRM_HD void noise_quad(uint64_t seed, uint32_t key, uint32_t step, float scale, uint64_t quad,
                         float noise[4]) {
-  float z[4];
-  unit_noise<Type>(quad_words(seed, key, step, quad), z);
-  for (int lane = 0; lane < 4; ++lane) noise[lane] = scale * z[lane];
+  noise_from_words<Type>(quad_words(seed, key, step, quad), scale, noise);
 }
 
 // Same, with the type chosen at run time (uniform across a CUDA block, so no divergence).

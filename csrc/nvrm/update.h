@@ -21,6 +21,8 @@ constexpr int64_t kFlagWeightDecay = 1 << 4, kFlagMomentum = 1 << 5, kFlagMoment
                   kFlagNesterov = 1 << 7, kFlagAmsgrad = 1 << 8, kFlagDecoupled = 1 << 9;
 // operations
 enum Op : int { kOpSgd = 0, kOpAdam = 1, kOpNoise = 2 };
+// storage dtype codes of the C entry points (nvrm_ext/backends/compiled.py)
+enum StorageCode : int { kStorageFloat32 = 0, kStorageFloat16 = 1, kStorageBFloat16 = 2 };
 
 // One tensor's row of the launch tables, decoded once per block.
 struct Row {

@@ -1,0 +1,171 @@
+// The C ABI of libnvrm_cpu.so and libnvrm_cuda.so (loaded with ctypes by
+// nvrm_ext/backends/compiled.py): no torch C++ ABI, so one build serves every torch version.
+//
+// Compiled into each library; NVRM_API_CUDA selects the CUDA entry points.
+#include <stdint.h>
+
+#include <string>
+
+#include "nvrm/update.h"
+
+namespace {
+
+// Bumped whenever an entry point's signature or the table layout changes.
+constexpr int kAbiVersion = 1;
+
+thread_local std::string last_error;
+
+int fail(std::string message) {
+  last_error = std::move(message);
+  return 1;
+}
+
+// Checks shared by both launchers; empty when the launch may proceed.
+std::string invalid_arguments(int op, int dtype_code, const int64_t* ints, const float* floats,
+                              const int64_t* blocks, int64_t num_blocks, int64_t block_size) {
+  if (op != nvrm::kOpSgd && op != nvrm::kOpAdam && op != nvrm::kOpNoise) {
+    return "unknown op " + std::to_string(op);
+  }
+  if (dtype_code != nvrm::kStorageFloat32 && dtype_code != nvrm::kStorageFloat16 &&
+      dtype_code != nvrm::kStorageBFloat16) {
+    return "unknown storage dtype code " + std::to_string(dtype_code);
+  }
+  if (block_size <= 0 || block_size % 4 != 0) {
+    return "block size must be a positive multiple of 4, got " + std::to_string(block_size);
+  }
+  if (num_blocks < 0) return "negative number of blocks";
+  if (num_blocks > 0 && (ints == nullptr || floats == nullptr || blocks == nullptr)) {
+    return "null table pointer";
+  }
+  return {};
+}
+
+}  // namespace
+
+#if defined(NVRM_API_CUDA)
+namespace nvrm {
+namespace cuda {
+// multi_tensor.cu; returns an empty string on success, else the CUDA error.
+std::string launch(int op, int dtype_code, const int64_t* ints, const float* floats,
+                   const int64_t* blocks, int64_t num_blocks, int64_t block_size, uint64_t seed,
+                   void* stream);
+std::string probe();
+}  // namespace cuda
+}  // namespace nvrm
+#else
+namespace nvrm {
+namespace cpu {
+void launch_baseline(int, int, const int64_t*, const float*, const int64_t*, int64_t, int64_t,
+                     uint64_t, int);
+void launch_avx2_fma(int, int, const int64_t*, const float*, const int64_t*, int64_t, int64_t,
+                     uint64_t, int);
+}  // namespace cpu
+}  // namespace nvrm
+
+namespace {
+using CpuLaunch = decltype(&nvrm::cpu::launch_baseline);
+
+bool cpu_has_avx2_fma() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("f16c");
+}
+
+struct CpuVariant {
+  const char* name;
+  CpuLaunch launch;
+};
+
+CpuVariant best_cpu_variant() {
+  if (cpu_has_avx2_fma()) return {"avx2_fma", nvrm::cpu::launch_avx2_fma};
+  return {"baseline", nvrm::cpu::launch_baseline};
+}
+
+CpuVariant cpu_variant = best_cpu_variant();
+}  // namespace
+#endif
+
+extern "C" {
+
+__attribute__((visibility("default"))) int nvrm_abi_version(void) { return kAbiVersion; }
+
+__attribute__((visibility("default"))) const char* nvrm_last_error(void) {
+  return last_error.c_str();
+}
+
+// The table layout compiled in, for the loader to compare with nvrm_ext/backends/tables.py:
+// INT_COLUMNS, FLOAT_COLUMNS, the six flag bits, then OP_SGD, OP_ADAM, OP_NOISE.
+__attribute__((visibility("default"))) int nvrm_table_layout(int64_t* out, int capacity) {
+  const int64_t layout[] = {nvrm::kIntColumns,     nvrm::kFloatColumns,  nvrm::kFlagWeightDecay,
+                            nvrm::kFlagMomentum,   nvrm::kFlagMomentumInit, nvrm::kFlagNesterov,
+                            nvrm::kFlagAmsgrad,    nvrm::kFlagDecoupled, nvrm::kOpSgd,
+                            nvrm::kOpAdam,         nvrm::kOpNoise};
+  const int count = static_cast<int>(sizeof layout / sizeof layout[0]);
+  for (int i = 0; i < count && i < capacity; ++i) out[i] = layout[i];
+  return count;
+}
+
+#if defined(NVRM_API_CUDA)
+
+// 0 when a CUDA device can be used, else nonzero with the reason in nvrm_last_error().
+__attribute__((visibility("default"))) int nvrm_cuda_probe(void) {
+  std::string error = nvrm::cuda::probe();
+  return error.empty() ? 0 : fail(std::move(error));
+}
+
+// Tables live in device memory; `stream` is the cudaStream_t to launch on.
+__attribute__((visibility("default"))) int nvrm_cuda_launch(int op, int dtype_code,
+                                                            const int64_t* ints,
+                                                            const float* floats,
+                                                            const int64_t* blocks,
+                                                            int64_t num_blocks,
+                                                            int64_t block_size, uint64_t seed,
+                                                            void* stream) {
+  std::string error =
+      invalid_arguments(op, dtype_code, ints, floats, blocks, num_blocks, block_size);
+  if (error.empty() && num_blocks > 0) {
+    error = nvrm::cuda::launch(op, dtype_code, ints, floats, blocks, num_blocks, block_size, seed,
+                               stream);
+  }
+  return error.empty() ? 0 : fail(std::move(error));
+}
+
+#else
+
+// The instruction-set variant in use: "avx2_fma" or "baseline".
+__attribute__((visibility("default"))) const char* nvrm_cpu_variant(void) {
+  return cpu_variant.name;
+}
+
+// Selects a variant by name (tests compare them bit for bit); nonzero if this CPU cannot run it.
+__attribute__((visibility("default"))) int nvrm_cpu_select_variant(const char* name) {
+  const std::string wanted = name == nullptr ? "" : name;
+  if (wanted == "baseline") {
+    cpu_variant = {"baseline", nvrm::cpu::launch_baseline};
+  } else if (wanted == "avx2_fma" && cpu_has_avx2_fma()) {
+    cpu_variant = {"avx2_fma", nvrm::cpu::launch_avx2_fma};
+  } else {
+    return fail("CPU variant '" + wanted + "' is unknown or not supported by this CPU");
+  }
+  return 0;
+}
+
+// Tables live in host memory.
+__attribute__((visibility("default"))) int nvrm_cpu_launch(int op, int dtype_code,
+                                                           const int64_t* ints,
+                                                           const float* floats,
+                                                           const int64_t* blocks,
+                                                           int64_t num_blocks, int64_t block_size,
+                                                           uint64_t seed, int num_threads) {
+  std::string error =
+      invalid_arguments(op, dtype_code, ints, floats, blocks, num_blocks, block_size);
+  if (!error.empty()) return fail(std::move(error));
+  if (num_threads < 1) return fail("num_threads must be at least 1");
+  cpu_variant.launch(op, dtype_code, ints, floats, blocks, num_blocks, block_size, seed,
+                     num_threads);
+  return 0;
+}
+
+#endif
+
+}  // extern "C"

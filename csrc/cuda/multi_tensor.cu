@@ -1,0 +1,223 @@
+// CUDA launcher: one kernel launch per optimizer step, in the style of a chunked
+// multi-tensor apply. Each thread block takes one block_table row (grid-striding if there are
+// more rows than the grid holds): block_size consecutive global elements of one tensor, one
+// Philox quad per thread and iteration.
+//
+// This file only indexes, loads and stores; the element math is csrc/nvrm/{philox,noise,update}.h.
+// Compiled with --fmad=false so that nothing is contracted beyond the explicit fmas there.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include <string>
+
+#include "../nvrm/update.h"
+
+namespace nvrm {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+// Storage types: load converts to float32, store rounds once to nearest even.
+__device__ __forceinline__ float load(float x) { return x; }
+__device__ __forceinline__ float load(__half x) { return __half2float(x); }
+__device__ __forceinline__ float load(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T>
+__device__ __forceinline__ T store(float x);
+template <>
+__device__ __forceinline__ float store<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __half store<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 store<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+// Four consecutive elements moved by one instruction (128-bit for float32, 64-bit for 16-bit
+// types); only used where the row's pointers are aligned to it.
+template <typename T>
+struct alignas(4 * sizeof(T)) Quad {
+  T lane[4];
+};
+
+// The element values one update reads and writes, in float32.
+struct Element {
+  float param, grad, state0, state1, state2;
+};
+
+// The state each op reads and writes; the rest is neither loaded nor stored.
+template <int Op>
+struct StateUse {
+  bool load0, store0, use1, use2;
+  __device__ explicit StateUse(const Row& row)
+      : load0(Op == kOpAdam || (Op == kOpSgd && row.momentum && !row.momentum_init)),
+        store0(Op == kOpAdam || (Op == kOpSgd && row.momentum)),
+        use1(Op == kOpAdam),
+        use2(Op == kOpAdam && row.amsgrad) {}
+};
+
+template <int Op>
+__device__ __forceinline__ void update(const Row& row, Element& e, float delta, bool noisy) {
+  if (Op == kOpSgd) {
+    e.param = sgd_element(e.param, e.grad, e.state0, row,
+                          SgdOptions{row.weight_decay, row.momentum, row.momentum_init, row.nesterov});
+  } else if (Op == kOpAdam) {
+    e.param = adam_element(e.param, e.grad, e.state0, e.state1, e.state2, row,
+                           AdamOptions{row.amsgrad, row.decoupled});
+  }
+  if (noisy) e.param = add_noise(e.param, delta);
+}
+
+template <typename T>
+__device__ __forceinline__ T* pointer(int64_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+// Whether element `base` (and so every 4th element after it) of each pointer the op touches is
+// aligned for Quad<T> loads.
+template <int Op, typename T>
+__device__ bool quads_aligned(const Row& row, const StateUse<Op>& use, int64_t base) {
+  const int64_t shift = base * static_cast<int64_t>(sizeof(T));
+  int64_t addresses = row.param + shift;
+  if (Op != kOpNoise) addresses |= row.grad + shift;
+  if (use.load0 || use.store0) addresses |= row.state0 + shift;
+  if (use.use1) addresses |= row.state1 + shift;
+  if (use.use2) addresses |= row.state2 + shift;
+  return addresses % static_cast<int64_t>(sizeof(Quad<T>)) == 0;
+}
+
+template <int Op, typename T>
+__global__ void __launch_bounds__(kThreads)
+    multi_tensor_kernel(const int64_t* __restrict__ ints, const float* __restrict__ floats,
+                        const int64_t* __restrict__ blocks, int64_t num_blocks, int64_t block_size,
+                        uint64_t seed) {
+  for (int64_t b = blockIdx.x; b < num_blocks; b += gridDim.x) {
+    const int64_t table_row = blocks[2 * b];
+    const int64_t block_start = blocks[2 * b + 1];
+    const Row row = decode_row(ints + table_row * kIntColumns, floats + table_row * kFloatColumns);
+    const StateUse<Op> use(row);
+    const bool noisy = row.new_step != 0 || row.old_step != 0;
+    // Local index of the block's first element; negative where the tensor starts mid-quad.
+    const int64_t base = block_start - row.offset;
+    const bool aligned = quads_aligned<Op, T>(row, use, base);
+
+    for (int64_t q = threadIdx.x; 4 * q < block_size; q += blockDim.x) {
+      const int64_t first = base + 4 * q;  // local index of lane 0
+      if (first >= row.numel) break;
+
+      float delta[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      if (noisy) {
+        const uint64_t quad = static_cast<uint64_t>(block_start >> 2) + q;
+        float new_noise[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        float old_noise[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        if (row.new_step != 0) {
+          noise_quad(row.new_type, seed, row.key, row.new_step, row.new_scale, quad, new_noise);
+        }
+        if (row.old_step != 0) {
+          noise_quad(row.old_type, seed, row.key, row.old_step, row.old_scale, quad, old_noise);
+        }
+#pragma unroll
+        for (int lane = 0; lane < 4; ++lane) delta[lane] = noise_delta(new_noise[lane], old_noise[lane]);
+      }
+
+      if (aligned && first >= 0 && first + 4 <= row.numel) {
+        Quad<T> p = *pointer<Quad<T>>(row.param + first * sizeof(T));
+        Quad<T> g, s0, s1, s2;
+        if (Op != kOpNoise) g = *pointer<Quad<T>>(row.grad + first * sizeof(T));
+        if (use.load0) s0 = *pointer<Quad<T>>(row.state0 + first * sizeof(T));
+        if (use.use1) s1 = *pointer<Quad<T>>(row.state1 + first * sizeof(T));
+        if (use.use2) s2 = *pointer<Quad<T>>(row.state2 + first * sizeof(T));
+#pragma unroll
+        for (int lane = 0; lane < 4; ++lane) {
+          Element e{load(p.lane[lane]), Op != kOpNoise ? load(g.lane[lane]) : 0.0f,
+                    use.load0 ? load(s0.lane[lane]) : 0.0f, use.use1 ? load(s1.lane[lane]) : 0.0f,
+                    use.use2 ? load(s2.lane[lane]) : 0.0f};
+          update<Op>(row, e, delta[lane], noisy);
+          p.lane[lane] = store<T>(e.param);
+          s0.lane[lane] = store<T>(e.state0);
+          s1.lane[lane] = store<T>(e.state1);
+          s2.lane[lane] = store<T>(e.state2);
+        }
+        *pointer<Quad<T>>(row.param + first * sizeof(T)) = p;
+        if (use.store0) *pointer<Quad<T>>(row.state0 + first * sizeof(T)) = s0;
+        if (use.use1) *pointer<Quad<T>>(row.state1 + first * sizeof(T)) = s1;
+        if (use.use2) *pointer<Quad<T>>(row.state2 + first * sizeof(T)) = s2;
+      } else {
+        // Unaligned rows and the partial quads at a tensor's ends: element by element.
+#pragma unroll
+        for (int lane = 0; lane < 4; ++lane) {
+          const int64_t i = first + lane;
+          if (i < 0 || i >= row.numel) continue;
+          T* param = pointer<T>(row.param) + i;
+          Element e{load(*param), Op != kOpNoise ? load(pointer<const T>(row.grad)[i]) : 0.0f,
+                    use.load0 ? load(pointer<const T>(row.state0)[i]) : 0.0f,
+                    use.use1 ? load(pointer<const T>(row.state1)[i]) : 0.0f,
+                    use.use2 ? load(pointer<const T>(row.state2)[i]) : 0.0f};
+          update<Op>(row, e, delta[lane], noisy);
+          *param = store<T>(e.param);
+          if (use.store0) pointer<T>(row.state0)[i] = store<T>(e.state0);
+          if (use.use1) pointer<T>(row.state1)[i] = store<T>(e.state1);
+          if (use.use2) pointer<T>(row.state2)[i] = store<T>(e.state2);
+        }
+      }
+    }
+  }
+}
+
+template <int Op, typename T>
+cudaError_t launch_typed(const int64_t* ints, const float* floats, const int64_t* blocks,
+                         int64_t num_blocks, int64_t block_size, uint64_t seed,
+                         cudaStream_t stream) {
+  const unsigned grid = static_cast<unsigned>(num_blocks < 0x7fffffff ? num_blocks : 0x7fffffff);
+  multi_tensor_kernel<Op, T><<<grid, kThreads, 0, stream>>>(ints, floats, blocks, num_blocks,
+                                                            block_size, seed);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_op(int op, const int64_t* ints, const float* floats, const int64_t* blocks,
+                      int64_t num_blocks, int64_t block_size, uint64_t seed, cudaStream_t stream) {
+  if (op == kOpSgd) {
+    return launch_typed<kOpSgd, T>(ints, floats, blocks, num_blocks, block_size, seed, stream);
+  }
+  if (op == kOpAdam) {
+    return launch_typed<kOpAdam, T>(ints, floats, blocks, num_blocks, block_size, seed, stream);
+  }
+  return launch_typed<kOpNoise, T>(ints, floats, blocks, num_blocks, block_size, seed, stream);
+}
+
+}  // namespace
+
+std::string launch(int op, int dtype_code, const int64_t* ints, const float* floats,
+                   const int64_t* blocks, int64_t num_blocks, int64_t block_size, uint64_t seed,
+                   void* stream) {
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  cudaError_t status;
+  if (dtype_code == kStorageFloat32) {
+    status = launch_op<float>(op, ints, floats, blocks, num_blocks, block_size, seed, s);
+  } else if (dtype_code == kStorageFloat16) {
+    status = launch_op<__half>(op, ints, floats, blocks, num_blocks, block_size, seed, s);
+  } else {
+    status = launch_op<__nv_bfloat16>(op, ints, floats, blocks, num_blocks, block_size, seed, s);
+  }
+  if (status != cudaSuccess) {
+    return std::string("kernel launch failed: ") + cudaGetErrorString(status);
+  }
+  return {};
+}
+
+std::string probe() {
+  int count = 0;
+  const cudaError_t status = cudaGetDeviceCount(&count);
+  if (status != cudaSuccess) {
+    return std::string("cudaGetDeviceCount failed: ") + cudaGetErrorString(status);
+  }
+  if (count == 0) return "no CUDA device is visible";
+  return {};
+}
+
+}  // namespace cuda
+}  // namespace nvrm

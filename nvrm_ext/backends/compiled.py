@@ -1,0 +1,228 @@
+"""The compiled backends: csrc/ built into nvrm_ext/_lib/libnvrm_cpu.so and libnvrm_cuda.so.
+
+The libraries export a small C ABI (csrc/api.cpp) loaded with ctypes, so one build serves every
+torch version. Each launch is registered as a torch.library custom op (``nvrm_ext::cpu_launch``,
+``nvrm_ext::cuda_launch``) so that torch.compile keeps it as one opaque call.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from . import tables as T
+
+LIB_DIR = Path(__file__).resolve().parent.parent / "_lib"
+CPU_LIBRARY = "libnvrm_cpu.so"
+CUDA_LIBRARY = "libnvrm_cuda.so"
+BUILD_INFO = "build_info.json"  # written by setup.py: why the CUDA library was skipped, its archs
+ABI_VERSION = 1  # csrc/api.cpp kAbiVersion
+
+# Storage dtype codes of the C entry points (csrc/nvrm/update.h StorageCode).
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+# What csrc/api.cpp nvrm_table_layout() must report for the tables built by tables.py.
+_EXPECTED_LAYOUT = (
+    T.INT_COLUMNS, T.FLOAT_COLUMNS, T.FLAG_WEIGHT_DECAY, T.FLAG_MOMENTUM, T.FLAG_MOMENTUM_INIT,
+    T.FLAG_NESTEROV, T.FLAG_AMSGRAD, T.FLAG_DECOUPLED, T.OP_SGD, T.OP_ADAM, T.OP_NOISE,
+)
+
+_TABLE_ARGS = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+               ctypes.c_int64, ctypes.c_int64, ctypes.c_uint64]
+_UINT64_MASK = (1 << 64) - 1
+
+
+def build_info() -> dict:
+    """What setup.py recorded about the build (empty if the file is missing)."""
+    try:
+        return json.loads((LIB_DIR / BUILD_INFO).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _relative(path: Path) -> str:
+    return f"nvrm_ext/_lib/{path.name}"
+
+
+def _open(path: Path) -> ctypes.CDLL:
+    """dlopen the library and check that it matches this Python package."""
+    lib = ctypes.CDLL(str(path))
+    lib.nvrm_abi_version.restype = ctypes.c_int
+    lib.nvrm_last_error.restype = ctypes.c_char_p
+    version = lib.nvrm_abi_version()
+    if version != ABI_VERSION:
+        raise OSError(f"it has ABI version {version}, this nvrm_ext expects {ABI_VERSION}")
+    layout = (ctypes.c_int64 * 32)()
+    count = lib.nvrm_table_layout(layout, len(layout))
+    if tuple(layout[:count]) != _EXPECTED_LAYOUT:
+        raise OSError("its launch-table layout differs from nvrm_ext/backends/tables.py")
+    return lib
+
+
+@lru_cache(maxsize=None)
+def _cpu_library() -> tuple[ctypes.CDLL | None, str | None]:
+    """(library, None) or (None, why it cannot be used)."""
+    path = LIB_DIR / CPU_LIBRARY
+    if not path.exists():
+        return None, f"the CPU library {_relative(path)} is missing: reinstall with pip install ."
+    try:
+        lib = _open(path)
+    except (OSError, AttributeError) as error:
+        return None, f"the CPU library {_relative(path)} cannot be used ({error}): reinstall with pip install ."
+    lib.nvrm_cpu_launch.argtypes = _TABLE_ARGS + [ctypes.c_int]
+    lib.nvrm_cpu_launch.restype = ctypes.c_int
+    lib.nvrm_cpu_variant.restype = ctypes.c_char_p
+    lib.nvrm_cpu_select_variant.argtypes = [ctypes.c_char_p]
+    return lib, None
+
+
+@lru_cache(maxsize=None)
+def _cuda_library() -> tuple[ctypes.CDLL | None, str | None]:
+    """(library, None) or (None, why it cannot be used). Needs a usable GPU."""
+    path = LIB_DIR / CUDA_LIBRARY
+    if not path.exists():
+        skipped = build_info().get("cuda_skipped")
+        if skipped:
+            return None, f"the CUDA library was not built: {skipped}"
+        return None, f"the CUDA library {_relative(path)} is missing: reinstall with pip install . where nvcc is available"
+    try:
+        lib = _open(path)
+    except (OSError, AttributeError) as error:
+        return None, f"the CUDA library {_relative(path)} cannot be used ({error}): reinstall with pip install ."
+    lib.nvrm_cuda_launch.argtypes = _TABLE_ARGS + [ctypes.c_void_p]
+    lib.nvrm_cuda_launch.restype = ctypes.c_int
+    if lib.nvrm_cuda_probe() != 0:
+        return None, f"the CUDA library cannot use a GPU: {lib.nvrm_last_error().decode()}"
+    return lib, None
+
+
+def load_cpu_library() -> ctypes.CDLL:
+    lib, reason = _cpu_library()
+    if lib is None:
+        raise RuntimeError(reason)
+    return lib
+
+
+def load_cuda_library() -> ctypes.CDLL:
+    lib, reason = _cuda_library()
+    if lib is None:
+        raise RuntimeError(reason)
+    return lib
+
+
+def _check(lib: ctypes.CDLL, status: int, what: str) -> None:
+    if status != 0:
+        raise RuntimeError(f"nvrm_ext {what} failed: {lib.nvrm_last_error().decode()}")
+
+
+def _signed(seed: int) -> int:
+    """A uint64 seed as the int64 a torch op schema carries."""
+    seed &= _UINT64_MASK
+    return seed - (1 << 64) if seed >= 1 << 63 else seed
+
+
+def _run_cpu(op: int, dtype_code: int, ints: torch.Tensor, floats: torch.Tensor,
+             blocks: torch.Tensor, block_size: int, seed: int, num_threads: int) -> None:
+    lib = load_cpu_library()
+    status = lib.nvrm_cpu_launch(op, dtype_code, ints.data_ptr(), floats.data_ptr(), blocks.data_ptr(),
+                                 blocks.shape[0], block_size, seed & _UINT64_MASK, num_threads)
+    _check(lib, status, "CPU launch")
+
+
+def _run_cuda(op: int, dtype_code: int, ints: torch.Tensor, floats: torch.Tensor,
+              blocks: torch.Tensor, block_size: int, seed: int) -> None:
+    lib = load_cuda_library()
+    with torch.cuda.device(ints.device):  # the kernel runs on the current device
+        stream = torch.cuda.current_stream(ints.device).cuda_stream
+        status = lib.nvrm_cuda_launch(op, dtype_code, ints.data_ptr(), floats.data_ptr(),
+                                      blocks.data_ptr(), blocks.shape[0], block_size,
+                                      seed & _UINT64_MASK, stream)
+    _check(lib, status, "CUDA launch")
+
+
+# The kernels write the tensors whose addresses the int table holds, which no schema can name;
+# `ints` is declared mutated so that torch.compile never drops or reorders the call.
+if hasattr(torch.library, "custom_op"):  # torch >= 2.4
+    @torch.library.custom_op("nvrm_ext::cpu_launch", mutates_args=("ints",), device_types="cpu")
+    def _cpu_launch(op: int, dtype_code: int, ints: torch.Tensor, floats: torch.Tensor,
+                    blocks: torch.Tensor, block_size: int, seed: int, num_threads: int) -> None:
+        _run_cpu(op, dtype_code, ints, floats, blocks, block_size, seed, num_threads)
+
+    @torch.library.custom_op("nvrm_ext::cuda_launch", mutates_args=("ints",), device_types="cuda")
+    def _cuda_launch(op: int, dtype_code: int, ints: torch.Tensor, floats: torch.Tensor,
+                     blocks: torch.Tensor, block_size: int, seed: int) -> None:
+        _run_cuda(op, dtype_code, ints, floats, blocks, block_size, seed)
+
+    @_cpu_launch.register_fake
+    def _(op, dtype_code, ints, floats, blocks, block_size, seed, num_threads):
+        return None
+
+    @_cuda_launch.register_fake
+    def _(op, dtype_code, ints, floats, blocks, block_size, seed):
+        return None
+else:
+    _cpu_launch, _cuda_launch = _run_cpu, _run_cuda
+
+
+def _check_tables(device: torch.device, ints: torch.Tensor, floats: torch.Tensor,
+                  blocks: torch.Tensor) -> None:
+    for name, table, dtype, columns in (("ints", ints, torch.int64, T.INT_COLUMNS),
+                                        ("floats", floats, torch.float32, T.FLOAT_COLUMNS),
+                                        ("blocks", blocks, torch.int64, 2)):
+        assert table.dtype == dtype, f"{name} table must be {dtype}, got {table.dtype}"
+        assert table.dim() == 2 and table.shape[1] == columns, (
+            f"{name} table must have shape [N, {columns}], got {list(table.shape)}")
+        assert table.is_contiguous(), f"{name} table must be contiguous"
+        assert table.device.type == device.type, (
+            f"{name} table must be on a {device.type} device, got {table.device}")
+    assert ints.shape[0] == floats.shape[0], (
+        f"ints and floats tables disagree on the number of tensors: {ints.shape[0]} vs {floats.shape[0]}")
+    assert ints.device == floats.device == blocks.device, "the three tables must share one device"
+
+
+class CompiledBackend:
+    """FusedBackend over one of the compiled libraries ('cpu' or 'cuda')."""
+
+    def __init__(self, name: str, block_size: int):
+        self.name = name
+        self.block_size = block_size
+
+    def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> str | None:
+        device = torch.device(device)
+        if device.type != self.name:
+            return f"the {self.name} backend runs on {self.name} tensors, not {device.type} tensors"
+        if dtype not in DTYPE_CODES:
+            return f"the {self.name} backend handles float32, float16 and bfloat16 parameters, not {dtype}"
+        if self.name == "cuda" and not torch.cuda.is_available():
+            return "the cuda backend needs a CUDA device, and torch.cuda.is_available() is False"
+        _, reason = _cpu_library() if self.name == "cpu" else _cuda_library()
+        return reason
+
+    def launch(self, op: int, dtype: torch.dtype, ints: torch.Tensor, floats: torch.Tensor,
+               blocks: torch.Tensor, seed: int) -> None:
+        assert dtype in DTYPE_CODES, f"the {self.name} backend does not handle {dtype}"
+        _check_tables(torch.device(self.name), ints, floats, blocks)
+        if blocks.shape[0] == 0:
+            return
+        if self.name == "cpu":
+            _cpu_launch(op, DTYPE_CODES[dtype], ints, floats, blocks, self.block_size, _signed(seed),
+                        torch.get_num_threads())
+        else:
+            _cuda_launch(op, DTYPE_CODES[dtype], ints, floats, blocks, self.block_size, _signed(seed))
+
+
+# Elements per block_table row. CPU: large enough that the per-block row decode is noise, small
+# enough that 2..64 threads balance over a few million elements. CUDA: one thread block of 256
+# threads, 4 quads each.
+_BACKENDS = {"cpu": CompiledBackend("cpu", 16384), "cuda": CompiledBackend("cuda", 4096)}
+
+
+def compiled_backend(name: str) -> CompiledBackend:
+    """The compiled backend 'cpu' or 'cuda' (the library loads on first use)."""
+    try:
+        return _BACKENDS[name]
+    except KeyError:
+        raise ValueError(f"unknown compiled backend {name!r}: expected 'cpu' or 'cuda'") from None
