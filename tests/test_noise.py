@@ -93,7 +93,7 @@ def _kernel_noise(noise_type, variability, numels, backend, seed=SEED, steps=1):
     return out
 
 
-BACKENDS = ["torch", "triton"]
+BACKENDS = ["torch", "triton", "cpu"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -195,7 +195,7 @@ def test_denoised_restores_clean_weights_and_puts_the_same_noise_back(backend):
 
 
 # ---------------------------------------------------------------------- state
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpu"])
 @pytest.mark.parametrize("cls,kwargs", OPTIMIZERS)
 def test_state_dict_round_trip_resumes_identically(cls, kwargs, backend):
     kwargs = dict(kwargs, num_iters=4)
@@ -290,12 +290,13 @@ def test_one_triton_kernel_launch_per_step(cls, kwargs, monkeypatch):
     assert len(grids) == 4
 
 
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
 @pytest.mark.parametrize("count,groups", [(3, 1), (300, 5)])
 @pytest.mark.parametrize("cls,kwargs", OPTIMIZERS)
-def test_one_launch_per_step_covers_every_parameter(cls, kwargs, count, groups, monkeypatch):
-    counter = _LaunchCounter(fused_backend("triton"), monkeypatch, execute=False)
+def test_one_launch_per_step_covers_every_parameter(cls, kwargs, count, groups, backend, monkeypatch):
+    counter = _LaunchCounter(fused_backend(backend), monkeypatch, execute=backend != "triton")
     params = [torch.nn.Parameter(torch.randn(3 + i % 7)) for i in range(count)]
-    opt = cls([{"params": params[i::groups]} for i in range(groups)], **kwargs, backend="triton")
+    opt = cls([{"params": params[i::groups]} for i in range(groups)], **kwargs, backend=backend)
     for step in range(2):
         _set_grads(params, step)
         opt.step()
@@ -316,12 +317,13 @@ def test_one_launch_per_dtype_bucket(monkeypatch):
     assert sorted(str(call[1]) for call in counter.calls) == ["torch.bfloat16", "torch.float32"]
 
 
+@pytest.mark.parametrize("fused", ["triton", "cpu"])
 @pytest.mark.parametrize("noise_type", ["Uniform", "Gaussian", "Laplace"])
 @pytest.mark.parametrize("cls,kwargs", OPTIMIZERS)
-def test_triton_agrees_with_torch_backend(cls, kwargs, noise_type):
+def test_fused_backends_agree_with_torch_backend(cls, kwargs, noise_type, fused):
     """Uniform noise: bit for bit. Gaussian/Laplace: within the documented noise tolerance."""
     runs = []
-    for backend in ("torch", "triton"):
+    for backend in ("torch", fused):
         params = _params(shapes=((33, 7), (4099,), (1,)))
         opt = cls(params, **kwargs, num_iters=3, noise_type=noise_type, variability=0.05, seed=5,
                   backend=backend)
@@ -339,7 +341,7 @@ def test_triton_agrees_with_torch_backend(cls, kwargs, noise_type):
 def test_channels_last_parameters_number_elements_in_memory_order():
     """Dense non-contiguous parameters work in every backend and agree with each other."""
     runs = []
-    for backend in ("torch", "triton"):
+    for backend in ("torch", "triton", "cpu"):
         weight = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(0))
         p = torch.nn.Parameter(weight.contiguous(memory_format=torch.channels_last))
         opt = nvrm_ext.FusedVSGD([p], lr=0.1, momentum=0.9, noise_type="Uniform", seed=3, backend=backend)
@@ -347,8 +349,8 @@ def test_channels_last_parameters_number_elements_in_memory_order():
             p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(step))  # contiguous
             opt.step()
         runs.append(p.detach())
-    assert runs[1].is_contiguous(memory_format=torch.channels_last)
-    assert torch.equal(runs[0], runs[1])
+    assert all(r.is_contiguous(memory_format=torch.channels_last) for r in runs)
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
 
 
 def test_float64_parameters_use_the_torch_backend_under_auto_and_refuse_triton():

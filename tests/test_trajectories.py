@@ -59,7 +59,7 @@ ADAM_CASES = {
     ],
 }
 
-BACKENDS = ["torch", "triton"]
+BACKENDS = ["torch", "triton", "cpu"]
 
 
 def _run_pair(fused_cls, original_cls, option_sets, backend):
