@@ -175,7 +175,11 @@ class NinjaLibraries(build_ext):
             if CUDA_LIBRARY not in libraries and stale.exists():
                 stale.unlink()  # never ship a CUDA library from an earlier build
             for name in libraries:
-                shutil.copy2(build_dir / name, target / name)
+                # Copy then rename: a new file, never a rewrite of one a running process has
+                # mapped (rewriting a loaded library in place crashes that process).
+                staging = target / f".{name}.tmp"
+                shutil.copy2(build_dir / name, staging)
+                os.replace(staging, target / name)
                 self._outputs.append(str(target / name))
             (target / BUILD_INFO).write_text(json.dumps(info, indent=1) + "\n")
             self._outputs.append(str(target / BUILD_INFO))

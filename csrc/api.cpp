@@ -11,7 +11,7 @@
 namespace {
 
 // Bumped whenever an entry point's signature or the table layout changes.
-constexpr int kAbiVersion = 1;
+constexpr int kAbiVersion = 2;
 
 thread_local std::string last_error;
 

@@ -311,7 +311,7 @@ def test_bad_tables_are_rejected_with_clear_messages():
     blocks = torch.from_numpy(T.build_block_table([8], [0], CPU.block_size))
     with pytest.raises(AssertionError, match="floats table must be torch.float32"):
         CPU.launch(T.OP_NOISE, torch.float32, ints, floats.double(), blocks, SEED)
-    with pytest.raises(AssertionError, match=r"ints table must have shape \[N, 11\]"):
+    with pytest.raises(AssertionError, match=rf"ints table must have shape \[N, {T.INT_COLUMNS}\]"):
         CPU.launch(T.OP_NOISE, torch.float32, ints[:, :5].contiguous(), floats, blocks, SEED)
     with pytest.raises(RuntimeError, match="unknown op 7"):
         CPU.launch(7, torch.float32, ints, floats, blocks, SEED)

@@ -143,28 +143,50 @@ void stage_noise_delta(float* delta, const Row& row, uint64_t seed, uint64_t fir
   }
 }
 
+// The parameter in float32: param + comp for compensated (float16/bfloat16) parameters.
+template <typename S, bool Compensated>
+float load_param(const typename S::Stored* param, const typename S::Stored* comp, int64_t i) {
+  return Compensated ? S::load(param[i]) + S::load(comp[i]) : S::load(param[i]);
+}
+
+template <typename S, bool Compensated>
+void store_param(float x, typename S::Stored* param, typename S::Stored* comp, int64_t i) {
+  if (Compensated) {
+    float p, c;
+    split_store(x, [](float v) { return S::load(S::store(v)); }, p, c);
+    param[i] = S::store(p);  // exact: p and c already are storage values
+    comp[i] = S::store(c);
+  } else {
+    param[i] = S::store(x);
+  }
+}
+
 // The element loops over local indices [lo, hi); delta[0] belongs to element lo.
-template <typename S, bool Noisy, bool WeightDecay, bool Momentum, bool MomentumInit, bool Nesterov>
+template <typename S, bool Compensated, bool Noisy, bool WeightDecay, bool Momentum,
+          bool MomentumInit, bool Nesterov>
 void sgd_range(const Row& shared_row, int64_t lo, int64_t hi, const float* __restrict delta) {
   const Row row = shared_row;  // a local copy: provably not aliased by the stores below
   const SgdOptions options{WeightDecay, Momentum, MomentumInit, Nesterov};
   auto* __restrict param = address<S>(row.param);
+  auto* __restrict comp = address<S>(row.comp);
   const auto* __restrict grad = address<S>(row.grad);
   auto* __restrict buffer = address<S>(row.state0);
   for (int64_t i = lo; i < hi; ++i) {
     float buf = (Momentum && !MomentumInit) ? S::load(buffer[i]) : 0.0f;
-    float p = sgd_element(S::load(param[i]), S::load(grad[i]), buf, row, options);
+    float p = sgd_element(load_param<S, Compensated>(param, comp, i), S::load(grad[i]), buf, row,
+                          options);
     if (Noisy) p = add_noise(p, delta[i - lo]);
-    param[i] = S::store(p);
+    store_param<S, Compensated>(p, param, comp, i);
     if (Momentum) buffer[i] = S::store(buf);
   }
 }
 
-template <typename S, bool Noisy, bool Amsgrad, bool Decoupled>
+template <typename S, bool Compensated, bool Noisy, bool Amsgrad, bool Decoupled>
 void adam_range(const Row& shared_row, int64_t lo, int64_t hi, const float* __restrict delta) {
   const Row row = shared_row;
   const AdamOptions options{Amsgrad, Decoupled};
   auto* __restrict param = address<S>(row.param);
+  auto* __restrict comp = address<S>(row.comp);
   const auto* __restrict grad = address<S>(row.grad);
   auto* __restrict exp_avg = address<S>(row.state0);
   auto* __restrict exp_avg_sq = address<S>(row.state1);
@@ -173,31 +195,36 @@ void adam_range(const Row& shared_row, int64_t lo, int64_t hi, const float* __re
     float m = S::load(exp_avg[i]);
     float v = S::load(exp_avg_sq[i]);
     float v_max = Amsgrad ? S::load(max_exp_avg_sq[i]) : 0.0f;
-    float p = adam_element(S::load(param[i]), S::load(grad[i]), m, v, v_max, row, options);
+    float p = adam_element(load_param<S, Compensated>(param, comp, i), S::load(grad[i]), m, v,
+                           v_max, row, options);
     if (Noisy) p = add_noise(p, delta[i - lo]);
-    param[i] = S::store(p);
+    store_param<S, Compensated>(p, param, comp, i);
     exp_avg[i] = S::store(m);
     exp_avg_sq[i] = S::store(v);
     if (Amsgrad) max_exp_avg_sq[i] = S::store(v_max);
   }
 }
 
-template <typename S>
+template <typename S, bool Compensated>
 void noise_range(const Row& shared_row, int64_t lo, int64_t hi, const float* __restrict delta) {
   auto* __restrict param = address<S>(shared_row.param);
-  for (int64_t i = lo; i < hi; ++i) param[i] = S::store(add_noise(S::load(param[i]), delta[i - lo]));
+  auto* __restrict comp = address<S>(shared_row.comp);
+  for (int64_t i = lo; i < hi; ++i) {
+    store_param<S, Compensated>(add_noise(load_param<S, Compensated>(param, comp, i), delta[i - lo]),
+                                param, comp, i);
+  }
 }
 
 // The element loop of one row, specialized on its op and flags: a callable (lo, hi, delta).
-template <typename S, bool Noisy, class F>
-void with_update(int op, const Row& row, F&& f) {
+template <typename S, bool Compensated, bool Noisy, class F>
+void with_update_compensated(int op, const Row& row, F&& f) {
   if (op == kOpSgd) {
     with_bool(row.weight_decay, [&](auto wd) {
       with_bool(row.momentum, [&](auto momentum) {
         with_bool(row.momentum_init, [&](auto init) {
           with_bool(row.nesterov, [&](auto nesterov) {
             f([&](int64_t lo, int64_t hi, const float* delta) {
-              sgd_range<S, Noisy, decltype(wd)::value, decltype(momentum)::value,
+              sgd_range<S, Compensated, Noisy, decltype(wd)::value, decltype(momentum)::value,
                         decltype(init)::value, decltype(nesterov)::value>(row, lo, hi, delta);
             });
           });
@@ -208,14 +235,25 @@ void with_update(int op, const Row& row, F&& f) {
     with_bool(row.amsgrad, [&](auto amsgrad) {
       with_bool(row.decoupled, [&](auto decoupled) {
         f([&](int64_t lo, int64_t hi, const float* delta) {
-          adam_range<S, Noisy, decltype(amsgrad)::value, decltype(decoupled)::value>(row, lo, hi,
+          adam_range<S, Compensated, Noisy, decltype(amsgrad)::value, decltype(decoupled)::value>(row, lo, hi,
                                                                                     delta);
         });
       });
     });
   } else if (Noisy) {
-    f([&](int64_t lo, int64_t hi, const float* delta) { noise_range<S>(row, lo, hi, delta); });
+    f([&](int64_t lo, int64_t hi, const float* delta) {
+      noise_range<S, Compensated>(row, lo, hi, delta);
+    });
   }
+}
+
+// ... and on whether the parameter is compensated, which only 16-bit storage can be.
+template <typename S, bool Noisy, class F>
+void with_update(int op, const Row& row, F&& f) {
+  with_bool(!std::is_same<S, Float32>::value && row.comp != 0, [&](auto compensated) {
+    with_update_compensated<S, decltype(compensated)::value && !std::is_same<S, Float32>::value,
+                            Noisy>(op, row, f);
+  });
 }
 
 // One block_table row: global elements [block_start, block_start + block_size) of `row`.

@@ -36,6 +36,12 @@ __device__ __forceinline__ __nv_bfloat16 store<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
 }
 
+// float32 rounded to the nearest value of storage type T (as float32), for split_store.
+template <typename T>
+struct RoundTo {
+  __device__ float operator()(float x) const { return load(store<T>(x)); }
+};
+
 // Four consecutive elements moved by one instruction (128-bit for float32, 64-bit for 16-bit
 // types); only used where the row's pointers are aligned to it.
 template <typename T>
@@ -43,7 +49,8 @@ struct alignas(4 * sizeof(T)) Quad {
   T lane[4];
 };
 
-// The element values one update reads and writes, in float32.
+// The element values one update reads and writes, in float32; param already includes the
+// compensation of 16-bit parameters (param + comp).
 struct Element {
   float param, grad, state0, state1, state2;
 };
@@ -82,6 +89,7 @@ template <int Op, typename T>
 __device__ bool quads_aligned(const Row& row, const StateUse<Op>& use, int64_t base) {
   const int64_t shift = base * static_cast<int64_t>(sizeof(T));
   int64_t addresses = row.param + shift;
+  if (row.comp != 0) addresses |= row.comp + shift;
   if (Op != kOpNoise) addresses |= row.grad + shift;
   if (use.load0 || use.store0) addresses |= row.state0 + shift;
   if (use.use1) addresses |= row.state1 + shift;
@@ -100,6 +108,7 @@ __global__ void __launch_bounds__(kThreads)
     const Row row = decode_row(ints + table_row * kIntColumns, floats + table_row * kFloatColumns);
     const StateUse<Op> use(row);
     const bool noisy = row.new_step != 0 || row.old_step != 0;
+    const bool compensated = sizeof(T) == 2 && row.comp != 0;  // 16-bit parameters only
     // Local index of the block's first element; negative where the tensor starts mid-quad.
     const int64_t base = block_start - row.offset;
     const bool aligned = quads_aligned<Op, T>(row, use, base);
@@ -125,23 +134,33 @@ __global__ void __launch_bounds__(kThreads)
 
       if (aligned && first >= 0 && first + 4 <= row.numel) {
         Quad<T> p = *pointer<Quad<T>>(row.param + first * sizeof(T));
-        Quad<T> g, s0, s1, s2;
+        Quad<T> c, g, s0, s1, s2;
+        if (compensated) c = *pointer<Quad<T>>(row.comp + first * sizeof(T));
         if (Op != kOpNoise) g = *pointer<Quad<T>>(row.grad + first * sizeof(T));
         if (use.load0) s0 = *pointer<Quad<T>>(row.state0 + first * sizeof(T));
         if (use.use1) s1 = *pointer<Quad<T>>(row.state1 + first * sizeof(T));
         if (use.use2) s2 = *pointer<Quad<T>>(row.state2 + first * sizeof(T));
 #pragma unroll
         for (int lane = 0; lane < 4; ++lane) {
-          Element e{load(p.lane[lane]), Op != kOpNoise ? load(g.lane[lane]) : 0.0f,
+          Element e{compensated ? load(p.lane[lane]) + load(c.lane[lane]) : load(p.lane[lane]),
+                    Op != kOpNoise ? load(g.lane[lane]) : 0.0f,
                     use.load0 ? load(s0.lane[lane]) : 0.0f, use.use1 ? load(s1.lane[lane]) : 0.0f,
                     use.use2 ? load(s2.lane[lane]) : 0.0f};
           update<Op>(row, e, delta[lane], noisy);
-          p.lane[lane] = store<T>(e.param);
+          if (compensated) {
+            float stored, rest;
+            split_store(e.param, RoundTo<T>{}, stored, rest);
+            p.lane[lane] = store<T>(stored);
+            c.lane[lane] = store<T>(rest);
+          } else {
+            p.lane[lane] = store<T>(e.param);
+          }
           s0.lane[lane] = store<T>(e.state0);
           s1.lane[lane] = store<T>(e.state1);
           s2.lane[lane] = store<T>(e.state2);
         }
         *pointer<Quad<T>>(row.param + first * sizeof(T)) = p;
+        if (compensated) *pointer<Quad<T>>(row.comp + first * sizeof(T)) = c;
         if (use.store0) *pointer<Quad<T>>(row.state0 + first * sizeof(T)) = s0;
         if (use.use1) *pointer<Quad<T>>(row.state1 + first * sizeof(T)) = s1;
         if (use.use2) *pointer<Quad<T>>(row.state2 + first * sizeof(T)) = s2;
@@ -152,12 +171,21 @@ __global__ void __launch_bounds__(kThreads)
           const int64_t i = first + lane;
           if (i < 0 || i >= row.numel) continue;
           T* param = pointer<T>(row.param) + i;
-          Element e{load(*param), Op != kOpNoise ? load(pointer<const T>(row.grad)[i]) : 0.0f,
+          T* comp = compensated ? pointer<T>(row.comp) + i : nullptr;
+          Element e{compensated ? load(*param) + load(*comp) : load(*param),
+                    Op != kOpNoise ? load(pointer<const T>(row.grad)[i]) : 0.0f,
                     use.load0 ? load(pointer<const T>(row.state0)[i]) : 0.0f,
                     use.use1 ? load(pointer<const T>(row.state1)[i]) : 0.0f,
                     use.use2 ? load(pointer<const T>(row.state2)[i]) : 0.0f};
           update<Op>(row, e, delta[lane], noisy);
-          *param = store<T>(e.param);
+          if (compensated) {
+            float stored, rest;
+            split_store(e.param, RoundTo<T>{}, stored, rest);
+            *param = store<T>(stored);
+            *comp = store<T>(rest);
+          } else {
+            *param = store<T>(e.param);
+          }
           if (use.store0) pointer<T>(row.state0)[i] = store<T>(e.state0);
           if (use.use1) pointer<T>(row.state1)[i] = store<T>(e.state1);
           if (use.use2) pointer<T>(row.state2)[i] = store<T>(e.state2);

@@ -9,7 +9,7 @@ namespace nvrm {
 // int_table columns
 constexpr int kIntParam = 0, kIntGrad = 1, kIntState0 = 2, kIntState1 = 3, kIntState2 = 4,
               kIntNumel = 5, kIntKey = 6, kIntOldStep = 7, kIntNewStep = 8, kIntFlags = 9,
-              kIntOffset = 10, kIntColumns = 11;
+              kIntOffset = 10, kIntComp = 11, kIntColumns = 12;
 // float_table columns
 constexpr int kFloatLr = 0, kFloatWeightDecay = 1, kFloatMomentum = 2, kFloatMomentumCoef = 3,
               kFloatBeta2 = 4, kFloatBeta2Coef = 5, kFloatEps = 6, kFloatStepSize = 7,
@@ -27,6 +27,7 @@ enum StorageCode : int { kStorageFloat32 = 0, kStorageFloat16 = 1, kStorageBFloa
 // One tensor's row of the launch tables, decoded once per block.
 struct Row {
   int64_t param, grad, state0, state1, state2;  // addresses; 0 when absent
+  int64_t comp;  // float16/bfloat16 parameters: the compensation buffer (see split_store); else 0
   int64_t numel, offset;                        // offset: global index of element 0
   uint32_t key, old_step, new_step;
   int old_type, new_type;
@@ -43,6 +44,7 @@ NVRM_HD Row decode_row(const int64_t* ints, const float* floats) {
   row.state0 = ints[kIntState0];
   row.state1 = ints[kIntState1];
   row.state2 = ints[kIntState2];
+  row.comp = ints[kIntComp];
   row.numel = ints[kIntNumel];
   row.offset = ints[kIntOffset];
   row.key = static_cast<uint32_t>(ints[kIntKey]);
@@ -122,6 +124,16 @@ NVRM_HD float adam_element(float p, float g, float& exp_avg, float& exp_avg_sq,
   }
   const float denom = div32(sqrt32(second_moment), row.sqrt_bc2) + row.eps;
   return p - row.step_size * div32(exp_avg, denom);
+}
+
+// Compensated low-precision parameters (docs/noise.md §7): the weight is param + comp, both in
+// the storage type, so adding and removing noise does not round the clean weight away. Storing
+// x keeps in comp what rounding x to the storage type dropped. `Round` rounds a float32 to the
+// nearest storage value and returns it as float32.
+template <class Round>
+NVRM_HD void split_store(float x, Round round, float& param, float& comp) {
+  param = round(x);
+  comp = round(x - param);
 }
 
 // The noise change of one element: the new noise minus the regenerated old one (either is 0

@@ -19,7 +19,7 @@ LIB_DIR = Path(__file__).resolve().parent.parent / "_lib"
 CPU_LIBRARY = "libnvrm_cpu.so"
 CUDA_LIBRARY = "libnvrm_cuda.so"
 BUILD_INFO = "build_info.json"  # written by setup.py: why the CUDA library was skipped, its archs
-ABI_VERSION = 1  # csrc/api.cpp kAbiVersion
+ABI_VERSION = 2  # csrc/api.cpp kAbiVersion
 
 # Storage dtype codes of the C entry points (csrc/nvrm/update.h StorageCode).
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}

@@ -33,7 +33,8 @@ I_OLD_STEP = 7     # step whose noise is on the weights now (0: none) -> regener
 I_NEW_STEP = 8     # step whose noise is put on the weights (0: none)
 I_FLAGS = 9        # bit field, below
 I_OFFSET = 10      # global index of this tensor's first element (0 unless sharded)
-INT_COLUMNS = 11
+I_COMP = 11        # float16/bfloat16 parameters: address of the compensation buffer, else 0
+INT_COLUMNS = 12
 
 # --- float_table columns -----------------------------------------------------------------
 F_LR = 0
@@ -79,6 +80,7 @@ class TensorPlan:
     flags: int
     floats: tuple  # FLOAT_COLUMNS values
     offset: int = 0
+    compensation: torch.Tensor | None = None  # see I_COMP
 
 
 def _address(t: torch.Tensor | None) -> int:
@@ -95,6 +97,7 @@ def build_rows(plans: list[TensorPlan]) -> tuple[np.ndarray, np.ndarray]:
         ints[row] = (
             _address(plan.param), _address(plan.grad), _address(s0), _address(s1), _address(s2),
             plan.param.numel(), plan.key, plan.old_step, plan.new_step, plan.flags, plan.offset,
+            _address(plan.compensation),
         )
         floats[row] = plan.floats
     return ints, floats

@@ -71,12 +71,14 @@ class TorchBackend:
 
     @torch.no_grad()
     def run(self, op: int, rows: list, ints, floats, seed: int) -> None:
-        """rows: (param, grad, states) per table row; ints / floats: the host tables."""
-        for (param, grad, states), ints_row, float_row in zip(rows, ints, floats.tolist()):
-            self._run_one(op, param, grad, states, ints_row, float_row, seed)
+        """rows: (param, grad, states, compensation) per table row; ints / floats: the host tables."""
+        for (param, grad, states, comp), ints_row, float_row in zip(rows, ints, floats.tolist()):
+            self._run_one(op, param, grad, states, comp, ints_row, float_row, seed)
 
-    def _run_one(self, op, param, grad, states, ints_row, f, seed) -> None:
+    def _run_one(self, op, param, grad, states, comp, ints_row, f, seed) -> None:
         p = param.to(_math_dtype(param.dtype))
+        if comp is not None:  # 16-bit parameters: the weight is param + comp
+            p = p + comp.to(p.dtype)
         flags = int(ints_row[T.I_FLAGS])
         n_old = _noise(ints_row, int(ints_row[T.I_OLD_STEP]), T.FLAG_OLD_TYPE_SHIFT, f[T.F_OLD_SCALE], seed, param)
         n_new = _noise(ints_row, int(ints_row[T.I_NEW_STEP]), T.FLAG_NEW_TYPE_SHIFT, f[T.F_NEW_SCALE], seed, param)
@@ -91,7 +93,12 @@ class TorchBackend:
             else:
                 delta = n_new - n_old
             p = p + delta.to(p.dtype)
-        param.copy_(p)
+        if comp is not None:  # keep what rounding to the storage type drops
+            stored = p.to(param.dtype)
+            comp.copy_(p - stored.to(p.dtype))
+            param.copy_(stored)
+        else:
+            param.copy_(p)
 
 
 TORCH = TorchBackend()

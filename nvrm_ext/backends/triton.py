@@ -160,6 +160,11 @@ def _nvrm_kernel(blocks, ints, floats, seed_lo, seed_hi,
     mask = (local >= 0) & (local < numel)
     param_ptr = tl.load(irow + 0).to(tl.pointer_type(DTYPE))
     p = tl.load(param_ptr + local, mask=mask, other=0.0).to(tl.float32)
+    # 16-bit parameters carry a compensation buffer: the weight is param + comp
+    comp_address = tl.load(irow + 11)
+    comp_ptr = comp_address.to(tl.pointer_type(DTYPE))
+    if comp_address != 0:
+        p = p + tl.load(comp_ptr + local, mask=mask, other=0.0).to(tl.float32)
 
     if OP == 0:  # SGD
         g = tl.load(tl.load(irow + 1).to(tl.pointer_type(DTYPE)) + local, mask=mask, other=0.0).to(tl.float32)
@@ -207,7 +212,12 @@ def _nvrm_kernel(blocks, ints, floats, seed_lo, seed_hi,
     if new_step != 0:
         n_new = _noise_tile(seed_lo, seed_hi, key, new_step, quads, (flags >> 2) & 3, tl.load(frow + 11))
     p = p + (n_new - n_old)
-    tl.store(param_ptr + local, _to_storage(p, DTYPE), mask=mask)
+    if comp_address != 0:  # keep what rounding to the storage type drops (update.h split_store)
+        stored = _to_storage(p, DTYPE)
+        tl.store(param_ptr + local, stored, mask=mask)
+        tl.store(comp_ptr + local, _to_storage(p - stored.to(tl.float32), DTYPE), mask=mask)
+    else:
+        tl.store(param_ptr + local, _to_storage(p, DTYPE), mask=mask)
 
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}

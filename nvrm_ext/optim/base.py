@@ -91,8 +91,25 @@ def _is_dtensor(t) -> bool:
 
 
 def _local(t):
-    """The local shard of a DTensor (FSDP2), the tensor itself otherwise."""
+    """The local shard of a DTensor (FSDP2), the tensor itself otherwise (None stays None)."""
     return t.to_local() if _is_dtensor(t) else t
+
+
+_COMPENSATED_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _compensation(p, state):
+    """The compensation buffer of a 16-bit parameter (created on first use), else None.
+
+    Adding and subtracting noise in an 8- or 11-bit mantissa would round the clean weights
+    away (w + n - n != w); the buffer keeps what each rounding dropped, so the weight is
+    param + compensation, exact to about twice the storage precision (2 bytes per parameter).
+    """
+    if p.dtype not in _COMPENSATED_DTYPES:
+        return None
+    if "compensation" not in state:
+        state["compensation"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return state["compensation"]
 
 
 def _global_offset(p) -> int:
@@ -361,6 +378,8 @@ class NeuralVariableOptimizer(Optimizer):
             if id(tensor) in noisy:
                 key, state = noisy[id(tensor)]
                 tensor = tensor.detach().clone()
+                if "compensation" in state:  # the launch rewrites it: work on a copy
+                    state = {**state, "compensation": state["compensation"].clone()}
                 copies.append((key, tensor, state))
             state_dict[name] = tensor.detach()
         self._noise_launch(copies, remove=True)
@@ -386,13 +405,14 @@ class NeuralVariableOptimizer(Optimizer):
             s = state["noise_step"]
             plan = T.TensorPlan(
                 param=_local(p), grad=None, states=(), key=key, offset=_global_offset(p),
+                compensation=_local(state.get("compensation")),
                 old_step=s if remove else 0, new_step=0 if remove else s,
                 flags=(code << T.FLAG_OLD_TYPE_SHIFT) | (code << T.FLAG_NEW_TYPE_SHIFT),
                 floats=_fp32([0.0] * T.F_OLD_SCALE + [state["noise_scale"]] * 2))
             buckets.setdefault((p.device, p.dtype), []).append(plan)
         for bucket, plans in buckets.items():
             ints, floats = T.build_rows(plans)
-            rows = [(plan.param, None, ()) for plan in plans]
+            rows = [(plan.param, None, (), plan.compensation) for plan in plans]
             self._launch(self._resolve_backend(*bucket), T.OP_NOISE, bucket, rows, ints, floats)
 
 
@@ -416,12 +436,14 @@ class _BucketPlan:
                 state["noise_type"] = spec.noise_type_code(group["noise_type"])
                 state["noise_scale"] = float(group["variability"])
             tensors, fresh_buffer = opt._state_tensors(group, p, state)
+            compensation = _compensation(p, state)
             self.states.append(state)
             group_of.append(group_ids.setdefault(id(group), len(group_ids)))
             momentum_init.append(fresh_buffer)
             plans.append(T.TensorPlan(param=_local(p), grad=None, states=tuple(_local(t) for t in tensors),
                                       key=key, old_step=0, new_step=0, flags=0,
-                                      floats=(0.0,) * T.FLOAT_COLUMNS, offset=_global_offset(p)))
+                                      floats=(0.0,) * T.FLOAT_COLUMNS, offset=_global_offset(p),
+                                      compensation=_local(compensation)))
         self.opt = opt
         self.groups = [None] * len(group_ids)
         for _, group, _, _ in members:
@@ -429,18 +451,18 @@ class _BucketPlan:
         self.group_of = np.asarray(group_of, dtype=np.int64)
         self.momentum_init = np.asarray(momentum_init, dtype=bool)
         self.static_ints, _ = T.build_rows(plans)
-        self.row_tensors = [(plan.param, plan.states) for plan in plans]
+        self.row_tensors = [(plan.param, plan.states, plan.compensation) for plan in plans]
         self._pending = None
 
     def rows(self) -> list:
-        """(param, grad, states) per row, as the torch backend reads them (after tables())."""
-        return [(param, grad, states) for (param, states), grad in zip(self.row_tensors, self._grads)]
+        """(param, grad, states, compensation) per row, as the torch backend reads them (after tables())."""
+        return [(param, grad, states, comp) for (param, states, comp), grad in zip(self.row_tensors, self._grads)]
 
     def tables(self, grads, denoise: bool):
         """The int64 and float32 tables of this step."""
         n = len(self.params)
         local_grads = []
-        for (param, _), g in zip(self.row_tensors, grads):
+        for (param, _, _), g in zip(self.row_tensors, grads):
             g = _local(g)
             if g.stride() != param.stride():  # the kernels walk param and grad in one memory order
                 g = torch.empty_like(param).copy_(g)
