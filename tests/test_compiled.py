@@ -328,6 +328,21 @@ def library_dir(tmp_path, monkeypatch):
     compiled._cuda_library.cache_clear()
 
 
+def test_auto_falls_back_to_torch_without_the_cpu_library(library_dir):
+    import nvrm_ext
+    from nvrm_ext.backends.torch_ref import TORCH
+
+    p = torch.nn.Parameter(torch.zeros(10))
+    opt = nvrm_ext.FusedVSGD([p], lr=0.1, seed=0)
+    assert opt._resolve_backend(p.device, p.dtype) is TORCH
+    p.grad = torch.ones_like(p)
+    opt.step()
+    with opt.denoised():
+        torch.testing.assert_close(p.detach(), torch.full_like(p, -0.1))
+    with pytest.raises(RuntimeError, match="backend='cpu' cannot run"):
+        nvrm_ext.FusedVSGD([p], lr=0.1, backend="cpu")
+
+
 def test_missing_cpu_library_is_explained(library_dir):
     reason = CPU.unavailable_reason(torch.device("cpu"), torch.float32)
     assert reason == ("the CPU library nvrm_ext/_lib/libnvrm_cpu.so is missing: "

@@ -382,3 +382,45 @@ def test_deepcopy_keeps_seed_and_trajectory(cls, kwargs):
     twin["opt"].step()
     for a, b in zip(params, twin["params"]):
         assert torch.equal(a.detach(), b.detach())
+
+
+def test_load_state_dict_of_the_other_nvrm_optimizer_is_refused():
+    params = _params()
+    adam = nvrm_ext.FusedVAdam(params, lr=1e-3)
+    _set_grads(params, 0)
+    adam.step()
+    sgd = nvrm_ext.FusedVSGD(params, lr=0.1)
+    with pytest.raises(ValueError, match="saved by FusedVAdam"):
+        sgd.load_state_dict(adam.state_dict())
+
+
+def test_load_state_dict_with_another_parameter_layout_is_refused():
+    opt = nvrm_ext.FusedVSGD(_params(), lr=0.1)
+    other = nvrm_ext.FusedVSGD(_params(shapes=((3,),)), lr=0.1)
+    with pytest.raises(ValueError):
+        other.load_state_dict(opt.state_dict())
+
+
+@pytest.mark.parametrize("source,target", [("torch", "cpu"), ("cpu", "triton"), ("triton", "torch")])
+def test_checkpoint_resumes_on_another_backend(source, target):
+    """Across backends the regenerated old noise differs by at most a few ulp (docs/noise.md §8),
+    so the resumed trajectory stays within that of the original one."""
+
+    def run(backend_after):
+        params = _params()
+        opt = nvrm_ext.FusedVAdam(params, lr=1e-2, variability=0.05, seed=12, backend=source)
+        for step in range(3):
+            _set_grads(params, step)
+            opt.step()
+        saved = copy.deepcopy(opt.state_dict())
+        resumed_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        resumed = nvrm_ext.FusedVAdam(resumed_params, lr=1e-2, variability=0.05, backend=backend_after)
+        resumed.load_state_dict(saved)
+        for step in range(3, 6):
+            _set_grads(resumed_params, step)
+            resumed.step()
+        with resumed.denoised():
+            return [p.detach().clone() for p in resumed_params]
+
+    for a, b in zip(run(source), run(target)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)

@@ -219,7 +219,7 @@ class NeuralVariableOptimizer(Optimizer):
 
     def state_dict(self) -> dict:
         sd = super().state_dict()
-        sd[STATE_DICT_KEY] = {"seed": self._seed, "format": 1}
+        sd[STATE_DICT_KEY] = {"seed": self._seed, "format": 1, "optimizer": type(self).__name__}
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -231,6 +231,10 @@ class NeuralVariableOptimizer(Optimizer):
                 f"{type(self).__name__}.load_state_dict: this state_dict has no '{STATE_DICT_KEY}' "
                 "entry (it was not saved by an nvrm_ext optimizer), so the noise on the weights "
                 "could not be regenerated")
+        saved_by = extra.get("optimizer", type(self).__name__)
+        if saved_by != type(self).__name__:
+            raise ValueError(f"{type(self).__name__}.load_state_dict: this state_dict was saved by "
+                             f"{saved_by}; its per-parameter state does not fit {type(self).__name__}")
         for index, s in state_dict.get("state", {}).items():
             missing = {"step", "noise_step"} - set(s)
             if missing:
