@@ -10,15 +10,13 @@ Runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (set before tri
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from . import tables as T
+from .triton_support import TL_DTYPES, unavailable_reason
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "") not in ("", "0")
 BLOCK = 4096
 
 # float32 constants of docs/noise.md §6 (exact float32 values)
@@ -220,24 +218,12 @@ def _nvrm_kernel(blocks, ints, floats, seed_lo, seed_hi,
         tl.store(param_ptr + local, _to_storage(p, DTYPE), mask=mask)
 
 
-_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-
-
 class TritonBackend:
     name = "triton"
     block_size = BLOCK
 
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> str | None:
-        if dtype not in _TL_DTYPES:
-            return f"the Triton kernel handles float32, float16 and bfloat16 parameters, not {dtype}"
-        if device.type == "cuda":
-            return None
-        if device.type == "cpu":
-            if _INTERPRET:
-                return None
-            return ("Triton runs CPU tensors only in its interpreter: set TRITON_INTERPRET=1 "
-                    "before triton is imported (slow; meant for testing)")
-        return f"Triton does not run on {device.type} tensors"
+        return unavailable_reason(device, dtype, "the Triton kernel")
 
     def launch(self, op: int, dtype: torch.dtype, ints: torch.Tensor, floats: torch.Tensor,
                blocks: torch.Tensor, seed: int) -> None:
@@ -249,7 +235,7 @@ class TritonBackend:
         # converts each key word to uint32.
         _nvrm_kernel[grid](
             blocks, ints, floats, seed & 0xFFFFFFFF, seed >> 32,
-            OP=op, DTYPE=_TL_DTYPES[dtype], BLOCK=BLOCK,
+            OP=op, DTYPE=TL_DTYPES[dtype], BLOCK=BLOCK,
             INT_COLUMNS=T.INT_COLUMNS, FLOAT_COLUMNS=T.FLOAT_COLUMNS,
             num_warps=8, enable_fp_fusion=False)
 

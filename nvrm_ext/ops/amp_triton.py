@@ -14,16 +14,14 @@ Runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (set before tri
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
 import triton
 import triton.language as tl
 
+from ..backends import triton_support
 from ..backends.tables import build_block_table, to_device
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "") not in ("", "0")
 BLOCK = 1024
 
 # int64 pointer-table columns (one row per tensor)
@@ -39,7 +37,7 @@ F_EPSILON = 0      # radius of the perturbation ball of this tensor
 F_SCALE = 1        # delta = clip(scale * source): inner_lr for a gradient, 1 otherwise
 FLOAT_COLUMNS = 2
 
-_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+_TL_DTYPES = triton_support.TL_DTYPES
 SUPPORTED_DTYPES = tuple(_TL_DTYPES)
 
 
@@ -95,16 +93,7 @@ def _restore_kernel(blocks, ints, DTYPE: tl.constexpr, BLOCK: tl.constexpr, INT_
 
 def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     """None if the kernels can run on (device, dtype), else a sentence saying why not."""
-    if dtype not in _TL_DTYPES:
-        return f"the Triton AMP kernels handle float32, float16 and bfloat16 parameters, not {dtype}"
-    if device.type == "cuda":
-        return None
-    if device.type == "cpu":
-        if _INTERPRET:
-            return None
-        return ("Triton runs CPU tensors only in its interpreter: set TRITON_INTERPRET=1 "
-                "before triton is imported (slow; meant for testing)")
-    return f"Triton does not run on {device.type} tensors"
+    return triton_support.unavailable_reason(device, dtype, "the Triton AMP kernels")
 
 
 class TritonAMPEngine:

@@ -1,0 +1,26 @@
+"""Where the project's Triton kernels can run -- one answer for all of them.
+
+CUDA tensors always; CPU tensors only in Triton's interpreter, which must be switched on
+(TRITON_INTERPRET=1) before triton is first imported.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton.language as tl
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "") not in ("", "0")
+TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def unavailable_reason(device: torch.device, dtype: torch.dtype, what: str) -> str | None:
+    """None if `what` (e.g. "the Triton kernel") can run on (device, dtype), else why not."""
+    if dtype not in TL_DTYPES:
+        return f"{what} handles float32, float16 and bfloat16 tensors, not {dtype}"
+    if device.type == "cuda" or (device.type == "cpu" and INTERPRETING):
+        return None
+    if device.type == "cpu":
+        return ("Triton runs CPU tensors only in its interpreter: set TRITON_INTERPRET=1 "
+                "before triton is imported (slow; meant for testing)")
+    return f"Triton does not run on {device.type} tensors"
