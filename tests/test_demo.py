@@ -8,6 +8,9 @@ import torch
 
 from nvrm_ext.demo.__main__ import main, parse_args
 from nvrm_ext.demo.data import corrupt_labels, load_digits_split, permutation_tasks
+from nvrm_ext.demo.experiments import REGULARIZER_METHODS
+from nvrm_ext.demo.training import build_cnn
+from nvrm_ext.nn import Disout
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +90,34 @@ def test_default_cli_run_with_full_model(tmp_path):
     assert set(result["summary"]) == {"sgd", "nvrm-sgd", "psgd"}
     assert result["config"]["rate"] == 0.4 and result["config"]["noise"] == "pair"
     assert len(result["runs"]["sgd"][0]["test"]) == 1
+
+
+@pytest.mark.parametrize("distortion", [None, Disout(0.2, block_size=3, alpha=5.0)])
+def test_cnn_takes_the_flattened_8x8_digits(distortion):
+    """The CNN reads the same (N, 64) tensors as the MLP; Disout sits on its 8x8 conv maps."""
+    images = load_digits_split(seed=0).x_train[:16]
+    torch.manual_seed(0)
+    model = build_cnn(hidden=24, distortion=distortion)
+    model.train()
+    logits = model(images)
+    assert logits.shape == (16, 10)
+    assert model.conv2(model.conv1(model.image(images))).shape == (16, 64, 8, 8)
+    logits.sum().backward()  # Disout included
+    assert all(p.grad is not None for p in model.parameters())
+    torch.manual_seed(0)
+    plain = build_cnn(hidden=24)
+    assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), model.parameters()))  # same init
+
+
+def test_regularizers_subcommand_compares_every_method(tmp_path):
+    """Default CNN width, one epoch, one seed: every method trains and is reported."""
+    args = parse_args(["regularizers"])
+    assert (args.hidden, args.noise, args.rate, args.seeds) == (128, "pair", 0.4, 3)
+    assert parse_args(["label-noise"]).hidden == 512
+    assert main(["regularizers", "--epochs", "1", "--seeds", "1", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "regularizers.json").read_text())
+    assert list(result["summary"]) == list(REGULARIZER_METHODS)
+    assert result["config"]["hyperparameter_source"]
+    for method in REGULARIZER_METHODS:
+        assert len(result["runs"][method]) == 1 and len(result["runs"][method][0]["test"]) == 1
+    assert (tmp_path / "regularizers.png").read_bytes().startswith(b"\x89PNG")

@@ -6,6 +6,7 @@ Reproduces the NVRM paper's claims at digits scale on a CPU, without downloads:
   perturbation  test accuracy under Gaussian weight perturbation; generalization gap
   forgetting    permuted digits, 5 tasks: Adam vs NVRM-Adam, optionally with EWC
   noise-types   Gaussian vs Laplace vs Uniform noise across variability scales
+  regularizers  SGD vs FusedVSGD vs FusedAMP vs Disout vs NSR under label noise, one small CNN
 
 Each writes <experiment>.json and <experiment>.png to --out and prints a results table.
 """
@@ -28,13 +29,26 @@ DEFAULT_SUBCOMMAND = "label-noise"
 #: Per-experiment defaults of the common options. Learning rates and variabilities come from
 #: the grids in nvrm_ext/demo/tune.py; epochs are chosen so that the default label-noise run
 #: (3 seeds x 3 optimizers) stays under 3 minutes on a 2-core CPU. 'perturbation' reuses the
-#: label-noise choice; 'noise-types' sweeps the variability itself.
+#: label-noise choice; 'noise-types' sweeps the variability itself. 'regularizers' (5 methods on
+#: a CNN, tuned by `python -m nvrm_ext.demo.tune regularizers`) trains 25 epochs so that its
+#: default run stays under 5 minutes on a 2-core CPU.
 DEFAULTS = {
     "label-noise": dict(epochs=30, lr=0.03, variability=0.03, weight_decay=5e-4),
     "perturbation": dict(epochs=30, lr=0.03, variability=0.03, weight_decay=5e-4),
     "forgetting": dict(epochs=5, lr=3e-4, variability=0.03, weight_decay=0.0),
     "noise-types": dict(epochs=20, lr=0.03, variability=None, weight_decay=5e-4),
+    "regularizers": dict(epochs=25, lr=0.1, variability=0.01, weight_decay=5e-4, hidden=128),
 }
+#: Where the 'regularizers' defaults (DEFAULTS above, experiments.RegularizerSettings) come from;
+#: recorded in its JSON and printed under its table.
+REGULARIZERS_HYPERPARAMETER_SOURCE = (
+    "defaults tuned on noisy validation splits (seeds 100, 101; `python -m nvrm_ext.demo.tune regularizers`, "
+    "docs/demo/tune_regularizers.json): SGD lr, then at that lr each method's key hyperparameter (FusedVSGD "
+    "variability, FusedAMP epsilon, Disout dist_prob, NSR lam); the others fixed (AMP inner_lr 1, Disout "
+    "block 3 / alpha 5, NSR without queue). Grid differences are within validation noise. Flags given on "
+    "the command line override these (see 'command')")
+#: Width of the hidden layers where DEFAULTS does not say otherwise.
+DEFAULT_HIDDEN = 512
 
 
 def _common_options() -> argparse.ArgumentParser:
@@ -46,7 +60,9 @@ def _common_options() -> argparse.ArgumentParser:
     group.add_argument("--variability", type=float, help="NVRM noise scale (Gaussian std); noise-types sweeps --scales instead")
     group.add_argument("--weight-decay", type=float, help="L2 weight decay")
     group.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
-    group.add_argument("--hidden", type=int, default=512, help="width of the two hidden layers (default 512)")
+    group.add_argument("--hidden", type=int,
+                       help=f"width of the MLP's two hidden layers (default {DEFAULT_HIDDEN}); "
+                            "for 'regularizers', of the CNN's fully connected layer (default 128)")
     group.add_argument("--batch-size", type=int, default=64, help="mini-batch size (default 64)")
     group.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     group.add_argument("--threads", type=int, default=1,
@@ -87,6 +103,30 @@ def build_parser() -> argparse.ArgumentParser:
                        help="variability values to sweep (default 0.01 0.03 0.1 0.2)")
     for flag, options in noise_options:
         types.add_argument(flag, **options)
+    compare = subcommands.add_parser("regularizers", parents=common,
+                                     help="SGD, FusedVSGD, FusedAMP, Disout, NSR on one CNN under label noise")
+    for flag, options in noise_options:
+        compare.add_argument(flag, **options)
+    defaults = experiments.RegularizerSettings()
+    method_options = compare.add_argument_group("per-method hyperparameters (FusedVSGD uses --variability)")
+    method_options.add_argument("--amp-epsilon", type=float, default=defaults.amp_epsilon,
+                                help="FusedAMP: radius of each tensor's perturbation ball "
+                                     f"(default {defaults.amp_epsilon:g})")
+    method_options.add_argument("--amp-inner-lr", type=float, default=defaults.amp_inner_lr,
+                                help=f"FusedAMP: inner ascent step size (default {defaults.amp_inner_lr:g})")
+    method_options.add_argument("--disout-prob", type=float, default=defaults.disout_prob,
+                                help="Disout: fraction of feature-map elements distorted "
+                                     f"(default {defaults.disout_prob:g})")
+    method_options.add_argument("--disout-block-size", type=int, default=defaults.disout_block_size,
+                                help=f"Disout: side of the distorted blocks on the 8x8 maps "
+                                     f"(default {defaults.disout_block_size})")
+    method_options.add_argument("--disout-alpha", type=float, default=defaults.disout_alpha,
+                                help=f"Disout: distortion intensity (default {defaults.disout_alpha:g})")
+    method_options.add_argument("--nsr-lam", type=float, default=defaults.nsr_lam,
+                                help=f"NSR: weight of the intra-class variance penalty (default {defaults.nsr_lam:g})")
+    method_options.add_argument("--nsr-queue-length", type=int, default=defaults.nsr_queue_length,
+                                help=f"NSR: per-class memory queue length, 0 = batch only "
+                                     f"(default {defaults.nsr_queue_length})")
     for name, subparser in subcommands.choices.items():
         defaults = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEFAULTS[name].items() if v is not None)
         subparser.epilog = f"defaults for {name}: {defaults}"
@@ -98,7 +138,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv.insert(0, DEFAULT_SUBCOMMAND)
     args = build_parser().parse_args(argv)
-    for name, value in DEFAULTS[args.experiment].items():
+    for name, value in {"hidden": DEFAULT_HIDDEN, **DEFAULTS[args.experiment]}.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     return args
@@ -108,6 +148,8 @@ def epochs_in(args: argparse.Namespace) -> int:
     """Total epochs the experiment will train, for the progress bar."""
     if args.experiment == "label-noise":
         runs_per_seed = 3
+    elif args.experiment == "regularizers":
+        runs_per_seed = len(experiments.REGULARIZER_METHODS)
     elif args.experiment == "perturbation":
         runs_per_seed = 2
     elif args.experiment == "forgetting":
@@ -128,6 +170,13 @@ def run(args: argparse.Namespace) -> dict:
             return experiments.perturbation(common, sigmas=tuple(args.sigmas), draws=args.draws)
         if args.experiment == "forgetting":
             return experiments.forgetting(common, num_tasks=args.tasks, ewc=args.ewc)
+        if args.experiment == "regularizers":
+            settings = experiments.RegularizerSettings(
+                amp_epsilon=args.amp_epsilon, amp_inner_lr=args.amp_inner_lr, disout_prob=args.disout_prob,
+                disout_block_size=args.disout_block_size, disout_alpha=args.disout_alpha, nsr_lam=args.nsr_lam,
+                nsr_queue_length=args.nsr_queue_length)
+            return experiments.regularizers(common, settings, noise=args.noise, rate=args.rate,
+                                            hyperparameter_source=REGULARIZERS_HYPERPARAMETER_SOURCE)
         return experiments.noise_types(common, scales=tuple(args.scales), noise=args.noise, rate=args.rate)
 
 
@@ -143,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     json_path, png_path = save(result, args.out)
     print(f"\n{args.experiment}: final values, mean ± std over {args.seeds} seed(s), in %\n")
     print(table(result))
+    if result["config"].get("hyperparameter_source"):
+        print(f"\nhyperparameters: {result['config']['hyperparameter_source']}")
     print(f"\n{result['seconds']:.0f} s; wrote {png_path} and {json_path}")
     return 0
 

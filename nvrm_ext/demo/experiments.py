@@ -8,15 +8,16 @@ they differ only in the optimizer.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
-from .data import DigitsSplit, corrupt_labels, load_digits_split, permutation_tasks
-from .training import (OptimizerConfig, accuracy, build_mlp, clean_weights, make_optimizer,
+from ..nn import Disout, NeuronSteadiness
+from .data import NUM_CLASSES, DigitsSplit, corrupt_labels, load_digits_split, permutation_tasks
+from .training import (OptimizerConfig, accuracy, build_cnn, build_mlp, clean_weights, make_optimizer,
                        perturbed_accuracy, steps_per_epoch, train_epoch)
 
 NOISE_TYPES = ("Gaussian", "Laplace", "Uniform")
@@ -63,21 +64,33 @@ def _seeded_model(common: Common, seed: int):
 
 # ---------------------------------------------------------------------------------- label noise
 def train_on_noisy_labels(common: Common, arm: OptimizerConfig, data: DigitsSplit, noisy_labels: torch.Tensor,
-                          seed: int) -> dict:
+                          seed: int, model: torch.nn.Module | None = None, penalty=None,
+                          description: str | None = None) -> dict:
     """Train one arm on the noisy labels; per-epoch accuracy on the noisy and the clean training
-    labels and on the clean test set, always measured at the clean weights."""
-    model = _seeded_model(common, seed)
+    labels and on the clean test set, always measured at the clean weights.
+
+    `model` defaults to the seed's MLP; `penalty(labels)` is added to every mini-batch loss;
+    `description` names the run on the progress bar (default: the optimizer's name).
+    """
+    model = model if model is not None else _seeded_model(common, seed)
     optimizer = make_optimizer(arm, model.parameters(), steps_per_epoch(len(noisy_labels), common.batch_size), seed)
     batches = torch.Generator().manual_seed(seed)
     curves = {"noisy_train": [], "clean_train": [], "test": []}
     for _ in range(common.epochs):
-        train_epoch(model, optimizer, data.x_train, noisy_labels, common.batch_size, batches)
+        train_epoch(model, optimizer, data.x_train, noisy_labels, common.batch_size, batches, penalty=penalty)
         with clean_weights(optimizer):
             curves["noisy_train"].append(accuracy(model, data.x_train, noisy_labels))
             curves["clean_train"].append(accuracy(model, data.x_train, data.y_train))
             curves["test"].append(accuracy(model, data.x_test, data.y_test))
-        common.tick(f"{arm.name} seed {seed}")
+        common.tick(f"{description or arm.name} seed {seed}")
     return curves
+
+
+def final_accuracies(runs: dict) -> dict:
+    """Mean/std over seeds of the last epoch's accuracies, per arm."""
+    return {name: {metric: mean_std([run[metric][-1] for run in seed_runs])
+                   for metric in ("noisy_train", "clean_train", "test")}
+            for name, seed_runs in runs.items()}
 
 
 def noisy_digits(seed: int, noise: str, rate: float, device: str) -> tuple[DigitsSplit, torch.Tensor]:
@@ -96,11 +109,65 @@ def label_noise(common: Common, noise: str = "pair", rate: float = 0.4,
         for name in arms:
             arm = OptimizerConfig(name, common.lr, common.momentum, common.weight_decay, common.variability)
             runs[name].append(train_on_noisy_labels(common, arm, data, noisy, seed))
-    summary = {name: {metric: mean_std([run[metric][-1] for run in seed_runs])
-                      for metric in ("noisy_train", "clean_train", "test")}
-               for name, seed_runs in runs.items()}
     return {"experiment": "label-noise", "config": common.config(noise=noise, rate=rate, arms=list(arms)),
-            "runs": runs, "summary": summary}
+            "runs": runs, "summary": final_accuracies(runs)}
+
+
+# ---------------------------------------------------------------------------------- regularizers
+#: The methods the `regularizers` experiment compares, all on the same CNN (build_cnn):
+#: plain SGD, FusedVSGD (NVRM), FusedAMP around SGD, SGD with Disout after the last conv layer,
+#: and SGD with NSR on the penultimate (fully connected) layer.
+REGULARIZER_METHODS = ("sgd", "nvrm-sgd", "amp-sgd", "sgd+disout", "sgd+nsr")
+
+
+@dataclass(frozen=True)
+class RegularizerSettings:
+    """Each method's own hyperparameters (the shared ones -- lr, momentum, weight decay, batch size,
+    and FusedVSGD's variability -- come from Common). amp_epsilon, disout_prob and nsr_lam are the
+    tuned defaults (tune.tune_regularizers at lr 0.1); the rest are fixed: AMP's published
+    inner_lr, a 3x3 Disout block (the published 6 would cover most of an 8x8 map) with the published
+    alpha 5, and NSR on the batch alone."""
+
+    amp_epsilon: float = 0.5
+    amp_inner_lr: float = 1.0
+    disout_prob: float = 0.1
+    disout_block_size: int = 3
+    disout_alpha: float = 5.0
+    nsr_lam: float = 0.001
+    nsr_queue_length: int = 0
+
+
+def train_regularized_cnn(common: Common, method: str, settings: RegularizerSettings, data: DigitsSplit,
+                          noisy_labels: torch.Tensor, seed: int) -> dict:
+    """One method of the regularizers comparison on the seed's CNN (same initial weights and batch
+    order for every method of a seed); returns train_on_noisy_labels' curves."""
+    if method not in REGULARIZER_METHODS:
+        raise ValueError(f"unknown method {method!r} (expected one of {REGULARIZER_METHODS})")
+    optimizer_name = method.partition("+")[0]
+    arm = OptimizerConfig(optimizer_name, common.lr, common.momentum, common.weight_decay, common.variability,
+                          amp_epsilon=settings.amp_epsilon, amp_inner_lr=settings.amp_inner_lr)
+    distortion = (Disout(settings.disout_prob, settings.disout_block_size, settings.disout_alpha)
+                  if method == "sgd+disout" else None)
+    torch.manual_seed(seed)  # the initial weights, and Disout's masks, which draw from the global generator
+    model = build_cnn(common.hidden, distortion=distortion).to(common.device)
+    if method != "sgd+nsr":
+        return train_on_noisy_labels(common, arm, data, noisy_labels, seed, model=model, description=method)
+    with NeuronSteadiness([model.penultimate], settings.nsr_lam, NUM_CLASSES, settings.nsr_queue_length) as nsr:
+        return train_on_noisy_labels(common, arm, data, noisy_labels, seed, model=model, penalty=nsr.penalty,
+                                     description=method)
+
+
+def regularizers(common: Common, settings: RegularizerSettings = RegularizerSettings(), noise: str = "pair",
+                 rate: float = 0.4, methods=REGULARIZER_METHODS, hyperparameter_source: str = "") -> dict:
+    """SGD vs FusedVSGD vs FusedAMP vs Disout vs NSR on the label-noise task, one CNN for all."""
+    runs = {method: [] for method in methods}
+    for seed in range(common.seeds):
+        data, noisy = noisy_digits(seed, noise, rate, common.device)
+        for method in methods:
+            runs[method].append(train_regularized_cnn(common, method, settings, data, noisy, seed))
+    config = common.config(noise=noise, rate=rate, methods=list(methods), model="cnn", **asdict(settings),
+                           hyperparameter_source=hyperparameter_source)
+    return {"experiment": "regularizers", "config": config, "runs": runs, "summary": final_accuracies(runs)}
 
 
 # ---------------------------------------------------------------------------------- perturbation
@@ -162,7 +229,8 @@ class EWC:
                 fisher[k] += g.pow(2).sum(0)
         self.anchors.append((params, {k: f / len(y) for k, f in fisher.items()}))
 
-    def penalty(self) -> torch.Tensor:
+    def penalty(self, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The EWC term (`labels`, the mini-batch's, are not needed)."""
         total = torch.zeros((), device=next(self.model.parameters()).device)
         for params, fisher in self.anchors:
             for k, p in self.model.named_parameters():

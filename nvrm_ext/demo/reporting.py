@@ -15,10 +15,13 @@ from .training import LABELS  # noqa: E402
 
 COLORS = {"sgd": "tab:red", "nvrm-sgd": "tab:blue", "psgd": "tab:orange", "adam": "tab:red",
           "nvrm-adam": "tab:blue", "adam+ewc": "tab:pink", "nvrm-adam+ewc": "tab:cyan",
+          "amp-sgd": "tab:green", "sgd+disout": "tab:purple", "sgd+nsr": "tab:brown",
           "Gaussian": "tab:blue", "Laplace": "tab:green", "Uniform": "tab:purple"}
 
 
 def label(key: str) -> str:
+    if key in LABELS:
+        return LABELS[key]
     base, _, ewc = key.partition("+")
     return LABELS.get(base, base) + (" + EWC" if ewc else "")
 
@@ -38,16 +41,19 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 def table(result: dict) -> str:
     """The Markdown results table of one experiment (final values, mean ± std over seeds, %)."""
     return {"label-noise": _label_noise_table, "perturbation": _perturbation_table,
-            "forgetting": _forgetting_table, "noise-types": _noise_types_table}[result["experiment"]](result)
+            "forgetting": _forgetting_table, "noise-types": _noise_types_table,
+            "regularizers": _label_noise_table}[result["experiment"]](result)
 
 
 def _label_noise_table(result: dict) -> str:
+    """Also the 'regularizers' table: the same final accuracies, one row per method."""
     rows = []
     for key, s in result["summary"].items():
         best = [max(run["test"]) for run in result["runs"][key]]
         rows.append([label(key), pct(s["noisy_train"]), pct(s["clean_train"]), pct(s["test"]),
                      f"{100 * np.mean(best):.1f} ± {100 * np.std(best):.1f}"])
-    return markdown_table(["optimizer", "fits noisy train labels", "clean train acc", "clean test acc",
+    first_column = "method" if result["experiment"] == "regularizers" else "optimizer"
+    return markdown_table([first_column, "fits noisy train labels", "clean train acc", "clean test acc",
                            "test acc, best epoch (oracle)"], rows)
 
 
@@ -82,7 +88,8 @@ def _noise_types_table(result: dict) -> str:
 def plot(result: dict, path: Path) -> None:
     """Save the experiment's figure to `path` (PNG)."""
     figure = {"label-noise": _label_noise_plot, "perturbation": _perturbation_plot,
-              "forgetting": _forgetting_plot, "noise-types": _noise_types_plot}[result["experiment"]](result)
+              "forgetting": _forgetting_plot, "noise-types": _noise_types_plot,
+              "regularizers": _label_noise_plot}[result["experiment"]](result)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -91,11 +98,12 @@ def plot(result: dict, path: Path) -> None:
 def _band(ax, x, runs: list[list[float]], key: str) -> None:
     values = 100 * np.asarray(runs, dtype=float)
     mean, std = values.mean(0), values.std(0)
-    ax.plot(x, mean, color=COLORS.get(key), label=label(key))
+    ax.plot(x, mean, color=COLORS.get(key), label=label(key), marker="o" if len(x) == 1 else None)
     ax.fill_between(x, mean - std, mean + std, color=COLORS.get(key), alpha=0.2, linewidth=0)
 
 
 def _label_noise_plot(result: dict):
+    """Also the 'regularizers' figure: the same three learning curves, one band per method."""
     config = result["config"]
     figure, axes = plt.subplots(1, 3, figsize=(14, 4.2), sharey=True)
     titles = {"noisy_train": "accuracy on the NOISY training labels\n(high = memorized the noise)",
@@ -111,8 +119,13 @@ def _label_noise_plot(result: dict):
     axes[0].axhline(100 * (1 - config["rate"]), color="gray", linestyle=":", label="labels that are correct")
     axes[0].set_ylabel("accuracy (%)")
     axes[0].legend(loc="lower right", fontsize=8)
-    figure.suptitle(f"digits, {config['rate']:.0%} {config['noise']} label noise, "
-                    f"lr={config['lr']:g}, variability={config['variability']:g}, "
+    if result["experiment"] == "regularizers":
+        settings = (f"small CNN, lr={config['lr']:g}, variability={config['variability']:g}, "
+                    f"AMP ε={config['amp_epsilon']:g}, Disout p={config['disout_prob']:g}, "
+                    f"NSR λ={config['nsr_lam']:g}")
+    else:
+        settings = f"lr={config['lr']:g}, variability={config['variability']:g}"
+    figure.suptitle(f"digits, {config['rate']:.0%} {config['noise']} label noise, {settings}, "
                     f"mean ± std over {config['seeds']} seeds", fontsize=11)
     return figure
 

@@ -2,19 +2,25 @@
 from __future__ import annotations
 
 import contextlib
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import FusedVAdam, FusedVSGD
+from .. import FusedAMP, FusedVAdam, FusedVSGD
 from .data import NUM_CLASSES, NUM_FEATURES
 
 #: Optimizer arms. 'psgd' is FusedVSGD(denoise=False): the same noise added and never removed,
 #: the paper's perturbed-gradient baseline that separates "noise in the weights" from NVRM.
-OPTIMIZERS = ("sgd", "nvrm-sgd", "psgd", "adam", "nvrm-adam")
-LABELS = {"sgd": "SGD", "nvrm-sgd": "NVRM-SGD", "psgd": "PSGD", "adam": "Adam", "nvrm-adam": "NVRM-Adam"}
+#: 'amp-sgd' is FusedAMP (adversarial model perturbation) around torch SGD.
+OPTIMIZERS = ("sgd", "nvrm-sgd", "psgd", "amp-sgd", "adam", "nvrm-adam")
+LABELS = {"sgd": "SGD", "nvrm-sgd": "NVRM-SGD", "psgd": "PSGD", "amp-sgd": "AMP-SGD", "adam": "Adam",
+          "nvrm-adam": "NVRM-Adam", "sgd+disout": "SGD + Disout", "sgd+nsr": "SGD + NSR"}
+
+#: Side of the digits images; the CNN unflattens the 64 features back to (1, 8, 8).
+IMAGE_SIDE = 8
 
 
 @dataclass
@@ -27,6 +33,8 @@ class OptimizerConfig:
     weight_decay: float = 5e-4
     variability: float = 0.1
     noise_type: str = "Gaussian"
+    amp_epsilon: float = 0.5  # FusedAMP: radius of the per-tensor perturbation ball
+    amp_inner_lr: float = 1.0  # FusedAMP: step size of the inner ascent
 
 
 def build_mlp(hidden: int = 512, depth: int = 2, in_features: int = NUM_FEATURES,
@@ -39,6 +47,28 @@ def build_mlp(hidden: int = 512, depth: int = 2, in_features: int = NUM_FEATURES
         width = hidden
     layers.append(nn.Linear(width, num_classes))
     return nn.Sequential(*layers)
+
+
+def build_cnn(hidden: int = 128, channels: tuple[int, int] = (32, 64), distortion: nn.Module | None = None,
+              num_classes: int = NUM_CLASSES) -> nn.Sequential:
+    """A small CNN for the flattened 8x8 digits (it takes the same (N, 64) tensors as the MLP).
+
+    unflatten to (1, 8, 8) -> conv 3x3 -> ReLU -> conv 3x3 -> ReLU -> `distortion` (e.g. Disout;
+    identity when None) -> 2x2 max-pool -> fully connected `hidden` -> ReLU ('penultimate', the
+    layer NSR regularizes) -> linear to the classes. `distortion` has no parameters, so every
+    variant of the same seed starts from the same weights.
+    """
+    first, second = channels
+    pooled_side = IMAGE_SIDE // 2
+    return nn.Sequential(OrderedDict([
+        ("image", nn.Unflatten(1, (1, IMAGE_SIDE, IMAGE_SIDE))),
+        ("conv1", nn.Conv2d(1, first, 3, padding=1)), ("relu1", nn.ReLU()),
+        ("conv2", nn.Conv2d(first, second, 3, padding=1)), ("relu2", nn.ReLU()),
+        ("distortion", distortion if distortion is not None else nn.Identity()),
+        ("pool", nn.MaxPool2d(2)), ("flatten", nn.Flatten()),
+        ("fc", nn.Linear(second * pooled_side * pooled_side, hidden)), ("penultimate", nn.ReLU()),
+        ("classifier", nn.Linear(hidden, num_classes)),
+    ]))
 
 
 def make_optimizer(config: OptimizerConfig, params, steps_per_epoch: int, seed: int):
@@ -54,6 +84,10 @@ def make_optimizer(config: OptimizerConfig, params, steps_per_epoch: int, seed: 
         return FusedVSGD(params, lr=config.lr, variability=config.variability, num_iters=steps_per_epoch,
                          momentum=config.momentum, weight_decay=config.weight_decay,
                          noise_type=config.noise_type, seed=seed, denoise=(name == "nvrm-sgd"))
+    if name == "amp-sgd":
+        return FusedAMP(params, lr=config.lr, epsilon=config.amp_epsilon, inner_lr=config.amp_inner_lr,
+                        base_optimizer=torch.optim.SGD, momentum=config.momentum,
+                        weight_decay=config.weight_decay)
     if name == "adam":
         return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     if name == "nvrm-adam":
@@ -77,18 +111,28 @@ def train_epoch(model: nn.Module, optimizer, x: torch.Tensor, y: torch.Tensor, b
                 generator: torch.Generator, penalty=None) -> float:
     """One pass over (x, y) in shuffled mini-batches; returns the mean training loss.
 
-    `penalty` (a callable returning a scalar, e.g. EWC) is added to every mini-batch loss.
+    `penalty(labels)` (a callable returning a scalar, e.g. EWC or NSR; it gets the mini-batch's
+    labels) is added to every mini-batch loss. Optimizers that re-evaluate the loss themselves
+    (FusedAMP) get the loss as a closure; the others step after one backward pass.
     """
     model.train()
     order = torch.randperm(x.shape[0], generator=generator).to(x.device)
     total = 0.0
     for batch in order.split(batch_size):
-        loss = F.cross_entropy(model(x[batch]), y[batch])
-        if penalty is not None:
-            loss = loss + penalty()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        def forward_backward(inputs=x[batch], labels=y[batch]):
+            optimizer.zero_grad(set_to_none=True)
+            outputs = model(inputs)
+            loss = F.cross_entropy(outputs, labels)
+            if penalty is not None:
+                loss = loss + penalty(labels)
+            loss.backward()
+            return outputs, loss
+
+        if isinstance(optimizer, FusedAMP):
+            _, loss = optimizer.step(forward_backward)
+        else:
+            _, loss = forward_backward()
+            optimizer.step()
         total += loss.item() * batch.numel()
     return total / x.shape[0]
 
