@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the nvrm_ext wheel (isolated build: it must not need torch), checks that it carries the
 # compiled libraries (and sm_90 code in the CUDA one), installs it into a fresh virtual
-# environment and runs the compiled-backend tests against the installed package.
+# environment and runs the test suite against the installed package.
 #
 # Environment: PYTHON (default: python), plus setup.py's NVRM_EXT_NO_CUDA / NVRM_EXT_CUDA_ARCHS.
 set -euo pipefail
@@ -80,5 +80,6 @@ location = Path(nvrm_ext.__file__).resolve()
 assert Path(sys.argv[1]).resolve() in location.parents, f"nvrm_ext imported from {location}, not the venv"
 print(f"nvrm_ext {nvrm_ext.__version__} from {location.parent}")
 PY
+# The whole suite, against the installed package.
 "$WORK/venv/bin/python" -m pytest -q -p no:cacheprovider \
-  -o "markers=cuda: needs a CUDA device" tests/test_compiled.py
+  -o "markers=cuda: needs a CUDA device" tests/
