@@ -74,6 +74,7 @@ def test_lr_is_required_somewhere():
 def test_num_iters_float_like_the_original_default():
     opt = nvrm_ext.FusedVSGD(_params(), lr=0.1, num_iters=1e3)
     assert opt.param_groups[0]["num_iters"] == 1000
+    assert isinstance(opt.param_groups[0]["num_iters"], int)
 
 
 def test_bad_param_group_is_rejected_and_nothing_is_added():

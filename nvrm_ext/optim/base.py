@@ -23,8 +23,8 @@ from ..backends import tables as T
 from ..backends.torch_ref import TORCH
 
 BACKENDS = ("auto", "torch", "triton", "cpu", "cuda")
-_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 STATE_DICT_KEY = "nvrm"
+_MAX_CACHED_LAYOUTS = 32  # block tables kept per optimizer (one per bucket in steady state)
 
 
 def _is_dense(t: torch.Tensor) -> bool:
@@ -184,6 +184,7 @@ class NeuralVariableOptimizer(Optimizer):
                 _global_offset(p)  # raises for shardings the noise cannot follow
         self._check_backends(p for p in params if isinstance(p, torch.Tensor))
         super().add_param_group({**param_group, "params": params})
+        self.param_groups[-1]["num_iters"] = probe["num_iters"]  # normalized: 1e3 -> 1000
 
     def _validate_group(self, group: dict) -> None:
         lr = group["lr"]
@@ -350,6 +351,8 @@ class NeuralVariableOptimizer(Optimizer):
         layout = (device, backend.name, numels, offsets)
         blocks = self._block_tables.get(layout)
         if blocks is None:
+            if len(self._block_tables) >= _MAX_CACHED_LAYOUTS:  # layouts that keep changing
+                self._block_tables.clear()
             array = T.build_block_table(numels, offsets, backend.block_size)
             blocks = self._block_tables[layout] = T.to_device(array, device)
         backend.launch(op, dtype, T.to_device(ints, device), T.to_device(floats, device), blocks, self._seed)
