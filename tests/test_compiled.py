@@ -333,7 +333,8 @@ def test_auto_falls_back_to_torch_without_the_cpu_library(library_dir):
     from nvrm_ext.backends.torch_ref import TORCH
 
     p = torch.nn.Parameter(torch.zeros(10))
-    opt = nvrm_ext.FusedVSGD([p], lr=0.1, seed=0)
+    with pytest.warns(RuntimeWarning, match="is missing.*using the much slower 'torch' backend"):
+        opt = nvrm_ext.FusedVSGD([p], lr=0.1, seed=0)
     assert opt._resolve_backend(p.device, p.dtype) is TORCH
     p.grad = torch.ones_like(p)
     opt.step()

@@ -10,8 +10,10 @@ the new noise.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import numbers
+import warnings
 
 import numpy as np
 import torch
@@ -24,6 +26,7 @@ from ..backends.torch_ref import TORCH
 
 BACKENDS = ("auto", "torch", "triton", "cpu", "cuda")
 STATE_DICT_KEY = "nvrm"
+_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the fused kernels store
 _MAX_CACHED_LAYOUTS = 32  # block tables kept per optimizer (one per bucket in steady state)
 
 
@@ -48,6 +51,11 @@ def _check_positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != int(value) or value < 1:
         raise ValueError(f"Invalid {name}: {value!r} (expected an integer >= 1)")
     return int(value)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
 def draw_seed() -> int:
@@ -257,13 +265,20 @@ class NeuralVariableOptimizer(Optimizer):
             return TORCH
         if name == "auto":
             candidates = ("cuda", "triton") if device.type == "cuda" else ("cpu",) if device.type == "cpu" else ()
+            reasons = []
             for candidate in candidates:
                 try:
                     backend = fused_backend(candidate)
-                except ImportError:
+                except ImportError as error:
+                    reasons.append(f"{candidate}: {error}")
                     continue
-                if backend.unavailable_reason(device, dtype) is None:
+                reason = backend.unavailable_reason(device, dtype)
+                if reason is None:
                     return backend
+                reasons.append(f"{candidate}: {reason}")
+            if reasons and dtype in _FUSED_DTYPES:
+                _warn_once(f"nvrm_ext: no fused backend for {dtype} parameters on {device.type} "
+                           f"({'; '.join(reasons)}); using the much slower 'torch' backend")
             return TORCH
         try:
             backend = fused_backend(name)
