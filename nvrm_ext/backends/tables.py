@@ -16,7 +16,7 @@ nvrm_ext/backends/triton.py; docs/noise.md specifies both.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -122,16 +122,6 @@ def build_block_table(numels: list[int], offsets: list[int], block: int) -> np.n
     if not rows:
         return np.zeros((0, 2), dtype=np.int64)
     return np.stack([np.concatenate(rows), np.concatenate(starts)], axis=1)
-
-
-@dataclass
-class LaunchTables:
-    """Device-resident tables for one launch (what the kernels read)."""
-
-    ints: torch.Tensor
-    floats: torch.Tensor
-    blocks: torch.Tensor
-    rows: int = field(default=0)
 
 
 def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
