@@ -425,3 +425,22 @@ def test_checkpoint_resumes_on_another_backend(source, target):
 
     for a, b in zip(run(source), run(target)):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_parameter_storage_replaced_between_steps_is_followed(backend):
+    """`p.data = new_tensor` gives the parameter new storage; the cached launch data follows."""
+    params = _params()
+    opt = nvrm_ext.FusedVSGD(params, lr=0.1, momentum=0.9, seed=1, noise_type="Uniform", backend=backend)
+    twin = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    twin_opt = nvrm_ext.FusedVSGD(twin, lr=0.1, momentum=0.9, seed=1, noise_type="Uniform", backend=backend)
+    for step in range(3):
+        if step == 1:
+            for p in params:
+                p.data = p.data.clone()  # new storage, same values
+        _set_grads(params, step)
+        _set_grads(twin, step)
+        opt.step()
+        twin_opt.step()
+    for a, b in zip(params, twin):
+        assert torch.equal(a.detach(), b.detach())

@@ -345,8 +345,9 @@ class NeuralVariableOptimizer(Optimizer):
         """The cached launch data of a bucket, rebuilt when its parameters, their groups'
         state needs or the optimizer state (load_state_dict) change."""
         groups = {id(group): group for _, group, _, _ in members}
+        # the storage address too: `p.data = other` must not leave a stale address in the tables
         signature = (self._state_epoch,
-                     tuple((key, id(p)) for key, _, p, _ in members),
+                     tuple((key, id(p), _local(p).data_ptr()) for key, _, p, _ in members),
                      tuple((gid, self._state_signature(group)) for gid, group in groups.items()))
         plan = self._plans.get(bucket)
         if plan is None or plan.signature != signature:
