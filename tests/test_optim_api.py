@@ -444,3 +444,23 @@ def test_parameter_storage_replaced_between_steps_is_followed(backend):
         twin_opt.step()
     for a, b in zip(params, twin):
         assert torch.equal(a.detach(), b.detach())
+
+
+def test_cleared_optimizer_state_starts_afresh():
+    params = _params()
+    opt = nvrm_ext.FusedVAdam(params, lr=1e-2, seed=1, backend="cpu")
+    _set_grads(params, 0)
+    opt.step()
+    with opt.denoised():
+        clean = [p.detach().clone() for p in params]
+    opt.state.clear()
+    for p, c in zip(params, clean):
+        p.data.copy_(c)
+    fresh_params = [torch.nn.Parameter(c.clone()) for c in clean]
+    fresh = nvrm_ext.FusedVAdam(fresh_params, lr=1e-2, seed=1, backend="cpu")
+    _set_grads(params, 1)
+    _set_grads(fresh_params, 1)
+    opt.step()
+    fresh.step()
+    for a, b in zip(params, fresh_params):
+        assert torch.equal(a.detach(), b.detach())

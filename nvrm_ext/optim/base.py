@@ -163,7 +163,6 @@ class NeuralVariableOptimizer(Optimizer):
         self._denoise = bool(denoise)
         self._block_tables: dict = {}
         self._plans: dict = {}
-        self._state_epoch = 0
         self._inside_denoised = False
         super().__init__(params, defaults)
 
@@ -218,7 +217,6 @@ class NeuralVariableOptimizer(Optimizer):
         super().__setstate__(state)
         self._block_tables = {}
         self._plans = {}
-        self._state_epoch = 0
         self._inside_denoised = False
 
     @property
@@ -250,9 +248,7 @@ class NeuralVariableOptimizer(Optimizer):
                 raise ValueError(f"state of parameter {index} lacks {sorted(missing)}")
         rest = {k: v for k, v in state_dict.items() if k != STATE_DICT_KEY}
         super().load_state_dict(rest)
-        self._seed = int(extra["seed"])
-        self._block_tables.clear()
-        self._state_epoch += 1  # state tensors were replaced: rebuild the launch data
+        self._seed = int(extra["seed"])  # the new state dicts make the launch data rebuild
 
     # ------------------------------------------------------------------ backends
     def _resolve_backend(self, device: torch.device, dtype: torch.dtype):
@@ -342,17 +338,20 @@ class NeuralVariableOptimizer(Optimizer):
             plan.commit(self._denoise)
 
     def _bucket_plan(self, bucket, members) -> "_BucketPlan":
-        """The cached launch data of a bucket, rebuilt when its parameters, their groups'
-        state needs or the optimizer state (load_state_dict) change."""
-        groups = {id(group): group for _, group, _, _ in members}
-        # the storage address too: `p.data = other` must not leave a stale address in the tables
-        signature = (self._state_epoch,
-                     tuple((key, id(p), _local(p).data_ptr()) for key, _, p, _ in members),
-                     tuple((gid, self._state_signature(group)) for gid, group in groups.items()))
+        """The cached launch data of a bucket, rebuilt when anything it holds an address of or
+        a reference to changes: the parameters (or their storage: `p.data = other`), their
+        state dicts (a cleared optimizer.state, load_state_dict) or their groups' state needs."""
         plan = self._plans.get(bucket)
-        if plan is None or plan.signature != signature:
-            plan = self._plans[bucket] = _BucketPlan(self, members, signature)
+        if plan is None or plan.signature != self._plan_signature(members):
+            plan = self._plans[bucket] = _BucketPlan(self, members)
+            plan.signature = self._plan_signature(members)  # with the state dicts it created
         return plan
+
+    def _plan_signature(self, members) -> tuple:
+        state = self.state
+        groups = {id(group): group for _, group, _, _ in members}
+        return (tuple((key, id(p), _local(p).data_ptr(), id(state.get(p))) for key, _, p, _ in members),
+                tuple((gid, self._state_signature(group)) for gid, group in groups.items()))
 
     def _launch(self, backend, op: int, bucket, rows: list, ints: np.ndarray, floats: np.ndarray) -> None:
         """One launch over the rows of one bucket."""
@@ -445,8 +444,8 @@ class _BucketPlan:
     step counters, flags, hyperparameters -- and they are written with numpy, so the host cost
     of a step is a few microseconds per tensor."""
 
-    def __init__(self, opt: NeuralVariableOptimizer, members, signature):
-        self.signature = signature
+    def __init__(self, opt: NeuralVariableOptimizer, members):
+        self.signature = None
         self.params = [p for _, _, p, _ in members]
         self.states = []
         group_ids: dict = {}
