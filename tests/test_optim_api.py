@@ -464,3 +464,19 @@ def test_cleared_optimizer_state_starts_afresh():
     fresh.step()
     for a, b in zip(params, fresh_params):
         assert torch.equal(a.detach(), b.detach())
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+def test_gradient_of_another_dtype_is_read_as_the_parameter_dtype(backend):
+    """A float32 gradient on a bfloat16 parameter (and the reverse) is converted, not misread."""
+    results = []
+    for grad_dtype in (torch.bfloat16, torch.float32):
+        p = torch.nn.Parameter(torch.linspace(-1, 1, 37).to(torch.bfloat16))
+        if hasattr(p, "grad_dtype"):  # torch >= 2.10 checks grad dtypes unless told not to
+            p.grad_dtype = None
+        opt = nvrm_ext.FusedVSGD([p], lr=0.1, seed=0, noise_type="Uniform", backend=backend)
+        p.grad = torch.linspace(1, 2, 37).to(torch.bfloat16).to(grad_dtype)
+        opt.step()
+        results.append(p.detach().clone())
+    assert torch.equal(results[0], results[1])
+

@@ -486,7 +486,8 @@ class _BucketPlan:
         local_grads = []
         for (param, _, _), g in zip(self.row_tensors, grads):
             g = _local(g)
-            if g.stride() != param.stride():  # the kernels walk param and grad in one memory order
+            # the kernels read the gradient in the parameter's dtype and memory order
+            if g.dtype != param.dtype or g.stride() != param.stride():
                 g = torch.empty_like(param).copy_(g)
             local_grads.append(g)
         self._grads = local_grads
