@@ -74,30 +74,32 @@ def raw_bits(seed: int, key: int, step: int, numel: int, *, offset: int = 0, dev
     Element i belongs to quad j = i // 4 and takes lane i % 4. Counter: (lo32(j), hi32(j),
     key, step); Philox key: (lo32(seed), hi32(seed)).
     """
-    first_quad = offset // 4
-    last_quad = (offset + numel + 3) // 4
-    quads = torch.arange(first_quad, last_quad, dtype=torch.int64, device=device)
-    return philox4x32(
-        quads & _MASK32,
-        quads >> 32,
-        torch.full_like(quads, key & _MASK32),
-        torch.full_like(quads, step & _MASK32),
-        seed & _MASK32,
-        (seed >> 32) & _MASK32,
-    )
+    return _segment_bits(seed, [(key, step, offset, numel)], device)[0]
 
 
-def standard_noise(noise_type: str, seed: int, key: int, step: int, numel: int, *,
-                   offset: int = 0, device=None) -> torch.Tensor:
-    """Unit-scale noise z for elements offset .. offset+numel-1, float32, flat.
+def _segment_bits(seed: int, segments, device):
+    """One Philox pass over the quads of several (key, step, offset, numel) segments: the four
+    words over all their quads, and each segment's quad count."""
+    counts = [(offset + numel + 3) // 4 - offset // 4 for _, _, offset, numel in segments]
+    segment = torch.repeat_interleave(torch.arange(len(segments), device=device),
+                                      torch.tensor(counts, device=device))
+    starts = torch.tensor([0] + counts[:-1], device=device).cumsum(0)
+    first_quads = torch.tensor([offset // 4 for _, _, offset, _ in segments], device=device)
+    keys = torch.tensor([key & _MASK32 for key, _, _, _ in segments], device=device)
+    steps = torch.tensor([step & _MASK32 for _, step, _, _ in segments], device=device)
+    quads = torch.arange(sum(counts), device=device) - starts[segment] + first_quads[segment]
+    words = philox4x32(quads & _MASK32, quads >> 32, keys[segment], steps[segment],
+                       seed & _MASK32, (seed >> 32) & _MASK32)
+    return words, counts
 
-    Gaussian: Box-Muller on lane pairs (0, 1) and (2, 3):
-        z0 = sqrt(-2 ln u0) cos(2 pi u1),  z1 = sqrt(-2 ln u0) sin(2 pi u1)
-    Laplace (unit scale): z = ln(2u) if u < 1/2 else -ln(2(1 - u))
-    Uniform on [-1, 1]:   z = 2u - 1
-    """
+
+def standard_noise_segments(noise_type: str, seed: int, segments, *, device=None) -> list:
+    """Unit-scale noise for several (key, step, offset, numel) segments at once -- one Philox
+    pass and one transform over all of them (what makes the torch backend usable with many
+    small tensors). Returns each segment's flat float32 noise; see `standard_noise`."""
     code = noise_type_code(noise_type)
-    words = [uniform_from_bits(x) for x in raw_bits(seed, key, step, numel, offset=offset, device=device)]
+    bits, counts = _segment_bits(seed, segments, device)
+    words = [uniform_from_bits(x) for x in bits]
     if code == 0:
         u0, u1, u2, u3 = words
         r01 = torch.sqrt(-2.0 * torch.log(u0))
@@ -109,8 +111,24 @@ def standard_noise(noise_type: str, seed: int, key: int, step: int, numel: int, 
     else:
         lanes = [2.0 * u - 1.0 for u in words]
     z = torch.stack(lanes, dim=1).reshape(-1).to(torch.float32)  # rounded once to float32
-    start = offset - (offset // 4) * 4
-    return z[start:start + numel]
+    out, quad = [], 0
+    for (_, _, offset, numel), count in zip(segments, counts):
+        start = 4 * quad + offset % 4
+        out.append(z[start:start + numel])
+        quad += count
+    return out
+
+
+def standard_noise(noise_type: str, seed: int, key: int, step: int, numel: int, *,
+                   offset: int = 0, device=None) -> torch.Tensor:
+    """Unit-scale noise z for elements offset .. offset+numel-1, float32, flat.
+
+    Gaussian: Box-Muller on lane pairs (0, 1) and (2, 3):
+        z0 = sqrt(-2 ln u0) cos(2 pi u1),  z1 = sqrt(-2 ln u0) sin(2 pi u1)
+    Laplace (unit scale): z = ln(2u) if u < 1/2 else -ln(2(1 - u))
+    Uniform on [-1, 1]:   z = 2u - 1
+    """
+    return standard_noise_segments(noise_type, seed, [(key, step, offset, numel)], device=device)[0]
 
 
 def noise(noise_type: str, scale: float, seed: int, key: int, step: int, numel: int, *,
@@ -121,13 +139,6 @@ def noise(noise_type: str, scale: float, seed: int, key: int, step: int, numel: 
         return torch.zeros(numel, dtype=torch.float32, device=device)
     z = standard_noise(noise_type, seed, key, step, numel, offset=offset, device=device)
     return z * torch.tensor(scale, dtype=torch.float32, device=device)
-
-
-def noise_like(param: torch.Tensor, noise_type: str, scale: float, seed: int, key: int,
-               step: int, *, offset: int = 0) -> torch.Tensor:
-    """Noise shaped like `param`, elements numbered in `param`'s memory order (see docs)."""
-    flat = noise(noise_type, scale, seed, key, step, param.numel(), offset=offset, device=param.device)
-    return from_memory_order(flat, param)
 
 
 def memory_order_permutation(t: torch.Tensor) -> list[int]:

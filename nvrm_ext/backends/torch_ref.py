@@ -17,12 +17,26 @@ def _math_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _noise(ints_row, step: int, type_shift: int, scale: float, seed: int, like: torch.Tensor):
-    if step == 0:
-        return None
-    noise_type = spec.NOISE_TYPES[(int(ints_row[T.I_FLAGS]) >> type_shift) & 3]
-    return spec.noise_like(like, noise_type, scale, seed, int(ints_row[T.I_KEY]), step,
-                           offset=int(ints_row[T.I_OFFSET]))
+def _batched_noise(rows, ints, floats, seed: int, step_column: int, type_shift: int,
+                   scale_column: int) -> list:
+    """Per row, the noise of the step in `step_column` (None where it is 0), laid out like the
+    row's parameter. One Philox pass per noise type over all rows, not one per tensor."""
+    by_type: dict = {}
+    for index, ((param, _, _, _), ints_row) in enumerate(zip(rows, ints)):
+        step = int(ints_row[step_column])
+        if step != 0:
+            noise_type = spec.NOISE_TYPES[(int(ints_row[T.I_FLAGS]) >> type_shift) & 3]
+            segment = (int(ints_row[T.I_KEY]), step, int(ints_row[T.I_OFFSET]), param.numel())
+            by_type.setdefault(noise_type, []).append((index, segment))
+    out = [None] * len(rows)
+    for noise_type, members in by_type.items():
+        device = rows[members[0][0]][0].device
+        flats = spec.standard_noise_segments(noise_type, seed, [segment for _, segment in members],
+                                             device=device)
+        for (index, _), z in zip(members, flats):
+            scaled = z * floats[index][scale_column]  # float32(scale) * z, one rounding
+            out[index] = spec.from_memory_order(scaled, rows[index][0])
+    return out
 
 
 def _sqrt_rn(x: torch.Tensor) -> torch.Tensor:
@@ -72,16 +86,16 @@ class TorchBackend:
     @torch.no_grad()
     def run(self, op: int, rows: list, ints, floats, seed: int) -> None:
         """rows: (param, grad, states, compensation) per table row; ints / floats: the host tables."""
-        for (param, grad, states, comp), ints_row, float_row in zip(rows, ints, floats.tolist()):
-            self._run_one(op, param, grad, states, comp, ints_row, float_row, seed)
+        floats = floats.tolist()
+        old = _batched_noise(rows, ints, floats, seed, T.I_OLD_STEP, T.FLAG_OLD_TYPE_SHIFT, T.F_OLD_SCALE)
+        new = _batched_noise(rows, ints, floats, seed, T.I_NEW_STEP, T.FLAG_NEW_TYPE_SHIFT, T.F_NEW_SCALE)
+        for (param, grad, states, comp), ints_row, float_row, n_old, n_new in zip(rows, ints, floats, old, new):
+            self._run_one(op, param, grad, states, comp, int(ints_row[T.I_FLAGS]), float_row, n_old, n_new)
 
-    def _run_one(self, op, param, grad, states, comp, ints_row, f, seed) -> None:
+    def _run_one(self, op, param, grad, states, comp, flags, f, n_old, n_new) -> None:
         p = param.to(_math_dtype(param.dtype))
         if comp is not None:  # 16-bit parameters: the weight is param + comp
             p = p + comp.to(p.dtype)
-        flags = int(ints_row[T.I_FLAGS])
-        n_old = _noise(ints_row, int(ints_row[T.I_OLD_STEP]), T.FLAG_OLD_TYPE_SHIFT, f[T.F_OLD_SCALE], seed, param)
-        n_new = _noise(ints_row, int(ints_row[T.I_NEW_STEP]), T.FLAG_NEW_TYPE_SHIFT, f[T.F_NEW_SCALE], seed, param)
         if op != T.OP_NOISE:
             g = grad.to(p.dtype)
             p = (_sgd if op == T.OP_SGD else _adam)(p, g, flags, f, states)
