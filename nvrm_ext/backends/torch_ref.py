@@ -30,13 +30,31 @@ def _batched_noise(rows, ints, floats, seed: int, step_column: int, type_shift: 
             by_type.setdefault(noise_type, []).append((index, segment))
     out = [None] * len(rows)
     for noise_type, members in by_type.items():
-        device = rows[members[0][0]][0].device
-        flats = spec.standard_noise_segments(noise_type, seed, [segment for _, segment in members],
-                                             device=device)
-        for (index, _), z in zip(members, flats):
-            scaled = z * floats[index][scale_column]  # float32(scale) * z, one rounding
-            out[index] = spec.from_memory_order(scaled, rows[index][0])
+        for batch in _batches(members):
+            device = rows[batch[0][0]][0].device
+            flats = spec.standard_noise_segments(noise_type, seed, [segment for _, segment in batch],
+                                                 device=device)
+            for (index, _), z in zip(batch, flats):
+                scaled = z * floats[index][scale_column]  # float32(scale) * z, one rounding
+                out[index] = spec.from_memory_order(scaled, rows[index][0])
     return out
+
+
+_BATCH_ELEMENTS = 1 << 20  # small tensors share a Philox pass up to this size; temporaries stay cache-sized
+
+
+def _batches(members):
+    """Consecutive runs of segments of at most _BATCH_ELEMENTS elements (a larger tensor alone)."""
+    batch, size = [], 0
+    for member in members:
+        numel = member[1][3]
+        if batch and size + numel > _BATCH_ELEMENTS:
+            yield batch
+            batch, size = [], 0
+        batch.append(member)
+        size += numel
+    if batch:
+        yield batch
 
 
 def _sqrt_rn(x: torch.Tensor) -> torch.Tensor:
