@@ -49,21 +49,6 @@ class _OriginalNVRM(Optimizer):
             p.add_(-noise1)
             noise1.zero_()
 
-    @staticmethod
-    def _init_noise_state(p, state):
-        state["step"] = 0
-        state["noise1"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state["noise2"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-
-
-class OriginalVSGD(_OriginalNVRM):
-    def __init__(self, params, lr=required, variability=0.01, num_iters=1000, momentum=0, dampening=0,
-                 weight_decay=0, noise_type="Gaussian", nesterov=False, noise_fn=None):
-        defaults = dict(lr=lr, variability=variability, num_iters=num_iters, momentum=momentum,
-                        dampening=dampening, weight_decay=weight_decay, noise_type=noise_type,
-                        nesterov=nesterov)
-        super().__init__(params, defaults, noise_fn)
-
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -76,21 +61,39 @@ class OriginalVSGD(_OriginalNVRM):
                     continue
                 state = self.state[p]
                 if len(state) == 0:
-                    self._init_noise_state(p, state)
+                    state["step"] = 0
+                    state["noise1"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["noise2"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
-                d_p = p.grad
-                if group["weight_decay"] != 0:
-                    d_p = d_p.add(p, alpha=group["weight_decay"])
-                if group["momentum"] != 0:
-                    if "momentum_buffer" not in state:
-                        buf = state["momentum_buffer"] = torch.clone(d_p).detach()
-                    else:
-                        buf = state["momentum_buffer"]
-                        buf.mul_(group["momentum"]).add_(d_p, alpha=1 - group["dampening"])
-                    d_p = d_p.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
-                p.add_(d_p, alpha=-group["lr"])
+                self._update(p, group, state)
                 self._renoise(p, group, state)
         return loss
+
+    def _update(self, p, group, state) -> None:
+        """The base optimizer's update of p (its gradient taken at the perturbed weights)."""
+        raise NotImplementedError
+
+
+class OriginalVSGD(_OriginalNVRM):
+    def __init__(self, params, lr=required, variability=0.01, num_iters=1000, momentum=0, dampening=0,
+                 weight_decay=0, noise_type="Gaussian", nesterov=False, noise_fn=None):
+        defaults = dict(lr=lr, variability=variability, num_iters=num_iters, momentum=momentum,
+                        dampening=dampening, weight_decay=weight_decay, noise_type=noise_type,
+                        nesterov=nesterov)
+        super().__init__(params, defaults, noise_fn)
+
+    def _update(self, p, group, state) -> None:
+        d_p = p.grad
+        if group["weight_decay"] != 0:
+            d_p = d_p.add(p, alpha=group["weight_decay"])
+        if group["momentum"] != 0:
+            if "momentum_buffer" not in state:
+                buf = state["momentum_buffer"] = torch.clone(d_p).detach()
+            else:
+                buf = state["momentum_buffer"]
+                buf.mul_(group["momentum"]).add_(d_p, alpha=1 - group["dampening"])
+            d_p = d_p.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
+        p.add_(d_p, alpha=-group["lr"])
 
 
 class OriginalVAdam(_OriginalNVRM):
@@ -102,41 +105,27 @@ class OriginalVAdam(_OriginalNVRM):
                         decoupled=decoupled)
         super().__init__(params, defaults, noise_fn)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad
-                state = self.state[p]
-                if len(state) == 0:
-                    self._init_noise_state(p, state)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    if group["amsgrad"]:
-                        state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] += 1
-                bias_correction1 = 1 - beta1 ** state["step"]
-                bias_correction2 = 1 - beta2 ** state["step"]
-                if group["decoupled"]:
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
-                else:
-                    grad = grad.add(p, alpha=group["weight_decay"])  # the original does this in place
-                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                if group["amsgrad"]:
-                    torch.max(state["max_exp_avg_sq"], exp_avg_sq, out=state["max_exp_avg_sq"])
-                    second = state["max_exp_avg_sq"]
-                else:
-                    second = exp_avg_sq
-                denom = (second.sqrt() / math.sqrt(bias_correction2)).add_(group["eps"])
-                p.addcdiv_(exp_avg, denom, value=-group["lr"] / bias_correction1)
-                self._renoise(p, group, state)
-        return loss
+    def _update(self, p, group, state) -> None:
+        beta1, beta2 = group["betas"]
+        grad = p.grad
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if group["amsgrad"]:
+                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        bias_correction1 = 1 - beta1 ** state["step"]
+        bias_correction2 = 1 - beta2 ** state["step"]
+        if group["decoupled"]:
+            p.mul_(1 - group["lr"] * group["weight_decay"])
+        else:
+            grad = grad.add(p, alpha=group["weight_decay"])  # the original does this in place
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        if group["amsgrad"]:
+            torch.max(state["max_exp_avg_sq"], exp_avg_sq, out=state["max_exp_avg_sq"])
+            second = state["max_exp_avg_sq"]
+        else:
+            second = exp_avg_sq
+        denom = (second.sqrt() / math.sqrt(bias_correction2)).add_(group["eps"])
+        p.addcdiv_(exp_avg, denom, value=-group["lr"] / bias_correction1)
