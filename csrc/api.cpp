@@ -11,7 +11,7 @@
 namespace {
 
 // Bumped whenever an entry point's signature or the table layout changes.
-constexpr int kAbiVersion = 2;
+constexpr int kAbiVersion = 3;
 
 thread_local std::string last_error;
 
@@ -22,7 +22,8 @@ int fail(std::string message) {
 
 // Checks shared by both launchers; empty when the launch may proceed.
 std::string invalid_arguments(int op, int dtype_code, const int64_t* ints, const float* floats,
-                              const int64_t* blocks, int64_t num_blocks, int64_t block_size) {
+                              const int64_t* blocks, int64_t num_blocks, int64_t block_size,
+                              int64_t commit_rows) {
   if (op != nvrm::kOpSgd && op != nvrm::kOpAdam && op != nvrm::kOpNoise) {
     return "unknown op " + std::to_string(op);
   }
@@ -34,9 +35,12 @@ std::string invalid_arguments(int op, int dtype_code, const int64_t* ints, const
     return "block size must be a positive multiple of 4, got " + std::to_string(block_size);
   }
   if (num_blocks < 0) return "negative number of blocks";
+  if (commit_rows < 0) return "negative number of rows to commit";
   if (num_blocks > 0 && (ints == nullptr || floats == nullptr || blocks == nullptr)) {
     return "null table pointer";
   }
+  if (commit_rows > 0 && (ints == nullptr || floats == nullptr)) return "null table pointer";
+  if (commit_rows > 0 && op == nvrm::kOpNoise) return "OP_NOISE launches commit no counters";
   return {};
 }
 
@@ -48,6 +52,7 @@ namespace cuda {
 // multi_tensor.cu; returns an empty string on success, else the CUDA error.
 std::string launch(int op, int dtype_code, const int64_t* ints, const float* floats,
                    const int64_t* blocks, int64_t num_blocks, int64_t block_size, uint64_t seed,
+                   int64_t commit_rows, const float* grad_scale, const float* found_inf,
                    void* stream);
 std::string probe();
 }  // namespace cuda
@@ -56,9 +61,9 @@ std::string probe();
 namespace nvrm {
 namespace cpu {
 void launch_baseline(int, int, const int64_t*, const float*, const int64_t*, int64_t, int64_t,
-                     uint64_t, int);
+                     uint64_t, int64_t, const float*, const float*, int);
 void launch_avx2_fma(int, int, const int64_t*, const float*, const int64_t*, int64_t, int64_t,
-                     uint64_t, int);
+                     uint64_t, int64_t, const float*, const float*, int);
 }  // namespace cpu
 }  // namespace nvrm
 
@@ -94,12 +99,14 @@ __attribute__((visibility("default"))) const char* nvrm_last_error(void) {
 }
 
 // The table layout compiled in, for the loader to compare with nvrm_ext/backends/tables.py:
-// INT_COLUMNS, FLOAT_COLUMNS, the six flag bits, then OP_SGD, OP_ADAM, OP_NOISE.
+// INT_COLUMNS, FLOAT_COLUMNS, the seven flag bits, OP_SGD, OP_ADAM, OP_NOISE, then the live
+// counters: I_LIVE, I_NUM_ITERS, LIVE_COLUMNS.
 __attribute__((visibility("default"))) int nvrm_table_layout(int64_t* out, int capacity) {
   const int64_t layout[] = {nvrm::kIntColumns,     nvrm::kFloatColumns,  nvrm::kFlagWeightDecay,
                             nvrm::kFlagMomentum,   nvrm::kFlagMomentumInit, nvrm::kFlagNesterov,
-                            nvrm::kFlagAmsgrad,    nvrm::kFlagDecoupled, nvrm::kOpSgd,
-                            nvrm::kOpAdam,         nvrm::kOpNoise};
+                            nvrm::kFlagAmsgrad,    nvrm::kFlagDecoupled, nvrm::kFlagKeepNoise,
+                            nvrm::kOpSgd,          nvrm::kOpAdam,        nvrm::kOpNoise,
+                            nvrm::kIntLive,        nvrm::kIntNumIters,   nvrm::kLiveColumns};
   const int count = static_cast<int>(sizeof layout / sizeof layout[0]);
   for (int i = 0; i < count && i < capacity; ++i) out[i] = layout[i];
   return count;
@@ -113,19 +120,17 @@ __attribute__((visibility("default"))) int nvrm_cuda_probe(void) {
   return error.empty() ? 0 : fail(std::move(error));
 }
 
-// Tables live in device memory; `stream` is the cudaStream_t to launch on.
-__attribute__((visibility("default"))) int nvrm_cuda_launch(int op, int dtype_code,
-                                                            const int64_t* ints,
-                                                            const float* floats,
-                                                            const int64_t* blocks,
-                                                            int64_t num_blocks,
-                                                            int64_t block_size, uint64_t seed,
-                                                            void* stream) {
+// Tables, grad_scale and found_inf live in device memory; `stream` is the cudaStream_t to
+// launch on. grad_scale / found_inf may be null; commit_rows: see nvrm_cpu_launch.
+__attribute__((visibility("default"))) int nvrm_cuda_launch(
+    int op, int dtype_code, const int64_t* ints, const float* floats, const int64_t* blocks,
+    int64_t num_blocks, int64_t block_size, uint64_t seed, int64_t commit_rows,
+    const float* grad_scale, const float* found_inf, void* stream) {
   std::string error =
-      invalid_arguments(op, dtype_code, ints, floats, blocks, num_blocks, block_size);
-  if (error.empty() && num_blocks > 0) {
+      invalid_arguments(op, dtype_code, ints, floats, blocks, num_blocks, block_size, commit_rows);
+  if (error.empty() && (num_blocks > 0 || commit_rows > 0)) {
     error = nvrm::cuda::launch(op, dtype_code, ints, floats, blocks, num_blocks, block_size, seed,
-                               stream);
+                               commit_rows, grad_scale, found_inf, stream);
   }
   return error.empty() ? 0 : fail(std::move(error));
 }
@@ -150,19 +155,20 @@ __attribute__((visibility("default"))) int nvrm_cpu_select_variant(const char* n
   return 0;
 }
 
-// Tables live in host memory.
-__attribute__((visibility("default"))) int nvrm_cpu_launch(int op, int dtype_code,
-                                                           const int64_t* ints,
-                                                           const float* floats,
-                                                           const int64_t* blocks,
-                                                           int64_t num_blocks, int64_t block_size,
-                                                           uint64_t seed, int num_threads) {
+// Tables, grad_scale and found_inf live in host memory. grad_scale (may be null): gradients are
+// divided by it (and written back) before the update. found_inf (may be null): nonzero skips
+// the whole launch. commit_rows: rows 0 .. commit_rows-1 carry live counters (I_LIVE) that are
+// advanced after the update (capturable mode); 0 in host mode.
+__attribute__((visibility("default"))) int nvrm_cpu_launch(
+    int op, int dtype_code, const int64_t* ints, const float* floats, const int64_t* blocks,
+    int64_t num_blocks, int64_t block_size, uint64_t seed, int64_t commit_rows,
+    const float* grad_scale, const float* found_inf, int num_threads) {
   std::string error =
-      invalid_arguments(op, dtype_code, ints, floats, blocks, num_blocks, block_size);
+      invalid_arguments(op, dtype_code, ints, floats, blocks, num_blocks, block_size, commit_rows);
   if (!error.empty()) return fail(std::move(error));
   if (num_threads < 1) return fail("num_threads must be at least 1");
   cpu_variant.launch(op, dtype_code, ints, floats, blocks, num_blocks, block_size, seed,
-                     num_threads);
+                     commit_rows, grad_scale, found_inf, num_threads);
   return 0;
 }
 

@@ -256,12 +256,25 @@ void with_update(int op, const Row& row, F&& f) {
   });
 }
 
+// GradScaler's fused protocol: grad = grad / scale, rounded to the gradient's dtype and written
+// back (as torch's fused optimizers leave it), before the update reads it.
+template <typename S>
+void unscale_gradient(const Row& row, int64_t lo, int64_t hi, const float* grad_scale) {
+  if (grad_scale == nullptr) return;
+  const float scale = *grad_scale;
+  auto* __restrict grad = address<S>(row.grad);
+  for (int64_t i = lo; i < hi; ++i) grad[i] = S::store(S::load(grad[i]) / scale);
+}
+
 // One block_table row: global elements [block_start, block_start + block_size) of `row`.
 template <typename S>
-void run_block(int op, const Row& row, int64_t block_start, int64_t block_size, uint64_t seed) {
+void run_block(int op, const Row& row, int64_t block_start, int64_t block_size, uint64_t seed,
+               const float* grad_scale) {
   const int64_t begin = std::max(block_start, row.offset);
   const int64_t end = std::min(block_start + block_size, row.offset + row.numel);
+  if (op == kOpNoise) grad_scale = nullptr;
   if (row.new_step == 0 && row.old_step == 0) {
+    unscale_gradient<S>(row, begin - row.offset, end - row.offset, grad_scale);
     with_update<S, false>(op, row, [&](auto update) {
       update(begin - row.offset, end - row.offset, nullptr);
     });
@@ -276,6 +289,7 @@ void run_block(int op, const Row& row, int64_t block_start, int64_t block_size, 
       const int64_t first = std::max(chunk, begin);
       stage_noise_delta(delta, row, seed, static_cast<uint64_t>(chunk) >> 2,
                         (chunk_end - chunk + 3) >> 2);
+      unscale_gradient<S>(row, first - row.offset, chunk_end - row.offset, grad_scale);
       update(first - row.offset, chunk_end - row.offset, delta + (first - chunk));
     }
   });
@@ -283,27 +297,35 @@ void run_block(int op, const Row& row, int64_t block_start, int64_t block_size, 
 
 template <typename S>
 void run(int op, const int64_t* ints, const float* floats, const int64_t* blocks,
-         int64_t num_blocks, int64_t block_size, uint64_t seed, int num_threads) {
+         int64_t num_blocks, int64_t block_size, uint64_t seed, const float* grad_scale,
+         int num_threads) {
 #pragma omp parallel for num_threads(num_threads) schedule(static)
   for (int64_t b = 0; b < num_blocks; ++b) {
     const int64_t table_row = blocks[2 * b];
-    const Row row = decode_row(ints + table_row * kIntColumns, floats + table_row * kFloatColumns);
-    run_block<S>(op, row, blocks[2 * b + 1], block_size, seed);
+    const Row row =
+        decode_row(ints + table_row * kIntColumns, floats + table_row * kFloatColumns, op);
+    run_block<S>(op, row, blocks[2 * b + 1], block_size, seed, grad_scale);
   }
 }
 
 }  // namespace
 
-// Arguments are validated by api.cpp.
+// Arguments are validated by api.cpp. A nonzero *found_inf skips the step: nothing is written.
+// commit_rows > 0: rows 0 .. commit_rows-1 carry live counters, advanced after the update.
 void NVRM_CPU_LAUNCH(int op, int dtype_code, const int64_t* ints, const float* floats,
                      const int64_t* blocks, int64_t num_blocks, int64_t block_size, uint64_t seed,
+                     int64_t commit_rows, const float* grad_scale, const float* found_inf,
                      int num_threads) {
+  if (found_inf != nullptr && *found_inf != 0.0f) return;
   if (dtype_code == kStorageFloat32) {
-    run<Float32>(op, ints, floats, blocks, num_blocks, block_size, seed, num_threads);
+    run<Float32>(op, ints, floats, blocks, num_blocks, block_size, seed, grad_scale, num_threads);
   } else if (dtype_code == kStorageFloat16) {
-    run<Float16>(op, ints, floats, blocks, num_blocks, block_size, seed, num_threads);
+    run<Float16>(op, ints, floats, blocks, num_blocks, block_size, seed, grad_scale, num_threads);
   } else {
-    run<BFloat16>(op, ints, floats, blocks, num_blocks, block_size, seed, num_threads);
+    run<BFloat16>(op, ints, floats, blocks, num_blocks, block_size, seed, grad_scale, num_threads);
+  }
+  for (int64_t r = 0; r < commit_rows; ++r) {
+    commit_live(ints + r * kIntColumns, floats + r * kFloatColumns);
   }
 }
 

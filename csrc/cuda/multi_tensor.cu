@@ -97,15 +97,26 @@ __device__ bool quads_aligned(const Row& row, const StateUse<Op>& use, int64_t b
   return addresses % static_cast<int64_t>(sizeof(Quad<T>)) == 0;
 }
 
+// GradScaler's fused protocol: the gradient divided by the scale, rounded to its dtype (and
+// written back by the caller, as torch's fused optimizers leave it).
+template <typename T>
+__device__ __forceinline__ T unscaled(T g, const float* grad_scale) {
+  return store<T>(div32(load(g), *grad_scale));
+}
+
 template <int Op, typename T>
 __global__ void __launch_bounds__(kThreads)
     multi_tensor_kernel(const int64_t* __restrict__ ints, const float* __restrict__ floats,
                         const int64_t* __restrict__ blocks, int64_t num_blocks, int64_t block_size,
-                        uint64_t seed) {
+                        uint64_t seed, const float* __restrict__ grad_scale,
+                        const float* __restrict__ found_inf) {
+  if (found_inf != nullptr && *found_inf != 0.0f) return;  // skipped step: nothing is written
+  const bool unscale = Op != kOpNoise && grad_scale != nullptr;
   for (int64_t b = blockIdx.x; b < num_blocks; b += gridDim.x) {
     const int64_t table_row = blocks[2 * b];
     const int64_t block_start = blocks[2 * b + 1];
-    const Row row = decode_row(ints + table_row * kIntColumns, floats + table_row * kFloatColumns);
+    const Row row =
+        decode_row(ints + table_row * kIntColumns, floats + table_row * kFloatColumns, Op);
     const StateUse<Op> use(row);
     const bool noisy = row.new_step != 0 || row.old_step != 0;
     const bool compensated = sizeof(T) == 2 && row.comp != 0;  // 16-bit parameters only
@@ -137,6 +148,11 @@ __global__ void __launch_bounds__(kThreads)
         Quad<T> c, g, s0, s1, s2;
         if (compensated) c = *pointer<Quad<T>>(row.comp + first * sizeof(T));
         if (Op != kOpNoise) g = *pointer<Quad<T>>(row.grad + first * sizeof(T));
+        if (unscale) {
+#pragma unroll
+          for (int lane = 0; lane < 4; ++lane) g.lane[lane] = unscaled(g.lane[lane], grad_scale);
+          *pointer<Quad<T>>(row.grad + first * sizeof(T)) = g;
+        }
         if (use.load0) s0 = *pointer<Quad<T>>(row.state0 + first * sizeof(T));
         if (use.use1) s1 = *pointer<Quad<T>>(row.state1 + first * sizeof(T));
         if (use.use2) s2 = *pointer<Quad<T>>(row.state2 + first * sizeof(T));
@@ -172,6 +188,7 @@ __global__ void __launch_bounds__(kThreads)
           if (i < 0 || i >= row.numel) continue;
           T* param = pointer<T>(row.param) + i;
           T* comp = compensated ? pointer<T>(row.comp) + i : nullptr;
+          if (unscale) pointer<T>(row.grad)[i] = unscaled(pointer<T>(row.grad)[i], grad_scale);
           Element e{compensated ? load(*param) + load(*comp) : load(*param),
                     Op != kOpNoise ? load(pointer<const T>(row.grad)[i]) : 0.0f,
                     use.load0 ? load(pointer<const T>(row.state0)[i]) : 0.0f,
@@ -195,41 +212,66 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Capturable mode: advance the live counters of rows 0 .. commit_rows-1, after every block of the
+// update kernel (stream order) has resolved them.
+__global__ void commit_kernel(const int64_t* __restrict__ ints, const float* __restrict__ floats,
+                              int64_t commit_rows, const float* __restrict__ found_inf) {
+  if (found_inf != nullptr && *found_inf != 0.0f) return;
+  for (int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; r < commit_rows;
+       r += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    commit_live(ints + r * kIntColumns, floats + r * kFloatColumns);
+  }
+}
+
+// The launch arguments every kernel instantiation receives.
+struct Launch {
+  const int64_t* ints;
+  const float* floats;
+  const int64_t* blocks;
+  int64_t num_blocks, block_size;
+  uint64_t seed;
+  const float* grad_scale;
+  const float* found_inf;
+  cudaStream_t stream;
+};
+
 template <int Op, typename T>
-cudaError_t launch_typed(const int64_t* ints, const float* floats, const int64_t* blocks,
-                         int64_t num_blocks, int64_t block_size, uint64_t seed,
-                         cudaStream_t stream) {
-  const unsigned grid = static_cast<unsigned>(num_blocks < 0x7fffffff ? num_blocks : 0x7fffffff);
-  multi_tensor_kernel<Op, T><<<grid, kThreads, 0, stream>>>(ints, floats, blocks, num_blocks,
-                                                            block_size, seed);
+cudaError_t launch_typed(const Launch& a) {
+  if (a.num_blocks == 0) return cudaSuccess;
+  const unsigned grid = static_cast<unsigned>(a.num_blocks < 0x7fffffff ? a.num_blocks : 0x7fffffff);
+  multi_tensor_kernel<Op, T><<<grid, kThreads, 0, a.stream>>>(
+      a.ints, a.floats, a.blocks, a.num_blocks, a.block_size, a.seed, a.grad_scale, a.found_inf);
   return cudaGetLastError();
 }
 
 template <typename T>
-cudaError_t launch_op(int op, const int64_t* ints, const float* floats, const int64_t* blocks,
-                      int64_t num_blocks, int64_t block_size, uint64_t seed, cudaStream_t stream) {
-  if (op == kOpSgd) {
-    return launch_typed<kOpSgd, T>(ints, floats, blocks, num_blocks, block_size, seed, stream);
-  }
-  if (op == kOpAdam) {
-    return launch_typed<kOpAdam, T>(ints, floats, blocks, num_blocks, block_size, seed, stream);
-  }
-  return launch_typed<kOpNoise, T>(ints, floats, blocks, num_blocks, block_size, seed, stream);
+cudaError_t launch_op(int op, const Launch& a) {
+  if (op == kOpSgd) return launch_typed<kOpSgd, T>(a);
+  if (op == kOpAdam) return launch_typed<kOpAdam, T>(a);
+  return launch_typed<kOpNoise, T>(a);
 }
 
 }  // namespace
 
 std::string launch(int op, int dtype_code, const int64_t* ints, const float* floats,
                    const int64_t* blocks, int64_t num_blocks, int64_t block_size, uint64_t seed,
+                   int64_t commit_rows, const float* grad_scale, const float* found_inf,
                    void* stream) {
-  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const Launch a{ints,      floats,    blocks, num_blocks, block_size, seed, grad_scale,
+                 found_inf, static_cast<cudaStream_t>(stream)};
   cudaError_t status;
   if (dtype_code == kStorageFloat32) {
-    status = launch_op<float>(op, ints, floats, blocks, num_blocks, block_size, seed, s);
+    status = launch_op<float>(op, a);
   } else if (dtype_code == kStorageFloat16) {
-    status = launch_op<__half>(op, ints, floats, blocks, num_blocks, block_size, seed, s);
+    status = launch_op<__half>(op, a);
   } else {
-    status = launch_op<__nv_bfloat16>(op, ints, floats, blocks, num_blocks, block_size, seed, s);
+    status = launch_op<__nv_bfloat16>(op, a);
+  }
+  if (status == cudaSuccess && commit_rows > 0) {
+    const int64_t wanted = (commit_rows + kThreads - 1) / kThreads;
+    const unsigned grid = static_cast<unsigned>(wanted < 65535 ? wanted : 65535);
+    commit_kernel<<<grid, kThreads, 0, a.stream>>>(ints, floats, commit_rows, found_inf);
+    status = cudaGetLastError();
   }
   if (status != cudaSuccess) {
     return std::string("kernel launch failed: ") + cudaGetErrorString(status);

@@ -9,7 +9,8 @@ namespace nvrm {
 // int_table columns
 constexpr int kIntParam = 0, kIntGrad = 1, kIntState0 = 2, kIntState1 = 3, kIntState2 = 4,
               kIntNumel = 5, kIntKey = 6, kIntOldStep = 7, kIntNewStep = 8, kIntFlags = 9,
-              kIntOffset = 10, kIntComp = 11, kIntColumns = 12;
+              kIntOffset = 10, kIntComp = 11, kIntLive = 12, kIntNumIters = 13,
+              kIntColumns = 14;
 // float_table columns
 constexpr int kFloatLr = 0, kFloatWeightDecay = 1, kFloatMomentum = 2, kFloatMomentumCoef = 3,
               kFloatBeta2 = 4, kFloatBeta2Coef = 5, kFloatEps = 6, kFloatStepSize = 7,
@@ -18,7 +19,11 @@ constexpr int kFloatLr = 0, kFloatWeightDecay = 1, kFloatMomentum = 2, kFloatMom
 // I_FLAGS bits
 constexpr int kFlagOldTypeShift = 0, kFlagNewTypeShift = 2;
 constexpr int64_t kFlagWeightDecay = 1 << 4, kFlagMomentum = 1 << 5, kFlagMomentumInit = 1 << 6,
-                  kFlagNesterov = 1 << 7, kFlagAmsgrad = 1 << 8, kFlagDecoupled = 1 << 9;
+                  kFlagNesterov = 1 << 7, kFlagAmsgrad = 1 << 8, kFlagDecoupled = 1 << 9,
+                  kFlagKeepNoise = 1 << 10;
+// live counter columns (capturable mode: float64 [T, kLiveColumns] on the device)
+constexpr int kLiveStep = 0, kLiveNoiseStep = 1, kLiveNoiseType = 2, kLiveNoiseScale = 3,
+              kLiveFresh = 4, kLiveColumns = 5;
 // operations
 enum Op : int { kOpSgd = 0, kOpAdam = 1, kOpNoise = 2 };
 // storage dtype codes of the C entry points (nvrm_ext/backends/compiled.py)
@@ -28,6 +33,7 @@ enum StorageCode : int { kStorageFloat32 = 0, kStorageFloat16 = 1, kStorageBFloa
 struct Row {
   int64_t param, grad, state0, state1, state2;  // addresses; 0 when absent
   int64_t comp;  // float16/bfloat16 parameters: the compensation buffer (see split_store); else 0
+  int64_t live;  // capturable mode: this row's live counters (resolve_live / commit_live); else 0
   int64_t numel, offset;                        // offset: global index of element 0
   uint32_t key, old_step, new_step;
   int old_type, new_type;
@@ -36,7 +42,57 @@ struct Row {
       sqrt_bc2, decay, old_scale, new_scale;
 };
 
-NVRM_HD Row decode_row(const int64_t* ints, const float* floats) {
+// base^exponent in float64 by binary exponentiation: only multiplications, each rounded once, so
+// every implementation gets the same bits (nvrm_ext/backends/tables.py power()).
+NVRM_HD double power(double base, uint32_t exponent) {
+  double result = 1.0;
+  double x = base;
+  for (int bit = 0; bit < 32; ++bit) {
+    if ((exponent >> bit) & 1u) result = result * x;
+    x = x * x;
+  }
+  return result;
+}
+
+NVRM_HD uint32_t new_step_after(int64_t step, int64_t num_iters) {
+  return step % num_iters == 0 ? 0u : static_cast<uint32_t>(step);
+}
+
+// Capturable mode: the step-dependent part of a row from its live counters (docs/noise.md §7;
+// the host form is nvrm_ext/backends/tables.py resolve_rows).
+NVRM_HD void resolve_live(Row& row, int op, const int64_t* ints) {
+  const double* live = reinterpret_cast<const double*>(row.live);
+  const int64_t t = static_cast<int64_t>(live[kLiveStep]) + 1;
+  row.new_step = new_step_after(t, ints[kIntNumIters]);
+  row.old_step = static_cast<uint32_t>(static_cast<int64_t>(live[kLiveNoiseStep]));
+  row.old_type = static_cast<int>(live[kLiveNoiseType]);
+  row.old_scale = static_cast<float>(live[kLiveNoiseScale]);
+  row.momentum_init = live[kLiveFresh] != 0.0;
+  if (op == kOpAdam) {
+    const double lr = row.lr;
+    const uint32_t exponent = static_cast<uint32_t>(t);
+    row.step_size = static_cast<float>(lr / (1.0 - power(row.momentum_value, exponent)));
+    row.sqrt_bc2 = static_cast<float>(sqrt(1.0 - power(row.beta2, exponent)));
+    row.decay = static_cast<float>(1.0 - lr * static_cast<double>(row.weight_decay_value));
+  }
+}
+
+// Capturable mode: advance one row's live counters past the step just run (tables.py
+// commit_rows). Runs after every block of the launch has resolved the row.
+NVRM_HD void commit_live(const int64_t* ints, const float* floats) {
+  double* live = reinterpret_cast<double*>(ints[kIntLive]);
+  if (live == nullptr) return;
+  const int64_t flags = ints[kIntFlags];
+  const int64_t t = static_cast<int64_t>(live[kLiveStep]) + 1;
+  live[kLiveStep] = static_cast<double>(t);
+  live[kLiveNoiseStep] =
+      (flags & kFlagKeepNoise) ? 0.0 : static_cast<double>(new_step_after(t, ints[kIntNumIters]));
+  live[kLiveNoiseType] = static_cast<double>((flags >> kFlagNewTypeShift) & 3);
+  live[kLiveNoiseScale] = static_cast<double>(floats[kFloatNewScale]);
+  live[kLiveFresh] = 0.0;
+}
+
+NVRM_HD Row decode_row(const int64_t* ints, const float* floats, int op) {
   const int64_t flags = ints[kIntFlags];
   Row row;
   row.param = ints[kIntParam];
@@ -70,6 +126,8 @@ NVRM_HD Row decode_row(const int64_t* ints, const float* floats) {
   row.decay = floats[kFloatDecay];
   row.old_scale = floats[kFloatOldScale];
   row.new_scale = floats[kFloatNewScale];
+  row.live = ints[kIntLive];
+  if (row.live != 0) resolve_live(row, op, ints);
   return row;
 }
 

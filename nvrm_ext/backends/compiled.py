@@ -10,6 +10,7 @@ import ctypes
 import json
 from functools import lru_cache
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -19,7 +20,7 @@ LIB_DIR = Path(__file__).resolve().parent.parent / "_lib"
 CPU_LIBRARY = "libnvrm_cpu.so"
 CUDA_LIBRARY = "libnvrm_cuda.so"
 BUILD_INFO = "build_info.json"  # written by setup.py: why the CUDA library was skipped, its archs
-ABI_VERSION = 2  # csrc/api.cpp kAbiVersion
+ABI_VERSION = 3  # csrc/api.cpp kAbiVersion
 
 # Storage dtype codes of the C entry points (csrc/nvrm/update.h StorageCode).
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -27,11 +28,14 @@ DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 # What csrc/api.cpp nvrm_table_layout() must report for the tables built by tables.py.
 _EXPECTED_LAYOUT = (
     T.INT_COLUMNS, T.FLOAT_COLUMNS, T.FLAG_WEIGHT_DECAY, T.FLAG_MOMENTUM, T.FLAG_MOMENTUM_INIT,
-    T.FLAG_NESTEROV, T.FLAG_AMSGRAD, T.FLAG_DECOUPLED, T.OP_SGD, T.OP_ADAM, T.OP_NOISE,
+    T.FLAG_NESTEROV, T.FLAG_AMSGRAD, T.FLAG_DECOUPLED, T.FLAG_KEEP_NOISE, T.OP_SGD, T.OP_ADAM,
+    T.OP_NOISE, T.I_LIVE, T.I_NUM_ITERS, T.LIVE_COLUMNS,
 )
 
+# op, dtype code, ints, floats, blocks, num_blocks, block_size, seed, commit_rows, grad_scale, found_inf
 _TABLE_ARGS = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-               ctypes.c_int64, ctypes.c_int64, ctypes.c_uint64]
+               ctypes.c_int64, ctypes.c_int64, ctypes.c_uint64, ctypes.c_int64, ctypes.c_void_p,
+               ctypes.c_void_p]
 _UINT64_MASK = (1 << 64) - 1
 
 
@@ -124,22 +128,31 @@ def _signed(seed: int) -> int:
     return seed - (1 << 64) if seed >= 1 << 63 else seed
 
 
+def _address(t: Optional[torch.Tensor]) -> Optional[int]:
+    return None if t is None else t.data_ptr()
+
+
 def _run_cpu(op: int, dtype_code: int, ints: torch.Tensor, floats: torch.Tensor,
-             blocks: torch.Tensor, block_size: int, seed: int, num_threads: int) -> None:
+             blocks: torch.Tensor, block_size: int, seed: int, commit_rows: int,
+             grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
+             num_threads: int) -> None:
     lib = load_cpu_library()
     status = lib.nvrm_cpu_launch(op, dtype_code, ints.data_ptr(), floats.data_ptr(), blocks.data_ptr(),
-                                 blocks.shape[0], block_size, seed & _UINT64_MASK, num_threads)
+                                 blocks.shape[0], block_size, seed & _UINT64_MASK, commit_rows,
+                                 _address(grad_scale), _address(found_inf), num_threads)
     _check(lib, status, "CPU launch")
 
 
 def _run_cuda(op: int, dtype_code: int, ints: torch.Tensor, floats: torch.Tensor,
-              blocks: torch.Tensor, block_size: int, seed: int) -> None:
+              blocks: torch.Tensor, block_size: int, seed: int, commit_rows: int,
+              grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> None:
     lib = load_cuda_library()
     with torch.cuda.device(ints.device):  # the kernel runs on the current device
         stream = torch.cuda.current_stream(ints.device).cuda_stream
         status = lib.nvrm_cuda_launch(op, dtype_code, ints.data_ptr(), floats.data_ptr(),
                                       blocks.data_ptr(), blocks.shape[0], block_size,
-                                      seed & _UINT64_MASK, stream)
+                                      seed & _UINT64_MASK, commit_rows, _address(grad_scale),
+                                      _address(found_inf), stream)
     _check(lib, status, "CUDA launch")
 
 
@@ -148,20 +161,27 @@ def _run_cuda(op: int, dtype_code: int, ints: torch.Tensor, floats: torch.Tensor
 if hasattr(torch.library, "custom_op"):  # torch >= 2.4
     @torch.library.custom_op("nvrm_ext::cpu_launch", mutates_args=("ints",), device_types="cpu")
     def _cpu_launch(op: int, dtype_code: int, ints: torch.Tensor, floats: torch.Tensor,
-                    blocks: torch.Tensor, block_size: int, seed: int, num_threads: int) -> None:
-        _run_cpu(op, dtype_code, ints, floats, blocks, block_size, seed, num_threads)
+                    blocks: torch.Tensor, block_size: int, seed: int, commit_rows: int,
+                    grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
+                    num_threads: int) -> None:
+        _run_cpu(op, dtype_code, ints, floats, blocks, block_size, seed, commit_rows, grad_scale,
+                 found_inf, num_threads)
 
     @torch.library.custom_op("nvrm_ext::cuda_launch", mutates_args=("ints",), device_types="cuda")
     def _cuda_launch(op: int, dtype_code: int, ints: torch.Tensor, floats: torch.Tensor,
-                     blocks: torch.Tensor, block_size: int, seed: int) -> None:
-        _run_cuda(op, dtype_code, ints, floats, blocks, block_size, seed)
+                     blocks: torch.Tensor, block_size: int, seed: int, commit_rows: int,
+                     grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> None:
+        _run_cuda(op, dtype_code, ints, floats, blocks, block_size, seed, commit_rows, grad_scale,
+                  found_inf)
 
     @_cpu_launch.register_fake
-    def _(op, dtype_code, ints, floats, blocks, block_size, seed, num_threads):
+    def _(op, dtype_code, ints, floats, blocks, block_size, seed, commit_rows, grad_scale,
+          found_inf, num_threads):
         return None
 
     @_cuda_launch.register_fake
-    def _(op, dtype_code, ints, floats, blocks, block_size, seed):
+    def _(op, dtype_code, ints, floats, blocks, block_size, seed, commit_rows, grad_scale,
+          found_inf):
         return None
 else:
     _cpu_launch, _cuda_launch = _run_cpu, _run_cuda
@@ -183,6 +203,14 @@ def _check_tables(device: torch.device, ints: torch.Tensor, floats: torch.Tensor
     assert ints.device == floats.device == blocks.device, "the three tables must share one device"
 
 
+def _check_scalars(device: torch.device, *scalars) -> None:
+    for t in scalars:
+        if t is not None:
+            assert t.dtype == torch.float32 and t.numel() == 1 and t.device == device, (
+                f"grad_scale / found_inf must be one-element float32 tensors on {device}, got "
+                f"{t.dtype} {list(t.shape)} on {t.device}")
+
+
 class CompiledBackend:
     """FusedBackend over one of the compiled libraries ('cpu' or 'cuda')."""
 
@@ -202,16 +230,20 @@ class CompiledBackend:
         return reason
 
     def launch(self, op: int, dtype: torch.dtype, ints: torch.Tensor, floats: torch.Tensor,
-               blocks: torch.Tensor, seed: int) -> None:
+               blocks: torch.Tensor, seed: int, *, commit_rows: int = 0,
+               grad_scale: Optional[torch.Tensor] = None, found_inf: Optional[torch.Tensor] = None) -> None:
         assert dtype in DTYPE_CODES, f"the {self.name} backend does not handle {dtype}"
         _check_tables(torch.device(self.name), ints, floats, blocks)
-        if blocks.shape[0] == 0:
+        _check_scalars(ints.device, grad_scale, found_inf)
+        assert 0 <= commit_rows <= ints.shape[0], f"commit_rows {commit_rows} outside [0, {ints.shape[0]}]"
+        if blocks.shape[0] == 0 and commit_rows == 0:
             return
         if self.name == "cpu":
             _cpu_launch(op, DTYPE_CODES[dtype], ints, floats, blocks, self.block_size, _signed(seed),
-                        torch.get_num_threads())
+                        commit_rows, grad_scale, found_inf, torch.get_num_threads())
         else:
-            _cuda_launch(op, DTYPE_CODES[dtype], ints, floats, blocks, self.block_size, _signed(seed))
+            _cuda_launch(op, DTYPE_CODES[dtype], ints, floats, blocks, self.block_size, _signed(seed),
+                         commit_rows, grad_scale, found_inf)
 
 
 # Elements per block_table row. CPU: large enough that the per-block row decode is noise, small

@@ -34,7 +34,9 @@ I_NEW_STEP = 8     # step whose noise is put on the weights (0: none)
 I_FLAGS = 9        # bit field, below
 I_OFFSET = 10      # global index of this tensor's first element (0 unless sharded)
 I_COMP = 11        # float16/bfloat16 parameters: address of the compensation buffer, else 0
-INT_COLUMNS = 12
+I_LIVE = 12        # capturable mode: address of this row's live counters (below), else 0
+I_NUM_ITERS = 13   # num_iters: with I_LIVE the kernel derives the new step itself
+INT_COLUMNS = 14
 
 # --- float_table columns -----------------------------------------------------------------
 F_LR = 0
@@ -60,6 +62,20 @@ FLAG_MOMENTUM_INIT = 1 << 6  # SGD: first use of the buffer: buf = d
 FLAG_NESTEROV = 1 << 7       # SGD
 FLAG_AMSGRAD = 1 << 8        # Adam
 FLAG_DECOUPLED = 1 << 9      # Adam: p *= 1 - lr*wd instead of L2
+FLAG_KEEP_NOISE = 1 << 10    # denoise=False (PSGD): the noise added is never removed
+
+# --- live counters (capturable mode) --------------------------------------------------------
+# float64 [T, LIVE_COLUMNS] on the parameters' device, one row per tensor: the per-parameter
+# bookkeeping a host-mode step keeps in `optimizer.state`. A row whose I_LIVE is set is
+# *resolved* by the kernel itself (resolve_rows below, per block) and *committed* after the
+# update unless found_inf is set (commit_rows), so no step needs the host to know a counter.
+L_STEP = 0         # steps taken so far
+L_NOISE_STEP = 1   # step whose noise is on the weights (0: none)
+L_NOISE_TYPE = 2   # its noise type code
+L_NOISE_SCALE = 3  # its scale (a float32 value)
+L_FRESH = 4        # 1 while an SGD momentum buffer has not been used yet (FLAG_MOMENTUM_INIT)
+LIVE_COLUMNS = 5
+LIVE_STATE_KEYS = ("step", "noise_step", "noise_type", "noise_scale", "momentum_fresh")
 
 # --- operations (one launch runs one of them on every row) ----------------------------------
 OP_SGD = 0
@@ -81,6 +97,7 @@ class TensorPlan:
     floats: tuple  # FLOAT_COLUMNS values
     offset: int = 0
     compensation: torch.Tensor | None = None  # see I_COMP
+    num_iters: int = 0
 
 
 def _address(t: torch.Tensor | None) -> int:
@@ -97,10 +114,58 @@ def build_rows(plans: list[TensorPlan]) -> tuple[np.ndarray, np.ndarray]:
         ints[row] = (
             _address(plan.param), _address(plan.grad), _address(s0), _address(s1), _address(s2),
             plan.param.numel(), plan.key, plan.old_step, plan.new_step, plan.flags, plan.offset,
-            _address(plan.compensation),
+            _address(plan.compensation), 0, plan.num_iters,
         )
         floats[row] = plan.floats
     return ints, floats
+
+
+def power(base: np.ndarray, exponent: np.ndarray) -> np.ndarray:
+    """base ** exponent in float64 by binary exponentiation over 32 bits: only multiplications,
+    each rounded once, so every implementation (numpy here, C++, CUDA, Triton) gets the same
+    bits -- unlike pow(), whose last bit differs between libraries."""
+    result = np.ones(np.broadcast(base, exponent).shape, dtype=np.float64)
+    x = np.array(base, dtype=np.float64)
+    e = np.asarray(exponent, dtype=np.int64)
+    for bit in range(32):
+        result = np.where((e >> bit) & 1, result * x, result)
+        x = x * x
+    return result
+
+
+def resolve_rows(op: int, ints: np.ndarray, floats: np.ndarray, live: np.ndarray) -> None:
+    """Fill the step-dependent columns of host tables from live counters, in place.
+
+    The host form of what a kernel does per block for a row with I_LIVE (docs/noise.md §7):
+    the new step, the noise on the weights (step, type, scale), the first use of a momentum
+    buffer, and Adam's folded constants from the float32 hyperparameters in float64:
+    ``lr / (1 - beta1^t)``, ``sqrt(1 - beta2^t)``, ``1 - lr * weight_decay``.
+    """
+    t = live[:, L_STEP].astype(np.int64) + 1
+    num_iters = ints[:, I_NUM_ITERS]
+    ints[:, I_NEW_STEP] = np.where(t % num_iters == 0, 0, t)
+    ints[:, I_OLD_STEP] = live[:, L_NOISE_STEP].astype(np.int64)
+    old_type = live[:, L_NOISE_TYPE].astype(np.int64)
+    fresh = np.where(live[:, L_FRESH] != 0, FLAG_MOMENTUM_INIT, 0)
+    ints[:, I_FLAGS] = (ints[:, I_FLAGS] & ~np.int64(3 << FLAG_OLD_TYPE_SHIFT | FLAG_MOMENTUM_INIT)
+                        | (old_type << FLAG_OLD_TYPE_SHIFT) | fresh)
+    floats[:, F_OLD_SCALE] = live[:, L_NOISE_SCALE]
+    if op == OP_ADAM:
+        f = floats.astype(np.float64)
+        floats[:, F_STEP_SIZE] = f[:, F_LR] / (1.0 - power(f[:, F_MOMENTUM], t))
+        floats[:, F_SQRT_BC2] = np.sqrt(1.0 - power(f[:, F_BETA2], t))
+        floats[:, F_DECAY] = 1.0 - f[:, F_LR] * f[:, F_WEIGHT_DECAY]
+
+
+def commit_rows(ints: np.ndarray, floats: np.ndarray, live: np.ndarray) -> None:
+    """Advance live counters past the step just launched, in place (host form of the kernels'
+    commit; a step skipped for found_inf commits nothing)."""
+    flags = ints[:, I_FLAGS]
+    live[:, L_STEP] += 1
+    live[:, L_NOISE_STEP] = np.where(flags & FLAG_KEEP_NOISE, 0, ints[:, I_NEW_STEP])
+    live[:, L_NOISE_TYPE] = (flags >> FLAG_NEW_TYPE_SHIFT) & 3
+    live[:, L_NOISE_SCALE] = floats[:, F_NEW_SCALE]
+    live[:, L_FRESH] = 0
 
 
 def build_block_table(numels: list[int], offsets: list[int], block: int) -> np.ndarray:

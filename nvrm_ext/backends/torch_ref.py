@@ -102,19 +102,35 @@ class TorchBackend:
     name = "torch"
 
     @torch.no_grad()
-    def run(self, op: int, rows: list, ints, floats, seed: int) -> None:
-        """rows: (param, grad, states, compensation) per table row; ints / floats: the host tables."""
-        floats = floats.tolist()
-        old = _batched_noise(rows, ints, floats, seed, T.I_OLD_STEP, T.FLAG_OLD_TYPE_SHIFT, T.F_OLD_SCALE)
-        new = _batched_noise(rows, ints, floats, seed, T.I_NEW_STEP, T.FLAG_NEW_TYPE_SHIFT, T.F_NEW_SCALE)
-        for (param, grad, states, comp), ints_row, float_row, n_old, n_new in zip(rows, ints, floats, old, new):
-            self._run_one(op, param, grad, states, comp, int(ints_row[T.I_FLAGS]), float_row, n_old, n_new)
+    def run(self, op: int, rows: list, ints, floats, seed: int, *, live: torch.Tensor | None = None,
+            grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None) -> None:
+        """rows: (param, grad, states, compensation) per table row; ints / floats: the tables
+        (numpy, or tensors on any device). Capturable mode passes `live`, the counters the
+        fused kernels resolve and commit; here they are read to the host (a sync) and the
+        same resolve / commit (tables.resolve_rows / commit_rows) runs in numpy."""
+        if found_inf is not None and found_inf.item() != 0:
+            return  # a skipped step: nothing changes
+        ints, floats = (t.cpu().numpy().copy() if isinstance(t, torch.Tensor) else t for t in (ints, floats))
+        if live is not None:
+            counters = live.cpu().numpy().copy()
+            T.resolve_rows(op, ints, floats, counters)
+        scale = None if grad_scale is None else grad_scale.item()
+        float_rows = floats.tolist()
+        old = _batched_noise(rows, ints, float_rows, seed, T.I_OLD_STEP, T.FLAG_OLD_TYPE_SHIFT, T.F_OLD_SCALE)
+        new = _batched_noise(rows, ints, float_rows, seed, T.I_NEW_STEP, T.FLAG_NEW_TYPE_SHIFT, T.F_NEW_SCALE)
+        for (param, grad, states, comp), ints_row, float_row, n_old, n_new in zip(rows, ints, float_rows, old, new):
+            self._run_one(op, param, grad, states, comp, int(ints_row[T.I_FLAGS]), float_row, n_old, n_new, scale)
+        if live is not None:
+            T.commit_rows(ints, floats, counters)
+            live.copy_(torch.from_numpy(counters))
 
-    def _run_one(self, op, param, grad, states, comp, flags, f, n_old, n_new) -> None:
+    def _run_one(self, op, param, grad, states, comp, flags, f, n_old, n_new, scale=None) -> None:
         p = param.to(_math_dtype(param.dtype))
         if comp is not None:  # 16-bit parameters: the weight is param + comp
             p = p + comp.to(p.dtype)
         if op != T.OP_NOISE:
+            if scale is not None:  # GradScaler's fused protocol: unscale, round, write back
+                grad.copy_(grad.to(p.dtype) / scale)
             g = grad.to(p.dtype)
             p = (_sgd if op == T.OP_SGD else _adam)(p, g, flags, f, states)
         if n_old is not None or n_new is not None:

@@ -18,6 +18,7 @@ from . import tables as T
 from .triton_support import TL_DTYPES, unavailable_reason
 
 BLOCK = 4096
+_COMMIT_ROWS = 128  # rows of live counters per program of the commit kernel
 
 # float32 constants of docs/noise.md §6 (exact float32 values)
 _LOG_P = [float.fromhex(h) for h in (
@@ -138,9 +139,21 @@ def _to_storage(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _nvrm_kernel(blocks, ints, floats, seed_lo, seed_hi,
+def _power(base, exponent):
+    """base ** exponent (float64) by binary exponentiation over 32 bits (tables.power)."""
+    result = tl.full([], 1.0, tl.float64)
+    x = base
+    for bit in tl.static_range(32):
+        result = tl.where(((exponent >> bit) & 1) != 0, result * x, result)
+        x = x * x
+    return result
+
+
+@triton.jit
+def _nvrm_kernel(blocks, ints, floats, seed_lo, seed_hi, grad_scale, found_inf,
                  OP: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
-                 INT_COLUMNS: tl.constexpr, FLOAT_COLUMNS: tl.constexpr):
+                 INT_COLUMNS: tl.constexpr, FLOAT_COLUMNS: tl.constexpr,
+                 HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     row = tl.load(blocks + 2 * pid)
     start = tl.load(blocks + 2 * pid + 1)
@@ -152,10 +165,32 @@ def _nvrm_kernel(blocks, ints, floats, seed_lo, seed_hi,
     new_step = tl.load(irow + 8)
     flags = tl.load(irow + 9)
     offset = tl.load(irow + 10)
+    old_type = flags & 3
+    old_scale = tl.load(frow + 10)
+    momentum_init = (flags & 64) != 0
+    step_size = tl.load(frow + 7)
+    sqrt_bc2 = tl.load(frow + 8)
+    decay = tl.load(frow + 9)
+    live_address = tl.load(irow + 12)
+    if live_address != 0:  # capturable mode: resolve the row from its live counters (update.h resolve_live)
+        live = live_address.to(tl.pointer_type(tl.float64))
+        t = tl.load(live + 0).to(tl.int64) + 1
+        new_step = tl.where(t % tl.load(irow + 13) == 0, 0, t)
+        old_step = tl.load(live + 1).to(tl.int64)
+        old_type = tl.load(live + 2).to(tl.int64)
+        old_scale = tl.load(live + 3).to(tl.float32)
+        momentum_init = tl.load(live + 4) != 0.0
+        if OP == 1:  # float64 division and sqrt are IEEE-rounded (div.rn.f64, sqrt.rn.f64)
+            lr = tl.load(frow + 0).to(tl.float64)
+            step_size = (lr / (1.0 - _power(tl.load(frow + 2).to(tl.float64), t))).to(tl.float32)
+            sqrt_bc2 = tl.sqrt(1.0 - _power(tl.load(frow + 4).to(tl.float64), t)).to(tl.float32)
+            decay = (1.0 - lr * tl.load(frow + 1).to(tl.float64)).to(tl.float32)
 
     quads = start // 4 + tl.arange(0, BLOCK // 4).to(tl.int64)
     local = quads[:, None] * 4 + tl.arange(0, 4)[None, :] - offset
     mask = (local >= 0) & (local < numel)
+    if HAS_FOUND_INF:  # a skipped step writes nothing
+        mask = mask & (tl.load(found_inf + tl.zeros([BLOCK // 4, 4], tl.int32)) == 0.0)
     param_ptr = tl.load(irow + 0).to(tl.pointer_type(DTYPE))
     p = tl.load(param_ptr + local, mask=mask, other=0.0).to(tl.float32)
     # 16-bit parameters carry a compensation buffer: the weight is param + comp
@@ -164,15 +199,21 @@ def _nvrm_kernel(blocks, ints, floats, seed_lo, seed_hi,
     if comp_address != 0:
         p = p + tl.load(comp_ptr + local, mask=mask, other=0.0).to(tl.float32)
 
+    if OP != 2:
+        grad_ptr = tl.load(irow + 1).to(tl.pointer_type(DTYPE))
+        g = tl.load(grad_ptr + local, mask=mask, other=0.0)
+        if HAS_GRAD_SCALE:  # GradScaler's fused protocol: unscale, round, write back
+            g = _to_storage(tl.div_rn(g.to(tl.float32), tl.load(grad_scale)), DTYPE)
+            tl.store(grad_ptr + local, g, mask=mask)
+        g = g.to(tl.float32)
     if OP == 0:  # SGD
-        g = tl.load(tl.load(irow + 1).to(tl.pointer_type(DTYPE)) + local, mask=mask, other=0.0).to(tl.float32)
         d = g
         if (flags & 16) != 0:
             d = g + tl.load(frow + 1) * p
         if (flags & 32) != 0:
             momentum = tl.load(frow + 2)
             buf_ptr = tl.load(irow + 2).to(tl.pointer_type(DTYPE))
-            if (flags & 64) != 0:
+            if momentum_init:
                 buf = d
             else:
                 buf = momentum * tl.load(buf_ptr + local, mask=mask, other=0.0).to(tl.float32) \
@@ -184,9 +225,8 @@ def _nvrm_kernel(blocks, ints, floats, seed_lo, seed_hi,
                 d = buf
         p = p - tl.load(frow + 0) * d
     elif OP == 1:  # Adam
-        g = tl.load(tl.load(irow + 1).to(tl.pointer_type(DTYPE)) + local, mask=mask, other=0.0).to(tl.float32)
         if (flags & 512) != 0:
-            p = p * tl.load(frow + 9)
+            p = p * decay
         else:
             g = g + tl.load(frow + 1) * p
         m_ptr = tl.load(irow + 2).to(tl.pointer_type(DTYPE))
@@ -200,12 +240,12 @@ def _nvrm_kernel(blocks, ints, floats, seed_lo, seed_hi,
             vmax_ptr = tl.load(irow + 4).to(tl.pointer_type(DTYPE))
             v = tl.maximum(tl.load(vmax_ptr + local, mask=mask, other=0.0).to(tl.float32), v)
             tl.store(vmax_ptr + local, _to_storage(v, DTYPE), mask=mask)
-        denom = tl.div_rn(tl.sqrt_rn(v), tl.load(frow + 8)) + tl.load(frow + 6)
-        p = p - tl.load(frow + 7) * tl.div_rn(m, denom)
+        denom = tl.div_rn(tl.sqrt_rn(v), sqrt_bc2) + tl.load(frow + 6)
+        p = p - step_size * tl.div_rn(m, denom)
 
     n_old = tl.zeros([BLOCK // 4, 4], tl.float32)
     if old_step != 0:
-        n_old = _noise_tile(seed_lo, seed_hi, key, old_step, quads, flags & 3, tl.load(frow + 10))
+        n_old = _noise_tile(seed_lo, seed_hi, key, old_step, quads, old_type, old_scale)
     n_new = tl.zeros([BLOCK // 4, 4], tl.float32)
     if new_step != 0:
         n_new = _noise_tile(seed_lo, seed_hi, key, new_step, quads, (flags >> 2) & 3, tl.load(frow + 11))
@@ -218,6 +258,29 @@ def _nvrm_kernel(blocks, ints, floats, seed_lo, seed_hi,
         tl.store(param_ptr + local, _to_storage(p, DTYPE), mask=mask)
 
 
+@triton.jit
+def _commit_kernel(ints, floats, found_inf, commit_rows, ROWS: tl.constexpr,
+                   INT_COLUMNS: tl.constexpr, FLOAT_COLUMNS: tl.constexpr, HAS_FOUND_INF: tl.constexpr):
+    """Capturable mode: advance the live counters past the step (update.h commit_live); runs
+    after the update kernel, so every block has resolved its row."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
+    mask = rows < commit_rows
+    if HAS_FOUND_INF:
+        mask = mask & (tl.load(found_inf + tl.zeros([ROWS], tl.int32)) == 0.0)
+    irow = ints + rows * INT_COLUMNS
+    live_address = tl.load(irow + 12, mask=mask, other=0)
+    mask = mask & (live_address != 0)
+    live = live_address.to(tl.pointer_type(tl.float64))
+    flags = tl.load(irow + 9, mask=mask, other=0)
+    t = tl.load(live + 0, mask=mask, other=0.0).to(tl.int64) + 1
+    new_step = tl.where(t % tl.load(irow + 13, mask=mask, other=1) == 0, 0, t)
+    tl.store(live + 0, t.to(tl.float64), mask=mask)
+    tl.store(live + 1, tl.where((flags & 1024) != 0, 0, new_step).to(tl.float64), mask=mask)
+    tl.store(live + 2, ((flags >> 2) & 3).to(tl.float64), mask=mask)
+    tl.store(live + 3, tl.load(floats + rows * FLOAT_COLUMNS + 11, mask=mask, other=0.0).to(tl.float64), mask=mask)
+    tl.store(live + 4, tl.zeros([ROWS], tl.float64), mask=mask)
+
+
 class TritonBackend:
     name = "triton"
     block_size = BLOCK
@@ -226,18 +289,29 @@ class TritonBackend:
         return unavailable_reason(device, dtype, "the Triton kernel")
 
     def launch(self, op: int, dtype: torch.dtype, ints: torch.Tensor, floats: torch.Tensor,
-               blocks: torch.Tensor, seed: int) -> None:
-        grid = (blocks.shape[0],)
-        if grid[0] == 0:
-            return
+               blocks: torch.Tensor, seed: int, *, commit_rows: int = 0,
+               grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None) -> None:
+        """One update launch over `blocks`, then (commit_rows > 0, capturable mode) one commit
+        launch over the live counters of the first commit_rows rows."""
         assert ints.shape[1] == T.INT_COLUMNS and floats.shape[1] == T.FLOAT_COLUMNS
-        # Triton types a Python int by its value (int32 below 2**31, else int64); the kernel
-        # converts each key word to uint32.
-        _nvrm_kernel[grid](
-            blocks, ints, floats, seed & 0xFFFFFFFF, seed >> 32,
-            OP=op, DTYPE=TL_DTYPES[dtype], BLOCK=BLOCK,
-            INT_COLUMNS=T.INT_COLUMNS, FLOAT_COLUMNS=T.FLOAT_COLUMNS,
-            num_warps=8, enable_fp_fusion=False)
+        assert op != T.OP_NOISE or commit_rows == 0, "OP_NOISE launches commit no counters"
+        placeholder = floats  # any pointer: the kernel does not read an absent scalar
+        flags = dict(HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None)
+        grad_scale = placeholder if grad_scale is None else grad_scale
+        found_inf = placeholder if found_inf is None else found_inf
+        if blocks.shape[0]:
+            # Triton types a Python int by its value (int32 below 2**31, else int64); the kernel
+            # converts each key word to uint32.
+            _nvrm_kernel[(blocks.shape[0],)](
+                blocks, ints, floats, seed & 0xFFFFFFFF, seed >> 32, grad_scale, found_inf,
+                OP=op, DTYPE=TL_DTYPES[dtype], BLOCK=BLOCK,
+                INT_COLUMNS=T.INT_COLUMNS, FLOAT_COLUMNS=T.FLOAT_COLUMNS,
+                num_warps=8, enable_fp_fusion=False, **flags)
+        if commit_rows:
+            _commit_kernel[(triton.cdiv(commit_rows, _COMMIT_ROWS),)](
+                ints, floats, found_inf, commit_rows, ROWS=_COMMIT_ROWS,
+                INT_COLUMNS=T.INT_COLUMNS, FLOAT_COLUMNS=T.FLOAT_COLUMNS,
+                HAS_FOUND_INF=flags["HAS_FOUND_INF"], enable_fp_fusion=False)
 
 
 TRITON = TritonBackend()

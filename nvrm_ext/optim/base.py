@@ -142,16 +142,14 @@ class NeuralVariableOptimizer(Optimizer):
     Subclasses set `_op` (tables.OP_SGD / OP_ADAM) and implement `_validate_group` and the
     hooks of `_BucketPlan`: `_state_signature(group)` (which state tensors a group needs),
     `_state_tensors(group, p, state)` (create them; the I_STATE0..2 tensors and whether a fresh
-    buffer needs FLAG_MOMENTUM_INIT), `_group_row(group)` (static flags and float64 columns) and
-    `_step_columns(floats, steps)` (the step-dependent columns, vectorized).
+    buffer needs FLAG_MOMENTUM_INIT) and `_group_row(group)` (static flags and float64 columns;
+    the step-dependent columns are resolved from the counters, tables.resolve_rows).
     """
-
-    def _step_columns(self, floats: np.ndarray, steps: np.ndarray) -> None:
-        """Fill step-dependent float columns in place (float64 [n, FLOAT_COLUMNS]); none by default."""
 
     _op: int
 
-    def __init__(self, params, defaults: dict, *, seed: int | None, backend: str, denoise: bool):
+    def __init__(self, params, defaults: dict, *, seed: int | None, backend: str, denoise: bool,
+                 capturable: bool = False):
         if backend not in BACKENDS:
             raise ValueError(f"Invalid backend: {backend!r} (expected one of {', '.join(BACKENDS)})")
         if seed is None:
@@ -161,6 +159,9 @@ class NeuralVariableOptimizer(Optimizer):
         self._backend_name = backend
         self._seed = broadcast_seed(int(seed))
         self._denoise = bool(denoise)
+        if not isinstance(capturable, bool):
+            raise ValueError(f"Invalid capturable: {capturable!r} (expected True or False)")
+        self._capturable = capturable
         self._block_tables: dict = {}
         self._plans: dict = {}
         self._inside_denoised = False
@@ -210,10 +211,12 @@ class NeuralVariableOptimizer(Optimizer):
     def __getstate__(self):
         # torch's Optimizer pickles only defaults, state and param_groups; keep the seed too
         state = super().__getstate__()
-        state.update(_seed=self._seed, _backend_name=self._backend_name, _denoise=self._denoise)
+        state.update(_seed=self._seed, _backend_name=self._backend_name, _denoise=self._denoise,
+                     _capturable=self._capturable)
         return state
 
     def __setstate__(self, state):
+        state.setdefault("_capturable", False)
         super().__setstate__(state)
         self._block_tables = {}
         self._plans = {}
@@ -224,8 +227,21 @@ class NeuralVariableOptimizer(Optimizer):
         """The 64-bit seed of the noise (part of the optimizer state)."""
         return self._seed
 
+    @property
+    def capturable(self) -> bool:
+        """Whether the per-parameter counters live on the device (see the class docstring)."""
+        return self._capturable
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        # torch.amp.GradScaler then hands step() `grad_scale` and `found_inf` (attributes) and
+        # skips nothing itself; only live counters can skip a step without the host knowing.
+        return self._capturable
+
     def state_dict(self) -> dict:
         sd = super().state_dict()
+        if self._capturable:  # live counters -> plain numbers (one device sync), the host-mode format
+            sd["state"] = {index: _host_counters(state) for index, state in sd["state"].items()}
         sd[STATE_DICT_KEY] = {"seed": self._seed, "format": 1, "optimizer": type(self).__name__}
         return sd
 
@@ -249,6 +265,14 @@ class NeuralVariableOptimizer(Optimizer):
         rest = {k: v for k, v in state_dict.items() if k != STATE_DICT_KEY}
         super().load_state_dict(rest)
         self._seed = int(extra["seed"])  # the new state dicts make the launch data rebuild
+
+    def _host_lr(self, group: dict) -> float:
+        """The lr a table row carries. A tensor lr is read on the host (a device sync) except
+        in capturable mode, where its rows are refreshed on the device instead (0.0 here)."""
+        lr = group["lr"]
+        if isinstance(lr, torch.Tensor):
+            return 0.0 if self._capturable else lr.item()
+        return float(lr)
 
     # ------------------------------------------------------------------ backends
     def _resolve_backend(self, device: torch.device, dtype: torch.dtype):
@@ -314,15 +338,25 @@ class NeuralVariableOptimizer(Optimizer):
         update at the perturbed weights, add fresh noise. Returns the closure's loss."""
         if self._inside_denoised:
             raise RuntimeError("step() called inside denoised(): leave the block first")
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        if (grad_scale is not None or found_inf is not None) and not self._capturable:
+            raise RuntimeError(
+                f"{type(self).__name__}: grad_scale / found_inf need capturable=True (the step "
+                "counters must live on the device to skip a step there); without it, GradScaler "
+                "unscales and skips steps itself")
+        for name, value in (("grad_scale", grad_scale), ("found_inf", found_inf)):
+            if value is not None and not (isinstance(value, torch.Tensor) and value.numel() == 1):
+                raise TypeError(f"{name} must be a one-element tensor, got {value!r}")
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._step_all()
+        self._step_all(grad_scale, found_inf)
         return loss
 
     @torch.compiler.disable
-    def _step_all(self) -> None:
+    def _step_all(self, grad_scale=None, found_inf=None) -> None:
         """The step proper. Opaque to torch.compile: host-side table building and one launch
         per bucket, nothing for the compiler to fuse, so a compiled training step breaks its
         graph once here instead of tracing (and breaking) through every line."""
@@ -331,19 +365,39 @@ class NeuralVariableOptimizer(Optimizer):
             members.setdefault((p.device, p.dtype), []).append((key, group, p, g))
         resolved = {bucket: self._resolve_backend(*bucket) for bucket in members}
         for bucket, bucket_members in members.items():
-            plan = self._bucket_plan(bucket, bucket_members)
+            backend = resolved[bucket]
+            plan = self._bucket_plan(bucket, bucket_members, backend)
             grads = [g for _, _, _, g in bucket_members]
-            ints, floats = plan.tables(grads, self._denoise)
-            self._launch(resolved[bucket], self._op, bucket, plan.rows(), ints, floats)
-            plan.commit(self._denoise)
+            ints, floats = plan.tables(grads)
+            if plan.live is None:
+                self._launch(backend, self._op, bucket, plan.rows(), ints, floats)
+                plan.commit()
+                continue
+            device = bucket[0]
+            plan.upload(ints, floats)
+            plan.refresh_tensor_lrs()
+            scale, skip = (None if t is None else t.to(device=device, dtype=torch.float32, non_blocking=True)
+                           for t in (grad_scale, found_inf))
+            if backend is TORCH:
+                TORCH.run(self._op, plan.rows(), plan.device_ints, plan.device_floats, self._seed,
+                          live=plan.live, grad_scale=scale, found_inf=skip)
+            else:
+                backend.launch(self._op, bucket[1], plan.device_ints, plan.device_floats, plan.blocks,
+                               self._seed, commit_rows=len(plan.params), grad_scale=scale, found_inf=skip)
+            plan.release_grads()
 
-    def _bucket_plan(self, bucket, members) -> "_BucketPlan":
+    def _bucket_plan(self, bucket, members, backend) -> "_BucketPlan":
         """The cached launch data of a bucket, rebuilt when anything it holds an address of or
         a reference to changes: the parameters (or their storage: `p.data = other`), their
         state dicts (a cleared optimizer.state, load_state_dict) or their groups' state needs."""
         plan = self._plans.get(bucket)
-        if plan is None or plan.signature != self._plan_signature(members):
-            plan = self._plans[bucket] = _BucketPlan(self, members)
+        if plan is None or plan.signature != self._plan_signature(members) or plan.backend is not backend:
+            if _capturing(bucket[0]):
+                raise RuntimeError(
+                    f"{type(self).__name__}: the launch data must be rebuilt (first step, or the "
+                    "parameters, their state or their groups changed) while a CUDA graph is being "
+                    "captured; run one step() eagerly after such changes, then capture")
+            plan = self._plans[bucket] = _BucketPlan(self, members, backend)
             plan.signature = self._plan_signature(members)  # with the state dicts it created
         return plan
 
@@ -414,7 +468,7 @@ class NeuralVariableOptimizer(Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 state = self.state.get(p)
-                if state and state.get("noise_step", 0):
+                if state and _number(state.get("noise_step", 0)):
                     noisy.append((key, p, state))
                 key += 1
         return noisy
@@ -423,14 +477,14 @@ class NeuralVariableOptimizer(Optimizer):
     def _noise_launch(self, noisy, *, remove: bool) -> None:
         buckets: dict = {}
         for key, p, state in noisy:
-            code = state["noise_type"]
-            s = state["noise_step"]
+            code = int(_number(state["noise_type"]))
+            s = int(_number(state["noise_step"]))
             plan = T.TensorPlan(
                 param=_local(p), grad=None, states=(), key=key, offset=_global_offset(p),
                 compensation=_local(state.get("compensation")),
                 old_step=s if remove else 0, new_step=0 if remove else s,
                 flags=(code << T.FLAG_OLD_TYPE_SHIFT) | (code << T.FLAG_NEW_TYPE_SHIFT),
-                floats=_fp32([0.0] * T.F_OLD_SCALE + [state["noise_scale"]] * 2))
+                floats=_fp32([0.0] * T.F_OLD_SCALE + [_number(state["noise_scale"])] * 2))
             buckets.setdefault((p.device, p.dtype), []).append(plan)
         for bucket, plans in buckets.items():
             ints, floats = T.build_rows(plans)
@@ -438,14 +492,49 @@ class NeuralVariableOptimizer(Optimizer):
             self._launch(self._resolve_backend(*bucket), T.OP_NOISE, bucket, rows, ints, floats)
 
 
+def _capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on the current stream of `device`."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _number(value):
+    """A bookkeeping value as a Python number (a live counter view is read from the device)."""
+    return value.item() if isinstance(value, torch.Tensor) else value
+
+
+def _pinned_like(*tensors) -> tuple:
+    """Page-locked host buffers shaped like `tensors` (for copies captured in a CUDA graph)."""
+    return tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors)
+
+
+def _host_counters(state: dict) -> dict:
+    """A copy of one parameter's state with live counters as plain numbers (the host-mode
+    checkpoint format, loadable with or without capturable)."""
+    out = dict(state)
+    for key, kind in zip(T.LIVE_STATE_KEYS, (int, int, int, float, bool)):
+        if key in out:
+            out[key] = kind(_number(out[key]))
+    if out.pop("momentum_fresh", False):
+        out.pop("momentum_buffer", None)  # never used yet: the next step initialises it
+    return out
+
+
 class _BucketPlan:
     """Launch data of one (device, dtype) bucket, built once while its parameters and their
     state tensors stay the same. Per step only a few columns change -- gradient addresses,
     step counters, flags, hyperparameters -- and they are written with numpy, so the host cost
-    of a step is a few microseconds per tensor."""
+    of a step is a few microseconds per tensor.
 
-    def __init__(self, opt: NeuralVariableOptimizer, members):
+    Host mode: the counters live in `optimizer.state`; each step resolves them into the tables
+    (tables.resolve_rows) and commits them after the launch. Capturable mode: they live in
+    `self.live` on the device (the state holds views of it), the tables stay on the device and
+    the kernel resolves and commits the counters itself, so a step needs nothing from the host
+    and can be captured in a CUDA graph.
+    """
+
+    def __init__(self, opt: NeuralVariableOptimizer, members, backend):
         self.signature = None
+        self.backend = backend
         self.params = [p for _, _, p, _ in members]
         self.states = []
         group_ids: dict = {}
@@ -474,60 +563,157 @@ class _BucketPlan:
         self.momentum_init = np.asarray(momentum_init, dtype=bool)
         self.static_ints, _ = T.build_rows(plans)
         self.row_tensors = [(plan.param, plan.states, plan.compensation) for plan in plans]
+        self._converted = [None] * len(plans)  # gradients in another dtype or layout, converted
+        self._grads = None
         self._pending = None
+        self.live = None
+        if opt._capturable:
+            self._init_live(plans[0].param.device)
 
+    # ------------------------------------------------------------------ capturable mode
+    def _init_live(self, device: torch.device) -> None:
+        """Move the counters to the device: `self.live` [T, LIVE_COLUMNS] float64, the state
+        entries become views of it, and the tables get persistent device copies."""
+        n = len(self.params)
+        host = np.zeros((n, T.LIVE_COLUMNS), dtype=np.float64)
+        carried = []  # (row, column, tensor): counters already on the device (an earlier plan)
+        for row, (state, fresh) in enumerate(zip(self.states, self.momentum_init)):
+            if "momentum_buffer" in state:
+                state.setdefault("momentum_fresh", bool(fresh))
+            for column, key in enumerate(T.LIVE_STATE_KEYS):
+                value = state.get(key, 0)
+                if isinstance(value, torch.Tensor):
+                    carried.append((row, column, value))
+                else:
+                    host[row, column] = value
+        self.live = torch.tensor(host, dtype=torch.float64, device=device)
+        if carried:
+            rows, columns, values = zip(*carried)
+            index = (torch.tensor(rows, device=device), torch.tensor(columns, device=device))
+            self.live.index_put_(index, torch.stack([v.to(device, torch.float64) for v in values]))
+        for row, state in enumerate(self.states):
+            for column, key in enumerate(T.LIVE_STATE_KEYS):
+                if key in state:
+                    state[key] = self.live[row, column]
+        self.static_ints[:, T.I_LIVE] = (self.live.data_ptr()
+                                         + np.arange(n, dtype=np.int64) * T.LIVE_COLUMNS * self.live.element_size())
+        self.device_ints = torch.zeros((n, T.INT_COLUMNS), dtype=torch.int64, device=device)
+        self.device_floats = torch.zeros((n, T.FLOAT_COLUMNS), dtype=torch.float32, device=device)
+        self.blocks = None
+        if self.backend is not TORCH:
+            numels = self.static_ints[:, T.I_NUMEL].tolist()
+            offsets = self.static_ints[:, T.I_OFFSET].tolist()
+            self.blocks = T.to_device(T.build_block_table(numels, offsets, self.backend.block_size), device)
+        self._group_rows = [torch.as_tensor(np.flatnonzero(self.group_of == g), device=device)
+                            for g in range(len(self.groups))]
+        self._uploaded = None     # the host tables last copied to the device
+        self._spare_staging = None if device.type == "cpu" else _pinned_like(
+            torch.from_numpy(self.static_ints), torch.from_numpy(np.zeros((n, T.FLOAT_COLUMNS), np.float32)))
+        self._graph_staging = []  # pinned copies captured in CUDA graphs: kept for their replays
+        self._graph_owned = False  # a captured upload may have run since: upload on every eager step
+
+    def upload(self, ints: np.ndarray, floats: np.ndarray) -> None:
+        """Copy changed host tables into the persistent device tables (same addresses, so
+        captured graphs keep reading them). Inside a capture the copy becomes part of the
+        graph -- from pinned buffers allocated beforehand and kept as long as the optimizer --
+        so each replay restores the tables it was captured with (e.g. the addresses of
+        gradients allocated in the graph's pool); eager steps then always upload."""
+        device = self.live.device
+        capturing = _capturing(device)
+        if (not capturing and not self._graph_owned and self._uploaded is not None
+                and np.array_equal(ints, self._uploaded[0]) and np.array_equal(floats, self._uploaded[1])):
+            return
+        host_ints, host_floats = torch.from_numpy(ints), torch.from_numpy(floats)
+        if device.type == "cpu":
+            self.device_ints.copy_(host_ints)
+            self.device_floats.copy_(host_floats)
+        elif capturing:
+            if self._spare_staging is None:
+                raise RuntimeError("nvrm_ext: a second table upload inside one CUDA graph capture; "
+                                   "run one step() eagerly between captures")
+            staging, self._spare_staging = self._spare_staging, None
+            staging[0].copy_(host_ints)  # host to pinned host: no device work
+            staging[1].copy_(host_floats)
+            self.device_ints.copy_(staging[0], non_blocking=True)
+            self.device_floats.copy_(staging[1], non_blocking=True)
+            self._graph_staging.append(staging)
+        else:
+            self.device_ints.copy_(host_ints.pin_memory(), non_blocking=True)
+            self.device_floats.copy_(host_floats.pin_memory(), non_blocking=True)
+            if self._spare_staging is None:
+                self._spare_staging = _pinned_like(host_ints, host_floats)
+        self._graph_owned = self._graph_owned or capturing
+        self._uploaded = None if capturing else (ints, floats)
+
+    def refresh_tensor_lrs(self) -> None:
+        """Groups whose lr is a tensor: copy it into their rows on the device, so a graph
+        replay (or an LR scheduler's in-place fill_) sees the current value."""
+        for group, rows in zip(self.groups, self._group_rows):
+            lr = group["lr"]
+            if isinstance(lr, torch.Tensor):
+                self.device_floats[rows, T.F_LR] = lr.to(self.live.device, torch.float32)
+
+    def release_grads(self) -> None:
+        self._grads = None
+
+    # ------------------------------------------------------------------ every step
     def rows(self) -> list:
         """(param, grad, states, compensation) per row, as the torch backend reads them (after tables())."""
         return [(param, grad, states, comp) for (param, states, comp), grad in zip(self.row_tensors, self._grads)]
 
-    def tables(self, grads, denoise: bool):
-        """The int64 and float32 tables of this step."""
-        n = len(self.params)
-        local_grads = []
-        for (param, _, _), g in zip(self.row_tensors, grads):
+    def _local_grads(self, grads) -> list:
+        """The gradients as the kernels read them: in the parameter's dtype and memory order."""
+        out = []
+        for row, ((param, _, _), g) in enumerate(zip(self.row_tensors, grads)):
             g = _local(g)
-            # the kernels read the gradient in the parameter's dtype and memory order
             if g.dtype != param.dtype or g.stride() != param.stride():
-                g = torch.empty_like(param).copy_(g)
-            local_grads.append(g)
-        self._grads = local_grads
+                buffer = self._converted[row]
+                if buffer is None:
+                    buffer = self._converted[row] = torch.empty_like(param)
+                g = buffer.copy_(g)
+            out.append(g)
+        return out
 
+    def tables(self, grads):
+        """The int64 and float32 tables of this step (host numpy). Host mode: resolved from
+        the counters in `optimizer.state`; capturable mode: the kernel resolves them."""
+        n = len(self.params)
+        opt = self.opt
+        self._grads = self._local_grads(grads)
         group_flags, group_rows, num_iters, new_types, new_scales = [], [], [], [], []
         for group in self.groups:
-            flags, row = self.opt._group_row(group)
+            flags, row = opt._group_row(group)
             group_flags.append(flags)
             group_rows.append(row)
             num_iters.append(group["num_iters"])
             new_types.append(spec.noise_type_code(group["noise_type"]))
             new_scales.append(float(group["variability"]))
         g = self.group_of
-        states = self.states
-        steps = np.fromiter((s["step"] for s in states), np.int64, n) + 1
-        new_steps = np.where(steps % np.asarray(num_iters, dtype=np.int64)[g] == 0, 0, steps)
-        old_steps = np.fromiter((s["noise_step"] for s in states), np.int64, n) if denoise else np.zeros(n, np.int64)
-        old_types = np.fromiter((s["noise_type"] for s in states), np.int64, n)
         new_types = np.asarray(new_types, dtype=np.int64)[g]
-
         ints = self.static_ints.copy()
-        ints[:, T.I_GRAD] = [t.data_ptr() for t in local_grads]
-        ints[:, T.I_OLD_STEP] = old_steps
-        ints[:, T.I_NEW_STEP] = new_steps
-        ints[:, T.I_FLAGS] = (np.asarray(group_flags, dtype=np.int64)[g]
-                              | (old_types << T.FLAG_OLD_TYPE_SHIFT) | (new_types << T.FLAG_NEW_TYPE_SHIFT)
-                              | np.where(self.momentum_init, T.FLAG_MOMENTUM_INIT, 0))
-        floats = np.asarray(group_rows, dtype=np.float64)[g]
-        self.opt._step_columns(floats, steps)
-        floats[:, T.F_OLD_SCALE] = np.fromiter((s["noise_scale"] for s in states), np.float64, n)
+        ints[:, T.I_GRAD] = [t.data_ptr() for t in self._grads]
+        ints[:, T.I_NUM_ITERS] = np.asarray(num_iters, dtype=np.int64)[g]
+        ints[:, T.I_FLAGS] = (np.asarray(group_flags, dtype=np.int64)[g] | (new_types << T.FLAG_NEW_TYPE_SHIFT)
+                              | (0 if opt._denoise else T.FLAG_KEEP_NOISE))
+        floats = np.asarray(group_rows, dtype=np.float64)[g].astype(np.float32)  # rounded once
         new_scales = np.asarray(new_scales, dtype=np.float64)[g]
         floats[:, T.F_NEW_SCALE] = new_scales
-        self._pending = (steps.tolist(), (new_steps if denoise else np.zeros(n, np.int64)).tolist(),
-                         new_types.tolist(), new_scales.tolist())
-        return ints, floats.astype(np.float32)  # host float64 constants rounded to float32 once
+        if self.live is None:
+            states = self.states
+            live = np.empty((n, T.LIVE_COLUMNS), dtype=np.float64)
+            for column, key in enumerate(T.LIVE_STATE_KEYS[:4]):
+                live[:, column] = np.fromiter((s[key] for s in states), np.float64, n)
+            live[:, T.L_FRESH] = self.momentum_init
+            T.resolve_rows(opt._op, ints, floats, live)
+            self._pending = (ints, floats, live, new_scales)
+        return ints, floats
 
-    def commit(self, denoise: bool) -> None:
-        """Record the launched step in the per-parameter state."""
-        steps, noise_steps, types, scales = self._pending
-        for state, step, noise_step, noise_type, scale in zip(self.states, steps, noise_steps, types, scales):
+    def commit(self) -> None:
+        """Host mode: record the launched step in the per-parameter state."""
+        ints, floats, live, new_scales = self._pending
+        T.commit_rows(ints, floats, live)
+        counters = live[:, :T.L_NOISE_SCALE].astype(np.int64).tolist()
+        for state, (step, noise_step, noise_type), scale in zip(self.states, counters, new_scales.tolist()):
             state["step"] = step
             state["noise_step"] = noise_step
             state["noise_type"] = noise_type

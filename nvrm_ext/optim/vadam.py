@@ -1,7 +1,6 @@
 """FusedVAdam: NVRM-Adam (Adam with bias correction, amsgrad, L2 or decoupled weight decay)."""
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from ..backends import tables as T
@@ -23,11 +22,12 @@ class FusedVAdam(NeuralVariableOptimizer):
 
     def __init__(self, params, lr=1e-3, variability=0.01, num_iters=1000, betas=(0.9, 0.999),
                  eps=1e-8, weight_decay=0, noise_type="Gaussian", amsgrad=False, decoupled=False,
-                 *, seed=None, backend="auto", denoise=True):
+                 *, seed=None, backend="auto", denoise=True, capturable=False):
         defaults = dict(lr=lr, variability=variability, num_iters=num_iters, betas=betas, eps=eps,
                         weight_decay=weight_decay, noise_type=noise_type, amsgrad=amsgrad,
                         decoupled=decoupled)
-        super().__init__(params, defaults, seed=seed, backend=backend, denoise=denoise)
+        super().__init__(params, defaults, seed=seed, backend=backend, denoise=denoise,
+                         capturable=capturable)
 
     def _validate_group(self, group: dict) -> None:
         super()._validate_group(group)
@@ -51,15 +51,9 @@ class FusedVAdam(NeuralVariableOptimizer):
 
     def _group_row(self, group: dict):
         flags = (T.FLAG_AMSGRAD if group["amsgrad"] else 0) | (T.FLAG_DECOUPLED if group["decoupled"] else 0)
-        lr, wd = float(group["lr"]), group["weight_decay"]
         beta1, beta2 = group["betas"]
-        row = [0.0] * T.FLOAT_COLUMNS
-        row[T.F_LR], row[T.F_WEIGHT_DECAY], row[T.F_EPS], row[T.F_DECAY] = lr, wd, group["eps"], 1.0 - lr * wd
+        row = [0.0] * T.FLOAT_COLUMNS  # the step-dependent columns: tables.resolve_rows
+        row[T.F_LR], row[T.F_WEIGHT_DECAY], row[T.F_EPS] = self._host_lr(group), group["weight_decay"], group["eps"]
         row[T.F_MOMENTUM], row[T.F_MOMENTUM_COEF] = beta1, 1.0 - beta1
         row[T.F_BETA2], row[T.F_BETA2_COEF] = beta2, 1.0 - beta2
         return flags, row
-
-    def _step_columns(self, floats: np.ndarray, steps: np.ndarray) -> None:
-        """Bias corrections: lr / (1 - beta1^t) and sqrt(1 - beta2^t), per parameter step t."""
-        floats[:, T.F_STEP_SIZE] = floats[:, T.F_LR] / (1.0 - floats[:, T.F_MOMENTUM] ** steps)
-        floats[:, T.F_SQRT_BC2] = np.sqrt(1.0 - floats[:, T.F_BETA2] ** steps)

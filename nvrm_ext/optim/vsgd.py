@@ -41,11 +41,12 @@ class FusedVSGD(NeuralVariableOptimizer):
 
     def __init__(self, params, lr=required, variability=0.01, num_iters=1000, momentum=0, dampening=0,
                  weight_decay=0, noise_type="Gaussian", nesterov=False, *, seed=None,
-                 backend="auto", denoise=True):
+                 backend="auto", denoise=True, capturable=False):
         defaults = dict(lr=lr, variability=variability, num_iters=num_iters, momentum=momentum,
                         dampening=dampening, weight_decay=weight_decay, noise_type=noise_type,
                         nesterov=nesterov)
-        super().__init__(params, defaults, seed=seed, backend=backend, denoise=denoise)
+        super().__init__(params, defaults, seed=seed, backend=backend, denoise=denoise,
+                         capturable=capturable)
 
     def _validate_group(self, group: dict) -> None:
         super()._validate_group(group)
@@ -73,7 +74,7 @@ class FusedVSGD(NeuralVariableOptimizer):
         if group["momentum"] != 0:
             flags |= T.FLAG_MOMENTUM | (T.FLAG_NESTEROV if group["nesterov"] else 0)
         row = [0.0] * T.FLOAT_COLUMNS
-        row[T.F_LR] = float(group["lr"])
+        row[T.F_LR] = self._host_lr(group)
         row[T.F_WEIGHT_DECAY] = group["weight_decay"]
         row[T.F_MOMENTUM] = group["momentum"]
         row[T.F_MOMENTUM_COEF] = 1.0 - group["dampening"]
