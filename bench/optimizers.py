@@ -33,6 +33,7 @@ class Implementation:
     name: str                 # stable id: test ids, JSON, report columns
     kind: str                 # "original" | "torch" | "nvrm"
     backend: str | None       # nvrm_ext backend, or the torch.optim variant ("foreach"/"fused")
+    capturable: bool = False  # nvrm_ext: counters and tables on the device
 
     def label(self, family: str) -> str:
         base = {"sgd": "SGD", "adam": "Adam"}[family]
@@ -40,10 +41,12 @@ class Implementation:
             return f"OriginalV{base}"
         if self.kind == "torch":
             return f"torch {base}({self.backend})"
-        return f"FusedV{base}[{self.backend}]"
+        return f"FusedV{base}[{self.backend}{', capturable' if self.capturable else ''}]"
 
     def build(self, family: str, params: list[torch.Tensor]) -> torch.optim.Optimizer:
         """Construct the optimizer; raises if it cannot run on these parameters."""
+        if self.capturable:
+            return _BUILDERS[(self.kind, family)](params, self.backend, capturable=True)
         return _BUILDERS[(self.kind, family)](params, self.backend)
 
     def expected_state_bytes_per_param(self, family: str, dtype: torch.dtype) -> float | None:
@@ -53,7 +56,7 @@ class Implementation:
         noise is regenerated). torch's Adam also keeps a scalar step tensor per parameter, so
         its figure depends on the tensor count and is not asserted.
         """
-        if dtype != torch.float32:
+        if dtype != torch.float32 or self.capturable:  # capturable: + 5 float64 counters per tensor
             return None
         base = {"sgd": 4, "adam": 8}[family]
         if self.kind == "original":
@@ -71,6 +74,8 @@ IMPLEMENTATIONS = (
     Implementation("nvrm-cpu", "nvrm", "cpu"),
     Implementation("nvrm-triton", "nvrm", "triton"),
     Implementation("nvrm-cuda", "nvrm", "cuda"),
+    Implementation("nvrm-cpu-capturable", "nvrm", "cpu", capturable=True),
+    Implementation("nvrm-cuda-capturable", "nvrm", "cuda", capturable=True),
 )
 
 
@@ -83,10 +88,10 @@ _BUILDERS: dict[tuple[str, str], Callable] = {
     ("original", "adam"): lambda params, _: OriginalVAdam(params, **ADAM_HYPER, **NOISE_HYPER),
     ("torch", "sgd"): lambda params, variant: torch.optim.SGD(params, **SGD_HYPER, **_torch_flags(variant)),
     ("torch", "adam"): lambda params, variant: torch.optim.Adam(params, **ADAM_HYPER, **_torch_flags(variant)),
-    ("nvrm", "sgd"): lambda params, backend: nvrm_ext.FusedVSGD(
-        params, **SGD_HYPER, **NOISE_HYPER, seed=NOISE_SEED, backend=backend),
-    ("nvrm", "adam"): lambda params, backend: nvrm_ext.FusedVAdam(
-        params, **ADAM_HYPER, **NOISE_HYPER, seed=NOISE_SEED, backend=backend),
+    ("nvrm", "sgd"): lambda params, backend, **flags: nvrm_ext.FusedVSGD(
+        params, **SGD_HYPER, **NOISE_HYPER, seed=NOISE_SEED, backend=backend, **flags),
+    ("nvrm", "adam"): lambda params, backend, **flags: nvrm_ext.FusedVAdam(
+        params, **ADAM_HYPER, **NOISE_HYPER, seed=NOISE_SEED, backend=backend, **flags),
 }
 
 

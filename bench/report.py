@@ -21,7 +21,8 @@ DEFAULT_INPUTS = sorted((BENCH_DIR / "results").glob("*.json"))
 
 ORIGINAL = "original"
 TORCH_FUSED = "torch-fused"
-IMPLEMENTATION_ORDER = ("original", "torch-foreach", "torch-fused", "nvrm-torch", "nvrm-cpu", "nvrm-triton", "nvrm-cuda")
+IMPLEMENTATION_ORDER = ("original", "torch-foreach", "torch-fused", "nvrm-torch", "nvrm-cpu", "nvrm-cpu-capturable",
+                        "nvrm-triton", "nvrm-cuda", "nvrm-cuda-capturable")
 STYLE = {  # one colour per implementation, shared by both families
     "original": dict(color="tab:red", marker="o"),
     "torch-foreach": dict(color="tab:gray", marker="s", linestyle="--"),
@@ -30,6 +31,8 @@ STYLE = {  # one colour per implementation, shared by both families
     "nvrm-cpu": dict(color="tab:blue", marker="D"),
     "nvrm-triton": dict(color="tab:green", marker="D"),
     "nvrm-cuda": dict(color="tab:purple", marker="D"),
+    "nvrm-cpu-capturable": dict(color="tab:blue", marker="x", linestyle="--"),
+    "nvrm-cuda-capturable": dict(color="tab:purple", marker="x", linestyle="--"),
 }
 FAMILY_TITLE = {"sgd": "SGD with momentum", "adam": "Adam"}
 STEP_TIME_KEYS = {"workload", "family", "implementation", "numel"}  # what test_step_time records

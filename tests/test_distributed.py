@@ -35,9 +35,12 @@ def _batch(step):
 
 
 def _optimizer(kind, params, seed):
-    if kind == "vsgd":
-        return nvrm_ext.FusedVSGD(params, lr=0.05, momentum=0.9, variability=0.02, num_iters=7, seed=seed)
-    return nvrm_ext.FusedVAdam(params, lr=1e-2, variability=0.02, num_iters=7, seed=seed)
+    """kind: 'vsgd' or 'vadam', '-capturable' for device-side counters (same trajectory)."""
+    capturable = kind.endswith("-capturable")
+    if kind.startswith("vsgd"):
+        return nvrm_ext.FusedVSGD(params, lr=0.05, momentum=0.9, variability=0.02, num_iters=7, seed=seed,
+                                  capturable=capturable)
+    return nvrm_ext.FusedVAdam(params, lr=1e-2, variability=0.02, num_iters=7, seed=seed, capturable=capturable)
 
 
 def _train(model, opt, rank, world, steps=STEPS):
@@ -51,7 +54,7 @@ def _train(model, opt, rank, world, steps=STEPS):
 
 def _single_process(kind):
     model = _model()
-    opt = _optimizer(kind, model.parameters(), seed=1234)
+    opt = _optimizer(kind.replace("-capturable", ""), model.parameters(), seed=1234)  # the host-mode reference
     _train(model, opt, 0, 1)
     with opt.denoised():
         clean = [p.detach().clone() for p in model.parameters()]
@@ -90,7 +93,7 @@ def _run(mode, kind, tmp_path):
     return [torch.load(tmp_path / f"{rank}.pt") for rank in range(WORLD)]
 
 
-@pytest.mark.parametrize("kind", ["vsgd", "vadam"])
+@pytest.mark.parametrize("kind", ["vsgd", "vadam", "vsgd-capturable"])
 def test_ddp_replicas_agree_and_match_single_process(kind, tmp_path):
     results = _run("ddp", kind, tmp_path)
     assert results[0]["seed"] == results[1]["seed"] == 1234
@@ -103,7 +106,7 @@ def test_ddp_replicas_agree_and_match_single_process(kind, tmp_path):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["vsgd", "vadam"])
+@pytest.mark.parametrize("kind", ["vsgd", "vadam", "vadam-capturable"])
 def test_fsdp2_sharded_run_equals_unsharded_run(kind, tmp_path):
     pytest.importorskip("torch.distributed.fsdp")
     results = _run("fsdp", kind, tmp_path)

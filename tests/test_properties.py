@@ -1,7 +1,8 @@
 """Property-based checks over shapes, dtypes and group layouts (hypothesis).
 
 Whatever the layout, the Triton kernel and the torch reference make the same step (bit for bit
-with Uniform noise), and grouping does not change the noise a parameter gets.
+with Uniform noise), grouping does not change the noise a parameter gets, and a capturable run
+with randomly skipped steps is the host-mode run.
 """
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -12,17 +13,24 @@ import nvrm_ext
 shapes = st.lists(st.lists(st.integers(1, 9), min_size=1, max_size=3).map(tuple), min_size=1, max_size=5)
 
 
-def _run(cls, shape_list, group_of, dtype, backend, steps=2, **kwargs):
+def _run(cls, shape_list, group_of, dtype, backend, steps=2, skipped=(), **kwargs):
     g = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in shape_list]
     n_groups = max(group_of) + 1
     groups = [{"params": [p for p, k in zip(params, group_of) if k == i],
-               "lr": 0.01 * (i + 1), "variability": 0.01 * (i + 1)} for i in range(n_groups)]
+               "lr": 0.01 * (i + 1), "variability": 0.01 * (i + 1), "num_iters": 2 + i} for i in range(n_groups)]
     groups = [grp for grp in groups if grp["params"]]
     opt = cls(groups, noise_type="Uniform", seed=9, backend=backend, **kwargs)
     for step in range(steps):
-        for p in params:
-            p.grad = torch.randn(p.shape, generator=g).to(dtype)
+        grads = [torch.randn(p.shape, generator=g).to(dtype) for p in params]
+        if step in skipped:  # GradScaler's fused protocol with an inf found: nothing may change
+            for p, grad in zip(params, grads):
+                p.grad = grad * 2
+            opt.grad_scale, opt.found_inf = torch.tensor(2.0), torch.tensor(1.0)
+            opt.step()
+            del opt.grad_scale, opt.found_inf
+        for p, grad in zip(params, grads):
+            p.grad = grad
         opt.step()
     return [p.detach() for p in params]
 
@@ -36,6 +44,19 @@ def test_triton_equals_torch_for_any_layout(shape_list, data, dtype, adam):
     a = _run(cls, shape_list, group_of, dtype, "torch", **kwargs)
     b = _run(cls, shape_list, group_of, dtype, "triton", **kwargs)
     for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+@settings(max_examples=25, deadline=None)
+@given(shape_list=shapes, data=st.data(), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+       adam=st.booleans(), steps=st.integers(1, 6))
+def test_capturable_with_skipped_steps_equals_host_mode(shape_list, data, dtype, adam, steps):
+    group_of = data.draw(st.lists(st.integers(0, 2), min_size=len(shape_list), max_size=len(shape_list)))
+    skipped = data.draw(st.sets(st.integers(0, steps - 1)))
+    cls, kwargs = (nvrm_ext.FusedVAdam, {"amsgrad": True}) if adam else (nvrm_ext.FusedVSGD, {"momentum": 0.9, "dampening": 0.3})
+    host = _run(cls, shape_list, group_of, dtype, "cpu", steps=steps, **kwargs)
+    live = _run(cls, shape_list, group_of, dtype, "cpu", steps=steps, skipped=skipped, capturable=True, **kwargs)
+    for x, y in zip(host, live):
         assert torch.equal(x, y)
 
 

@@ -379,6 +379,10 @@ class NeuralVariableOptimizer(Optimizer):
             scale, skip = (None if t is None else t.to(device=device, dtype=torch.float32, non_blocking=True)
                            for t in (grad_scale, found_inf))
             if backend is TORCH:
+                if _capturing(device):
+                    raise RuntimeError(
+                        f"{type(self).__name__}: the 'torch' backend reads the counters on the host "
+                        "and cannot be captured in a CUDA graph; use backend='cuda' or 'triton'")
                 TORCH.run(self._op, plan.rows(), plan.device_ints, plan.device_floats, self._seed,
                           live=plan.live, grad_scale=scale, found_inf=skip)
             else:

@@ -14,8 +14,8 @@ class FusedVAdam(NeuralVariableOptimizer):
     after the bias-corrected square root), ``amsgrad``, and ``decoupled=True`` for AdamW-style
     weight decay (``p *= 1 - lr*weight_decay``) instead of L2 (``g += weight_decay*p``); both act
     on the perturbed weights, as in the original. Unlike the original, ``p.grad`` is not
-    modified by the L2 term. Noise handling, ``num_iters``, ``seed``, ``backend``, ``denoise``
-    and ``denoised()`` as in :class:`FusedVSGD`.
+    modified by the L2 term. Noise handling, ``num_iters``, ``seed``, ``backend``, ``denoise``,
+    ``capturable`` and ``denoised()`` as in :class:`FusedVSGD`.
     """
 
     _op = T.OP_ADAM

@@ -35,6 +35,13 @@ class FusedVSGD(NeuralVariableOptimizer):
         backend: 'auto', 'torch', 'triton', 'cpu' or 'cuda'.
         denoise: False gives PSGD (noise added each step, never removed), the paper's
             perturbed-gradient baseline.
+        capturable: keep the per-parameter counters on the parameters' device (``state["step"]``
+            etc. become 0-dim float64 tensors) and the launch tables there, so that ``step()``
+            reads nothing back to the host: it can be captured in a CUDA graph, and it accepts
+            ``torch.amp.GradScaler``'s fused protocol (``grad_scale`` / ``found_inf``: the
+            gradients are unscaled in place and an inf step is skipped on the device). A tensor
+            ``lr`` is then read on the device at every step. Same trajectory, bit for bit, as
+            ``capturable=False``; checkpoints move freely between the two.
     """
 
     _op = T.OP_SGD
