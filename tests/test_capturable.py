@@ -138,6 +138,25 @@ def test_grad_scale_divides_the_gradients_and_leaves_them_unscaled(backend, dtyp
     assert _same(params_scaled, params_plain)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_grad_scale_reaches_gradients_of_another_dtype(backend):
+    """A float32 gradient of a bfloat16 parameter is read through a conversion buffer; it is
+    still left unscaled after the step (in the parameter's precision), and untouched when skipped."""
+    params = _params(torch.bfloat16)
+    for p in params:
+        if hasattr(p, "grad_dtype"):  # torch >= 2.10 checks gradient dtypes unless told not to
+            p.grad_dtype = None
+    opt = nvrm_ext.FusedVSGD(params, lr=0.1, seed=1, backend=backend, capturable=True)
+    for found_inf in (1.0, 0.0):
+        for p in params:
+            p.grad = torch.full(p.shape, 12.0, dtype=torch.float32)
+        opt.grad_scale, opt.found_inf = torch.tensor(4.0), torch.tensor(found_inf)
+        opt.step()
+        expected = 12.0 if found_inf else 3.0
+        assert all(p.grad.dtype == torch.float32 and bool((p.grad == expected).all()) for p in params)
+    assert opt.state[params[0]]["step"].item() == 1
+
+
 def _gradscaler_run(backend, capturable, steps=8, inf_at=(2, 5)):
     """A small model trained with torch.amp.GradScaler('cpu'), gradients poisoned with inf at
     `inf_at`: the host-mode optimizer goes through GradScaler's standard path (unscale_, a

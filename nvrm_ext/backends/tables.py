@@ -126,8 +126,8 @@ def power(base: np.ndarray, exponent: np.ndarray) -> np.ndarray:
     bits -- unlike pow(), whose last bit differs between libraries."""
     result = np.ones(np.broadcast(base, exponent).shape, dtype=np.float64)
     x = np.array(base, dtype=np.float64)
-    e = np.asarray(exponent, dtype=np.int64)
-    for bit in range(32):
+    e = np.asarray(exponent, dtype=np.int64) & 0xFFFFFFFF
+    for bit in range(int(e.max(initial=0)).bit_length()):  # higher bits are 0: nothing changes
         result = np.where((e >> bit) & 1, result * x, result)
         x = x * x
     return result

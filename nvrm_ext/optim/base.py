@@ -388,6 +388,8 @@ class NeuralVariableOptimizer(Optimizer):
             else:
                 backend.launch(self._op, bucket[1], plan.device_ints, plan.device_floats, plan.blocks,
                                self._seed, commit_rows=len(plan.params), grad_scale=scale, found_inf=skip)
+            if scale is not None:
+                plan.write_back_converted(grads, skip)
             plan.release_grads()
 
     def _bucket_plan(self, bucket, members, backend) -> "_BucketPlan":
@@ -656,6 +658,15 @@ class _BucketPlan:
             lr = group["lr"]
             if isinstance(lr, torch.Tensor):
                 self.device_floats[rows, T.F_LR] = lr.to(self.live.device, torch.float32)
+
+    def write_back_converted(self, grads, found_inf) -> None:
+        """Gradients the kernel read through a conversion buffer (another dtype or layout than
+        the parameter): give them the unscaled values it wrote there, unless the step was skipped."""
+        for g, buffer in zip(grads, self._grads):
+            g = _local(g)
+            if g.data_ptr() != buffer.data_ptr():
+                unscaled = buffer.to(g.dtype)
+                g.copy_(unscaled if found_inf is None else torch.where(found_inf != 0, g, unscaled))
 
     def release_grads(self) -> None:
         self._grads = None
