@@ -1,4 +1,4 @@
-"""The Triton kernels compile for a real GPU (sm_90), checked without one.
+"""The Triton kernels (optimizer step, commit, AMP, Disout) compile for a GPU (sm_90), without one.
 
 Triton's interpreter runs the kernels' Python semantics on the CPU; it does not lower them, so
 it cannot catch what only the compiler sees (types that differ between the branches of a runtime
@@ -46,6 +46,36 @@ compiled = triton.compile(ASTSource(fn=K._commit_kernel, signature=commit_signat
                                                 "FLOAT_COLUMNS": T.FLOAT_COLUMNS, "HAS_FOUND_INF": True}),
                           target=target, options={"enable_fp_fusion": False})
 out["commit"] = compiled.asm["ptx"]
+
+# the sibling regularizers' kernels (nvrm_ext/ops)
+from nvrm_ext.ops import amp_triton as A, disout_triton as D
+amp_tables = {"blocks": "*i64", "ints": "*i64", "DTYPE": "constexpr", "BLOCK": "constexpr", "INT_COLUMNS": "constexpr"}
+for first in (True, False):
+    compiled = triton.compile(ASTSource(
+        fn=A._clip_and_perturb_kernel,
+        signature={**amp_tables, "floats": "*fp32", "tiny": "fp32", "FIRST": "constexpr", "FLOAT_COLUMNS": "constexpr"},
+        constexprs={"FIRST": first, "DTYPE": tl.bfloat16, "BLOCK": A.BLOCK, "INT_COLUMNS": A.INT_COLUMNS,
+                    "FLOAT_COLUMNS": A.FLOAT_COLUMNS}), target=target, options={"enable_fp_fusion": False})
+    out[f"amp-perturb-{first}"] = compiled.asm["ptx"]
+compiled = triton.compile(ASTSource(fn=A._restore_kernel, signature=amp_tables,
+                                    constexprs={"DTYPE": tl.float32, "BLOCK": A.BLOCK, "INT_COLUMNS": A.INT_COLUMNS}),
+                          target=target)
+out["amp-restore"] = compiled.asm["ptx"]
+sizes = {"numel": "i64", "height": "i64", "width": "i64", "seed": "i64", "gamma": "fp32", "block_size": "i64",
+         "BLOCK": "constexpr"}
+disout = {
+    "count": (D._count_kept_kernel, {"kept_ptr": "*i64"}),
+    "forward": (D._forward_kernel, {"x_ptr": "*fp16", "out_ptr": "*fp16", "std_ptr": "*fp32", "scale_ptr": "*fp32",
+                                    "distortion_coef": "fp32"}),
+    "backward": (D._backward_kernel, {"grad_out_ptr": "*fp32", "grad_in_ptr": "*fp32", "scale_ptr": "*fp32"}),
+    "draws": (D._draws_kernel, {"distorted_ptr": "*i8", "noise_ptr": "*fp32"}),
+}
+for name, (fn, pointers) in disout.items():
+    names = fn.arg_names
+    signature = {arg: {**pointers, **sizes}[arg] for arg in names}
+    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs={"BLOCK": D.ELEMENTS_PER_PROGRAM}),
+                              target=target)
+    out[f"disout-{name}"] = compiled.asm["ptx"]
 json.dump(out, sys.stdout)
 """
 
@@ -69,13 +99,17 @@ def _count(pattern: str, text: str) -> int:
 
 
 def test_every_variant_compiles_for_sm90(ptx):
-    assert set(ptx) == {f"step-{op}-{dtype}-{scaler}" for op, dtype, scaler in VARIANTS} | {"commit"}
+    regularizers = {"amp-perturb-True", "amp-perturb-False", "amp-restore", "disout-count", "disout-forward",
+                    "disout-backward", "disout-draws"}
+    assert set(ptx) == {f"step-{op}-{dtype}-{scaler}" for op, dtype, scaler in VARIANTS} | {"commit"} | regularizers
     for name, text in ptx.items():
         assert ".target sm_90" in text, name
 
 
 def test_float32_division_is_ieee_rounded(ptx):
     for name, text in ptx.items():
+        if not name.startswith(("step", "commit")):
+            continue  # the regularizers promise no bit-exactness across backends
         assert _count("div.full.f32", text) == 0 and _count("div.approx.f32", text) == 0, name
     assert _count("div.rn.f32", ptx["step-1-fp32-True"]) > 0  # Adam: m / denom, sqrt(v) / sqrt_bc2
     assert _count("div.rn.f32", ptx["step-0-bf16-True"]) > 0  # the gradient unscale
