@@ -372,6 +372,26 @@ def test_counters_survive_a_rebuild_of_the_launch_data(backend):
     assert runs[1][1].state[runs[1][0][1]]["step"].item() == 3
 
 
+def test_deepcopy_of_a_capturable_optimizer_continues_identically():
+    """The copy's counters are its own: stepping one does not advance the other."""
+    cls, kwargs = CONFIGS["adam-decoupled"]
+    params = _params()
+    opt = _optimizer(cls, kwargs, params, "cpu", capturable=True)
+    grads = _grads(params, 3)
+    for p, g in zip(params, grads[0]):
+        p.grad = g.clone()
+    opt.step()
+    twin = copy.deepcopy({"params": params, "opt": opt})
+    assert twin["opt"].capturable
+    for step_grads in grads[1:]:
+        for p, q, g in zip(params, twin["params"], step_grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        twin["opt"].step()
+    assert _same(params, twin["params"])
+    assert opt.state[params[0]]["step"].item() == twin["opt"].state[twin["params"][0]]["step"].item() == 3
+
+
 def test_grad_scale_and_found_inf_need_capturable():
     params = _params()
     opt = nvrm_ext.FusedVSGD(params, lr=0.1, backend="cpu")
