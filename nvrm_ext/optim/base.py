@@ -372,25 +372,30 @@ class NeuralVariableOptimizer(Optimizer):
             if plan.live is None:
                 self._launch(backend, self._op, bucket, plan.rows(), ints, floats)
                 plan.commit()
-                continue
-            device = bucket[0]
-            plan.upload(ints, floats)
-            plan.refresh_tensor_lrs()
-            scale, skip = (None if t is None else t.to(device=device, dtype=torch.float32, non_blocking=True)
-                           for t in (grad_scale, found_inf))
-            if backend is TORCH:
-                if _capturing(device):
-                    raise RuntimeError(
-                        f"{type(self).__name__}: the 'torch' backend reads the counters on the host "
-                        "and cannot be captured in a CUDA graph; use backend='cuda' or 'triton'")
-                TORCH.run(self._op, plan.rows(), plan.device_ints, plan.device_floats, self._seed,
-                          live=plan.live, grad_scale=scale, found_inf=skip)
             else:
-                backend.launch(self._op, bucket[1], plan.device_ints, plan.device_floats, plan.blocks,
-                               self._seed, commit_rows=len(plan.params), grad_scale=scale, found_inf=skip)
-            if scale is not None:
-                plan.write_back_converted(grads, skip)
-            plan.release_grads()
+                self._launch_live(backend, bucket, plan, grads, ints, floats, grad_scale, found_inf)
+
+    def _launch_live(self, backend, bucket, plan: "_BucketPlan", grads, ints, floats, grad_scale, found_inf):
+        """Capturable mode: bring the persistent device tables up to date, then one launch that
+        resolves, updates and commits (the commit is a second small kernel on CUDA / Triton);
+        nothing is read back to the host."""
+        device, dtype = bucket
+        if backend is TORCH and _capturing(device):
+            raise RuntimeError(f"{type(self).__name__}: the 'torch' backend reads the counters on the host "
+                               "and cannot be captured in a CUDA graph; use backend='cuda' or 'triton'")
+        plan.upload(ints, floats)
+        plan.refresh_tensor_lrs()
+        scale, skip = (None if t is None else t.to(device=device, dtype=torch.float32, non_blocking=True)
+                       for t in (grad_scale, found_inf))
+        if backend is TORCH:
+            TORCH.run(self._op, plan.rows(), plan.device_ints, plan.device_floats, self._seed,
+                      live=plan.live, grad_scale=scale, found_inf=skip)
+        else:
+            backend.launch(self._op, dtype, plan.device_ints, plan.device_floats, plan.blocks, self._seed,
+                           commit_rows=len(plan.params), grad_scale=scale, found_inf=skip)
+        if scale is not None:
+            plan.write_back_converted(grads, skip)
+        plan.release_grads()
 
     def _bucket_plan(self, bucket, members, backend) -> "_BucketPlan":
         """The cached launch data of a bucket, rebuilt when anything it holds an address of or
