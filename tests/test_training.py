@@ -51,14 +51,15 @@ def test_saved_clean_weights_load_into_a_fresh_model():
             assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpu"])
-def test_torch_compile_of_a_training_step_matches_eager(backend):
+@pytest.mark.parametrize("backend,capturable", [("torch", False), ("cpu", False), ("cpu", True)])
+def test_torch_compile_of_a_training_step_matches_eager(backend, capturable):
     """The optimizer step is opaque to the compiler: no graph-break storm, same numbers."""
     results = []
     for compiled in (False, True):
         torch._dynamo.reset()
         model = _model()
-        opt = nvrm_ext.FusedVSGD(model.parameters(), lr=0.1, momentum=0.9, seed=2, backend=backend)
+        opt = nvrm_ext.FusedVSGD(model.parameters(), lr=0.1, momentum=0.9, seed=2, backend=backend,
+                                 capturable=capturable)
 
         def train_step(x, y):
             opt.zero_grad()
@@ -77,7 +78,7 @@ def test_torch_compile_of_a_training_step_matches_eager(backend):
 
     torch._dynamo.reset()
     model = _model()
-    opt = nvrm_ext.FusedVSGD(model.parameters(), lr=0.1, seed=2, backend=backend)
+    opt = nvrm_ext.FusedVSGD(model.parameters(), lr=0.1, seed=2, backend=backend, capturable=capturable)
 
     def train_step(x, y):
         opt.zero_grad()
