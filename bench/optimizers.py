@@ -34,6 +34,7 @@ class Implementation:
     kind: str                 # "original" | "torch" | "nvrm"
     backend: str | None       # nvrm_ext backend, or the torch.optim variant ("foreach"/"fused")
     capturable: bool = False  # nvrm_ext: counters and tables on the device
+    graph: bool = False       # the step captured once in a CUDA graph and replayed (needs capturable)
 
     def label(self, family: str) -> str:
         base = {"sgd": "SGD", "adam": "Adam"}[family]
@@ -41,7 +42,8 @@ class Implementation:
             return f"OriginalV{base}"
         if self.kind == "torch":
             return f"torch {base}({self.backend})"
-        return f"FusedV{base}[{self.backend}{', capturable' if self.capturable else ''}]"
+        mode = ", CUDA graph" if self.graph else ", capturable" if self.capturable else ""
+        return f"FusedV{base}[{self.backend}{mode}]"
 
     def build(self, family: str, params: list[torch.Tensor]) -> torch.optim.Optimizer:
         """Construct the optimizer; raises if it cannot run on these parameters."""
@@ -76,6 +78,7 @@ IMPLEMENTATIONS = (
     Implementation("nvrm-cuda", "nvrm", "cuda"),
     Implementation("nvrm-cpu-capturable", "nvrm", "cpu", capturable=True),
     Implementation("nvrm-cuda-capturable", "nvrm", "cuda", capturable=True),
+    Implementation("nvrm-cuda-graph", "nvrm", "cuda", capturable=True, graph=True),
 )
 
 
@@ -100,4 +103,6 @@ def skip_reason(impl: Implementation, device: torch.device) -> str | None:
     if impl.backend == "triton" and device.type == "cpu":
         return ("Triton runs CPU tensors only in its interpreter (TRITON_INTERPRET=1), which is far "
                 "too slow to benchmark")
+    if impl.graph and device.type != "cuda":
+        return "CUDA graphs need a CUDA device"
     return None

@@ -22,7 +22,7 @@ DEFAULT_INPUTS = sorted((BENCH_DIR / "results").glob("*.json"))
 ORIGINAL = "original"
 TORCH_FUSED = "torch-fused"
 IMPLEMENTATION_ORDER = ("original", "torch-foreach", "torch-fused", "nvrm-torch", "nvrm-cpu", "nvrm-cpu-capturable",
-                        "nvrm-triton", "nvrm-cuda", "nvrm-cuda-capturable")
+                        "nvrm-triton", "nvrm-cuda", "nvrm-cuda-capturable", "nvrm-cuda-graph")
 STYLE = {  # one colour per implementation, shared by both families
     "original": dict(color="tab:red", marker="o"),
     "torch-foreach": dict(color="tab:gray", marker="s", linestyle="--"),
@@ -33,6 +33,7 @@ STYLE = {  # one colour per implementation, shared by both families
     "nvrm-cuda": dict(color="tab:purple", marker="D"),
     "nvrm-cpu-capturable": dict(color="tab:blue", marker="x", linestyle="--"),
     "nvrm-cuda-capturable": dict(color="tab:purple", marker="x", linestyle="--"),
+    "nvrm-cuda-graph": dict(color="tab:purple", marker="*", linestyle=":"),
 }
 FAMILY_TITLE = {"sgd": "SGD with momentum", "adam": "Adam"}
 STEP_TIME_KEYS = {"workload", "family", "implementation", "numel"}  # what test_step_time records
@@ -140,9 +141,10 @@ def device_table(records: list[dict]) -> list[str]:
 
 def _best_fused(impls: dict[str, dict]) -> dict | None:
     """The fastest nvrm_ext fused backend of a case in its default mode (the reference 'torch'
-    backend and capturable=True, whose counters add state and a commit launch, excluded)."""
+    backend and capturable=True / CUDA-graph replay, whose counters add state and a commit
+    launch, excluded)."""
     fused = [r for name, r in impls.items()
-             if name.startswith("nvrm-") and name != "nvrm-torch" and not name.endswith("-capturable")]
+             if name.startswith("nvrm-") and name != "nvrm-torch" and not name.endswith(("-capturable", "-graph"))]
     return min(fused, key=lambda r: r["min_s"]) if fused else None
 
 

@@ -640,8 +640,9 @@ class _BucketPlan:
             self.device_floats.copy_(host_floats)
         elif capturing:
             if self._spare_staging is None:
-                raise RuntimeError("nvrm_ext: a second table upload inside one CUDA graph capture; "
-                                   "run one step() eagerly between captures")
+                raise RuntimeError("nvrm_ext: no spare pinned buffer for a table upload inside this CUDA "
+                                   "graph capture (one step() per capture); run one step() eagerly "
+                                   "before each capture")
             staging, self._spare_staging = self._spare_staging, None
             staging[0].copy_(host_ints)  # host to pinned host: no device work
             staging[1].copy_(host_floats)
