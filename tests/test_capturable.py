@@ -297,21 +297,31 @@ def test_lr_scheduler_with_a_tensor_lr_fills_it_in_place():
     assert opt.param_groups[0]["lr"] is lr and lr.item() == np.float32(0.05)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
-def test_float_hyperparameters_changed_between_steps_are_uploaded(backend):
-    cls, kwargs = CONFIGS["sgd-momentum-dampening"]
+def _host_and_capturable_runs(config, backend, steps, before_step):
+    """[(params, optimizer)] of a host-mode and a capturable run; before_step(opt, params, k,
+    grads) sets up step k (gradients included)."""
+    cls, kwargs = CONFIGS[config]
     runs = []
     for capturable in (False, True):
         params = _params()
         opt = _optimizer(cls, kwargs, params, backend, capturable)
-        for k, step_grads in enumerate(_grads(params, 4)):
-            opt.param_groups[0]["lr"] = 0.1 / (k + 1)
-            opt.param_groups[1]["momentum"] = 0.5 + 0.1 * k
-            for p, g in zip(params, step_grads):
-                p.grad = g  # fresh gradient storage every step, as after zero_grad(set_to_none=True)
+        for k, step_grads in enumerate(_grads(params, steps)):
+            before_step(opt, params, k, step_grads)
             opt.step()
-        runs.append(params)
-    assert _same(*runs)
+        runs.append((params, opt))
+    return runs
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_float_hyperparameters_changed_between_steps_are_uploaded(backend):
+    def before_step(opt, params, k, step_grads):
+        opt.param_groups[0]["lr"] = 0.1 / (k + 1)
+        opt.param_groups[1]["momentum"] = 0.5 + 0.1 * k
+        for p, g in zip(params, step_grads):
+            p.grad = g  # fresh gradient storage every step, as after zero_grad(set_to_none=True)
+
+    (host, _), (live, _) = _host_and_capturable_runs("sgd-momentum-dampening", backend, 4, before_step)
+    assert _same(host, live)
 
 
 @pytest.mark.parametrize("source,target", [(True, False), (False, True), (True, True)])
@@ -358,18 +368,13 @@ def test_checkpoint_after_a_skipped_first_step_keeps_the_momentum_buffer_fresh()
 def test_counters_survive_a_rebuild_of_the_launch_data(backend):
     """A parameter that first gets a gradient at step 3 rebuilds the bucket's launch data; the
     counters already on the device are carried over, not reset."""
-    cls, kwargs = CONFIGS["adam-decoupled"]
-    runs = []
-    for capturable in (False, True):
-        params = _params()
-        opt = _optimizer(cls, kwargs, params, backend, capturable)
-        for k, step_grads in enumerate(_grads(params, 6)):
-            for i, (p, g) in enumerate(zip(params, step_grads)):
-                p.grad = g if (i != 1 or k >= 3) else None
-            opt.step()
-        runs.append((params, opt))
-    assert _same(runs[0][0], runs[1][0])
-    assert runs[1][1].state[runs[1][0][1]]["step"].item() == 3
+    def before_step(opt, params, k, step_grads):
+        for i, (p, g) in enumerate(zip(params, step_grads)):
+            p.grad = g if (i != 1 or k >= 3) else None
+
+    (host, _), (live, live_opt) = _host_and_capturable_runs("adam-decoupled", backend, 6, before_step)
+    assert _same(host, live)
+    assert live_opt.state[live[1]]["step"].item() == 3
 
 
 def test_deepcopy_of_a_capturable_optimizer_continues_identically():

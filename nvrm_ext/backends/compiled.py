@@ -128,10 +128,6 @@ def _signed(seed: int) -> int:
     return seed - (1 << 64) if seed >= 1 << 63 else seed
 
 
-def _address(t: Optional[torch.Tensor]) -> Optional[int]:
-    return None if t is None else t.data_ptr()
-
-
 def _run_cpu(op: int, dtype_code: int, ints: torch.Tensor, floats: torch.Tensor,
              blocks: torch.Tensor, block_size: int, seed: int, commit_rows: int,
              grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
@@ -139,7 +135,7 @@ def _run_cpu(op: int, dtype_code: int, ints: torch.Tensor, floats: torch.Tensor,
     lib = load_cpu_library()
     status = lib.nvrm_cpu_launch(op, dtype_code, ints.data_ptr(), floats.data_ptr(), blocks.data_ptr(),
                                  blocks.shape[0], block_size, seed & _UINT64_MASK, commit_rows,
-                                 _address(grad_scale), _address(found_inf), num_threads)
+                                 T.address(grad_scale), T.address(found_inf), num_threads)
     _check(lib, status, "CPU launch")
 
 
@@ -151,8 +147,8 @@ def _run_cuda(op: int, dtype_code: int, ints: torch.Tensor, floats: torch.Tensor
         stream = torch.cuda.current_stream(ints.device).cuda_stream
         status = lib.nvrm_cuda_launch(op, dtype_code, ints.data_ptr(), floats.data_ptr(),
                                       blocks.data_ptr(), blocks.shape[0], block_size,
-                                      seed & _UINT64_MASK, commit_rows, _address(grad_scale),
-                                      _address(found_inf), stream)
+                                      seed & _UINT64_MASK, commit_rows, T.address(grad_scale),
+                                      T.address(found_inf), stream)
     _check(lib, status, "CUDA launch")
 
 

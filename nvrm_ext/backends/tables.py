@@ -97,10 +97,9 @@ class TensorPlan:
     floats: tuple  # FLOAT_COLUMNS values
     offset: int = 0
     compensation: torch.Tensor | None = None  # see I_COMP
-    num_iters: int = 0
 
 
-def _address(t: torch.Tensor | None) -> int:
+def address(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
@@ -112,9 +111,9 @@ def build_rows(plans: list[TensorPlan]) -> tuple[np.ndarray, np.ndarray]:
     for row, plan in enumerate(plans):
         s0, s1, s2 = (tuple(plan.states) + (None, None, None))[:3]
         ints[row] = (
-            _address(plan.param), _address(plan.grad), _address(s0), _address(s1), _address(s2),
+            address(plan.param), address(plan.grad), address(s0), address(s1), address(s2),
             plan.param.numel(), plan.key, plan.old_step, plan.new_step, plan.flags, plan.offset,
-            _address(plan.compensation), 0, plan.num_iters,
+            address(plan.compensation), 0, 0,  # I_LIVE, I_NUM_ITERS: filled per step
         )
         floats[row] = plan.floats
     return ints, floats

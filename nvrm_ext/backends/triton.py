@@ -150,6 +150,12 @@ def _power(base, exponent):
 
 
 @triton.jit
+def _new_step_after(t, num_iters):
+    """The step whose noise step t adds: none (0) at the end of every num_iters (update.h new_step_after)."""
+    return tl.where(t % num_iters == 0, 0, t)
+
+
+@triton.jit
 def _nvrm_kernel(blocks, ints, floats, seed_lo, seed_hi, grad_scale, found_inf,
                  OP: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
                  INT_COLUMNS: tl.constexpr, FLOAT_COLUMNS: tl.constexpr,
@@ -175,7 +181,7 @@ def _nvrm_kernel(blocks, ints, floats, seed_lo, seed_hi, grad_scale, found_inf,
     if live_address != 0:  # capturable mode: resolve the row from its live counters (update.h resolve_live)
         live = live_address.to(tl.pointer_type(tl.float64))
         t = tl.load(live + 0).to(tl.int64) + 1
-        new_step = tl.where(t % tl.load(irow + 13) == 0, 0, t)
+        new_step = _new_step_after(t, tl.load(irow + 13))
         old_step = tl.load(live + 1).to(tl.int64)
         old_type = tl.load(live + 2).to(tl.int64)
         old_scale = tl.load(live + 3).to(tl.float32)
@@ -273,7 +279,7 @@ def _commit_kernel(ints, floats, found_inf, commit_rows, ROWS: tl.constexpr,
     live = live_address.to(tl.pointer_type(tl.float64))
     flags = tl.load(irow + 9, mask=mask, other=0)
     t = tl.load(live + 0, mask=mask, other=0.0).to(tl.int64) + 1
-    new_step = tl.where(t % tl.load(irow + 13, mask=mask, other=1) == 0, 0, t)
+    new_step = _new_step_after(t, tl.load(irow + 13, mask=mask, other=1))
     tl.store(live + 0, t.to(tl.float64), mask=mask)
     tl.store(live + 1, tl.where((flags & 1024) != 0, 0, new_step).to(tl.float64), mask=mask)
     tl.store(live + 2, ((flags >> 2) & 3).to(tl.float64), mask=mask)
