@@ -380,20 +380,43 @@ def test_missing_closure_rejected_before_anything_changes():
     assert len(optimizer.base_optimizer.state) == 0
 
 
-def test_closure_returning_bare_loss_rejected_before_anything_changes():
+def test_closure_returning_something_else_rejected_before_anything_changes():
     model, inputs, targets = make_problem()
     optimizer = FusedAMP(model.parameters(), lr=0.1, epsilon=0.5, momentum=0.9)
     before = [p.detach().clone() for p in model.parameters()]
 
-    def bare_loss_closure():
-        loss = torch.nn.functional.cross_entropy(model(inputs), targets)
+    def triple_closure():
+        outputs = model(inputs)
+        loss = torch.nn.functional.cross_entropy(outputs, targets)
         loss.backward()
-        return loss
+        return outputs, loss, targets
 
-    with pytest.raises(TypeError, match=r"must return \(outputs, loss\).*bare loss"):
-        optimizer.step(bare_loss_closure)
+    with pytest.raises(TypeError, match=r"must return \(outputs, loss\).*or a bare loss.*tuple of length 3"):
+        optimizer.step(triple_closure)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
     assert len(optimizer.base_optimizer.state) == 0
+
+
+def test_closure_returning_bare_loss_takes_the_same_steps():
+    """torch.optim's (and Lightning's) closure convention: a bare loss; step returns it."""
+    trajectories, returned = [], []
+    for bare in (False, True):
+        model, inputs, targets = make_problem()
+        optimizer = FusedAMP(model.parameters(), lr=0.1, epsilon=0.5, momentum=0.9)
+
+        def closure():
+            outputs = model(inputs)
+            loss = torch.nn.functional.cross_entropy(outputs, targets)
+            loss.backward()
+            return loss if bare else (outputs, loss)
+
+        results = [optimizer.step(closure) for _ in range(3)]
+        returned.append([r if bare else r[1] for r in results])
+        trajectories.append([p.detach().clone() for p in model.parameters()])
+        if bare:
+            assert all(isinstance(r, torch.Tensor) and not r.requires_grad for r in results)
+    assert all(torch.equal(p, q) for p, q in zip(*trajectories))
+    assert all(torch.equal(a, b) for a, b in zip(*returned))
 
 
 def test_failing_closure_restores_weights():

@@ -78,7 +78,8 @@ class FusedAMP(Optimizer):
 
     AMP minimises the loss at the worst point of a norm ball around the weights. Each step:
 
-    1. evaluate the closure at theta: its (outputs, loss) are what ``step`` returns;
+    1. evaluate the closure at theta: its (outputs, loss) are what ``step`` returns (a closure
+       may also return a bare loss, as torch.optim's and Lightning's do: ``step`` returns it);
     2. ``inner_iter`` times: ``delta <- delta + inner_lr * grad`` (delta = 0 at the start of the
        step, ``grad`` from the latest evaluation), clip each tensor's ``delta`` to L2 norm
        ``<= epsilon`` (factor ``min(1, epsilon / (||delta|| + 1e-12))``), put the weights at
@@ -234,14 +235,20 @@ class FusedAMP(Optimizer):
 
     @staticmethod
     def _split_result(result):
-        if not (isinstance(result, (tuple, list)) and len(result) == 2):
-            kind = type(result).__name__
-            raise TypeError(
-                f"FusedAMP.step(closure): the closure must return (outputs, loss), as in the "
-                f"published AMP interface, but it returned a {kind}"
-                + (" (a bare loss?)" if isinstance(result, torch.Tensor) else "")
-                + "; end it with `return outputs, loss`")
-        return tree_map(lambda x: x.detach() if isinstance(x, torch.Tensor) else x, tuple(result))
+        """(outputs, loss) from the closure's result, detached, plus whether it was a pair.
+
+        Two forms are accepted: the published ``(outputs, loss)`` pair, and a bare loss (a
+        tensor, or None), which is what torch.optim closures and Lightning's automatic
+        optimization return -- then there are no outputs to hand back."""
+        detach = lambda x: x.detach() if isinstance(x, torch.Tensor) else x  # noqa: E731
+        if isinstance(result, (tuple, list)) and len(result) == 2:
+            return tree_map(detach, tuple(result)), True
+        if result is None or isinstance(result, torch.Tensor):
+            return (None, detach(result)), False
+        raise TypeError(
+            f"FusedAMP.step(closure): the closure must return (outputs, loss), as in the published "
+            f"AMP interface, or a bare loss tensor, but it returned a {type(result).__name__}"
+            + (f" of length {len(result)}" if isinstance(result, (tuple, list)) else ""))
 
     def _participants(self):
         """(group, param, grad) of every parameter with a dense gradient of its own shape."""
@@ -273,15 +280,16 @@ class FusedAMP(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        """One AMP step (see the class docstring). Returns (outputs, loss) of the evaluation at
-        theta, detached."""
+        """One AMP step (see the class docstring). Returns what the closure returned at theta,
+        detached: (outputs, loss), or the bare loss for a closure that returns only the loss
+        (torch.optim's convention, Lightning's automatic optimization)."""
         if closure is None:
             raise ValueError("FusedAMP.step() requires a closure that runs the forward and backward "
                              "pass and returns (outputs, loss): the gradient must be re-evaluated at "
                              "the perturbed weights")
         if not callable(closure):
             raise TypeError(f"FusedAMP.step(closure): closure must be callable, got {type(closure).__name__}")
-        outputs, loss = self._split_result(self._evaluate(closure))
+        (outputs, loss), pair = self._split_result(self._evaluate(closure))
 
         participants = self._participants()
         buckets = {key: (self._engine(*key, [p for _, p, _ in rows]), rows)
@@ -320,4 +328,4 @@ class FusedAMP(Optimizer):
                 params = [p for _, p, _ in rows]
                 engine.restore(params, [unperturbed[p] for p in params])
         self.base_optimizer.step()
-        return outputs, loss
+        return (outputs, loss) if pair else loss
