@@ -63,6 +63,7 @@ FLAG_NESTEROV = 1 << 7       # SGD
 FLAG_AMSGRAD = 1 << 8        # Adam
 FLAG_DECOUPLED = 1 << 9      # Adam: p *= 1 - lr*wd instead of L2
 FLAG_KEEP_NOISE = 1 << 10    # denoise=False (PSGD): the noise added is never removed
+FLAG_ALIGNED = 1 << 11       # every address 16-byte aligned, offset and numel multiples of 4: vector access
 
 # --- live counters (capturable mode) --------------------------------------------------------
 # float64 [T, LIVE_COLUMNS] on the parameters' device, one row per tensor: the per-parameter
@@ -116,7 +117,20 @@ def build_rows(plans: list[TensorPlan]) -> tuple[np.ndarray, np.ndarray]:
             address(plan.compensation), 0, 0,  # I_LIVE, I_NUM_ITERS: filled per step
         )
         floats[row] = plan.floats
+    ints[:, I_FLAGS] |= alignment_flags(ints)
     return ints, floats
+
+
+_ADDRESS_COLUMNS = [I_PARAM, I_GRAD, I_STATE0, I_STATE1, I_STATE2, I_COMP]
+
+
+def alignment_flags(ints: np.ndarray) -> np.ndarray:
+    """FLAG_ALIGNED for the rows whose every element quad (one Philox call) is one aligned
+    vector in every tensor of the row -- all addresses 16-byte aligned, offset and numel
+    multiples of 4 -- else 0. Absent tensors (address 0) do not count against a row."""
+    aligned = ((ints[:, _ADDRESS_COLUMNS] % 16 == 0).all(axis=1)
+               & (ints[:, I_OFFSET] % 4 == 0) & (ints[:, I_NUMEL] % 4 == 0))
+    return np.where(aligned, FLAG_ALIGNED, 0)
 
 
 def power(base: np.ndarray, exponent: np.ndarray) -> np.ndarray:

@@ -715,7 +715,7 @@ class _BucketPlan:
         ints[:, T.I_GRAD] = [t.data_ptr() for t in self._grads]
         ints[:, T.I_NUM_ITERS] = np.asarray(num_iters, dtype=np.int64)[g]
         ints[:, T.I_FLAGS] = (np.asarray(group_flags, dtype=np.int64)[g] | (new_types << T.FLAG_NEW_TYPE_SHIFT)
-                              | (0 if opt._denoise else T.FLAG_KEEP_NOISE))
+                              | (0 if opt._denoise else T.FLAG_KEEP_NOISE) | T.alignment_flags(ints))
         floats = np.asarray(group_rows, dtype=np.float64)[g].astype(np.float32)  # rounded once
         new_scales = np.asarray(new_scales, dtype=np.float64)[g]
         floats[:, T.F_NEW_SCALE] = new_scales
