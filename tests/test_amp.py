@@ -419,6 +419,25 @@ def test_closure_returning_bare_loss_takes_the_same_steps():
     assert all(torch.equal(a, b) for a, b in zip(*returned))
 
 
+def test_perturbed_backward_then_step_is_one_step():
+    """The protocol for frameworks that call step() themselves: gradients first, one base step."""
+    trajectories = []
+    for split in (False, True):
+        model, inputs, targets = make_problem()
+        optimizer = FusedAMP(model.parameters(), lr=0.1, epsilon=0.5, momentum=0.9)
+        closure = make_closure(model, optimizer, inputs, targets)
+        for _ in range(3):
+            if split:
+                optimizer.perturbed_backward(closure)
+                optimizer.step()
+                with pytest.raises(ValueError, match="requires a closure"):
+                    optimizer.step()  # the gradients are applied once
+            else:
+                optimizer.step(closure)
+        trajectories.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(p, q) for p, q in zip(*trajectories))
+
+
 def test_failing_closure_restores_weights():
     model, inputs, targets = make_problem()
     optimizer = FusedAMP(model.parameters(), lr=0.1, epsilon=0.5, momentum=0.9)

@@ -143,6 +143,7 @@ class FusedAMP(Optimizer):
         if not callable(base_optimizer):
             raise TypeError(f"base_optimizer must be an optimizer class or factory, got {base_optimizer!r}")
         self.inner_iter = int(inner_iter)
+        self._gradients_ready = False  # perturbed_backward() ran; step() applies its gradients
         self._backend_name = backend
         defaults = dict(lr=lr, epsilon=epsilon, inner_lr=inner_lr, **kwargs)
         super().__init__(params, defaults)
@@ -191,6 +192,7 @@ class FusedAMP(Optimizer):
         return state
 
     def __setstate__(self, state):
+        state.setdefault("_gradients_ready", False)
         super().__setstate__(state)
         self.param_groups = self.base_optimizer.param_groups
 
@@ -282,13 +284,31 @@ class FusedAMP(Optimizer):
     def step(self, closure=None):
         """One AMP step (see the class docstring). Returns what the closure returned at theta,
         detached: (outputs, loss), or the bare loss for a closure that returns only the loss
-        (torch.optim's convention, Lightning's automatic optimization)."""
+        (torch.optim's convention, Lightning's automatic optimization).
+
+        Without a closure, only after `perturbed_backward`: the base optimizer's step with the
+        gradients it left (frameworks that step the optimizer themselves, transformers' Trainer)."""
         if closure is None:
-            raise ValueError("FusedAMP.step() requires a closure that runs the forward and backward "
-                             "pass and returns (outputs, loss): the gradient must be re-evaluated at "
-                             "the perturbed weights")
+            if not self._gradients_ready:
+                raise ValueError("FusedAMP.step() requires a closure that runs the forward and backward "
+                                 "pass and returns (outputs, loss) -- the gradient must be re-evaluated at "
+                                 "the perturbed weights -- or a preceding perturbed_backward(closure)")
+            self._gradients_ready = False
+            return self.base_optimizer.step()
+        result = self.perturbed_backward(closure)
+        self._gradients_ready = False
+        self.base_optimizer.step()
+        return result
+
+    @torch.no_grad()
+    def perturbed_backward(self, closure):
+        """Steps 1 and 2 of a step without the base optimizer's update: evaluate the closure at
+        theta and at theta + delta, put theta back, and leave the gradient taken at theta + delta
+        in ``.grad``; the next ``step()`` (no closure needed) applies it. Returns what the closure
+        returned at theta, detached."""
         if not callable(closure):
-            raise TypeError(f"FusedAMP.step(closure): closure must be callable, got {type(closure).__name__}")
+            raise TypeError(f"FusedAMP: the closure must be callable, got {type(closure).__name__}")
+        self._gradients_ready = False
         (outputs, loss), pair = self._split_result(self._evaluate(closure))
 
         participants = self._participants()
@@ -327,5 +347,5 @@ class FusedAMP(Optimizer):
                 engine, rows = buckets[key]
                 params = [p for _, p, _ in rows]
                 engine.restore(params, [unperturbed[p] for p in params])
-        self.base_optimizer.step()
+        self._gradients_ready = True
         return (outputs, loss) if pair else loss
