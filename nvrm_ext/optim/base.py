@@ -216,7 +216,8 @@ class NeuralVariableOptimizer(Optimizer):
         return state
 
     def __setstate__(self, state):
-        state.setdefault("_capturable", False)
+        # load_state_dict passes only state and param_groups: keep the mode this optimizer has
+        state.setdefault("_capturable", getattr(self, "_capturable", False))
         super().__setstate__(state)
         self._block_tables = {}
         self._plans = {}
