@@ -259,7 +259,13 @@ std::string launch(int op, int dtype_code, const int64_t* ints, const float* flo
                    void* stream) {
   const Launch a{ints,      floats,    blocks, num_blocks, block_size, seed, grad_scale,
                  found_inf, static_cast<cudaStream_t>(stream)};
-  cudaError_t status;
+  // cudaGetLastError also returns (and clears) an error left by earlier work in this thread, or
+  // a sticky one of the context: report that as what it is instead of blaming our launch.
+  cudaError_t status = cudaGetLastError();
+  if (status != cudaSuccess) {
+    return std::string("not launched: an earlier CUDA error (not from nvrm_ext) was pending: ") +
+           cudaGetErrorString(status);
+  }
   if (dtype_code == kStorageFloat32) {
     status = launch_op<float>(op, a);
   } else if (dtype_code == kStorageFloat16) {

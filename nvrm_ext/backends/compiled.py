@@ -95,12 +95,65 @@ def _cuda_library() -> tuple[ctypes.CDLL | None, str | None]:
     try:
         lib = _open(path)
     except (OSError, AttributeError) as error:
-        return None, f"the CUDA library {_relative(path)} cannot be used ({error}): reinstall with pip install ."
+        return None, (f"the CUDA library {_relative(path)} cannot be used ({error})"
+                      f"{_cuda_fix(str(error)) or ': reinstall with pip install .'}")
     lib.nvrm_cuda_launch.argtypes = _TABLE_ARGS + [ctypes.c_void_p]
     lib.nvrm_cuda_launch.restype = ctypes.c_int
     if lib.nvrm_cuda_probe() != 0:
-        return None, f"the CUDA library cannot use a GPU: {lib.nvrm_last_error().decode()}"
+        error = lib.nvrm_last_error().decode()
+        return None, f"the CUDA library cannot use a GPU: {error}{_cuda_fix(error)}"
     return lib, None
+
+
+def _cuda_fix(error: str) -> str:
+    """What to do about a CUDA library load or probe error ('' when there is nothing to add)."""
+    if "insufficient" in error:  # cudaErrorInsufficientDriver: no driver, or one too old
+        version = build_info().get("cuda_version")
+        built = f"CUDA {version}" if version else "the CUDA version it was built with"
+        return (f" (no NVIDIA driver, or one too old: install an NVIDIA driver that supports {built}, "
+                f"or rebuild nvrm_ext with an older CUDA toolkit: pip install .)")
+    if "GLIBC_" in error:
+        return " (this system's glibc is older than the build's: build nvrm_ext on it, pip install .)"
+    return ""
+
+
+def _arch_number(arch: str) -> tuple[int, int]:
+    digits = arch.partition("_")[2].rstrip("af")
+    return int(digits[:-1]), int(digits[-1])
+
+
+def arch_runs(capability: tuple[int, int], archs) -> bool:
+    """Whether code for `archs` (sm_XY cubins, compute_XY PTX) runs on a GPU of `capability`.
+
+    A cubin runs on its own major version at the same or a higher minor (sm_80 on 8.6), an
+    'a' (architecture-specific) cubin only on its exact version; PTX is JIT-compiled by the
+    driver for its version and every later one.
+    """
+    for arch in archs:
+        number = _arch_number(arch)
+        if arch.startswith("compute_"):
+            if tuple(capability) >= number:
+                return True
+        elif arch.endswith("a"):
+            if tuple(capability) == number:
+                return True
+        elif capability[0] == number[0] and capability[1] >= number[1]:
+            return True
+    return False
+
+
+@lru_cache(maxsize=None)
+def _device_reason(index: int) -> str | None:
+    """None if the CUDA library has code for GPU `index`, else why not (and the fix)."""
+    archs = build_info().get("cuda_archs")
+    capability = torch.cuda.get_device_capability(index)
+    if not archs or arch_runs(capability, archs):
+        return None
+    major, minor = capability
+    return (f"the CUDA library holds code for {' '.join(archs)}, none of which runs on "
+            f"{torch.cuda.get_device_name(index)} (compute capability {major}.{minor}); rebuild it "
+            f"for this GPU with a CUDA toolkit that supports it: NVRM_EXT_CUDA_ARCHS=sm_{major}{minor} "
+            f"pip install .")
 
 
 def load_cpu_library() -> ctypes.CDLL:
@@ -220,10 +273,14 @@ class CompiledBackend:
             return f"the {self.name} backend runs on {self.name} tensors, not {device.type} tensors"
         if dtype not in DTYPE_CODES:
             return f"the {self.name} backend handles float32, float16 and bfloat16 parameters, not {dtype}"
-        if self.name == "cuda" and not torch.cuda.is_available():
+        if self.name == "cpu":
+            return _cpu_library()[1]
+        _, reason = _cuda_library()  # first: its reasons (driver, glibc) come with a fix
+        if reason is not None:
+            return reason
+        if not torch.cuda.is_available():
             return "the cuda backend needs a CUDA device, and torch.cuda.is_available() is False"
-        _, reason = _cpu_library() if self.name == "cpu" else _cuda_library()
-        return reason
+        return _device_reason(device.index if device.index is not None else torch.cuda.current_device())
 
     def launch(self, op: int, dtype: torch.dtype, ints: torch.Tensor, floats: torch.Tensor,
                blocks: torch.Tensor, seed: int, *, commit_rows: int = 0,

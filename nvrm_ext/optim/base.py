@@ -164,6 +164,7 @@ class NeuralVariableOptimizer(Optimizer):
         self._capturable = capturable
         self._block_tables: dict = {}
         self._plans: dict = {}
+        self._retired_plans: list = []  # replaced plans a captured CUDA graph may still replay
         self._inside_denoised = False
         super().__init__(params, defaults)
 
@@ -221,6 +222,7 @@ class NeuralVariableOptimizer(Optimizer):
         super().__setstate__(state)
         self._block_tables = {}
         self._plans = {}
+        self._retired_plans = []
         self._inside_denoised = False
 
     @property
@@ -241,8 +243,13 @@ class NeuralVariableOptimizer(Optimizer):
 
     def state_dict(self) -> dict:
         sd = super().state_dict()
-        if self._capturable:  # live counters -> plain numbers (one device sync), the host-mode format
-            sd["state"] = {index: _host_counters(state) for index, state in sd["state"].items()}
+        if self._capturable:  # live counters -> plain numbers, the host-mode format
+            rows = {}  # id(state) -> its counters, one device-to-host copy per bucket
+            for plan in self._plans.values():
+                if plan.live is not None:
+                    rows.update(zip(map(id, plan.states), plan.live.cpu().tolist()))
+            sd["state"] = {index: _host_counters(state, rows.get(id(state)))
+                           for index, state in sd["state"].items()}
         sd[STATE_DICT_KEY] = {"seed": self._seed, "format": 1, "optimizer": type(self).__name__}
         return sd
 
@@ -295,6 +302,9 @@ class NeuralVariableOptimizer(Optimizer):
                     continue
                 reason = backend.unavailable_reason(device, dtype)
                 if reason is None:
+                    if reasons:  # a faster backend could not run here: say why, and the fix
+                        _warn_once(f"nvrm_ext: backend='auto' uses '{candidate}' for {dtype} parameters "
+                                   f"on {device}, not {'; '.join(reasons)}")
                     return backend
                 reasons.append(f"{candidate}: {reason}")
             if reasons and dtype in _FUSED_DTYPES:
@@ -339,6 +349,10 @@ class NeuralVariableOptimizer(Optimizer):
         update at the perturbed weights, add fresh noise. Returns the closure's loss."""
         if self._inside_denoised:
             raise RuntimeError("step() called inside denoised(): leave the block first")
+        if not self._capturable:
+            _refuse_capture(f"{type(self).__name__}.step() with capturable=False: its step counters "
+                            "live on the host, so every replay would re-apply the captured step's "
+                            "noise; construct the optimizer with capturable=True")
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         if (grad_scale is not None or found_inf is not None) and not self._capturable:
@@ -409,6 +423,11 @@ class NeuralVariableOptimizer(Optimizer):
                     f"{type(self).__name__}: the launch data must be rebuilt (first step, or the "
                     "parameters, their state or their groups changed) while a CUDA graph is being "
                     "captured; run one step() eagerly after such changes, then capture")
+            if plan is not None and plan.live is not None and plan._graph_owned:
+                self._retired_plans.append(plan)  # a captured graph still reads and writes it
+                _warn_once("nvrm_ext: the launch data of a CUDA-graph-captured step was rebuilt (the "
+                           "parameters, their state or their groups changed); graphs captured before "
+                           "still update the old copy: capture them again")
             plan = self._plans[bucket] = _BucketPlan(self, members, backend)
             plan.signature = self._plan_signature(members)  # with the state dicts it created
         return plan
@@ -445,6 +464,8 @@ class NeuralVariableOptimizer(Optimizer):
         put back. Use it to evaluate or save clean weights. One launch per bucket each way."""
         if self._inside_denoised:
             raise RuntimeError("denoised() blocks do not nest")
+        _refuse_capture(f"{type(self).__name__}.denoised(): it reads the noise bookkeeping on the host; "
+                        "use it outside the captured region")
         noisy = self._noisy_parameters()
         self._noise_launch(noisy, remove=True)
         self._inside_denoised = True
@@ -459,6 +480,8 @@ class NeuralVariableOptimizer(Optimizer):
         """`module.state_dict()` holding clean copies of the parameters this optimizer
         perturbed; the live (perturbed) parameters are not touched. The copies are made by the
         same launch as denoised(), so they are bit-identical to what denoised() shows."""
+        _refuse_capture(f"{type(self).__name__}.clean_state_dict(): it reads the noise bookkeeping on "
+                        "the host; call it outside the captured region")
         state_dict = module.state_dict(keep_vars=True)
         noisy = {id(p): (key, state) for key, p, state in self._noisy_parameters()}
         copies = []
@@ -504,6 +527,14 @@ class NeuralVariableOptimizer(Optimizer):
             self._launch(self._resolve_backend(*bucket), T.OP_NOISE, bucket, rows, ints, floats)
 
 
+def _refuse_capture(why: str) -> None:
+    """Raise before anything changes if a CUDA graph is being captured on the current stream
+    (the check of torch.optim's _cuda_graph_capture_health_check)."""
+    if (not torch.compiler.is_compiling() and torch.backends.cuda.is_built()
+            and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+        raise RuntimeError(f"CUDA graph capture of {why}")
+
+
 def _capturing(device: torch.device) -> bool:
     """Whether a CUDA graph is being captured on the current stream of `device`."""
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
@@ -519,13 +550,14 @@ def _pinned_like(*tensors) -> tuple:
     return tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors)
 
 
-def _host_counters(state: dict) -> dict:
+def _host_counters(state: dict, row=None) -> dict:
     """A copy of one parameter's state with live counters as plain numbers (the host-mode
-    checkpoint format, loadable with or without capturable)."""
+    checkpoint format, loadable with or without capturable). `row`: its live counters already
+    copied to the host, else each is read on its own."""
     out = dict(state)
-    for key, kind in zip(T.LIVE_STATE_KEYS, (int, int, int, float, bool)):
+    for column, (key, kind) in enumerate(zip(T.LIVE_STATE_KEYS, (int, int, int, float, bool))):
         if key in out:
-            out[key] = kind(_number(out[key]))
+            out[key] = kind(row[column] if row is not None else _number(out[key]))
     if out.pop("momentum_fresh", False):
         out.pop("momentum_buffer", None)  # never used yet: the next step initialises it
     return out
@@ -622,6 +654,8 @@ class _BucketPlan:
         self._spare_staging = None if device.type == "cpu" else _pinned_like(
             torch.from_numpy(self.static_ints), torch.from_numpy(np.zeros((n, T.FLOAT_COLUMNS), np.float32)))
         self._graph_staging = []  # pinned copies captured in CUDA graphs: kept for their replays
+        # the storages a captured graph writes, kept even if a parameter gets another (p.data = ...)
+        self._param_storages = [param.detach() for param, _, _ in self.row_tensors]
         self._graph_owned = False  # a captured upload may have run since: upload on every eager step
 
     def upload(self, ints: np.ndarray, floats: np.ndarray) -> None:
