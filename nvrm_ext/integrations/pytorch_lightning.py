@@ -1,0 +1,10 @@
+"""The same callback for the older package name (``import pytorch_lightning``); see lightning.py."""
+from pytorch_lightning import Callback
+
+from ._lightning_hooks import DenoisedEvaluationHooks, load_clean_weights
+
+__all__ = ["DenoisedEvaluation", "load_clean_weights"]
+
+
+class DenoisedEvaluation(DenoisedEvaluationHooks, Callback):
+    __doc__ = DenoisedEvaluationHooks.__doc__

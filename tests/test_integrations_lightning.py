@@ -1,0 +1,264 @@
+"""nvrm_ext.integrations.lightning against a real Lightning Trainer (CPU, tiny model)."""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+L = pytest.importorskip("lightning.pytorch")
+
+from nvrm_ext import FusedAMP, FusedVAdam, FusedVSGD  # noqa: E402
+from nvrm_ext.integrations.lightning import DenoisedEvaluation, load_clean_weights  # noqa: E402
+from test_integrations_reference import assert_close_to_clean, clean_reference  # noqa: E402
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def data(n=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=g)
+    return torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True).sin())
+
+
+def loader(n=32, seed=0):
+    return torch.utils.data.DataLoader(data(n, seed), batch_size=8, shuffle=False)
+
+
+def loss_fn(net, batch):
+    x, y = batch
+    return torch.nn.functional.mse_loss(net(x), y)
+
+
+class TinyModule:
+    """An MLP; `kind`: 'vsgd' (automatic optimization), 'two' (manual, FusedVSGD + FusedVAdam on
+    the two layers), 'amp' (FusedAMP around FusedVSGD, automatic: a bare-loss closure)."""
+
+    def __init__(self, kind="vsgd", seed=3, init_seed=0):
+        super().__init__()
+        torch.manual_seed(init_seed)
+        self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        self.kind, self.seed = kind, seed
+        self.automatic_optimization = kind != "two"
+        self.seen = {"validation": [], "test": [], "predict": []}
+
+    def training_step(self, batch, batch_idx):
+        loss = loss_fn(self.net, batch)
+        if self.automatic_optimization:
+            return loss
+        optimizers = self.optimizers()
+        for opt in optimizers:
+            opt.zero_grad()
+        self.manual_backward(loss)
+        for opt in optimizers:
+            opt.step()
+
+    def _record(self, stage, batch):
+        params = [p.detach().clone() for p in self.parameters()]
+        self.seen[stage].append((params, loss_fn(self.net, batch).detach()))
+
+    def validation_step(self, batch, batch_idx):
+        self._record("validation", batch)
+
+    def test_step(self, batch, batch_idx):
+        self._record("test", batch)
+
+    def predict_step(self, batch, batch_idx):
+        self._record("predict", batch)
+        return self.net(batch[0])
+
+    def configure_optimizers(self):
+        common = dict(variability=0.05, num_iters=1000, seed=self.seed)
+        if self.kind == "two":
+            return [FusedVSGD(self.net[0].parameters(), lr=0.05, momentum=0.9, **common),
+                    FusedVAdam(self.net[2].parameters(), lr=0.01, **common)]
+        if self.kind == "amp":
+            return FusedAMP(self.parameters(), lr=0.05, epsilon=0.1, momentum=0.9,
+                            base_optimizer=functools.partial(FusedVSGD, **common))
+        return FusedVSGD(self.parameters(), lr=0.05, momentum=0.9, **common)
+
+
+class ExpectedWeights:
+    """Placed before DenoisedEvaluation: when an evaluation starts it records the noisy weights and
+    the clean weights by the noise specification. Placed after it (`after=True`), it records the
+    weights once the evaluation has ended."""
+
+    def __init__(self, after=False):
+        self.after = after
+        self.records = []
+
+    def _record(self, trainer, pl_module):
+        noisy = [p.detach().clone() for p in pl_module.parameters()]
+        clean = {}
+        for opt in _nvrm_optimizers(pl_module):
+            clean.update(clean_reference(opt))
+        self.records.append((noisy, [clean.get(p) for p in pl_module.parameters()]))
+
+    def on_validation_start(self, trainer, pl_module):
+        if not self.after:
+            self._record(trainer, pl_module)
+
+    on_test_start = on_predict_start = on_validation_start
+
+    def on_validation_end(self, trainer, pl_module):
+        if self.after:
+            self._record(trainer, pl_module)
+
+    on_test_end = on_predict_end = on_validation_end
+
+
+class Tiny(TinyModule, L.LightningModule):
+    pass
+
+
+class Expected(ExpectedWeights, L.Callback):
+    pass
+
+
+def trainer(tmp_path, callbacks, max_epochs=2, package=L, **kwargs):
+    kwargs.setdefault("enable_checkpointing", False)
+    return package.Trainer(accelerator="cpu", devices=1, max_epochs=max_epochs, logger=False,
+                     enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                     callbacks=callbacks, num_sanity_val_steps=1, **kwargs)
+
+
+def check_evaluations(model, stage, before, after):
+    """Every evaluation of `stage` (one batch each: the 8-sample validation set) ran on the
+    reference clean weights, its loss equals the loss computed by hand there, and the noisy
+    weights came back bit for bit afterwards."""
+    seen = model.seen[stage]
+    assert len(seen) == len(before.records) == len(after.records) >= 1
+    params = list(model.parameters())
+    names = dict(model.net.named_parameters())
+    x, y = next(iter(loader(8, seed=1)))
+    for (weights, loss), (noisy, clean), (restored, _) in zip(seen, before.records, after.records):
+        assert all(torch.equal(a, b) for a, b in zip(noisy, restored)), "noise not restored bit for bit"
+        reference = dict(zip(params, clean))
+        assert_close_to_clean(weights, _nvrm_optimizers(model)[0], reference, params)
+        by_hand = torch.func.functional_call(model.net, {k: reference[p] for k, p in names.items()}, (x,))
+        torch.testing.assert_close(loss, torch.nn.functional.mse_loss(by_hand, y), rtol=1e-5, atol=1e-7)
+
+
+def _nvrm_optimizers(model):
+    return [getattr(o, "base_optimizer", o) for o in model.trainer.optimizers]
+
+
+@pytest.mark.parametrize("kind", ["vsgd", "two", "amp"])
+def test_validation_test_predict_see_clean_weights_and_training_gets_its_noise_back(tmp_path, kind):
+    model = Tiny(kind)
+    before, after = Expected(), Expected(after=True)
+    denoised = DenoisedEvaluation(clean_after_fit=False)
+    fit = trainer(tmp_path, [before, denoised, after], val_check_interval=2)  # mid-epoch validation
+    fit.fit(model, loader(), loader(8, seed=1))
+    # sanity check + 2 per epoch; the loss logged in validation_step is the clean loss
+    assert len(model.seen["validation"]) == 1 + 2 * 2
+    noisy_now = [p.detach().clone() for p in model.parameters()]
+    check_evaluations(model, "validation", before, after)
+    # noise on the weights during training: the weights are not the clean reference
+    assert not all(torch.equal(a, b) for a, b in zip(before.records[-1][0], before.records[-1][1]))
+    # test and predict with the fit's trainer (its optimizers are still there)
+    before.records.clear(), after.records.clear()
+    fit.test(model, loader(8, seed=1), verbose=False)
+    fit.predict(model, loader(8, seed=1))
+    assert len(before.records) == 2
+    test_and_predict = {"test": model.seen["test"] + model.seen["predict"]}
+    model.seen = test_and_predict
+    check_evaluations(model, "test", before, after)
+    assert all(torch.equal(a, b) for a, b in zip(noisy_now, model.parameters()))
+
+
+def test_without_the_callback_validation_sees_noisy_weights(tmp_path):
+    """The failure the callback fixes (and proof the test above can fail)."""
+    model = Tiny()
+    before = Expected()
+    trainer(tmp_path, [before], max_epochs=1, val_check_interval=2).fit(model, loader(), loader(8, seed=1))
+    noisy, clean = before.records[-1]
+    weights, _ = model.seen["validation"][-1]
+    assert all(torch.equal(w, n) for w, n in zip(weights, noisy))
+    assert max((w - c).abs().max().item() for w, c in zip(weights, clean)) > 1e-3
+
+
+def test_model_is_clean_after_fit_and_test_sees_it(tmp_path):
+    model = Tiny()
+    before = Expected()
+    fit = trainer(tmp_path, [before, DenoisedEvaluation()], max_epochs=1, limit_val_batches=0)
+
+    class AtFitEnd(L.Callback):
+        def on_fit_end(self, trainer, pl_module):
+            before._record(trainer, pl_module)
+
+    fit.callbacks.insert(0, AtFitEnd())
+    fit.fit(model, loader())
+    _, clean = before.records[-1]
+    params = list(model.parameters())
+    assert_close_to_clean([p.detach() for p in params], model.trainer.optimizers[0], dict(zip(params, clean)), params)
+    weights_after_fit = [p.detach().clone() for p in params]
+    fit.test(model, loader(8, seed=1), verbose=False)
+    assert all(torch.equal(w, p) for w, p in zip(model.seen["test"][0][0], weights_after_fit))
+    assert all(torch.equal(w, p) for w, p in zip(weights_after_fit, model.parameters()))  # stays clean
+
+
+def test_resume_from_model_checkpoint_is_bit_exact_and_checkpoint_gives_clean_weights(tmp_path):
+    uninterrupted = Tiny()
+    trainer(tmp_path / "a", [DenoisedEvaluation()], max_epochs=4).fit(uninterrupted, loader(), loader(8, seed=1))
+
+    first = Tiny()
+    checkpoint = L.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
+    trainer(tmp_path / "b", [DenoisedEvaluation(), checkpoint], max_epochs=2,
+            enable_checkpointing=True).fit(first, loader(), loader(8, seed=1))
+    path = tmp_path / "ckpt" / "last.ckpt"
+    resumed = Tiny(seed=99, init_seed=5)  # another seed and init: both come from the checkpoint
+    trainer(tmp_path / "c", [DenoisedEvaluation()], max_epochs=4).fit(
+        resumed, loader(), loader(8, seed=1), ckpt_path=path)
+    for p, q in zip(uninterrupted.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
+
+    # the checkpoint holds the noisy training weights; load_clean_weights removes the noise
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    reference_model = Tiny(init_seed=7)
+    reference_model.load_state_dict(saved["state_dict"])
+    reference_opt = reference_model.configure_optimizers()
+    reference_opt.load_state_dict(saved["optimizer_states"][0])
+    params = list(reference_model.parameters())
+    clean = clean_reference(reference_opt)
+    noisy = [p.detach().clone() for p in params]
+    assert max((n - clean[p]).abs().max().item() for n, p in zip(noisy, params)) > 1e-3
+    deployed = load_clean_weights(Tiny(init_seed=8), path)
+    assert_close_to_clean([p.detach() for p in deployed.parameters()], reference_opt, clean, params)
+
+
+def test_fused_amp_in_automatic_optimization_matches_a_hand_written_loop(tmp_path):
+    """Lightning's closure returns a bare loss; FusedAMP takes its two passes through it."""
+    model = Tiny("amp")
+    trainer(tmp_path, [], max_epochs=2, limit_val_batches=0).fit(model, loader())
+
+    hand = Tiny("amp")
+    opt = hand.configure_optimizers()
+    for _ in range(2):
+        for batch in loader():
+            def closure():
+                opt.zero_grad()
+                loss = loss_fn(hand.net, batch)
+                loss.backward()
+                return loss
+            opt.step(closure)
+    for p, q in zip(model.parameters(), hand.parameters()):
+        assert torch.equal(p, q)
+    assert not torch.equal(next(model.parameters()), next(Tiny("amp").parameters()))  # it trained
+
+
+def test_the_pytorch_lightning_package_name_works_too(tmp_path):
+    pl = pytest.importorskip("pytorch_lightning")
+    from nvrm_ext.integrations.pytorch_lightning import DenoisedEvaluation as PLDenoisedEvaluation
+
+    class PLTiny(TinyModule, pl.LightningModule):
+        pass
+
+    class PLExpected(ExpectedWeights, pl.Callback):
+        pass
+
+    model = PLTiny()
+    before, after = PLExpected(), PLExpected(after=True)
+    trainer(tmp_path, [before, PLDenoisedEvaluation(clean_after_fit=False), after], max_epochs=1,
+            package=pl, val_check_interval=2).fit(model, loader(), loader(8, seed=1))
+    check_evaluations(model, "validation", before, after)
