@@ -1,0 +1,50 @@
+"""bench/gpu_check.sh without a GPU: it refuses clearly, and every part that can run on a CPU
+(test collection, bench rows, budgets, JSON, summary) runs in its --dry-run mode."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
+
+
+@no_gpu
+@pytest.mark.parametrize("command", [["bash", "bench/gpu_check.sh"], [sys.executable, "-m", "bench.gpu_check"]])
+def test_refuses_without_a_gpu_in_one_line(command):
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert done.stderr.count("\n") == 1
+    assert done.stderr.startswith("gpu_check: no CUDA GPU visible to torch (torch.cuda.is_available() is False)")
+
+
+def test_dry_run_writes_the_report_and_the_summary(tmp_path):
+    out = tmp_path / "gpu.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.gpu_check", "--dry-run", "--out", str(out),
+         "--tests", "tests/test_gpu.py", "--bench-budget", "6"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(out.read_text())
+    assert report["dry_run"] and report["environment"]["device"] == "cpu"
+    tests = report["tests"]
+    assert tests["status"] == "passed" and "--collect-only" in tests["command"]
+    assert "tests collected" in tests["summary"]
+    rows = report["bench"]["rows"]
+    assert report["bench"]["copy_gb_per_s"] > 0
+    assert {row["status"] for row in rows} <= {"ok", "skipped"}
+    ok = [row for row in rows if row["status"] == "ok"]
+    assert {row["implementation"] for row in ok} == {"nvrm-cpu", "torch-foreach", "original"}
+    for row in ok:
+        assert row["step_ms"] > 0 and row["achieved_gb_per_s"] > 0 and row["fraction_of_copy_bandwidth"] > 0
+    # 4 workloads x 2 families x 2 dtypes x 3 implementations, the tail cut by the 6 s budget
+    assert len(rows) == 48
+    assert any(row.get("reason") == "time budget spent" for row in rows)
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("gpu_check on cpu") and lines[-1].startswith(f"written: {out}")
+    assert len(lines) <= 24  # one screen
