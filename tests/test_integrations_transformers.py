@@ -1,0 +1,211 @@
+"""nvrm_ext.integrations.transformers against a real transformers Trainer (CPU, tiny model)."""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+from nvrm_ext import FusedAMP, FusedVSGD  # noqa: E402
+from nvrm_ext.integrations.transformers import AMPTrainer, DenoisedEvaluation  # noqa: E402
+from test_integrations_reference import assert_close_to_clean, clean_reference  # noqa: E402
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class TinyRegressor(torch.nn.Module):
+    """What Trainer needs of a model: forward(**batch) -> {"loss", "logits"}."""
+
+    def __init__(self, init_seed=0):
+        super().__init__()
+        torch.manual_seed(init_seed)
+        self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+
+    def forward(self, x, labels=None):
+        logits = self.net(x)
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = torch.nn.functional.mse_loss(logits, labels)
+        return out
+
+
+def dataset(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=g)
+    y = x.sum(1, keepdim=True).sin()
+    return [{"x": x[i], "labels": y[i]} for i in range(n)]
+
+
+TRAIN, EVAL = dataset(16, 0), dataset(8, 1)
+
+
+def eval_tensors():
+    return torch.stack([e["x"] for e in EVAL]), torch.stack([e["labels"] for e in EVAL])
+
+
+def nvrm(model, seed=3):
+    return FusedVSGD(model.parameters(), lr=0.05, variability=0.05, num_iters=1000, momentum=0.9, seed=seed)
+
+
+def args(tmp_path, **kwargs):
+    base = dict(output_dir=str(tmp_path), use_cpu=True, report_to=[], per_device_train_batch_size=4,
+                per_device_eval_batch_size=8, max_steps=6, lr_scheduler_type="constant", logging_strategy="no",
+                save_strategy="no", disable_tqdm=True, seed=0)
+    base.update(kwargs)
+    return transformers.TrainingArguments(**base)
+
+
+class Recorder(transformers.TrainerCallback):
+    """Before DenoisedEvaluation: at every step end that evaluates or saves, the noisy weights and
+    the clean weights by the noise specification; on_evaluate: the evaluated weights and loss."""
+
+    def __init__(self):
+        self.expected, self.evaluated = [], []
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if control.should_evaluate or control.should_save:
+            opt = optimizer.optimizer  # accelerate's AcceleratedOptimizer
+            clean = clean_reference(opt)
+            self.expected.append((state.global_step, [p.detach().clone() for p in model.parameters()],
+                                  [clean[p] for p in model.parameters()]))
+
+    def on_evaluate(self, args, state, control, model=None, metrics=None, **kwargs):
+        self.evaluated.append(([p.detach().clone() for p in model.parameters()], metrics["eval_loss"]))
+
+
+class NextStep(transformers.TrainerCallback):
+    """After DenoisedEvaluation: the weights the next training step starts from."""
+
+    def __init__(self):
+        self.weights = {}
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self.weights[state.global_step] = [p.detach().clone() for p in model.parameters()]
+
+
+def loss_at(model, weights):
+    x, y = eval_tensors()
+    names = [name for name, _ in model.named_parameters()]
+    out = torch.func.functional_call(model, dict(zip(names, weights)), (x,))
+    return torch.nn.functional.mse_loss(out["logits"], y).item()
+
+
+def test_evaluation_predictions_and_saved_model_see_clean_weights(tmp_path):
+    model = TinyRegressor()
+    opt = nvrm(model)
+    recorder, next_step = Recorder(), NextStep()
+    trainer = transformers.Trainer(model=model, args=args(tmp_path, eval_strategy="steps", eval_steps=2),
+                                   train_dataset=TRAIN, eval_dataset=EVAL, optimizers=(opt, None),
+                                   callbacks=[recorder, DenoisedEvaluation(), next_step])
+    trainer.train()
+    params = list(model.parameters())
+    assert [step for step, _, _ in recorder.expected] == [2, 4, 6] and len(recorder.evaluated) == 3
+    for (step, noisy, clean), (weights, eval_loss) in zip(recorder.expected, recorder.evaluated):
+        assert_close_to_clean(weights, opt, dict(zip(params, clean)), params)
+        assert eval_loss == pytest.approx(loss_at(model, clean), rel=1e-6)
+        assert eval_loss != pytest.approx(loss_at(model, noisy), rel=1e-4)  # the noise matters
+        if step < 6:  # training resumed from the noisy weights, bit for bit
+            assert all(torch.equal(a, b) for a, b in zip(next_step.weights[step], noisy))
+    # after train(): the model stays clean for evaluate(), predict() and save_model()
+    _, _, final_clean = recorder.expected[-1]
+    assert_close_to_clean([p.detach() for p in params], opt, dict(zip(params, final_clean)), params)
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(loss_at(model, final_clean), rel=1e-6)
+    predictions = trainer.predict(EVAL).predictions
+    x, _ = eval_tensors()
+    expected_predictions = torch.func.functional_call(
+        model, dict(zip([n for n, _ in model.named_parameters()], final_clean)), (x,))["logits"]
+    torch.testing.assert_close(torch.as_tensor(predictions), expected_predictions, rtol=1e-6, atol=1e-7)
+    trainer.save_model(str(tmp_path / "final"))
+    saved = safetensors_torch.load_file(str(tmp_path / "final" / "model.safetensors"))
+    for (name, p), clean in zip(model.named_parameters(), final_clean):
+        torch.testing.assert_close(saved[name], clean, rtol=0, atol=1e-7)
+
+
+def test_without_the_callback_evaluation_sees_noisy_weights(tmp_path):
+    """The failure the callback fixes (and proof the test above can fail)."""
+    model = TinyRegressor()
+    recorder = Recorder()
+    transformers.Trainer(model=model, args=args(tmp_path, eval_strategy="steps", eval_steps=2, max_steps=2),
+                         train_dataset=TRAIN, eval_dataset=EVAL, optimizers=(nvrm(model), None),
+                         callbacks=[recorder]).train()
+    (_, noisy, clean), (weights, eval_loss) = recorder.expected[0], recorder.evaluated[0]
+    assert all(torch.equal(a, b) for a, b in zip(weights, noisy))
+    assert eval_loss != pytest.approx(loss_at(model, clean), rel=1e-4)
+
+
+def test_resume_from_checkpoint_is_bit_exact(tmp_path):
+    """Checkpoints hold the clean model and the optimizer's exact noisy copies: resuming from one
+    (mid-epoch, another init and seed) continues the uninterrupted run bit for bit."""
+    common = dict(max_steps=8, save_strategy="steps", save_steps=3, eval_strategy="steps", eval_steps=3)
+    uninterrupted = TinyRegressor()
+    transformers.Trainer(model=uninterrupted, args=args(tmp_path / "a", **common), train_dataset=TRAIN,
+                         eval_dataset=EVAL, optimizers=(nvrm(uninterrupted), None),
+                         callbacks=[DenoisedEvaluation()]).train()
+    checkpoint = tmp_path / "a" / "checkpoint-3"
+    resumed = TinyRegressor(init_seed=5)
+    transformers.Trainer(model=resumed, args=args(tmp_path / "b", **common), train_dataset=TRAIN,
+                         eval_dataset=EVAL, optimizers=(nvrm(resumed, seed=99), None),
+                         callbacks=[DenoisedEvaluation()]).train(resume_from_checkpoint=str(checkpoint))
+    for p, q in zip(uninterrupted.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("max_steps", [8, 9])  # the last step saves (noise removed) / does not (noise on)
+def test_load_best_model_at_end_gives_the_best_checkpoints_clean_weights(tmp_path, max_steps):
+    model = TinyRegressor()
+    opt = nvrm(model)
+    recorder = Recorder()
+    trainer = transformers.Trainer(
+        model=model, args=args(tmp_path, max_steps=max_steps, save_strategy="steps", save_steps=2,
+                               eval_strategy="steps", eval_steps=2, load_best_model_at_end=True,
+                               metric_for_best_model="eval_loss", greater_is_better=False),
+        train_dataset=TRAIN, eval_dataset=EVAL, optimizers=(opt, None), callbacks=[recorder, DenoisedEvaluation()])
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    best_step = int(best.rsplit("-", 1)[1])
+    assert best_step < 8  # an earlier checkpoint than the last: the model was overwritten
+    saved = safetensors_torch.load_file(f"{best}/model.safetensors")
+    clean = next(c for step, _, c in recorder.expected if step == best_step)
+    for (name, p), c in zip(model.named_parameters(), clean):
+        torch.testing.assert_close(saved[name], c, rtol=0, atol=1e-7)  # the checkpoint: clean
+        assert torch.equal(p, saved[name])  # the model after train(): that checkpoint's weights
+    assert not opt.noise_removed
+    trainer.save_model(str(tmp_path / "final"))
+    final = safetensors_torch.load_file(str(tmp_path / "final" / "model.safetensors"))
+    assert all(torch.equal(final[name], saved[name]) for name in saved)
+    # the optimizer now treats the loaded weights as clean: training on perturbs them afresh
+    assert all(int(s.get("noise_step", 0)) == 0 for s in opt.state.values())
+
+
+def test_amp_trainer_matches_a_hand_written_loop(tmp_path):
+    """FusedAMP (around FusedVSGD) under Trainer: two passes per step, one optimizer update."""
+    def make(model):
+        return FusedAMP(model.parameters(), lr=0.05, epsilon=0.1, momentum=0.9,
+                        base_optimizer=functools.partial(FusedVSGD, variability=0.05, num_iters=1000, seed=3))
+
+    model = TinyRegressor()
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    AMPTrainer(model=model, args=args(tmp_path, max_steps=4, max_grad_norm=0.0, train_sampling_strategy="sequential"),
+               train_dataset=TRAIN, optimizers=(make(model), None)).train()
+    assert len(calls) == 2 * 4
+
+    hand = TinyRegressor()
+    opt = make(hand)
+    x = torch.stack([e["x"] for e in TRAIN])
+    y = torch.stack([e["labels"] for e in TRAIN])
+    for step in range(4):
+        batch = slice(4 * step, 4 * step + 4)
+
+        def closure():
+            opt.zero_grad()
+            loss = hand(x[batch], y[batch])["loss"]
+            loss.backward()
+            return loss
+        opt.step(closure)
+    for p, q in zip(model.parameters(), hand.parameters()):
+        assert torch.equal(p, q)
