@@ -58,12 +58,18 @@ std::string probe();
 }  // namespace cuda
 }  // namespace nvrm
 #else
+#include <algorithm>
+#include <atomic>
+
+#include "cpu/thread_pool.h"
+
 namespace nvrm {
 namespace cpu {
+// multi_tensor.cpp: block_table rows [first, last) on the calling thread.
 void launch_baseline(int, int, const int64_t*, const float*, const int64_t*, int64_t, int64_t,
-                     uint64_t, int64_t, const float*, const float*, int);
+                     int64_t, uint64_t, const float*);
 void launch_avx2_fma(int, int, const int64_t*, const float*, const int64_t*, int64_t, int64_t,
-                     uint64_t, int64_t, const float*, const float*, int);
+                     int64_t, uint64_t, const float*);
 }  // namespace cpu
 }  // namespace nvrm
 
@@ -87,6 +93,47 @@ CpuVariant best_cpu_variant() {
 }
 
 CpuVariant cpu_variant = best_cpu_variant();
+
+// Below this many elements per thread a launch stays on the calling thread: waking a sleeping
+// worker costs ~10-50 us, about what one thread takes for 2^15 elements of a noisy step
+// (bench/test_cpu_threads.py measures the crossover).
+constexpr int64_t kMinElementsPerThread = int64_t{1} << 15;
+
+// How many threads a launch uses: torch's intra-op thread count (num_threads), but no more than
+// one per kMinElementsPerThread elements and one per block.
+int launch_threads(const int64_t* ints, const int64_t* blocks, int64_t num_blocks,
+                   int64_t block_size, int num_threads) {
+  const int64_t wanted = std::min<int64_t>(num_threads, num_blocks);
+  int64_t elements = 0;
+  for (int64_t b = 0; b < num_blocks && elements < wanted * kMinElementsPerThread; ++b) {
+    const int64_t* row = ints + blocks[2 * b] * nvrm::kIntColumns;
+    const int64_t start = blocks[2 * b + 1];
+    const int64_t offset = row[nvrm::kIntOffset];
+    elements += std::min(start + block_size, offset + row[nvrm::kIntNumel]) - std::max(start, offset);
+  }
+  return static_cast<int>(std::max<int64_t>(1, std::min(wanted, elements / kMinElementsPerThread)));
+}
+
+// One multi-threaded launch: every thread claims blocks one at a time until none are left.
+struct CpuJob {
+  CpuLaunch launch;
+  int op, dtype_code;
+  const int64_t* ints;
+  const float* floats;
+  const int64_t* blocks;
+  int64_t num_blocks, block_size;
+  uint64_t seed;
+  const float* grad_scale;
+  std::atomic<int64_t> next{0};
+
+  static void work(void* context) {
+    CpuJob& job = *static_cast<CpuJob*>(context);
+    for (int64_t b; (b = job.next.fetch_add(1, std::memory_order_relaxed)) < job.num_blocks;) {
+      job.launch(job.op, job.dtype_code, job.ints, job.floats, job.blocks, b, b + 1,
+                 job.block_size, job.seed, job.grad_scale);
+    }
+  }
+};
 }  // namespace
 #endif
 
@@ -158,7 +205,8 @@ __attribute__((visibility("default"))) int nvrm_cpu_select_variant(const char* n
 // Tables, grad_scale and found_inf live in host memory. grad_scale (may be null): gradients are
 // divided by it (and written back) before the update. found_inf (may be null): nonzero skips
 // the whole launch. commit_rows: rows 0 .. commit_rows-1 carry live counters (I_LIVE) that are
-// advanced after the update (capturable mode); 0 in host mode.
+// advanced after the update (capturable mode); 0 in host mode. num_threads: the most threads to
+// use (torch.get_num_threads()); small launches run on the calling thread alone.
 __attribute__((visibility("default"))) int nvrm_cpu_launch(
     int op, int dtype_code, const int64_t* ints, const float* floats, const int64_t* blocks,
     int64_t num_blocks, int64_t block_size, uint64_t seed, int64_t commit_rows,
@@ -167,8 +215,19 @@ __attribute__((visibility("default"))) int nvrm_cpu_launch(
       invalid_arguments(op, dtype_code, ints, floats, blocks, num_blocks, block_size, commit_rows);
   if (!error.empty()) return fail(std::move(error));
   if (num_threads < 1) return fail("num_threads must be at least 1");
-  cpu_variant.launch(op, dtype_code, ints, floats, blocks, num_blocks, block_size, seed,
-                     commit_rows, grad_scale, found_inf, num_threads);
+  if (found_inf != nullptr && *found_inf != 0.0f) return 0;  // GradScaler skips the step
+  const int threads = launch_threads(ints, blocks, num_blocks, block_size, num_threads);
+  if (threads == 1) {
+    cpu_variant.launch(op, dtype_code, ints, floats, blocks, 0, num_blocks, block_size, seed,
+                       grad_scale);
+  } else {
+    CpuJob job{cpu_variant.launch, op, dtype_code, ints, floats, blocks, num_blocks, block_size,
+               seed, grad_scale};
+    nvrm::cpu::WorkerPool::instance().run(threads - 1, CpuJob::work, &job);
+  }
+  for (int64_t r = 0; r < commit_rows; ++r) {
+    nvrm::commit_live(ints + r * nvrm::kIntColumns, floats + r * nvrm::kFloatColumns);
+  }
   return 0;
 }
 

@@ -1,4 +1,5 @@
-// CPU launcher: one OpenMP parallel region per launch, one block_table row per iteration.
+// CPU launcher: runs a range of block_table rows on the calling thread. Which thread runs which
+// rows, the GradScaler skip and the counter commit are csrc/api.cpp's (nvrm_cpu_launch).
 //
 // This file only indexes, loads and stores; the element math is csrc/nvrm/{philox,noise,update}.h.
 // It is compiled twice (see setup.py): once for baseline x86-64 and once with AVX2+FMA+F16C, each
@@ -296,11 +297,9 @@ void run_block(int op, const Row& row, int64_t block_start, int64_t block_size, 
 }
 
 template <typename S>
-void run(int op, const int64_t* ints, const float* floats, const int64_t* blocks,
-         int64_t num_blocks, int64_t block_size, uint64_t seed, const float* grad_scale,
-         int num_threads) {
-#pragma omp parallel for num_threads(num_threads) schedule(static)
-  for (int64_t b = 0; b < num_blocks; ++b) {
+void run(int op, const int64_t* ints, const float* floats, const int64_t* blocks, int64_t first,
+         int64_t last, int64_t block_size, uint64_t seed, const float* grad_scale) {
+  for (int64_t b = first; b < last; ++b) {
     const int64_t table_row = blocks[2 * b];
     const Row row =
         decode_row(ints + table_row * kIntColumns, floats + table_row * kFloatColumns, op);
@@ -310,22 +309,16 @@ void run(int op, const int64_t* ints, const float* floats, const int64_t* blocks
 
 }  // namespace
 
-// Arguments are validated by api.cpp. A nonzero *found_inf skips the step: nothing is written.
-// commit_rows > 0: rows 0 .. commit_rows-1 carry live counters, advanced after the update.
+// block_table rows [first, last), on the calling thread. Arguments are validated by api.cpp.
 void NVRM_CPU_LAUNCH(int op, int dtype_code, const int64_t* ints, const float* floats,
-                     const int64_t* blocks, int64_t num_blocks, int64_t block_size, uint64_t seed,
-                     int64_t commit_rows, const float* grad_scale, const float* found_inf,
-                     int num_threads) {
-  if (found_inf != nullptr && *found_inf != 0.0f) return;
+                     const int64_t* blocks, int64_t first, int64_t last, int64_t block_size,
+                     uint64_t seed, const float* grad_scale) {
   if (dtype_code == kStorageFloat32) {
-    run<Float32>(op, ints, floats, blocks, num_blocks, block_size, seed, grad_scale, num_threads);
+    run<Float32>(op, ints, floats, blocks, first, last, block_size, seed, grad_scale);
   } else if (dtype_code == kStorageFloat16) {
-    run<Float16>(op, ints, floats, blocks, num_blocks, block_size, seed, grad_scale, num_threads);
+    run<Float16>(op, ints, floats, blocks, first, last, block_size, seed, grad_scale);
   } else {
-    run<BFloat16>(op, ints, floats, blocks, num_blocks, block_size, seed, grad_scale, num_threads);
-  }
-  for (int64_t r = 0; r < commit_rows; ++r) {
-    commit_live(ints + r * kIntColumns, floats + r * kFloatColumns);
+    run<BFloat16>(op, ints, floats, blocks, first, last, block_size, seed, grad_scale);
   }
 }
 

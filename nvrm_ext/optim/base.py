@@ -20,7 +20,7 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.optimizer import required
 
-from .. import noise as spec
+from .. import _compiler, noise as spec
 from ..backends import tables as T
 from ..backends.torch_ref import TORCH
 
@@ -370,7 +370,7 @@ class NeuralVariableOptimizer(Optimizer):
         self._step_all(grad_scale, found_inf)
         return loss
 
-    @torch.compiler.disable
+    @_compiler.disable
     def _step_all(self, grad_scale=None, found_inf=None) -> None:
         """The step proper. Opaque to torch.compile: host-side table building and one launch
         per bucket, nothing for the compiler to fuse, so a compiled training step breaks its
@@ -508,7 +508,7 @@ class NeuralVariableOptimizer(Optimizer):
                 key += 1
         return noisy
 
-    @torch.compiler.disable
+    @_compiler.disable
     def _noise_launch(self, noisy, *, remove: bool) -> None:
         buckets: dict = {}
         for key, p, state in noisy:

@@ -1,0 +1,32 @@
+"""torch.compile helpers that keep ``import nvrm_ext`` from importing torch._dynamo.
+
+``@torch.compiler.disable`` imports torch._dynamo (and with it triton, sympy, ...) the moment it
+decorates, which made ``import nvrm_ext`` take seconds longer than ``import torch``.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+
+import torch
+
+
+def disable(fn):
+    """``torch.compiler.disable(fn)``, built on the first call that needs it.
+
+    Until torch._dynamo has been imported nothing can be compiling, so calls go straight to
+    ``fn``; from then on they go through ``torch.compiler.disable(fn)``, made once, so a
+    compiled caller breaks its graph at this call instead of tracing ``fn``.
+    """
+    disabled = None
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        nonlocal disabled
+        if disabled is None:
+            if "torch._dynamo" not in sys.modules:
+                return fn(*args, **kwargs)
+            disabled = torch.compiler.disable(fn)
+        return disabled(*args, **kwargs)
+
+    return wrapper
