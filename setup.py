@@ -274,7 +274,7 @@ setup(
     install_requires=["torch>=2.1", "numpy"],
     extras_require={
         "triton": ["triton"],
-        "test": ["pytest", "pytest-benchmark", "scipy", "hypothesis", "triton",
+        "test": ["pytest", "pytest-timeout", "pytest-benchmark", "scipy", "hypothesis", "triton",
                  "scikit-learn", "tqdm", "matplotlib"],
         "demo": ["scikit-learn", "tqdm", "matplotlib"],
     },
