@@ -4,6 +4,8 @@ DDP over nccl. Graph replay, the GradScaler fused protocol and CUDA-vs-cpu bit-e
 test_capturable.py and test_compiled.py.
 """
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ import torch.multiprocessing as mp
 
 import nvrm_ext
 from nvrm_ext.backends import compiled
+from nvrm_ext.optim import base
 
 pytestmark = pytest.mark.cuda
 
@@ -22,9 +25,9 @@ def _model(device):
     return torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 4)).to(device)
 
 
-def _train(cls, backend, device, steps=4, **kwargs):
+def _train(cls, backend, device, steps=4):
     model = _model(device)
-    opt = cls(model.parameters(), seed=11, backend=backend, **kwargs)
+    opt = cls(model.parameters(), lr=1e-2, seed=11, backend=backend)
     data = torch.Generator().manual_seed(2)
     for _ in range(steps):
         x = torch.randn(8, 32, generator=data).to(device)
@@ -132,6 +135,7 @@ def test_replay_after_a_rebuild_touches_only_memory_it_keeps(backend):
     weight.data = weight.data.clone()  # the old storage is what the graph writes
     opt.zero_grad(set_to_none=False)
     model(x).square().mean().backward()
+    base._warn_once.cache_clear()
     with pytest.warns(RuntimeWarning, match="capture them again"):
         opt.step()
     assert len(opt._retired_plans) == 1
@@ -139,6 +143,39 @@ def test_replay_after_a_rebuild_touches_only_memory_it_keeps(backend):
         graph.replay()  # under compute-sanitizer: no invalid access
     torch.cuda.synchronize()
     assert torch.isfinite(weight).all()
+
+
+_FOREIGN_FAULT = """
+import torch, triton, triton.language as tl
+import nvrm_ext
+
+@triton.jit
+def _fault(x_ptr, offset):
+    tl.store(x_ptr + offset, 1.0)
+
+p = torch.nn.Parameter(torch.zeros(64, device="cuda"))
+opt = nvrm_ext.FusedVSGD([p], lr=0.1, seed=0, backend="cuda", capturable=True)
+p.grad = torch.ones_like(p)
+opt.step()  # the tables are on the device now: the next step launches without a torch call
+_fault[(1,)](torch.zeros(1, device="cuda"), 1 << 40)  # someone else's kernel: illegal address
+try:
+    torch.cuda.synchronize()
+except RuntimeError:
+    pass
+try:
+    opt.step()
+except RuntimeError as error:
+    print(error)
+"""
+
+
+def test_an_earlier_foreign_cuda_error_is_not_blamed_on_our_launch():
+    """A sticky error left by another kernel surfaces at our next launch: the message must say
+    it came from earlier work, not that our kernel failed (in a subprocess: the context dies)."""
+    done = subprocess.run([sys.executable, "-c", _FOREIGN_FAULT], capture_output=True, text=True, timeout=300)
+    message = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-2000:]
+    assert "illegal memory access" in message, message
+    assert "kernel launch failed" not in message, message  # blamed on our launch (before the fix)
 
 
 # ------------------------------------------------------------------ DDP over nccl
