@@ -67,11 +67,14 @@ class Recorder(transformers.TrainerCallback):
         self.expected, self.evaluated = [], []
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if control.should_evaluate or control.should_save:
+        if (control.should_evaluate or control.should_save) and not (
+                self.expected and self.expected[-1][0] == state.global_step):
             opt = optimizer.optimizer  # accelerate's AcceleratedOptimizer
             clean = clean_reference(opt)
             self.expected.append((state.global_step, [p.detach().clone() for p in model.parameters()],
                                   [clean[p] for p in model.parameters()]))
+
+    on_epoch_end = on_step_end
 
     def on_evaluate(self, args, state, control, model=None, metrics=None, **kwargs):
         self.evaluated.append(([p.detach().clone() for p in model.parameters()], metrics["eval_loss"]))
@@ -94,21 +97,24 @@ def loss_at(model, weights):
     return torch.nn.functional.mse_loss(out["logits"], y).item()
 
 
-def test_evaluation_predictions_and_saved_model_see_clean_weights(tmp_path):
+@pytest.mark.parametrize("strategy", ["steps", "epoch"])  # decided at on_step_end / on_epoch_end
+def test_evaluation_predictions_and_saved_model_see_clean_weights(tmp_path, strategy):
     model = TinyRegressor()
     opt = nvrm(model)
     recorder, next_step = Recorder(), NextStep()
-    trainer = transformers.Trainer(model=model, args=args(tmp_path, eval_strategy="steps", eval_steps=2),
+    max_steps, evaluated_at = (6, [2, 4, 6]) if strategy == "steps" else (10, [4, 8, 10])  # 4 steps per epoch
+    trainer = transformers.Trainer(model=model, args=args(tmp_path, eval_strategy=strategy, eval_steps=2,
+                                                          max_steps=max_steps),
                                    train_dataset=TRAIN, eval_dataset=EVAL, optimizers=(opt, None),
                                    callbacks=[recorder, DenoisedEvaluation(), next_step])
     trainer.train()
     params = list(model.parameters())
-    assert [step for step, _, _ in recorder.expected] == [2, 4, 6] and len(recorder.evaluated) == 3
+    assert [step for step, _, _ in recorder.expected] == evaluated_at and len(recorder.evaluated) == 3
     for (step, noisy, clean), (weights, eval_loss) in zip(recorder.expected, recorder.evaluated):
         assert_close_to_clean(weights, opt, dict(zip(params, clean)), params)
         assert eval_loss == pytest.approx(loss_at(model, clean), rel=1e-6)
         assert eval_loss != pytest.approx(loss_at(model, noisy), rel=1e-4)  # the noise matters
-        if step < 6:  # training resumed from the noisy weights, bit for bit
+        if step < max_steps:  # training resumed from the noisy weights, bit for bit
             assert all(torch.equal(a, b) for a, b in zip(next_step.weights[step], noisy))
     # after train(): the model stays clean for evaluate(), predict() and save_model()
     _, _, final_clean = recorder.expected[-1]
