@@ -130,15 +130,25 @@ def test_queue_keeps_last_samples_of_an_oversized_class():
 def test_queue_running_sums_track_the_stored_rows():
     layer = nn.Identity()
     generator = torch.Generator().manual_seed(3)
+    history = {k: [] for k in range(3)}
     with NeuronSteadiness([layer], lam=1.0, num_classes=3, queue_length=4) as nsr:
         for _ in range(20):
-            layer(torch.randn(7, 5, generator=generator) + 1000.0)  # far from 0: no cancellation
-            nsr.penalty(torch.randint(0, 3, (7,), generator=generator))
+            rows = torch.randn(7, 5, generator=generator) + 1000.0  # far from 0: no cancellation
+            labels = torch.randint(0, 3, (7,), generator=generator)
+            layer(rows)
+            nsr.penalty(labels)
+            remembered = {k: torch.stack(h[-4:]).double() if h else torch.zeros(0, 5, dtype=torch.float64)
+                          for k, h in history.items()}
+            for row, k in zip(rows, labels.tolist()):
+                history[k].append(row)
         queue = nsr._queues[0]
         bank = queue.bank.double()
         torch.testing.assert_close(queue.sums, bank.sum(dim=1))
         torch.testing.assert_close(queue.squares, (bank * bank).sum(dim=1))
-        assert nsr.layer_variances().item() < 3 * 5 * 2  # ~ 5 neurons x 3 classes x var 1
+        # the last penalty's variance from the running sums equals the two-pass variance of
+        # the last batch plus the rows each class remembered (centred: no cancellation there)
+        expected = reference_penalty(rows.double(), labels, 3, remembered)
+        torch.testing.assert_close(nsr.layer_variances(), expected.reshape(1), rtol=1e-6, atol=1e-9)
 
 
 def test_conv_maps_use_channel_means():

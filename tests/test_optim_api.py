@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import nvrm_ext
+from nvrm_ext import noise as spec
 from nvrm_ext.backends import fused_backend
 
 OPTIMIZERS = [
@@ -22,6 +23,13 @@ def _set_grads(params, seed):
     g = torch.Generator().manual_seed(seed)
     for p in params:
         p.grad = torch.randn(p.shape, generator=g)
+
+
+def _first_sgd_step(p, grad, *, lr, key, seed, noise_type="Gaussian", variability=0.01):
+    """Independent reference of a parameter's first SGD step (a fresh momentum buffer is the
+    gradient itself): p - lr * g plus the specified noise of (seed, key, step 1)."""
+    noise = spec.noise(noise_type, variability, seed, key, 1, p.numel(), device=p.device)
+    return p.detach() - lr * grad + noise.view(p.shape).to(p.dtype)
 
 
 # ---------------------------------------------------------------------- validation
@@ -120,15 +128,26 @@ def test_sparse_gradient_is_rejected_before_anything_changes(cls, kwargs):
 
 
 # ---------------------------------------------------------------------- torch.optim behaviour
-def test_parameters_without_grad_are_untouched():
-    params = _params()
-    opt = nvrm_ext.FusedVSGD(params, lr=0.1, momentum=0.9, backend="torch")
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+def test_parameters_without_grad_are_untouched_and_keep_their_key(backend):
+    """A grad-None parameter is skipped, and the ones after it keep their position in the flat
+    parameter list as noise key (keys are not counted over the parameters that step)."""
+    params = _params(shapes=((5, 3), (7,), (2, 2, 2), (9,)))
+    opt = nvrm_ext.FusedVSGD(params, lr=0.1, momentum=0.9, seed=11, backend=backend)
     _set_grads(params, 0)
     params[1].grad = None
-    before = params[1].detach().clone()
+    before = [p.detach().clone() for p in params]
     opt.step()
-    assert torch.equal(params[1].detach(), before)
+    assert torch.equal(params[1].detach(), before[1])
     assert params[1] not in opt.state
+    for key in (0, 2, 3):
+        expected = _first_sgd_step(before[key], params[key].grad, lr=0.1, key=key, seed=11)
+        torch.testing.assert_close(params[key].detach(), expected, rtol=1e-6, atol=1e-7,
+                                   msg=lambda m: f"parameter {key}: {m}")
+    with opt.denoised():
+        for key in (0, 2, 3):
+            torch.testing.assert_close(params[key].detach(), before[key] - 0.1 * params[key].grad,
+                                       rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("cls,kwargs", OPTIMIZERS)
@@ -142,8 +161,14 @@ def test_closure_loss_is_returned(cls, kwargs):
         loss.backward()
         return loss
 
+    expected = sum(float((p.detach().double() ** 2).sum()) for p in params)
     loss = opt.step(closure)
-    assert torch.is_tensor(loss) and loss.item() > 0
+    assert torch.is_tensor(loss) and loss.item() == pytest.approx(expected, rel=1e-6)
+    # the second closure runs at the perturbed weights the first step left, before the update
+    expected = sum(float((p.detach().double() ** 2).sum()) for p in params)
+    before = [p.detach().clone() for p in params]
+    assert opt.step(closure).item() == pytest.approx(expected, rel=1e-6)
+    assert all(torch.equal(p.grad, 2 * b) for p, b in zip(params, before))  # its gradients were used
 
 
 def test_lr_scheduler_drives_the_update():
@@ -162,17 +187,21 @@ def test_lr_scheduler_drives_the_update():
             torch.testing.assert_close(p.detach(), c, rtol=0, atol=1e-6)
 
 
-def test_hyperparameters_may_differ_per_group():
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+def test_hyperparameters_may_differ_per_group(backend):
+    """Each group's lr, noise type and variability reach exactly its own parameters."""
     params = _params()
-    opt = nvrm_ext.FusedVSGD([{"params": params[:1], "variability": 0.5, "noise_type": "Uniform"},
-                              {"params": params[1:], "lr": 0.0}], lr=0.0, variability=1e-3,
-                             backend="torch", seed=0)
+    groups = [dict(lr=0.3, variability=0.5, noise_type="Uniform"), dict(lr=0.02, noise_type="Laplace"),
+              dict()]  # the defaults: lr 0.1, Gaussian, variability 1e-3
+    opt = nvrm_ext.FusedVSGD([{"params": [p], **g} for p, g in zip(params, groups)], lr=0.1,
+                             variability=1e-3, backend=backend, seed=0)
     _set_grads(params, 0)
     before = [p.detach().clone() for p in params]
     opt.step()
-    first_noise = (params[0].detach() - before[0]).abs()
-    other_noise = (params[1].detach() - before[1]).abs()
-    assert 0.1 < first_noise.max() <= 0.5 and other_noise.max() < 0.01
+    for key, (p, b, g) in enumerate(zip(params, before, groups)):
+        expected = _first_sgd_step(b, p.grad, lr=g.get("lr", 0.1), key=key, seed=0,
+                                   noise_type=g.get("noise_type", "Gaussian"), variability=g.get("variability", 1e-3))
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-6, atol=1e-7, msg=lambda m: f"group {key}: {m}")
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -355,11 +384,17 @@ def test_channels_last_parameters_number_elements_in_memory_order():
 
 
 def test_float64_parameters_use_the_torch_backend_under_auto_and_refuse_triton():
-    p = torch.nn.Parameter(torch.randn(10, dtype=torch.float64))
-    opt = nvrm_ext.FusedVSGD([p], lr=0.1)
-    p.grad = torch.ones_like(p)
+    """float64 steps in float64 arithmetic: the float32 noise of the spec added to the float64
+    update with the table's float32 lr (a float32 round trip of p would lose ~1e-8)."""
+    p = torch.nn.Parameter(torch.randn(10, dtype=torch.float64) + 1.0)
+    before = p.detach().clone()
+    opt = nvrm_ext.FusedVSGD([p], lr=0.1, seed=4)
+    p.grad = torch.full_like(p, 1.0 / 3.0)
     opt.step()
     assert p.dtype == torch.float64
+    noise = spec.noise("Gaussian", 0.01, 4, 0, 1, 10).double()
+    lr = torch.tensor(0.1, dtype=torch.float32).item()  # hyperparameters travel as float32
+    torch.testing.assert_close(p.detach(), (before - lr * (1.0 / 3.0)) + noise, rtol=1e-15, atol=1e-15)
     with pytest.raises(RuntimeError, match="cannot run torch.float64"):
         nvrm_ext.FusedVSGD([p], lr=0.1, backend="triton")
 

@@ -5,6 +5,8 @@ import pytest
 import torch
 
 import nvrm_ext
+from nvrm_ext import noise as spec
+from nvrm_ext.original import OriginalVSGD
 
 
 def _model(seed=0):
@@ -89,15 +91,37 @@ def test_torch_compile_of_a_training_step_matches_eager(backend, capturable):
     assert explanation.graph_break_count <= 2, explanation.break_reasons
 
 
-def test_autocast_with_fp32_parameters_works_unchanged():
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_autocast_with_fp32_parameters_works_unchanged(backend):
+    """bfloat16 autocast gives float32 gradients of float32 parameters: the steps are exactly the
+    original algorithm's (fed the same gradients and the specified noise), clean and perturbed."""
     model = _model()
-    opt = nvrm_ext.FusedVSGD(model.parameters(), lr=0.1, seed=0, backend="torch")
-    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-    loss.backward()
-    opt.step()
-    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
+    opt = nvrm_ext.FusedVSGD(model.parameters(), lr=0.1, momentum=0.9, variability=0.05, num_iters=3,
+                             seed=0, backend=backend)
+    reference = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
+    original = OriginalVSGD(reference, lr=0.1, momentum=0.9, variability=0.05, num_iters=3,
+                            noise_fn=lambda key, p, step: spec.noise("Gaussian", 0.05, 0, key, step,
+                                                                     p.numel()).view(p.shape))
+    for step in range(4):
+        g = torch.Generator().manual_seed(step)
+        x, y = torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        assert loss.dtype == torch.float32  # cross_entropy autocasts to float32
+        loss.backward()
+        for p, r in zip(model.parameters(), reference):
+            assert p.grad.dtype == torch.float32 and p.grad.abs().sum() > 0
+            r.grad = p.grad.clone()
+        opt.step()
+        original.step()
+        for p, r in zip(model.parameters(), reference):
+            assert p.dtype == torch.float32
+            torch.testing.assert_close(p.detach(), r.detach(), rtol=1e-6, atol=1e-6)
+        with opt.denoised():
+            for p, r in zip(model.parameters(), reference):
+                torch.testing.assert_close(p.detach(), r.detach() - original.state[r]["noise1"],
+                                           rtol=1e-6, atol=1e-6)
 
 
 def test_grad_scaler_skips_inf_steps_without_touching_noise_bookkeeping():
