@@ -2,7 +2,8 @@
 
 The libraries export a small C ABI (csrc/api.cpp) loaded with ctypes, so one build serves every
 torch version. Each launch is registered as a torch.library custom op (``nvrm_ext::cpu_launch``,
-``nvrm_ext::cuda_launch``) so that torch.compile keeps it as one opaque call.
+``nvrm_ext::cuda_launch``) so that torch.compile keeps it as one opaque call; eager launches
+call the library directly.
 """
 from __future__ import annotations
 
@@ -291,12 +292,17 @@ class CompiledBackend:
         assert 0 <= commit_rows <= ints.shape[0], f"commit_rows {commit_rows} outside [0, {ints.shape[0]}]"
         if blocks.shape[0] == 0 and commit_rows == 0:
             return
+        # The custom op only matters to torch.compile; eagerly its dispatch would cost ~45 us per
+        # launch (more than a 148-tensor launch itself), so the library is called directly.
+        compiling = torch.compiler.is_compiling()
         if self.name == "cpu":
-            _cpu_launch(op, DTYPE_CODES[dtype], ints, floats, blocks, self.block_size, _signed(seed),
-                        commit_rows, grad_scale, found_inf, torch.get_num_threads())
+            (_cpu_launch if compiling else _run_cpu)(
+                op, DTYPE_CODES[dtype], ints, floats, blocks, self.block_size, _signed(seed),
+                commit_rows, grad_scale, found_inf, torch.get_num_threads())
         else:
-            _cuda_launch(op, DTYPE_CODES[dtype], ints, floats, blocks, self.block_size, _signed(seed),
-                         commit_rows, grad_scale, found_inf)
+            (_cuda_launch if compiling else _run_cuda)(
+                op, DTYPE_CODES[dtype], ints, floats, blocks, self.block_size, _signed(seed),
+                commit_rows, grad_scale, found_inf)
 
 
 # Elements per block_table row. CPU: large enough that the per-block row decode is noise, small
