@@ -1,10 +1,15 @@
-"""nvrm_ext.integrations.zero.denoised with ZeroRedundancyOptimizer on 2 gloo processes."""
+"""nvrm_ext.integrations.zero.denoised with ZeroRedundancyOptimizer on 2 gloo processes.
+
+The harness follows tests/test_distributed.py's rules against hangs: the ranks meet through a
+FileStore in the test's directory (no port to race for), collectives have a timeout, a barrier
+precedes destroy_process_group, a worker leaves with os._exit once it is done, and the parent
+joins with a deadline and kills the ranks, failing with what each reported."""
 from __future__ import annotations
 
 import datetime
 import multiprocessing
 import os
-import socket
+import time
 import traceback
 
 import pytest
@@ -14,52 +19,51 @@ import torch.distributed as dist
 from nvrm_ext import FusedVSGD
 from test_integrations_reference import clean_reference
 
-pytestmark = [pytest.mark.timeout(180),
+pytestmark = [pytest.mark.timeout(240),
               pytest.mark.skipif(not dist.is_available(), reason="torch built without distributed")]
 
 WORLD = 2
+DEADLINE_S = 180
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_ranks(worker, tmp_path, timeout=120):
-    """Run worker(rank, tmp_path) in WORLD spawned processes of one gloo group; fail with the
-    ranks' tracebacks, or if any rank does not finish within `timeout` seconds."""
+def run_ranks(worker, tmp_path):
+    """Run worker(rank) in WORLD spawned processes of one gloo group; fail with the ranks'
+    tracebacks, or if any rank has not finished by the deadline."""
     ctx = multiprocessing.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=_entry, args=(worker, rank, port, str(tmp_path))) for rank in range(WORLD)]
+    procs = [ctx.Process(target=_entry, args=(worker, rank, str(tmp_path)), daemon=True) for rank in range(WORLD)]
     for proc in procs:
         proc.start()
+    deadline = time.monotonic() + DEADLINE_S
     for proc in procs:
-        proc.join(timeout)
+        proc.join(max(0.0, deadline - time.monotonic()))
     hung = [rank for rank, proc in enumerate(procs) if proc.is_alive()]
     for proc in procs:
         if proc.is_alive():
-            proc.terminate()
-            proc.join(10)
-    errors = [(tmp_path / f"error{rank}.txt") for rank in range(WORLD)]
+            proc.kill()
+            proc.join()
+    errors = [tmp_path / f"error{rank}.txt" for rank in range(WORLD)]
     messages = "\n".join(e.read_text() for e in errors if e.exists())
-    assert not hung, f"ranks {hung} did not finish in {timeout} s\n{messages}"
-    assert all(proc.exitcode == 0 for proc in procs), messages or [proc.exitcode for proc in procs]
+    if hung or any(proc.exitcode != 0 for proc in procs):
+        pytest.fail(f"ranks hung: {hung}, exit codes {[proc.exitcode for proc in procs]}\n{messages}")
 
 
-def _entry(worker, rank, port, tmp_path):
-    torch.set_num_threads(1)
+def _entry(worker, rank, tmp_path):
+    """One rank; leaves with os._exit (0: done; 1: the traceback is in error<rank>.txt)."""
+    code = 1
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+        torch.set_num_threads(1)
+        store = dist.FileStore(os.path.join(tmp_path, "store"), WORLD)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD,
                                 timeout=datetime.timedelta(seconds=60))
-        worker(rank, tmp_path)
+        worker(rank)
+        dist.barrier()  # both ranks are done communicating before either tears down
+        dist.destroy_process_group()
+        code = 0
     except BaseException:
         with open(os.path.join(tmp_path, f"error{rank}.txt"), "w") as f:
             f.write(f"rank {rank}:\n{traceback.format_exc()}")
-        raise
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        os._exit(code)  # skip interpreter finalization with gloo's threads alive
 
 
 def make(steps):
@@ -90,7 +94,7 @@ def same_on_every_rank(tensors) -> bool:
     return all(torch.equal(gathered[0], g) for g in gathered)
 
 
-def _denoised_worker(rank, tmp_path):
+def _worker(rank):
     from nvrm_ext.integrations.zero import denoised
 
     model, zero, step = make(3)
@@ -106,9 +110,8 @@ def _denoised_worker(rank, tmp_path):
             torch.testing.assert_close(p.detach(), expected[p], rtol=0, atol=1e-7)
         assert same_on_every_rank(inside)  # so every rank holds every owner's clean values
         assert all(not torch.equal(a, b) for a, b in zip(inside, noisy))
-        # what the local optimizer alone gives: only the local shard is clean
     assert all(torch.equal(p, q) for p, q in zip(params, noisy))  # the noisy weights, bit for bit
-    with zero.optim.denoised():
+    with zero.optim.denoised():  # what the local optimizer alone gives: only its shard is clean
         local_only = [p.detach().clone() for p in params]
     assert not same_on_every_rank(local_only)
     for _ in range(2):
@@ -116,22 +119,16 @@ def _denoised_worker(rank, tmp_path):
     twin, _, _ = make(5)  # the same run without any denoised block
     assert all(torch.equal(p, q) for p, q in zip(params, twin.parameters()))
 
-
-def test_denoised_gives_clean_weights_on_every_rank_and_training_continues_bit_for_bit(tmp_path):
-    run_ranks(_denoised_worker, tmp_path)
-
-
-def test_denoised_refuses_a_zero_without_an_nvrm_optimizer(tmp_path):
-    run_ranks(_plain_worker, tmp_path)
-
-
-def _plain_worker(rank, tmp_path):
+    # a ZeRO around a plain torch optimizer is refused with a clear error
     from torch.distributed.optim import ZeroRedundancyOptimizer
-
-    from nvrm_ext.integrations.zero import denoised
 
     model = torch.nn.Linear(4, 2)
     zero = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.SGD, lr=0.1)
     with pytest.raises(TypeError, match="not an nvrm_ext optimizer"):
         with denoised(zero):
             pass
+
+
+def test_denoised_gives_clean_weights_on_every_rank_and_training_continues_bit_for_bit(tmp_path):
+    """Also: a ZeRO around a plain torch optimizer is refused (one spawn for both checks)."""
+    run_ranks(_worker, tmp_path)
