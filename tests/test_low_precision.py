@@ -28,8 +28,8 @@ def _ulps_apart(a: torch.Tensor, b: torch.Tensor) -> int:
 def test_noise_on_and_off_for_thousands_of_steps_leaves_clean_weights_in_place(dtype, backend, steps):
     start = _weights(dtype)
     params = [torch.nn.Parameter(w.clone()) for w in start]
-    for p in params:
-        p.grad = torch.zeros_like(p)
+    for p in params:  # not all zero: that first step at lr 0 would only create the state (DCP's init)
+        p.grad = torch.ones_like(p)
     opt = nvrm_ext.FusedVSGD(params, lr=0.0, variability=0.01, num_iters=10**9, seed=1, backend=backend)
     for _ in range(steps):
         opt.step()

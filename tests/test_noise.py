@@ -82,8 +82,8 @@ def test_offsets_select_the_same_elements():
 def _kernel_noise(noise_type, variability, numels, backend, seed=SEED, steps=1):
     """The noise a backend puts on zero weights with lr=0: returns one flat tensor per step & param."""
     params = [torch.nn.Parameter(torch.zeros(n)) for n in numels]
-    for p in params:
-        p.grad = torch.zeros_like(p)
+    for p in params:  # not all zero: that first step at lr 0 would only create the state (DCP's init)
+        p.grad = torch.ones_like(p)
     opt = nvrm_ext.FusedVSGD(params, lr=0.0, variability=variability, noise_type=noise_type,
                              seed=seed, backend=backend)
     out = []

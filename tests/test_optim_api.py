@@ -35,7 +35,7 @@ def _first_sgd_step(p, grad, *, lr, key, seed, noise_type="Gaussian", variabilit
 # ---------------------------------------------------------------------- validation
 BAD_SGD = [
     (dict(lr=-0.1), "Invalid learning rate"),
-    (dict(lr=0.1, variability=0.0), "Invalid variability"),
+    (dict(lr=0.1, variability=float("inf")), "Invalid variability"),
     (dict(lr=0.1, variability=-1.0), "Invalid variability"),
     (dict(lr=0.1, variability=float("nan")), "Invalid variability"),
     (dict(lr=0.1, num_iters=0), "Invalid num_iters"),
@@ -54,7 +54,7 @@ BAD_ADAM = [
     (dict(betas=(1.0, 0.999)), "Invalid beta parameter at index 0"),
     (dict(betas=(0.9, -0.1)), "Invalid beta parameter at index 1"),
     (dict(eps=-1e-8), "Invalid epsilon value"),
-    (dict(variability=0), "Invalid variability"),
+    (dict(variability=-0.5), "Invalid variability"),
     (dict(noise_type="gaussian"), "Invalid noise_type"),
     (dict(num_iters=0), "Invalid num_iters"),
 ]
@@ -317,7 +317,7 @@ def test_one_triton_kernel_launch_per_step(cls, kwargs, monkeypatch):
     assert len(grids) == 2
     with opt.denoised():
         assert len(grids) == 3
-    assert len(grids) == 4
+    assert len(grids) == 3  # the noisy weights come back as held copies: no launch
 
 
 @pytest.mark.parametrize("backend", ["triton", "cpu"])

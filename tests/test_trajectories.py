@@ -111,7 +111,7 @@ def test_denoise_false_accumulates_noise_psgd():
     """denoise=False: fresh noise every step, none removed (the PSGD baseline)."""
     p = torch.nn.Parameter(torch.zeros(1000))
     opt = nvrm_ext.FusedVSGD([p], lr=0.0, variability=0.1, seed=1, denoise=False, backend="torch")
-    p.grad = torch.zeros_like(p)
+    p.grad = torch.ones_like(p)  # not all zero: that first step at lr 0 would only create the state (DCP's init)
     opt.step()
     first = p.detach().clone()
     opt.step()

@@ -26,6 +26,10 @@ from ..backends.torch_ref import TORCH
 
 BACKENDS = ("auto", "torch", "triton", "cpu", "cuda")
 STATE_DICT_KEY = "nvrm"
+SEED_KEY = "nvrm_seed"          # param_groups entry: where every checkpoint path keeps groups
+NOISY_PARAM_KEY = "noisy_param"  # per-parameter state, only in a state_dict taken while the noise is removed
+NOISY_COMPENSATION_KEY = "noisy_compensation"
+_SAMPLE_SIZE = 8  # elements per parameter remembered to tell a rewrite from a same-value copy
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the fused kernels store
 _MAX_CACHED_LAYOUTS = 32  # block tables kept per optimizer (one per bucket in steady state)
 
@@ -40,6 +44,12 @@ def _is_dense(t: torch.Tensor) -> bool:
             return False
         expected *= t.size(d)
     return True
+
+
+class WeightsChangedError(RuntimeError):
+    """The parameters were changed outside the optimizer (model.load_state_dict, copy_, ...)
+    while it believed its noise was on them: removing or regenerating that noise would corrupt
+    them, so nothing was changed."""
 
 
 def _fp32(values) -> tuple:
@@ -157,7 +167,7 @@ class NeuralVariableOptimizer(Optimizer):
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64:
             raise ValueError(f"Invalid seed: {seed!r} (expected an integer in [0, 2**64))")
         self._backend_name = backend
-        self._seed = broadcast_seed(int(seed))
+        self._seed = broadcast_seed(int(seed))  # copied into every group as SEED_KEY
         self._denoise = bool(denoise)
         if not isinstance(capturable, bool):
             raise ValueError(f"Invalid capturable: {capturable!r} (expected True or False)")
@@ -165,7 +175,8 @@ class NeuralVariableOptimizer(Optimizer):
         self._block_tables: dict = {}
         self._plans: dict = {}
         self._retired_plans: list = []  # replaced plans a captured CUDA graph may still replay
-        self._inside_denoised = False
+        self._held = None  # while the noise is removed: [(param, noisy copy, compensation copy | None)]
+        self._records: dict = {}  # param -> weights record (see _record_weights)
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ hyperparameters
@@ -192,7 +203,11 @@ class NeuralVariableOptimizer(Optimizer):
             if isinstance(p, torch.Tensor):
                 _global_offset(p)  # raises for shardings the noise cannot follow
         self._check_backends(p for p in params if isinstance(p, torch.Tensor))
-        super().add_param_group({**param_group, "params": params})
+        seed = self._sync_seed() if self.param_groups else self._seed  # the groups may have been loaded
+        if param_group.get(SEED_KEY, seed) != seed:
+            raise ValueError(f"parameter group has {SEED_KEY}={param_group[SEED_KEY]!r}, but this optimizer's "
+                             f"seed is {seed}; all groups share one seed")
+        super().add_param_group({**param_group, "params": params, SEED_KEY: seed})
         self.param_groups[-1]["num_iters"] = probe["num_iters"]  # normalized: 1e3 -> 1000
 
     def _validate_group(self, group: dict) -> None:
@@ -200,8 +215,9 @@ class NeuralVariableOptimizer(Optimizer):
         if not isinstance(lr, torch.Tensor) and not (isinstance(lr, numbers.Real) and lr >= 0.0):
             raise ValueError(f"Invalid learning rate: {lr!r} (expected a number >= 0)")
         variability = group["variability"]
-        if not (isinstance(variability, numbers.Real) and math.isfinite(variability) and variability > 0.0):
-            raise ValueError(f"Invalid variability: {variability!r} (expected a finite number > 0)")
+        if not (isinstance(variability, numbers.Real) and math.isfinite(variability) and variability >= 0.0):
+            raise ValueError(f"Invalid variability: {variability!r} (expected a finite number >= 0; "
+                             "0: no noise for this group)")
         group["num_iters"] = _check_positive_int("num_iters", group["num_iters"])
         spec.noise_type_code(group["noise_type"])
         wd = group["weight_decay"]
@@ -213,22 +229,46 @@ class NeuralVariableOptimizer(Optimizer):
         # torch's Optimizer pickles only defaults, state and param_groups; keep the seed too
         state = super().__getstate__()
         state.update(_seed=self._seed, _backend_name=self._backend_name, _denoise=self._denoise,
-                     _capturable=self._capturable)
+                     _capturable=self._capturable, _held=self._held)
         return state
 
     def __setstate__(self, state):
         # load_state_dict passes only state and param_groups: keep the mode this optimizer has
         state.setdefault("_capturable", getattr(self, "_capturable", False))
+        state.setdefault("_held", None)
         super().__setstate__(state)
+        for group in self.param_groups:  # pickles of format 1 kept the seed only as an attribute
+            group.setdefault(SEED_KEY, self._seed)
         self._block_tables = {}
         self._plans = {}
         self._retired_plans = []
-        self._inside_denoised = False
+        self._records = {}
 
     @property
     def seed(self) -> int:
-        """The 64-bit seed of the noise (part of the optimizer state)."""
+        """The 64-bit seed of the noise (part of the optimizer state, kept in every param group)."""
+        return self._sync_seed()
+
+    def _sync_seed(self) -> int:
+        """The seed as the param groups say. They are the source of truth because some checkpoint
+        paths restore only the groups and the per-parameter state (ZeroRedundancyOptimizer's load
+        syncs the groups into the local optimizer without calling load_state_dict)."""
+        seeds = {group.setdefault(SEED_KEY, self._seed) for group in self.param_groups}
+        if len(seeds) != 1:
+            raise ValueError(f"{type(self).__name__}: the param groups disagree on the noise seed "
+                             f"({SEED_KEY} = {sorted(seeds)}); all groups must share one seed")
+        seed = seeds.pop()
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64:
+            raise ValueError(f"{type(self).__name__}: invalid {SEED_KEY} {seed!r} in the param groups "
+                             "(expected an integer in [0, 2**64))")
+        self._seed = int(seed)
         return self._seed
+
+    @property
+    def noise_removed(self) -> bool:
+        """True between remove_noise() and restore_noise() (or inside denoised()): the
+        parameters hold the clean weights and the optimizer holds the noisy ones."""
+        return self._held is not None
 
     @property
     def capturable(self) -> bool:
@@ -242,6 +282,11 @@ class NeuralVariableOptimizer(Optimizer):
         return self._capturable
 
     def state_dict(self) -> dict:
+        """torch's state_dict plus the seed (in every param group as SEED_KEY and in the
+        top-level STATE_DICT_KEY entry). Taken while the noise is removed, it also holds each
+        noisy parameter's exact noisy copy (NOISY_PARAM_KEY, and NOISY_COMPENSATION_KEY for
+        16-bit parameters), so it resumes exactly even when the model file holds clean weights."""
+        seed = self._sync_seed()
         sd = super().state_dict()
         if self._capturable:  # live counters -> plain numbers, the host-mode format
             rows = {}  # id(state) -> its counters, one device-to-host copy per bucket
@@ -250,29 +295,80 @@ class NeuralVariableOptimizer(Optimizer):
                     rows.update(zip(map(id, plan.states), plan.live.cpu().tolist()))
             sd["state"] = {index: _host_counters(state, rows.get(id(state)))
                            for index, state in sd["state"].items()}
-        sd[STATE_DICT_KEY] = {"seed": self._seed, "format": 1, "optimizer": type(self).__name__}
+        if self._held is not None:
+            index_of = {id(p): index for index, p in enumerate(self._flat_params())}
+            for p, noisy, compensation in self._held:
+                index = index_of[id(p)]
+                state = sd["state"][index] = dict(sd["state"][index])  # not the live state
+                state[NOISY_PARAM_KEY] = noisy
+                if compensation is not None:
+                    state[NOISY_COMPENSATION_KEY] = compensation
+        sd[STATE_DICT_KEY] = {"seed": seed, "format": 2, "optimizer": type(self).__name__}
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore hyperparameters, per-parameter state *and the seed*, so a resumed run
-        continues the identical noise sequence."""
-        extra = state_dict.get(STATE_DICT_KEY)
-        if extra is None:
-            raise ValueError(
-                f"{type(self).__name__}.load_state_dict: this state_dict has no '{STATE_DICT_KEY}' "
-                "entry (it was not saved by an nvrm_ext optimizer), so the noise on the weights "
-                "could not be regenerated")
-        saved_by = extra.get("optimizer", type(self).__name__)
-        if saved_by != type(self).__name__:
-            raise ValueError(f"{type(self).__name__}.load_state_dict: this state_dict was saved by "
-                             f"{saved_by}; its per-parameter state does not fit {type(self).__name__}")
+        continues the identical noise sequence. The seed comes from the top-level
+        STATE_DICT_KEY entry or, where a checkpoint path kept only state and param_groups
+        (torch.distributed.checkpoint), from the groups' SEED_KEY. A state_dict taken while the
+        noise was removed leaves this optimizer in that state: restore_noise() then writes the
+        saved noisy weights into the parameters. Weight records are dropped: the loaded state
+        describes the weights (see _check_weights)."""
+        seed = self._seed_of(state_dict)
+        states, held = {}, {}
         for index, s in state_dict.get("state", {}).items():
             missing = {"step", "noise_step"} - set(s)
             if missing:
                 raise ValueError(f"state of parameter {index} lacks {sorted(missing)}")
+            if NOISY_PARAM_KEY in s:
+                s = dict(s)
+                held[index] = (s.pop(NOISY_PARAM_KEY), s.pop(NOISY_COMPENSATION_KEY, None))
+            states[index] = s
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         rest = {k: v for k, v in state_dict.items() if k != STATE_DICT_KEY}
+        rest["state"] = states
         super().load_state_dict(rest)
-        self._seed = int(extra["seed"])  # the new state dicts make the launch data rebuild
+        for group in self.param_groups:
+            group[SEED_KEY] = seed
+        self._seed = seed  # the new state dicts make the launch data rebuild
+        self._records.clear()
+        param_of = dict(zip(saved_ids, self._flat_params()))
+        self._held = None
+        if held:
+            self._held = []
+            for index, (noisy, compensation) in held.items():
+                p = param_of[index]
+                cast = {"device": p.device, "dtype": p.dtype}
+                self._held.append((p, noisy.to(**cast), None if compensation is None else compensation.to(**cast)))
+
+    def _seed_of(self, state_dict: dict) -> int:
+        """The seed a state_dict carries (validated), or a clear error."""
+        name = type(self).__name__
+        extra = state_dict.get(STATE_DICT_KEY)
+        group_seeds = {group[SEED_KEY] for group in state_dict.get("param_groups", ()) if SEED_KEY in group}
+        if extra is None and not group_seeds:
+            raise ValueError(
+                f"{name}.load_state_dict: this state_dict carries no noise seed (neither a "
+                f"'{STATE_DICT_KEY}' entry nor '{SEED_KEY}' in its param_groups), so the noise on the "
+                "weights could not be regenerated; it was not saved by an nvrm_ext optimizer, or a "
+                "checkpoint path dropped both")
+        if extra is not None:
+            saved_by = extra.get("optimizer", name)
+            if saved_by != name:
+                raise ValueError(f"{name}.load_state_dict: this state_dict was saved by {saved_by}; its "
+                                 f"per-parameter state does not fit {name}")
+            group_seeds.add(extra["seed"])
+        if len(group_seeds) != 1:
+            raise ValueError(f"{name}.load_state_dict: the state_dict disagrees on the noise seed "
+                             f"({sorted(group_seeds)}); nothing was loaded")
+        seed = group_seeds.pop()
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64:
+            raise ValueError(f"{name}.load_state_dict: invalid seed {seed!r}; nothing was loaded")
+        return int(seed)
+
+    def _flat_params(self) -> list:
+        """The parameters in state_dict index order."""
+        return [p for group in self.param_groups for p in group["params"]]
 
     def _host_lr(self, group: dict) -> float:
         """The lr a table row carries. A tensor lr is read on the host (a device sync) except
@@ -347,8 +443,10 @@ class NeuralVariableOptimizer(Optimizer):
     def step(self, closure=None):
         """One step for every parameter with a gradient: remove the old noise, apply the base
         update at the perturbed weights, add fresh noise. Returns the closure's loss."""
-        if self._inside_denoised:
-            raise RuntimeError("step() called inside denoised(): leave the block first")
+        if self._held is not None:
+            raise RuntimeError(f"{type(self).__name__}.step() while the noise is removed (remove_noise(), or "
+                               "inside denoised()): the forward pass must see the noisy weights; call "
+                               "restore_noise() (or leave the denoised() block) first")
         if not self._capturable:
             _refuse_capture(f"{type(self).__name__}.step() with capturable=False: its step counters "
                             "live on the host, so every replay would re-apply the captured step's "
@@ -379,9 +477,17 @@ class NeuralVariableOptimizer(Optimizer):
         for key, group, p, g in self._participants():
             members.setdefault((p.device, p.dtype), []).append((key, group, p, g))
         resolved = {bucket: self._resolve_backend(*bucket) for bucket in members}
-        for bucket, bucket_members in members.items():
+        self._sync_seed()
+        state_only = self._is_state_init_step(members)
+        plans = [(bucket, bucket_members, self._bucket_plan(bucket, bucket_members, resolved[bucket]))
+                 for bucket, bucket_members in members.items()]  # creates missing state
+        if state_only:
+            return
+        for bucket, _, plan in plans:  # all before any launch: an error changes nothing
+            if not _capturing(bucket[0]):
+                self._check_weights(plan.params, plan.states, plan.param_tensors)
+        for bucket, bucket_members, plan in plans:
             backend = resolved[bucket]
-            plan = self._bucket_plan(bucket, bucket_members, backend)
             grads = [g for _, _, _, g in bucket_members]
             ints, floats = plan.tables(grads)
             if plan.live is None:
@@ -389,6 +495,26 @@ class NeuralVariableOptimizer(Optimizer):
                 plan.commit()
             else:
                 self._launch_live(backend, bucket, plan, grads, ints, floats, grad_scale, found_inf)
+            if not _capturing(bucket[0]):
+                self._record_weights(plan.params, plan.states, plan.param_tensors, plan.sample_views())
+
+    def _is_state_init_step(self, members: dict) -> bool:
+        """torch.distributed.checkpoint's _init_optim_state (get_/set_optimizer_state_dict on a
+        fresh optimizer) calls step() with all-zero gradients and every lr set to 0 only to
+        create the state. Such a first step must not perturb the weights: it only creates the
+        state. The gradients are read (a sync) only when the state is empty and every lr is 0."""
+        if any(self.state.values()) or not members:
+            return False
+        for group in self.param_groups:
+            lr = group["lr"]
+            if isinstance(lr, torch.Tensor):
+                if _capturing(lr.device):
+                    return False
+                lr = lr.item()
+            if lr != 0:
+                return False
+        return not any(bool(torch.any(_local(g) != 0)) for bucket_members in members.values()
+                       for _, _, _, g in bucket_members)
 
     def _launch_live(self, backend, bucket, plan: "_BucketPlan", grads, ints, floats, grad_scale, found_inf):
         """Capturable mode: bring the persistent device tables up to date, then one launch that
@@ -460,20 +586,74 @@ class NeuralVariableOptimizer(Optimizer):
     # ------------------------------------------------------------------ evaluation
     @contextlib.contextmanager
     def denoised(self):
-        """Inside the block the parameters hold the clean weights; on exit the same noise is
-        put back. Use it to evaluate or save clean weights. One launch per bucket each way."""
-        if self._inside_denoised:
-            raise RuntimeError("denoised() blocks do not nest")
+        """Inside the block the parameters hold the clean weights; on exit the noisy weights
+        come back bit for bit (exact copies are held meanwhile: one copy of the perturbed
+        parameters, and of their 16-bit compensation buffers). Built on remove_noise() /
+        restore_noise(). Blocks do not nest, and a block is refused while the noise is already
+        removed: on exit it would have to choose between two owners of the noisy copies."""
         _refuse_capture(f"{type(self).__name__}.denoised(): it reads the noise bookkeeping on the host; "
                         "use it outside the captured region")
-        noisy = self._noisy_parameters()
-        self._noise_launch(noisy, remove=True)
-        self._inside_denoised = True
+        if self._held is not None:
+            raise RuntimeError(f"{type(self).__name__}: denoised() blocks do not nest, and denoised() is refused "
+                               "while the noise is removed (remove_noise()); the weights are clean already, "
+                               "and restore_noise() puts the noise back")
+        self.remove_noise()
         try:
             yield self
         finally:
-            self._inside_denoised = False
-            self._noise_launch(noisy, remove=False)
+            self.restore_noise()
+
+    @torch.no_grad()
+    def remove_noise(self) -> None:
+        """Put the clean weights into the parameters and hold exact copies of the noisy ones
+        until restore_noise(); for callbacks whose evaluation does not fit one `with` block.
+        No-op if the noise is already removed. step() is refused until restore_noise()."""
+        if self._held is not None:
+            return
+        _refuse_capture(f"{type(self).__name__}.remove_noise(): it reads the noise bookkeeping on the host; "
+                        "call it outside the captured region")
+        self._sync_seed()
+        noisy = self._noisy_parameters()
+        self._check_weights([p for _, p, _ in noisy], [s for _, _, s in noisy])
+        self._held = [(p, p.detach().clone(),
+                       None if state.get("compensation") is None else state["compensation"].clone())
+                      for _, p, state in noisy]
+        self._noise_launch(noisy)
+
+    @torch.no_grad()
+    def restore_noise(self) -> None:
+        """Write the held noisy weights (and compensation buffers) back into the parameters,
+        bit for bit, whatever the parameters hold now. No-op if the noise is not removed."""
+        if self._held is None:
+            return
+        held, self._held = self._held, None
+        states = []
+        for p, noisy, compensation in held:
+            state = self.state[p]
+            _local(p).copy_(_local(noisy))
+            if compensation is not None:
+                _local(_compensation(p, state)).copy_(_local(compensation))
+            states.append(state)
+        self._record_weights([p for p, _, _ in held], states)
+
+    @torch.no_grad()
+    def reset_noise(self) -> None:
+        """Declare the parameters clean as they are now (e.g. after model.load_state_dict of a
+        clean or best checkpoint): every parameter's noise record is dropped (noise_step 0;
+        held noisy copies are discarded if the noise is removed) and the next step perturbs
+        them afresh. The base optimizer's state (momentum, moments, steps) is kept."""
+        _refuse_capture(f"{type(self).__name__}.reset_noise(): call it outside the captured region")
+        self._held = None
+        self._records.clear()
+        for state in self.state.values():
+            noise_step = state.get("noise_step")
+            if isinstance(noise_step, torch.Tensor):
+                noise_step.fill_(0)  # a view of the live counters (capturable): no sync
+            elif noise_step is not None:
+                state["noise_step"] = 0
+            compensation = state.get("compensation")
+            if compensation is not None:  # the weights as they are now are the clean weights
+                compensation.zero_()
 
     @torch.no_grad()
     def clean_state_dict(self, module: torch.nn.Module) -> dict:
@@ -482,18 +662,23 @@ class NeuralVariableOptimizer(Optimizer):
         same launch as denoised(), so they are bit-identical to what denoised() shows."""
         _refuse_capture(f"{type(self).__name__}.clean_state_dict(): it reads the noise bookkeeping on "
                         "the host; call it outside the captured region")
+        self._sync_seed()
         state_dict = module.state_dict(keep_vars=True)
-        noisy = {id(p): (key, state) for key, p, state in self._noisy_parameters()}
+        if self._held is not None:  # the parameters are clean now; they will not stay so
+            held = {id(p) for p, _, _ in self._held}
+            return {name: t.detach().clone() if id(t) in held else t.detach() for name, t in state_dict.items()}
+        noisy = {id(p): (key, p, state) for key, p, state in self._noisy_parameters()}
+        self._check_weights([p for _, p, _ in noisy.values()], [s for _, _, s in noisy.values()])
         copies = []
         for name, tensor in state_dict.items():
             if id(tensor) in noisy:
-                key, state = noisy[id(tensor)]
+                key, _, state = noisy[id(tensor)]
                 tensor = tensor.detach().clone()
                 if "compensation" in state:  # the launch rewrites it: work on a copy
                     state = {**state, "compensation": state["compensation"].clone()}
                 copies.append((key, tensor, state))
             state_dict[name] = tensor.detach()
-        self._noise_launch(copies, remove=True)
+        self._noise_launch(copies)
         return state_dict
 
     def _noisy_parameters(self):
@@ -509,15 +694,15 @@ class NeuralVariableOptimizer(Optimizer):
         return noisy
 
     @_compiler.disable
-    def _noise_launch(self, noisy, *, remove: bool) -> None:
+    def _noise_launch(self, noisy) -> None:
+        """Subtract the noise on the given (key, param, state): one OP_NOISE launch per bucket."""
         buckets: dict = {}
         for key, p, state in noisy:
             code = int(_number(state["noise_type"]))
             s = int(_number(state["noise_step"]))
             plan = T.TensorPlan(
                 param=_local(p), grad=None, states=(), key=key, offset=_global_offset(p),
-                compensation=_local(state.get("compensation")),
-                old_step=s if remove else 0, new_step=0 if remove else s,
+                compensation=_local(state.get("compensation")), old_step=s, new_step=0,
                 flags=(code << T.FLAG_OLD_TYPE_SHIFT) | (code << T.FLAG_NEW_TYPE_SHIFT),
                 floats=_fp32([0.0] * T.F_OLD_SCALE + [_number(state["noise_scale"])] * 2))
             buckets.setdefault((p.device, p.dtype), []).append(plan)
@@ -526,6 +711,61 @@ class NeuralVariableOptimizer(Optimizer):
             rows = [(plan.param, None, (), plan.compensation) for plan in plans]
             self._launch(self._resolve_backend(*bucket), T.OP_NOISE, bucket, rows, ints, floats)
 
+    # ------------------------------------------------------------------ weights changed outside
+    def _record_weights(self, params, states, tensors=None, views=None) -> None:
+        """Remember how our last operation left each parameter: its state dict (id), version
+        counter, storage address and a few of its values (taken on the device, no sync)."""
+        tensors = [_local(p) for p in params] if tensors is None else tensors
+        views = [_sample_view(t) for t in tensors] if views is None else views
+        by_bucket: dict = {}
+        for row, t in enumerate(tensors):
+            by_bucket.setdefault((t.device, t.dtype), []).append(row)
+        records = self._records
+        for rows in by_bucket.values():
+            samples = torch.cat([views[row] for row in rows]) if len(rows) > 1 else views[rows[0]].clone()
+            start = 0
+            for row in rows:
+                t, count = tensors[row], views[row].numel()
+                records[id(params[row])] = ((id(states[row]), t._version, t.data_ptr()), samples, start, count)
+                start += count
+
+    def _check_weights(self, params, states, tensors=None) -> None:
+        """Raise WeightsChangedError, before anything changes, if a parameter that carries our
+        noise was rewritten since our last operation on it.
+
+        A parameter whose state dict is not the one recorded (load_state_dict, or
+        ZeroRedundancyOptimizer's own load, replaced it) or that has no record is trusted: the
+        state describes the weights as loaded. Otherwise a changed version counter or storage
+        address makes us compare the recorded sample (one device sync, only then): equal values
+        (a copy of the same weights, a broadcast) are accepted. Writes through `p.data` do not
+        advance the version counter and are not seen."""
+        tensors = [_local(p) for p in params] if tensors is None else tensors
+        records = self._records
+        current = [(id(s), t._version, t.data_ptr()) for s, t in zip(states, tensors)]
+        recorded = [records.get(id(p), _NO_RECORD)[0] for p in params]
+        if current == recorded:
+            return
+        renew = []
+        for index, (p, state, t, now, then) in enumerate(zip(params, states, tensors, current, recorded)):
+            if now == then:
+                continue
+            if then is None or then[0] != now[0]:
+                renew.append(index)
+                continue
+            _, samples, start, count = records[id(p)]
+            if not _number(state.get("noise_step", 0)) or torch.equal(_bits(_sample_view(t)), _bits(samples[start:start + count])):
+                renew.append(index)
+                continue
+            key = next(k for k, q in enumerate(self._flat_params()) if q is p)
+            raise WeightsChangedError(
+                f"{type(self).__name__}: parameter {key} (shape {tuple(p.shape)}) was changed outside the "
+                "optimizer (model.load_state_dict, copy_, ...) while it carried the optimizer's noise; "
+                "removing or regenerating that noise now would corrupt it, so nothing was changed. If the "
+                "parameters now hold clean weights (e.g. a clean or best checkpoint), call "
+                "optimizer.reset_noise(); if they are noisy weights saved with an optimizer state, load that "
+                "state with optimizer.load_state_dict(...)")
+        if renew:
+            self._record_weights([params[i] for i in renew], [states[i] for i in renew], [tensors[i] for i in renew])
 
 def _refuse_capture(why: str) -> None:
     """Raise before anything changes if a CUDA graph is being captured on the current stream
@@ -543,6 +783,22 @@ def _capturing(device: torch.device) -> bool:
 def _number(value):
     """A bookkeeping value as a Python number (a live counter view is read from the device)."""
     return value.item() if isinstance(value, torch.Tensor) else value
+
+
+_NO_RECORD = (None, None, 0, 0)
+
+
+def _sample_view(t: torch.Tensor) -> torch.Tensor:
+    """Up to _SAMPLE_SIZE elements spread evenly over a dense tensor's storage span (a view)."""
+    n = t.numel()
+    count = min(_SAMPLE_SIZE, n)
+    return t.as_strided((count,), (max(n // max(count, 1), 1),), t.storage_offset())
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The bit patterns of a float tensor (so that NaN == NaN and -0 != +0 when comparing)."""
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    return t.contiguous().view(ints)
 
 
 def _pinned_like(*tensors) -> tuple:
@@ -607,6 +863,8 @@ class _BucketPlan:
         self.momentum_init = np.asarray(momentum_init, dtype=bool)
         self.static_ints, _ = T.build_rows(plans)
         self.row_tensors = [(plan.param, plan.states, plan.compensation) for plan in plans]
+        self.param_tensors = [plan.param for plan in plans]  # the local tensors (DTensor shards)
+        self._sample_views = None
         self._converted = [None] * len(plans)  # gradients in another dtype or layout, converted
         self._grads = None
         self._pending = None
@@ -712,6 +970,12 @@ class _BucketPlan:
     def release_grads(self) -> None:
         self._grads = None
 
+    def sample_views(self) -> list:
+        """Views of a few elements of each parameter (weights records), made once per plan."""
+        if self._sample_views is None:
+            self._sample_views = [_sample_view(t) for t in self.param_tensors]
+        return self._sample_views
+
     # ------------------------------------------------------------------ every step
     def rows(self) -> list:
         """(param, grad, states, compensation) per row, as the torch backend reads them (after tables())."""
@@ -741,7 +1005,8 @@ class _BucketPlan:
             flags, row = opt._group_row(group)
             group_flags.append(flags)
             group_rows.append(row)
-            num_iters.append(group["num_iters"])
+            # variability 0: every step is a num_iters-th step (no new noise; old noise removed)
+            num_iters.append(group["num_iters"] if group["variability"] else 1)
             new_types.append(spec.noise_type_code(group["noise_type"]))
             new_scales.append(float(group["variability"]))
         g = self.group_of

@@ -1,0 +1,270 @@
+"""The noise state survives every checkpoint path: ZeroRedundancyOptimizer (2 gloo processes),
+torch.distributed.checkpoint's get_/set_{model,optimizer}_state_dict (single process, and FSDP2
+on 2 gloo processes), and old checkpoints. Each resumed run is built with ANOTHER seed and
+another initialisation, and must continue the uninterrupted trajectory bit for bit."""
+import datetime
+import os
+import time
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import nvrm_ext
+
+WORLD = 2
+FIRST, THEN = 4, 5  # steps before and after the checkpoint
+BATCH = 16
+KINDS = {
+    "vsgd": (nvrm_ext.FusedVSGD, dict(lr=0.05, momentum=0.9, dampening=0.1, variability=0.05, num_iters=7)),
+    "vadam": (nvrm_ext.FusedVAdam, dict(lr=1e-2, variability=0.05, num_iters=7, weight_decay=1e-2)),
+}
+
+
+def _model(init_seed):
+    torch.manual_seed(init_seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Tanh(), torch.nn.Linear(9, 3))
+
+
+def _optimizer(kind, params, seed):
+    cls, kwargs = KINDS[kind]
+    return cls(params, seed=seed, **kwargs)
+
+
+def _train(model, opt, first, steps, rank=0, world=1):
+    for step in range(first, first + steps):
+        g = torch.Generator().manual_seed(1000 + step)
+        x, y = torch.randn(BATCH, 6, generator=g), torch.randint(0, 3, (BATCH,), generator=g)
+        shard = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[shard]), y[shard]).backward()
+        opt.step()
+
+
+def _full(model):
+    return [p.full_tensor() if hasattr(p, "full_tensor") else p.detach().clone() for p in model.parameters()]
+
+
+def _bitwise(a, b):
+    return len(a) == len(b) and all(torch.equal(x.view(torch.int32), y.view(torch.int32)) for x, y in zip(a, b))
+
+
+# ---------------------------------------------------------------------- a small spawn harness
+def _rank_main(rank, target, args, out_dir):
+    """One rank: a FileStore rendezvous (no port to race for), bounded collectives, the
+    traceback in <rank>.err on failure, and os._exit (gloo / OpenMP threads cannot hang exit)."""
+    code = 1
+    try:
+        store = dist.FileStore(os.path.join(out_dir, "store"), WORLD)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD,
+                                timeout=datetime.timedelta(seconds=90))
+        result = target(rank, out_dir, *args)
+        dist.barrier()
+        dist.destroy_process_group()
+        torch.save(result, os.path.join(out_dir, f"{rank}.pt"))
+        code = 0
+    except BaseException:
+        with open(os.path.join(out_dir, f"{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+    finally:
+        os._exit(code)
+
+
+def _spawn(target, args, tmp_path, deadline_s=200):
+    """Run target(rank, out_dir, *args) on WORLD gloo ranks; their results, or a failure that
+    says what each rank did (ranks still alive at the deadline are killed)."""
+    context = mp.get_context("spawn")
+    workers = [context.Process(target=_rank_main, args=(rank, target, args, str(tmp_path)), daemon=True)
+               for rank in range(WORLD)]
+    for worker in workers:
+        worker.start()
+    end = time.monotonic() + deadline_s
+    for worker in workers:
+        worker.join(max(0.0, end - time.monotonic()))
+    failed = []
+    for rank, worker in enumerate(workers):
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
+            failed.append(f"rank {rank}: still running at the {deadline_s} s deadline (killed)")
+        elif worker.exitcode != 0:
+            error = tmp_path / f"{rank}.err"
+            failed.append(f"rank {rank}: exit code {worker.exitcode}\n"
+                          + (error.read_text() if error.exists() else "(no traceback)"))
+    if failed:
+        pytest.fail("\n".join(failed))
+    return [torch.load(tmp_path / f"{rank}.pt") for rank in range(WORLD)]
+
+
+# ---------------------------------------------------------------------- ZeroRedundancyOptimizer
+def _zero_rank(rank, out_dir, kind):
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel
+
+    def zero(model, seed):
+        cls, kwargs = KINDS[kind]
+        return ZeroRedundancyOptimizer(model.parameters(), optimizer_class=cls, seed=seed, **kwargs)
+
+    model = _model(0)
+    ddp = DistributedDataParallel(model)
+    opt = zero(ddp, 1234)
+    _train(ddp, opt, 0, FIRST + THEN, rank, WORLD)
+    reference = _full(model)
+
+    model = _model(0)
+    ddp = DistributedDataParallel(model)
+    opt = zero(ddp, 1234)
+    _train(ddp, opt, 0, FIRST, rank, WORLD)
+    opt.consolidate_state_dict(to=0)
+    path = os.path.join(out_dir, "checkpoint.pt")
+    if rank == 0:
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, path)
+    dist.barrier()
+    checkpoint = torch.load(path)
+    resumed = _model(7)
+    ddp = DistributedDataParallel(resumed)
+    opt = zero(ddp, 999)  # another seed: the checkpoint's must win
+    resumed.load_state_dict(checkpoint["model"])
+    opt.load_state_dict(checkpoint["optimizer"])
+    _train(ddp, opt, FIRST, THEN, rank, WORLD)
+    return {"reference": reference, "resumed": _full(resumed), "seed": opt.optim.seed}
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_zero_redundancy_optimizer_resume_continues_bit_for_bit(kind, tmp_path):
+    results = _spawn(_zero_rank, (kind,), tmp_path)
+    for result in results:
+        assert result["seed"] == 1234
+        assert _bitwise(result["resumed"], result["reference"])
+    assert _bitwise(results[0]["reference"], results[1]["reference"])
+
+
+# ---------------------------------------------------------------------- torch.distributed.checkpoint
+def _dcp_resume(kind, order, checkpoint_dir, resumed, opt):
+    """Load model and optimizer the way DCP users do: targets from get_*_state_dict (which calls
+    step() with zero gradients at lr 0 on a fresh optimizer), dcp.load in place, set_*_state_dict."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+
+    def load_model():
+        target = {"model": get_model_state_dict(resumed)}
+        dcp.load(target, checkpoint_id=checkpoint_dir)
+        set_model_state_dict(resumed, target["model"])
+
+    def load_optimizer():
+        target = {"optimizer": get_optimizer_state_dict(resumed, opt)}
+        dcp.load(target, checkpoint_id=checkpoint_dir)
+        set_optimizer_state_dict(resumed, opt, target["optimizer"])
+
+    for load in (load_model, load_optimizer) if order == "model-first" else (load_optimizer, load_model):
+        load()
+
+
+def _dcp_save(model, opt, checkpoint_dir):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    dcp.save({"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, opt)},
+             checkpoint_id=checkpoint_dir)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # DCP without a process group says so
+@pytest.mark.parametrize("order", ["model-first", "optimizer-first"])
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_distributed_checkpoint_round_trip_single_process(kind, order, tmp_path):
+    model = _model(0)
+    opt = _optimizer(kind, model.parameters(), 1234)
+    _train(model, opt, 0, FIRST)
+    _dcp_save(model, opt, str(tmp_path / "ckpt"))
+    _train(model, opt, FIRST, THEN)
+
+    resumed = _model(7)
+    resumed_opt = _optimizer(kind, resumed.parameters(), 999)
+    _dcp_resume(kind, order, str(tmp_path / "ckpt"), resumed, resumed_opt)
+    assert resumed_opt.seed == 1234
+    _train(resumed, resumed_opt, FIRST, THEN)
+    assert _bitwise(_full(resumed), _full(model))
+
+
+def test_distributed_checkpoint_state_init_step_leaves_the_weights_alone():
+    """get_optimizer_state_dict on a fresh optimizer steps it with zero gradients at lr 0 to
+    create the state: a model loaded before must not get noise from that."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    model = _model(0)
+    before = _full(model)
+    opt = _optimizer("vsgd", model.parameters(), 5)
+    state = get_optimizer_state_dict(model, opt)
+    assert _bitwise(_full(model), before)
+    assert all(s["step"] == 0 and s["noise_step"] == 0 for s in state["state"].values())
+    assert all(group["nvrm_seed"] == 5 and group["lr"] == 0.05 for group in state["param_groups"])
+    _train(model, opt, 0, 1)  # the first real step is the first step of a fresh optimizer
+    twin = _model(0)
+    twin_opt = _optimizer("vsgd", twin.parameters(), 5)
+    _train(twin, twin_opt, 0, 1)
+    assert _bitwise(_full(model), _full(twin))
+
+
+def _fsdp2_rank(rank, out_dir, kind, order):
+    from torch.distributed.fsdp import fully_shard
+
+    def sharded(init_seed, seed):
+        model = _model(init_seed)
+        fully_shard(model)
+        return model, _optimizer(kind, model.parameters(), seed)
+
+    model, opt = sharded(0, 1234)
+    _train(model, opt, 0, FIRST + THEN, rank, WORLD)
+    reference = _full(model)
+
+    model, opt = sharded(0, 1234)
+    _train(model, opt, 0, FIRST, rank, WORLD)
+    checkpoint_dir = os.path.join(out_dir, "ckpt")
+    _dcp_save(model, opt, checkpoint_dir)
+    resumed, resumed_opt = sharded(7, 999)
+    _dcp_resume(kind, order, checkpoint_dir, resumed, resumed_opt)
+    _train(resumed, resumed_opt, FIRST, THEN, rank, WORLD)
+    return {"reference": reference, "resumed": _full(resumed), "seed": resumed_opt.seed}
+
+
+@pytest.mark.parametrize("order", ["model-first", "optimizer-first"])
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_distributed_checkpoint_round_trip_with_fsdp2(kind, order, tmp_path):
+    pytest.importorskip("torch.distributed.fsdp")
+    results = _spawn(_fsdp2_rank, (kind, order), tmp_path)
+    for result in results:
+        assert result["seed"] == 1234
+        assert _bitwise(result["resumed"], result["reference"])
+
+
+# ---------------------------------------------------------------------- seed placement
+def test_seed_lives_in_every_param_group_and_old_checkpoints_still_load():
+    model = _model(0)
+    opt = _optimizer("vadam", [{"params": model[0].parameters()}, {"params": model[2].parameters()}], 77)
+    _train(model, opt, 0, 2)
+    saved = opt.state_dict()
+    assert saved["nvrm"]["seed"] == 77 and [g["nvrm_seed"] for g in saved["param_groups"]] == [77, 77]
+
+    old_format = {**saved, "nvrm": {"seed": 77, "format": 1, "optimizer": "FusedVAdam"},
+                  "param_groups": [{k: v for k, v in g.items() if k != "nvrm_seed"} for g in saved["param_groups"]]}
+    groups_only = {k: v for k, v in saved.items() if k != "nvrm"}
+    for state_dict in (old_format, groups_only):
+        other = _optimizer("vadam", [{"params": model[0].parameters()}, {"params": model[2].parameters()}], 3)
+        other.load_state_dict(state_dict)
+        assert other.seed == 77 and all(g["nvrm_seed"] == 77 for g in other.param_groups)
+
+    neither = {**groups_only, "param_groups": old_format["param_groups"]}
+    other = _optimizer("vadam", [{"params": model[0].parameters()}, {"params": model[2].parameters()}], 3)
+    with pytest.raises(ValueError, match="carries no noise seed"):
+        other.load_state_dict(neither)
+    disagreeing = {**groups_only, "param_groups": [{**saved["param_groups"][0], "nvrm_seed": 1},
+                                                   saved["param_groups"][1]]}
+    with pytest.raises(ValueError, match="disagrees on the noise seed"):
+        other.load_state_dict(disagreeing)
+    assert other.seed == 3  # nothing was loaded
+    other.param_groups[1]["nvrm_seed"] = 4
+    with pytest.raises(ValueError, match="disagree on the noise seed"):
+        _train(model, other, 0, 1)
