@@ -111,11 +111,15 @@ def bench_row(impl_name: str, family: str, workload: Workload, dtype_name: str,
     except Exception as error:  # one implementation failing must not hide the others' figures
         return {**row, "status": "error", "reason": f"{type(error).__name__}: {error}"[:500]}
     median = statistics.median(times)
+
+    def figure(x: float) -> float:  # 4 significant digits: smoke sizes give tiny bandwidths
+        return float(f"{x:.4g}")
+
     traffic = MIN_TRAFFIC_BYTES_PER_FP32_PARAM[family] * workload.numel * torch.finfo(dtype).bits / 32
-    row.update(status="ok", step_ms=round(median * 1e3, 4), min_ms=round(min(times) * 1e3, 4),
-               achieved_gb_per_s=round(traffic / median / 1e9, 1))
+    row.update(status="ok", step_ms=figure(median * 1e3), min_ms=figure(min(times) * 1e3),
+               achieved_gb_per_s=figure(traffic / median / 1e9))
     if copy_bytes_per_s:
-        row["fraction_of_copy_bandwidth"] = round(traffic / median / copy_bytes_per_s, 3)
+        row["fraction_of_copy_bandwidth"] = figure(traffic / median / copy_bytes_per_s)
     return row
 
 

@@ -106,8 +106,11 @@ def test_capturable_state_dict_copies_each_bucket_once_and_reads_no_scalar(monke
     assert state_dict["state"].keys() == host_opt.state_dict()["state"].keys()
     for index, expected in host_opt.state_dict()["state"].items():
         got = state_dict["state"][index]
-        for key in ("step", "noise_step", "noise_type", "noise_scale"):
-            assert got[key] == expected[key] and type(got[key]) is type(expected[key]), key
+        for key in ("step", "noise_step", "noise_type"):
+            assert got[key] == expected[key] and type(got[key]) is int, key
+        # the kernels keep the scale in float32: equal up to that rounding
+        assert got["noise_scale"] == pytest.approx(expected["noise_scale"], rel=1e-7)
+        assert type(got["noise_scale"]) is float
         assert torch.equal(got["momentum_buffer"], expected["momentum_buffer"])
 
 
