@@ -188,7 +188,8 @@ def test_load_best_model_at_end_gives_the_best_checkpoints_clean_weights(tmp_pat
 
 
 def test_amp_trainer_matches_a_hand_written_loop(tmp_path):
-    """FusedAMP (around FusedVSGD) under Trainer: two passes per step, one optimizer update."""
+    """FusedAMP (around FusedVSGD) under Trainer: two passes per step, one optimizer update; the
+    callback finds FusedVSGD through AcceleratedOptimizer and FusedAMP."""
     def make(model):
         return FusedAMP(model.parameters(), lr=0.05, epsilon=0.1, momentum=0.9,
                         base_optimizer=functools.partial(FusedVSGD, variability=0.05, num_iters=1000, seed=3))
@@ -197,7 +198,7 @@ def test_amp_trainer_matches_a_hand_written_loop(tmp_path):
     calls = []
     model.register_forward_hook(lambda *a: calls.append(1))
     AMPTrainer(model=model, args=args(tmp_path, max_steps=4, max_grad_norm=0.0, train_sampling_strategy="sequential"),
-               train_dataset=TRAIN, optimizers=(make(model), None)).train()
+               train_dataset=TRAIN, optimizers=(make(model), None), callbacks=[DenoisedEvaluation()]).train()
     assert len(calls) == 2 * 4
 
     hand = TinyRegressor()
@@ -213,5 +214,6 @@ def test_amp_trainer_matches_a_hand_written_loop(tmp_path):
             loss.backward()
             return loss
         opt.step(closure)
+    opt.base_optimizer.remove_noise()  # the callback leaves the model clean after train()
     for p, q in zip(model.parameters(), hand.parameters()):
         assert torch.equal(p, q)
