@@ -131,3 +131,39 @@ def test_changes_between_steps_track_the_original(name, backend, capturable):
         original.step()
         _check(step, fused, params, original, original_params, steps_taken)
     assert params[FROZEN] not in fused.state
+
+
+
+@pytest.mark.parametrize("capturable", [False, True], ids=["host", "capturable"])
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+def test_psgd_commits_no_noise_to_remove(backend, capturable):
+    """denoise=False (PSGD): each step adds fresh noise of the group's current type and scale and
+    records none as on the weights, so no later step or denoised() removes any. Reference: plain
+    per-tensor SGD with momentum plus the specified noise, by hand."""
+    num_iters = 4
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(shape, generator=g)) for shape in ((5, 4), (11,))]
+    reference = [p.detach().clone() for p in params]
+    buffers = [None, None]
+    opt = nvrm_ext.FusedVSGD(params, lr=0.05, momentum=0.9, variability=0.02, num_iters=num_iters,
+                             seed=SEED, backend=backend, capturable=capturable, denoise=False)
+    group = opt.param_groups[0]
+    for step in range(1, 7):
+        if step == 3:
+            group["noise_type"], group["variability"] = "Laplace", 0.04
+        if step == 6:
+            group["noise_type"] = "Uniform"
+        for key, (p, r) in enumerate(zip(params, reference)):
+            p.grad = _grad(p.detach(), key)
+            buffers[key] = p.grad.clone() if buffers[key] is None else 0.9 * buffers[key] + p.grad
+            r -= 0.05 * buffers[key]
+            if step % num_iters:
+                r += spec.noise(group["noise_type"], group["variability"], SEED, key, step,
+                                r.numel()).view(r.shape)
+        opt.step()
+        for key, (p, r) in enumerate(zip(params, reference)):
+            torch.testing.assert_close(p.detach(), r, rtol=2e-5, atol=2e-6,
+                                       msg=lambda m: f"after step {step}, parameter {key}: {m}")
+        outside = [p.detach().clone() for p in params]
+        with opt.denoised():  # nothing is recorded as removable
+            assert all(torch.equal(p.detach(), o) for p, o in zip(params, outside))
