@@ -68,6 +68,8 @@ class TinyModule:
         return self.net(batch[0])
 
     def configure_optimizers(self):
+        if getattr(self, "reused_optimizer", None) is not None:  # the same optimizer for every fit
+            return self.reused_optimizer
         common = dict(variability=0.05, num_iters=1000, seed=self.seed)
         if self.kind == "two":
             return [FusedVSGD(self.net[0].parameters(), lr=0.05, momentum=0.9, **common),
@@ -196,6 +198,30 @@ def test_model_is_clean_after_fit_and_test_sees_it(tmp_path):
     fit.test(model, loader(8, seed=1), verbose=False)
     assert all(torch.equal(w, p) for w, p in zip(model.seen["test"][0][0], weights_after_fit))
     assert all(torch.equal(w, p) for w, p in zip(weights_after_fit, model.parameters()))  # stays clean
+
+
+class FirstBatch(L.Callback):
+    """The weights the first training step of a fit starts from."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == 0 and trainer.current_epoch == trainer.fit_loop.epoch_loop._batches_that_stepped == 0:
+            self.weights = [p.detach().clone() for p in pl_module.parameters()]
+
+
+@pytest.mark.parametrize("load_between", [False, True])
+def test_second_fit_with_the_same_optimizer_puts_the_noise_back_or_keeps_loaded_weights(tmp_path, load_between):
+    model = Tiny()
+    model.reused_optimizer = model.configure_optimizers()
+    trainer(tmp_path / "a", [DenoisedEvaluation()], max_epochs=1, limit_val_batches=0).fit(model, loader())
+    assert model.reused_optimizer.noise_removed  # left clean after fit
+    noisy = [h.clone() for _, h, _ in model.reused_optimizer._held]
+    if load_between:  # e.g. the weights of another run: they must not be overwritten
+        model.load_state_dict(Tiny(init_seed=9).state_dict())
+    start = [p.detach().clone() for p in model.parameters()]
+    first = FirstBatch()
+    trainer(tmp_path / "b", [DenoisedEvaluation(), first], max_epochs=1, limit_val_batches=0).fit(model, loader())
+    expected = start if load_between else noisy
+    assert all(torch.equal(w, e) for w, e in zip(first.weights, expected))
 
 
 def test_resume_from_model_checkpoint_is_bit_exact_and_checkpoint_gives_clean_weights(tmp_path):

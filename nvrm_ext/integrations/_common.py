@@ -2,6 +2,8 @@
 removing / restoring their noise as one unit."""
 from __future__ import annotations
 
+import weakref
+
 from ..optim.base import NeuralVariableOptimizer
 
 # Attributes under which wrappers keep the optimizer they wrap: Lightning's LightningOptimizer
@@ -36,35 +38,61 @@ def nvrm_optimizers(optimizers) -> list:
     return found
 
 
+# optimizer -> its parameters' version counters when an integration last removed its noise.
+# Module-wide, not per callback: a new Trainer's callback must still see that weights were
+# loaded into the model after an earlier one left it clean.
+_REMOVED_AT = weakref.WeakKeyDictionary()
+
+
 class NoiseRemoval:
     """Removes the noise of several optimizers and restores exactly what it removed.
 
     Only optimizers whose noise this object removed are restored, so a caller that finds the
     weights already clean (removed by someone else, or by an earlier hook) leaves them so.
+    The parameters' version counters at removal are remembered, to tell whether weights were
+    loaded into the model meanwhile (then the held noisy copies are stale).
     """
 
     def __init__(self):
-        self._removed: list = []
+        self._removed: list = []  # restored by restore()
 
     def remove(self, optimizers) -> None:
         for optimizer in optimizers:
-            if not optimizer.noise_removed and all(optimizer is not o for o, _ in self._removed):
+            if not optimizer.noise_removed:
                 optimizer.remove_noise()
-                self._removed.append((optimizer, _versions(optimizer)))
+                _REMOVED_AT[optimizer] = _versions(optimizer)
+                self._removed.append(optimizer)
 
-    def rewritten(self, optimizer) -> bool:
-        """Whether a parameter of `optimizer` was written since this object removed its noise
-        (say, a checkpoint loaded into the model): its held noisy copies are stale then."""
-        return any(o is optimizer and versions != _versions(o) for o, versions in self._removed)
+    @staticmethod
+    def rewritten(optimizer) -> bool:
+        """Whether a parameter of `optimizer` was written since an integration removed its
+        noise (say, a checkpoint loaded into the model): its held noisy copies are stale then."""
+        versions = _REMOVED_AT.get(optimizer)
+        return versions is not None and versions != _versions(optimizer)
 
     def restore(self) -> None:
         removed, self._removed = self._removed, []
-        for optimizer, _ in removed:
+        for optimizer in removed:
             if optimizer.noise_removed:
                 optimizer.restore_noise()
+            _REMOVED_AT.pop(optimizer, None)
 
     def forget(self) -> None:
-        """Keep the weights as they are now (clean): nothing is restored later."""
+        """Keep the weights as they are now (clean): restore() will not put the noise back."""
+        self._removed = []
+
+    def resume_training(self, optimizers) -> None:
+        """Before a training step: put back the noise of every optimizer that has it removed
+        (by an integration or anyone else: say, a checkpoint saved while removed). Where weights
+        were loaded into the model since an integration removed the noise, they are kept and
+        declared clean (reset_noise()) instead of being overwritten with stale noisy copies."""
+        for optimizer in optimizers:
+            if optimizer.noise_removed:
+                if self.rewritten(optimizer):
+                    optimizer.reset_noise()
+                else:
+                    optimizer.restore_noise()
+            _REMOVED_AT.pop(optimizer, None)
         self._removed = []
 
 

@@ -58,11 +58,9 @@ class DenoisedEvaluationHooks:
         self._removal.restore()  # an interrupted evaluation must not leave training on clean weights
 
     def on_train_start(self, trainer, pl_module) -> None:
-        # Noise left removed (by a previous fit's on_fit_end, or a checkpoint saved while
-        # removed) goes back before the first step: step() refuses to run on removed noise.
-        for optimizer in nvrm_optimizers(trainer.optimizers):
-            if optimizer.noise_removed:
-                optimizer.restore_noise()
+        # Noise left removed (by a previous fit's on_fit_end) goes back before the first step,
+        # unless weights were loaded into the model since: those are kept, as clean weights.
+        self._removal.resume_training(nvrm_optimizers(trainer.optimizers))
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if self.clean_after_fit:

@@ -43,10 +43,7 @@ class DenoisedEvaluation(TrainerCallback):
     def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
         # Also after resume_from_checkpoint: a checkpoint saved while the noise was removed
         # loads into the removed state, and its held noisy weights go back here.
-        self._removal.forget()
-        for nvrm in nvrm_optimizers([optimizer]):
-            if nvrm.noise_removed:
-                nvrm.restore_noise()
+        self._removal.resume_training(nvrm_optimizers([optimizer]))
 
     def on_train_end(self, args, state, control, optimizer=None, **kwargs):
         for nvrm in nvrm_optimizers([optimizer]):
@@ -54,10 +51,10 @@ class DenoisedEvaluation(TrainerCallback):
                 nvrm.reset_noise()  # load_best_model_at_end loaded clean weights: they stay
             elif not nvrm.noise_removed:
                 try:
-                    nvrm.remove_noise()
+                    self._removal.remove([nvrm])
                 except WeightsChangedError:
                     nvrm.reset_noise()  # the weights were loaded (clean) while the noise was on
-        self._removal.forget()
+        self._removal.forget()  # the model stays clean; the next train() puts the noise back
 
 
 class AMPTrainer(Trainer):
