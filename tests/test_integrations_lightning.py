@@ -203,8 +203,10 @@ def test_model_is_clean_after_fit_and_test_sees_it(tmp_path):
 class FirstBatch(L.Callback):
     """The weights the first training step of a fit starts from."""
 
+    weights = None
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if batch_idx == 0 and trainer.current_epoch == trainer.fit_loop.epoch_loop._batches_that_stepped == 0:
+        if self.weights is None:
             self.weights = [p.detach().clone() for p in pl_module.parameters()]
 
 

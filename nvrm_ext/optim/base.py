@@ -770,8 +770,9 @@ class NeuralVariableOptimizer(Optimizer):
 def _refuse_capture(why: str) -> None:
     """Raise before anything changes if a CUDA graph is being captured on the current stream
     (the check of torch.optim's _cuda_graph_capture_health_check)."""
-    if (not torch.compiler.is_compiling() and torch.backends.cuda.is_built()
-            and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+    if (torch.backends.cuda.is_built() and torch.cuda.is_available()
+            and not getattr(torch.compiler, "is_compiling", lambda: False)()  # torch >= 2.3
+            and torch.cuda.is_current_stream_capturing()):
         raise RuntimeError(f"CUDA graph capture of {why}")
 
 
