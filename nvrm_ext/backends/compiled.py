@@ -184,12 +184,13 @@ def _signed(seed: int) -> int:
 
 def _run_cpu(op: int, dtype_code: int, ints: torch.Tensor, floats: torch.Tensor,
              blocks: torch.Tensor, block_size: int, seed: int, commit_rows: int,
-             grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
-             num_threads: int) -> None:
+             grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> None:
+    """The launch on at most torch's intra-op thread count, read when it runs (a compiled graph
+    must not keep the count it was traced with)."""
     lib = load_cpu_library()
     status = lib.nvrm_cpu_launch(op, dtype_code, ints.data_ptr(), floats.data_ptr(), blocks.data_ptr(),
                                  blocks.shape[0], block_size, seed & _UINT64_MASK, commit_rows,
-                                 T.address(grad_scale), T.address(found_inf), num_threads)
+                                 T.address(grad_scale), T.address(found_inf), torch.get_num_threads())
     _check(lib, status, "CPU launch")
 
 
@@ -212,10 +213,9 @@ if hasattr(torch.library, "custom_op"):  # torch >= 2.4
     @torch.library.custom_op("nvrm_ext::cpu_launch", mutates_args=("ints",), device_types="cpu")
     def _cpu_launch(op: int, dtype_code: int, ints: torch.Tensor, floats: torch.Tensor,
                     blocks: torch.Tensor, block_size: int, seed: int, commit_rows: int,
-                    grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
-                    num_threads: int) -> None:
+                    grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> None:
         _run_cpu(op, dtype_code, ints, floats, blocks, block_size, seed, commit_rows, grad_scale,
-                 found_inf, num_threads)
+                 found_inf)
 
     @torch.library.custom_op("nvrm_ext::cuda_launch", mutates_args=("ints",), device_types="cuda")
     def _cuda_launch(op: int, dtype_code: int, ints: torch.Tensor, floats: torch.Tensor,
@@ -225,10 +225,6 @@ if hasattr(torch.library, "custom_op"):  # torch >= 2.4
                   found_inf)
 
     @_cpu_launch.register_fake
-    def _(op, dtype_code, ints, floats, blocks, block_size, seed, commit_rows, grad_scale,
-          found_inf, num_threads):
-        return None
-
     @_cuda_launch.register_fake
     def _(op, dtype_code, ints, floats, blocks, block_size, seed, commit_rows, grad_scale,
           found_inf):
@@ -294,15 +290,12 @@ class CompiledBackend:
             return
         # The custom op only matters to torch.compile; eagerly its dispatch would cost ~45 us per
         # launch (more than a 148-tensor launch itself), so the library is called directly.
-        compiling = torch.compiler.is_compiling()
-        if self.name == "cpu":
-            (_cpu_launch if compiling else _run_cpu)(
-                op, DTYPE_CODES[dtype], ints, floats, blocks, self.block_size, _signed(seed),
-                commit_rows, grad_scale, found_inf, torch.get_num_threads())
+        if torch.compiler.is_compiling():
+            run = _cpu_launch if self.name == "cpu" else _cuda_launch
         else:
-            (_cuda_launch if compiling else _run_cuda)(
-                op, DTYPE_CODES[dtype], ints, floats, blocks, self.block_size, _signed(seed),
-                commit_rows, grad_scale, found_inf)
+            run = _run_cpu if self.name == "cpu" else _run_cuda
+        run(op, DTYPE_CODES[dtype], ints, floats, blocks, self.block_size, _signed(seed), commit_rows,
+            grad_scale, found_inf)
 
 
 # Elements per block_table row. CPU: large enough that the per-block row decode is noise, small
