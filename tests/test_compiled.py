@@ -387,3 +387,27 @@ def test_cuda_library_without_gpu_fails_clearly():
         assert "install an NVIDIA driver" in reason
     with pytest.raises(RuntimeError, match="^the CUDA library cannot use a GPU: .+"):
         compiled.load_cuda_library()
+
+
+# manylinux_2_28's ceilings (auditwheel's policy): what a library may require of the system.
+_MANYLINUX_2_28 = {"GLIBC": (2, 28), "GCC": (7, 0, 0), "GLIBCXX": (3, 4, 24), "CXXABI": (1, 3, 11)}
+
+
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="needs objdump (binutils)")
+@pytest.mark.parametrize("name", [compiled.CPU_LIBRARY, compiled.CUDA_LIBRARY])
+def test_libraries_need_nothing_newer_than_manylinux_2_28(name):
+    """setup.py's link flags at work: the _Float16 helpers from libgcc.a (not GCC_12.0.0 of
+    libgcc_s), cudart's pthread/dl calls bound to their pre-2.34 glibc versions."""
+    import re
+    import subprocess
+
+    path = compiled.LIB_DIR / name
+    if not path.is_file():
+        pytest.skip(f"{name} was not built")
+    symbols = subprocess.run(["objdump", "-T", str(path)], capture_output=True, text=True, check=True).stdout
+    too_new = set()
+    for library, version in re.findall(r"\*UND\*\s+\S+\s+\(?([A-Z]+)_([0-9.]+)\)?", symbols):
+        ceiling = _MANYLINUX_2_28.get(library)
+        if ceiling is not None and tuple(map(int, version.split("."))) > ceiling:
+            too_new.add(f"{library}_{version}")
+    assert not too_new, f"{name} needs {sorted(too_new)}, newer than manylinux_2_28 allows"
