@@ -12,6 +12,10 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python}"
 cd "$ROOT"
 
+if ! "$PYTHON" -c 'import torch' 2>/dev/null; then
+  echo "gpu_check: $PYTHON cannot import torch; install PyTorch (a CUDA build) first" >&2
+  exit 2
+fi
 if ! "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
   echo "gpu_check: no CUDA GPU visible to torch (torch.cuda.is_available() is False); run it on a machine with an NVIDIA GPU" >&2
   exit 2
