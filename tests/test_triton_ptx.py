@@ -3,10 +3,13 @@
 Triton's interpreter runs the kernels' Python semantics on the CPU; it does not lower them, so
 it cannot catch what only the compiler sees (types that differ between the branches of a runtime
 `if`, an operation without a float64 lowering, ...). Triton compiles to PTX and cubin without a
-device, so a subprocess (the interpreter must be off there) compiles each kernel variant, and
-the PTX is checked for what bit-exactness across backends relies on: IEEE-rounded float32
-division (no `div.full`), IEEE float64 division and square root for the bias corrections, and
-no contracted float64 multiply-adds.
+device, so a subprocess (the interpreter must be off there) compiles each kernel variant the way
+the launches do (nvrm_ext.backends.triton.kernel_variants), and the PTX is checked for what
+bit-exactness across backends relies on: IEEE-rounded float32 division (no `div.full`), IEEE
+float64 division and square root for the bias corrections, no contracted float64 multiply-adds,
+and no NaN-dropping `max.f32`. The cubin's resource usage (cuobjdump from the Triton wheel) is
+checked against the kernel's targets: no spills, at most 64 registers per thread (at least 50%
+theoretical occupancy on sm_90), 128-bit global accesses on the aligned float32 path.
 """
 import json
 import os
@@ -19,33 +22,29 @@ import pytest
 pytest.importorskip("triton")
 
 _COMPILE = r"""
-import json, sys
+import json, os, subprocess, sys, tempfile
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from nvrm_ext.backends import tables as T, triton as K
 
 target = GPUTarget("cuda", 90, 32)
-step_signature = {"blocks": "*i64", "ints": "*i64", "floats": "*fp32", "seed_lo": "i32", "seed_hi": "i32",
-                  "grad_scale": "*fp32", "found_inf": "*fp32", "OP": "constexpr", "DTYPE": "constexpr",
-                  "BLOCK": "constexpr", "INT_COLUMNS": "constexpr", "FLOAT_COLUMNS": "constexpr",
-                  "HAS_GRAD_SCALE": "constexpr", "HAS_FOUND_INF": "constexpr"}
-dtypes = {"fp32": tl.float32, "fp16": tl.float16, "bf16": tl.bfloat16}
-out = {}
-for op, dtype, scaler in json.loads(sys.argv[1]):
-    constants = {"OP": op, "DTYPE": dtypes[dtype], "BLOCK": K.BLOCK, "INT_COLUMNS": T.INT_COLUMNS,
-                 "FLOAT_COLUMNS": T.FLOAT_COLUMNS, "HAS_GRAD_SCALE": scaler, "HAS_FOUND_INF": scaler}
-    compiled = triton.compile(ASTSource(fn=K._nvrm_kernel, signature=step_signature, constexprs=constants),
-                              target=target, options={"num_warps": 8, "enable_fp_fusion": False})
-    out[f"step-{op}-{dtype}-{scaler}"] = compiled.asm["ptx"]
-commit_signature = {"ints": "*i64", "floats": "*fp32", "found_inf": "*fp32", "commit_rows": "i64",
-                    "ROWS": "constexpr", "INT_COLUMNS": "constexpr", "FLOAT_COLUMNS": "constexpr",
-                    "HAS_FOUND_INF": "constexpr"}
-compiled = triton.compile(ASTSource(fn=K._commit_kernel, signature=commit_signature,
-                                    constexprs={"ROWS": K._COMMIT_ROWS, "INT_COLUMNS": T.INT_COLUMNS,
-                                                "FLOAT_COLUMNS": T.FLOAT_COLUMNS, "HAS_FOUND_INF": True}),
-                          target=target, options={"enable_fp_fusion": False})
-out["commit"] = compiled.asm["ptx"]
+cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+out, usage = {}, {}
+wanted = set(json.loads(sys.argv[1]))
+with tempfile.TemporaryDirectory() as tmp:
+    for v in K.kernel_variants():
+        if v.name not in wanted:
+            continue
+        compiled = triton.compile(ASTSource(fn=v.fn, signature=v.signature, constexprs=v.constexprs),
+                                  target=target, options=v.options)
+        out[v.name] = compiled.asm["ptx"]
+        cubin = os.path.join(tmp, v.name + ".cubin")
+        with open(cubin, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        if os.path.exists(cuobjdump):
+            usage[v.name] = subprocess.run([cuobjdump, "-res-usage", cubin], capture_output=True, text=True,
+                                           check=True).stdout
 
 # the sibling regularizers' kernels (nvrm_ext/ops)
 from nvrm_ext.ops import amp_triton as A, disout_triton as D
@@ -76,22 +75,29 @@ for name, (fn, pointers) in disout.items():
     compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs={"BLOCK": D.ELEMENTS_PER_PROGRAM}),
                               target=target)
     out[f"disout-{name}"] = compiled.asm["ptx"]
-json.dump(out, sys.stdout)
+json.dump({"ptx": out, "usage": usage}, sys.stdout)
 """
 
-# (op, storage dtype, GradScaler protocol): every op, every dtype, both scaler variants
-VARIANTS = [(0, "fp32", False), (0, "bf16", True), (1, "fp32", True), (1, "fp16", False), (2, "bf16", False)]
+# every op and dtype, every GradScaler argument at least once, the commit kernel
+VARIANTS = ["step-sgd-fp32", "step-sgd-fp16-grad_scale-found_inf", "step-sgd-bf16-found_inf",
+            "step-adam-fp32-grad_scale-found_inf", "step-adam-fp16", "step-adam-bf16-grad_scale",
+            "step-noise-fp32", "step-noise-fp16", "step-noise-bf16", "commit-found_inf"]
 
 
 @pytest.fixture(scope="module")
-def ptx():
+def compiled():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps(VARIANTS)], env=env,
-                            capture_output=True, text=True, timeout=600)
+                            capture_output=True, text=True, timeout=900)
     if result.returncode != 0 and "ptxas" in result.stderr and "not found" in result.stderr:
         pytest.skip("this Triton install has no ptxas")
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def ptx(compiled):
+    return compiled["ptx"]
 
 
 def _count(pattern: str, text: str) -> int:
@@ -101,9 +107,23 @@ def _count(pattern: str, text: str) -> int:
 def test_every_variant_compiles_for_sm90(ptx):
     regularizers = {"amp-perturb-True", "amp-perturb-False", "amp-restore", "disout-count", "disout-forward",
                     "disout-backward", "disout-draws"}
-    assert set(ptx) == {f"step-{op}-{dtype}-{scaler}" for op, dtype, scaler in VARIANTS} | {"commit"} | regularizers
+    assert set(ptx) == set(VARIANTS) | regularizers
     for name, text in ptx.items():
         assert ".target sm_90" in text, name
+
+
+def test_the_variant_list_covers_every_launch():
+    from nvrm_ext.backends import tables as T
+    from nvrm_ext.backends import triton as K
+
+    names = [v.name for v in K.kernel_variants()]
+    assert len(names) == len(set(names)) == 3 * (4 + 4 + 1) + 2
+    assert set(VARIANTS) <= set(names)
+    for v in K.kernel_variants():
+        assert set(v.signature) == set(v.fn.arg_names), v.name
+        assert v.options["enable_fp_fusion"] is False and v.options["num_warps"] == v.num_warps
+        if v.fn is K._nvrm_kernel:
+            assert v.constexprs["BLOCK"] == K.TRITON.block_size and v.constexprs["INT_COLUMNS"] == T.INT_COLUMNS
 
 
 def test_float32_division_is_ieee_rounded(ptx):
@@ -111,13 +131,40 @@ def test_float32_division_is_ieee_rounded(ptx):
         if not name.startswith(("step", "commit")):
             continue  # the regularizers promise no bit-exactness across backends
         assert _count("div.full.f32", text) == 0 and _count("div.approx.f32", text) == 0, name
-    assert _count("div.rn.f32", ptx["step-1-fp32-True"]) > 0  # Adam: m / denom, sqrt(v) / sqrt_bc2
-    assert _count("div.rn.f32", ptx["step-0-bf16-True"]) > 0  # the gradient unscale
+    assert _count("div.rn.f32", ptx["step-adam-fp32-grad_scale-found_inf"]) > 0  # m / denom, sqrt(v) / sqrt_bc2
+    assert _count("div.rn.f32", ptx["step-sgd-fp16-grad_scale-found_inf"]) > 0  # the gradient unscale
 
 
 def test_bias_corrections_use_ieee_float64_without_contraction(ptx):
-    adam = ptx["step-1-fp16-False"]
+    adam = ptx["step-adam-fp16"]
     assert _count("div.rn.f64", adam) >= 1 and _count("sqrt.rn.f64", adam) >= 1
     for name, text in ptx.items():
         assert _count("fma.rn.f64", text) == 0, name
-    assert _count("div.rn.f64", ptx["step-0-fp32-False"]) == 0  # SGD has no bias correction
+    assert _count("div.rn.f64", ptx["step-sgd-fp32"]) == 0  # SGD has no bias correction
+
+
+def test_no_nan_dropping_maximum(ptx):
+    """max.f32 returns the other operand when one is NaN; update.h and torch keep the NaN
+    (AMSGrad's running maximum), so the step kernels must not use it."""
+    for name, text in ptx.items():
+        if name.startswith(("step", "commit")):
+            assert not re.search(r"\bmax(\.ftz)?\.f32\b", text), name
+
+
+def test_aligned_float32_rows_use_128_bit_accesses(ptx):
+    for name in ("step-sgd-fp32", "step-adam-fp32-grad_scale-found_inf", "step-noise-fp32"):
+        assert re.search(r"ld\.global(\.\w+)*\.v4\.b32", ptx[name]), name
+        assert re.search(r"st\.global(\.\w+)*\.v4\.b32", ptx[name]), name
+    for name in ("step-adam-fp16", "step-noise-bf16"):  # 16-bit: 4 elements in 64 bits
+        assert re.search(r"ld\.global(\.\w+)*\.v2\.b32", ptx[name]), name
+
+
+def test_step_kernels_fit_64_registers_without_spills(compiled):
+    """<= 64 registers per thread: at least 8 blocks of 128 threads (50% occupancy) per sm_90 SM."""
+    if not compiled["usage"]:
+        pytest.skip("this Triton install has no cuobjdump")
+    for name, text in compiled["usage"].items():
+        registers = int(re.search(r"REG:(\d+)", text).group(1))
+        assert registers <= 64, (name, registers)
+        assert int(re.search(r"STACK:(\d+)", text).group(1)) == 0, name  # no local memory: no spills
+        assert int(re.search(r"LOCAL:(\d+)", text).group(1)) == 0, name

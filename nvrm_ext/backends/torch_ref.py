@@ -90,7 +90,10 @@ def _adam(p, g, flags, f, states):
     exp_avg.copy_(m)
     exp_avg_sq.copy_(v)
     if flags & T.FLAG_AMSGRAD:
-        v = torch.maximum(max_exp_avg_sq.to(p.dtype), v)
+        # torch.maximum, with update.h's NaN: the NaN operand itself (torch.maximum's vectorized
+        # CPU kernel returns an all-ones NaN), so every backend keeps the same bits
+        vmax = max_exp_avg_sq.to(p.dtype)
+        v = torch.where((vmax > v) | vmax.isnan(), vmax, v)
         max_exp_avg_sq.copy_(v)
     denom = _sqrt_rn(v) / f[T.F_SQRT_BC2] + f[T.F_EPS]
     return p - f[T.F_STEP_SIZE] * (m / denom)

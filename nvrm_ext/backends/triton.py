@@ -1,43 +1,48 @@
 """The Triton backend: the whole step for every parameter of a bucket in one launch.
 
 The Triton twin of csrc/nvrm/{philox,noise,update}.h: the same Philox counters, the same float32
-polynomials and the same operation order (docs/noise.md §6-7), compiled without fp contraction,
-so it is bit-identical to the compiled kernels. Each program handles one block_table row: BLOCK
-consecutive global elements of one tensor, laid out as a [BLOCK/4, 4] tile so that each row of
-the tile is one Philox call (4 random words -> 4 elements).
+values of every operation (docs/noise.md §6-7), compiled without fp contraction, so it is
+bit-identical to the compiled kernels. Each program handles one block_table row (BLOCK
+consecutive global elements of one tensor) in tiles of TILE elements: every thread owns one quad
+of 4 consecutive elements per tile -- one Philox call, one vector access per tensor on a row
+flagged FLAG_ALIGNED -- so few values are live at a time (registers, occupancy) and no lane
+computes noise it does not use.
 
 Runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (set before triton is imported).
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
 from . import tables as T
-from .triton_support import TL_DTYPES, unavailable_reason
+from .triton_support import TL_DTYPES, device_guard, unavailable_reason
 
-BLOCK = 4096
-_COMMIT_ROWS = 128  # rows of live counters per program of the commit kernel
-
-# float32 constants of docs/noise.md §6 (exact float32 values)
-_LOG_P = [float.fromhex(h) for h in (
-    "0x1.204376p-4", "-0x1.d7a370p-4", "0x1.de4a34p-4", "-0x1.fcba9ep-4", "0x1.23d37ep-3",
-    "-0x1.555ca0p-3", "0x1.999d58p-3", "-0x1.fffff8p-3", "0x1.555554p-2")]
+BLOCK = 4096                 # elements per block_table row (one program)
+NUM_WARPS = 4
+TILE = 4 * 32 * NUM_WARPS    # elements per loop iteration: one quad per thread
+_COMMIT_ROWS = 128           # rows of live counters per program of the commit kernel
+_COMMIT_WARPS = 4
+# Compile options of every launch (and of kernel_variants(), so reports compile what runs).
+_STEP_OPTIONS = dict(num_warps=NUM_WARPS, num_stages=1, enable_fp_fusion=False)
+_COMMIT_OPTIONS = dict(num_warps=_COMMIT_WARPS, num_stages=1, enable_fp_fusion=False)
 
 
 @triton.jit
 def _log_f32(x):
-    """Cephes logf for normal x > 0 (docs/noise.md §6)."""
+    """Cephes logf for normal x > 0 (docs/noise.md §6). Every value equals the spec's: the sign
+    bit of x is 0, so bits >> 23 is the biased exponent; 2^23 + b - (2^23 + 126 [+ 1]) and
+    fma(m, 2 or 1, -1) are exact, as are the spec's int->float conversion and (m + m) - 1."""
     bits = x.to(tl.uint32, bitcast=True)
-    e = (((bits >> 23) & 0xFF).to(tl.int32) - 126).to(tl.float32)
-    m = ((bits & 0x807FFFFF) | 0x3F000000).to(tl.float32, bitcast=True)
-    small = m < 0.70710677
-    e = tl.where(small, e - 1.0, e)
-    m = tl.where(small, m + m, m) - 1.0
+    small = ((bits & 0x007FFFFF) | 0x3F000000).to(tl.float32, bitcast=True) < 0.70710677
+    e = ((bits >> 23) | 0x4B000000).to(tl.float32, bitcast=True) - tl.where(small, 8388735.0, 8388734.0)
+    m = ((bits & 0x007FFFFF) | 0x3F000000).to(tl.float32, bitcast=True)
+    m = tl.fma(m, tl.where(small, 2.0, 1.0), -1.0)
     z = m * m
-    p = tl.full(m.shape, 0.070376836, tl.float32)
-    p = tl.fma(p, m, -0.11514610052108765)
+    p = tl.fma(m, 0.070376836, -0.11514610052108765)
     p = tl.fma(p, m, 0.11676998436450958)
     p = tl.fma(p, m, -0.12420140951871872)
     p = tl.fma(p, m, 0.14249323308467865)
@@ -47,38 +52,50 @@ def _log_f32(x):
     p = tl.fma(p, m, 0.3333333134651184)
     y = (p * m) * z
     y = tl.fma(e, -0.00021219444170128554, y)
-    y = tl.fma(tl.full(m.shape, -0.5, tl.float32), z, y)
+    y = tl.fma(z, -0.5, y)
     r = m + y
     return tl.fma(e, 0.693359375, r)
 
 
 @triton.jit
-def _sincos_2pi_f32(u):
-    """(sin 2πu, cos 2πu) for u in (0, 1), exact range reduction in u (docs/noise.md §6)."""
-    t = u * 4.0
-    q = tl.floor(t + 0.5)
-    r = t - q
+def _uniform(x):
+    """u = ((x >> 8) | 1) * 2^-24 (docs/noise.md §3) without an int->float conversion:
+    1 + (x >> 9) * 2^-23 is exact in [1, 2), and subtracting 1 - 2^-24 from it is exact."""
+    return ((x >> 9) | 0x3F800000).to(tl.float32, bitcast=True) - 0.99999994039535522
+
+
+@triton.jit
+def _gaussian_pair(x_radius, x_angle):
+    """(z0, z1) = rad * (cos, sin)(2π u1) of docs/noise.md §4, rad = sqrt(-2 ln u0).
+
+    sincos_2pi_f32's range reduction is done on the bits of x_angle: with k = (x >> 8) | 1,
+    t = 4u = k 2^-22, the quadrant floor(t + 1/2) & 3 is the top two bits of x + 2^29, and
+    r = t - floor(t + 1/2) = int32(k << 10) * 2^-32 (two's complement wraps at the half
+    quadrant; k is odd, so there is no tie) -- the same exact values. The quadrant's signs are
+    applied to the products (IEEE negation commutes with a correctly rounded product)."""
+    rad = tl.sqrt_rn(-2.0 * _log_f32(_uniform(x_radius)))
+    k10 = ((x_angle << 2) & 0xFFFFFC00) | 0x400
+    r = k10.to(tl.int32, bitcast=True).to(tl.float32) * 2.3283064365386963e-10
     r2 = r * r
-    s = tl.fma(tl.full(r.shape, 0.00016044118092395365, tl.float32), r2, -0.004681753925979137)
+    s = tl.fma(r2, 0.00016044118092395365, -0.004681753925979137)
     s = tl.fma(s, r2, 0.07969262450933456)
     s = tl.fma(s, r2, -0.6459640860557556)
     s = tl.fma(s, r2, 1.5707963705062866)
     s = r * s
-    c = tl.fma(tl.full(r.shape, -2.520204179745633e-05, tl.float32), r2, 0.0009192602592520416)
+    c = tl.fma(r2, -2.520204179745633e-05, 0.0009192602592520416)
     c = tl.fma(c, r2, -0.020863480865955353)
     c = tl.fma(c, r2, 0.25366950035095215)
     c = tl.fma(c, r2, -1.2337005138397217)
     c = tl.fma(c, r2, 1.0)
-    quadrant = q.to(tl.int32) & 3
-    sin = tl.where(quadrant == 0, s, tl.where(quadrant == 1, c, tl.where(quadrant == 2, -s, -c)))
-    cos = tl.where(quadrant == 0, c, tl.where(quadrant == 1, -s, tl.where(quadrant == 2, -c, s)))
-    return sin, cos
-
-
-@triton.jit
-def _uniform(x):
-    """u = ((x >> 8) | 1) * 2^-24, exact in float32, in (0, 1)."""
-    return ((x >> 8) | 1).to(tl.float32) * 5.960464477539063e-08
+    quadrant_bits = x_angle + 0x20000000          # bits 31:30 = quadrant
+    swap = (quadrant_bits & 0x40000000) != 0      # odd quadrant: sin <- ±c, cos <- ±s
+    sin_sign = quadrant_bits & 0x80000000         # quadrants 2, 3
+    cos_sign = (x_angle + 0x60000000) & 0x80000000  # quadrants 1, 2
+    z0 = rad * tl.where(swap, s, c)
+    z1 = rad * tl.where(swap, c, s)
+    z0 = (z0.to(tl.uint32, bitcast=True) ^ cos_sign).to(tl.float32, bitcast=True)
+    z1 = (z1.to(tl.uint32, bitcast=True) ^ sin_sign).to(tl.float32, bitcast=True)
+    return z0, z1
 
 
 @triton.jit
@@ -89,41 +106,52 @@ def _laplace(u):
 
 
 @triton.jit
-def _noise_tile(seed_lo, seed_hi, key, step, quads, noise_type, scale):
-    """[Q, 4] float32 noise for the quads `quads` (int64 [Q]) of parameter `key` at `step`."""
-    c0 = (quads & 0xFFFFFFFF).to(tl.uint32)
-    c1 = (quads >> 32).to(tl.uint32)
-    c2 = tl.zeros_like(c0) + key.to(tl.uint32)
-    c3 = tl.zeros_like(c0) + step.to(tl.uint32)
-    k0 = tl.to_tensor(seed_lo).to(tl.uint32)
-    k1 = tl.to_tensor(seed_hi).to(tl.uint32)
-    x0, x1, x2, x3 = tl.philox_impl(c0, c1, c2, c3, k0, k1)
-    u0 = _uniform(x0)
-    u1 = _uniform(x1)
-    u2 = _uniform(x2)
-    u3 = _uniform(x3)
+def _philox(c0, c1, key, step, seed_lo, seed_hi):
+    """Philox4x32-10 (docs/noise.md §2) of the counters (c0, c1, key, step), c0/c1 per quad.
+    key and step are the same for the whole tile: the first round's products of them are
+    computed once per program, not per quad."""
+    k0 = seed_lo.to(tl.uint32, bitcast=True)
+    k1 = seed_hi.to(tl.uint32, bitcast=True)
+    c2 = key.to(tl.uint32)
+    hi1 = tl.umulhi(c2, 0xCD9E8D57)
+    lo1 = c2 * 0xCD9E8D57
+    prod0 = c0.to(tl.uint64) * 0xD2511F53
+    x0 = hi1 ^ c1 ^ k0
+    x1 = tl.zeros_like(c0) + lo1
+    x2 = (prod0 >> 32).to(tl.uint32) ^ step.to(tl.uint32) ^ k1
+    x3 = prod0.to(tl.uint32)
+    for _ in tl.static_range(9):
+        k0 = k0 + 0x9E3779B9
+        k1 = k1 + 0xBB67AE85
+        prod0 = x0.to(tl.uint64) * 0xD2511F53
+        prod1 = x2.to(tl.uint64) * 0xCD9E8D57
+        x0 = (prod1 >> 32).to(tl.uint32) ^ x1 ^ k0
+        x2 = (prod0 >> 32).to(tl.uint32) ^ x3 ^ k1
+        x1 = prod1.to(tl.uint32)
+        x3 = prod0.to(tl.uint32)
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def _noise_tile(c0, c1, key, step, seed_lo, seed_hi, noise_type, scale):
+    """[Q, 4] float32 noise of the quads whose counters are (c0, c1) ([Q] uint32 each): lane j
+    of quad q is element 4q + j (docs/noise.md §2-5)."""
+    x0, x1, x2, x3 = _philox(c0, c1, key, step, seed_lo, seed_hi)
     if noise_type == 0:
-        rad01 = tl.sqrt_rn(-2.0 * _log_f32(u0))
-        sin1, cos1 = _sincos_2pi_f32(u1)
-        rad23 = tl.sqrt_rn(-2.0 * _log_f32(u2))
-        sin3, cos3 = _sincos_2pi_f32(u3)
-        z0 = rad01 * cos1
-        z1 = rad01 * sin1
-        z2 = rad23 * cos3
-        z3 = rad23 * sin3
+        z0, z1 = _gaussian_pair(x0, x1)
+        z2, z3 = _gaussian_pair(x2, x3)
     elif noise_type == 1:
-        z0 = _laplace(u0)
-        z1 = _laplace(u1)
-        z2 = _laplace(u2)
-        z3 = _laplace(u3)
+        z0 = _laplace(_uniform(x0))
+        z1 = _laplace(_uniform(x1))
+        z2 = _laplace(_uniform(x2))
+        z3 = _laplace(_uniform(x3))
     else:
-        z0 = 2.0 * u0 - 1.0
-        z1 = 2.0 * u1 - 1.0
-        z2 = 2.0 * u2 - 1.0
-        z3 = 2.0 * u3 - 1.0
-    lane = tl.arange(0, 4)[None, :]
-    z = tl.where(lane == 0, z0[:, None],
-                 tl.where(lane == 1, z1[:, None], tl.where(lane == 2, z2[:, None], z3[:, None])))
+        z0 = 2.0 * _uniform(x0) - 1.0
+        z1 = 2.0 * _uniform(x1) - 1.0
+        z2 = 2.0 * _uniform(x2) - 1.0
+        z3 = 2.0 * _uniform(x3) - 1.0
+    # [Q, 2, 2] with [q, i, j] = z(2i + j), then flat lanes: no data moves between threads
+    z = tl.reshape(tl.join(tl.join(z0, z2), tl.join(z1, z3)), [c0.shape[0], 4])
     return scale * z
 
 
@@ -140,12 +168,17 @@ def _to_storage(x, DTYPE: tl.constexpr):
 
 @triton.jit
 def _power(base, exponent):
-    """base ** exponent (float64) by binary exponentiation over 32 bits (tables.power)."""
+    """base ** exponent (float64) by binary exponentiation over the low 32 bits of the exponent
+    (tables.power: the same products). A loop, not unrolled: unrolled, the float64 chains held
+    ~40 more registers than the element update needs, for a header run once per program."""
     result = tl.full([], 1.0, tl.float64)
     x = base
-    for bit in tl.static_range(32):
-        result = tl.where(((exponent >> bit) & 1) != 0, result * x, result)
+    e = exponent & 0xFFFFFFFF
+    while e != 0:
+        if (e & 1) != 0:
+            result = result * x
         x = x * x
+        e = e >> 1
     return result
 
 
@@ -156,8 +189,136 @@ def _new_step_after(t, num_iters):
 
 
 @triton.jit
+def _tile_ptr(address, tile_first, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Pointer to element `tile_first` of the tensor at `address`. On an aligned row the tile
+    starts on a quad, so the pointer is a multiple of 4 elements: vector loads and stores."""
+    ptr = (address + tile_first * (DTYPE.primitive_bitwidth // 8)).to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, DTYPE.primitive_bitwidth // 2)
+    return ptr
+
+
+@triton.jit
+def _lanes(x):
+    """The 4 lanes of a [Q, 4] tile as [Q] vectors (each thread keeps its quad)."""
+    x02, x13 = tl.split(tl.reshape(x, [x.shape[0], 2, 2]))
+    x0, x2 = tl.split(x02)
+    x1, x3 = tl.split(x13)
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def _store(ptr, idx, x, mask, ALIGNED: tl.constexpr):
+    """Store a [Q, 4] tile. Unaligned, lane by lane: a [Q, 4] store of unknown alignment gets a
+    layout of one element per thread, and the tile would move through shared memory to it."""
+    if ALIGNED:
+        tl.store(ptr + idx, x, mask=mask)
+    else:
+        i0, i1, i2, i3 = _lanes(idx)
+        x0, x1, x2, x3 = _lanes(x)
+        m0, m1, m2, m3 = _lanes(mask)
+        tl.store(ptr + i0, x0, mask=m0)
+        tl.store(ptr + i1, x1, mask=m1)
+        tl.store(ptr + i2, x2, mask=m2)
+        tl.store(ptr + i3, x3, mask=m3)
+
+
+@triton.jit
+def _maximum_nan(a, b):
+    """a if a > b or a is NaN, else b: torch.maximum's NaN propagation, exactly update.h's
+    select (tl.maximum lowers to max.f32, which drops a NaN)."""
+    return tl.where((a > b) | (a != a), a, b)
+
+
+@triton.jit
+def _step_tile(tile_first, quad0, rem, lo, seed_lo, seed_hi, frow, row, addresses,
+               OP: tl.constexpr, DTYPE: tl.constexpr, TILE: tl.constexpr, ALIGNED: tl.constexpr,
+               HAS_GRAD_SCALE: tl.constexpr):
+    """One tile: TILE elements starting at local index `tile_first`, of which indices
+    [lo, rem) are inside the tensor; quad0 is the global quad index of the tile's first quad.
+    `row` holds the row's resolved scalars, `addresses` its tensors (see _nvrm_kernel)."""
+    key, old_step, old_type, old_scale, new_step, new_type, new_scale, flags, momentum_init, \
+        step_size, sqrt_bc2, decay, inv_scale = row
+    param_address, comp_address, grad_address, state0, state1, state2 = addresses
+    Q: tl.constexpr = TILE // 4
+    q = tl.arange(0, Q)
+    idx = q[:, None] * 4 + tl.arange(0, 4)[None, :]
+    if ALIGNED:  # lo == 0 and rem % 4 == 0: a quad is wholly in or out
+        mask = tl.broadcast_to((q < rem // 4)[:, None], [Q, 4])
+    else:
+        mask = (idx >= lo) & (idx < rem)
+    param_ptr = _tile_ptr(param_address, tile_first, DTYPE, ALIGNED)
+    p = tl.load(param_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    # 16-bit parameters carry a compensation buffer: the weight is param + comp
+    comp_ptr = _tile_ptr(comp_address, tile_first, DTYPE, ALIGNED)
+    if comp_address != 0:
+        p = p + tl.load(comp_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    if OP != 2:
+        grad_ptr = _tile_ptr(grad_address, tile_first, DTYPE, ALIGNED)
+        g = tl.load(grad_ptr + idx, mask=mask, other=0.0)
+        if HAS_GRAD_SCALE:  # GradScaler's fused protocol: unscale, round, write back
+            g = _to_storage(tl.div_rn(g.to(tl.float32), inv_scale), DTYPE)
+            _store(grad_ptr, idx, g, mask, ALIGNED)
+        g = g.to(tl.float32)
+    if OP == 0:  # SGD
+        d = g
+        if (flags & 16) != 0:
+            d = g + tl.load(frow + 1) * p
+        if (flags & 32) != 0:
+            momentum = tl.load(frow + 2)
+            buf_ptr = _tile_ptr(state0, tile_first, DTYPE, ALIGNED)
+            if momentum_init:
+                buf = d
+            else:
+                buf = momentum * tl.load(buf_ptr + idx, mask=mask, other=0.0).to(tl.float32) \
+                    + tl.load(frow + 3) * d
+            _store(buf_ptr, idx, _to_storage(buf, DTYPE), mask, ALIGNED)
+            if (flags & 128) != 0:
+                d = d + momentum * buf
+            else:
+                d = buf
+        p = p - tl.load(frow + 0) * d
+    elif OP == 1:  # Adam
+        if (flags & 512) != 0:
+            p = p * decay
+        else:
+            g = g + tl.load(frow + 1) * p
+        m_ptr = _tile_ptr(state0, tile_first, DTYPE, ALIGNED)
+        v_ptr = _tile_ptr(state1, tile_first, DTYPE, ALIGNED)
+        m = tl.load(frow + 2) * tl.load(m_ptr + idx, mask=mask, other=0.0).to(tl.float32) + tl.load(frow + 3) * g
+        v = tl.load(frow + 4) * tl.load(v_ptr + idx, mask=mask, other=0.0).to(tl.float32) \
+            + (tl.load(frow + 5) * g) * g
+        _store(m_ptr, idx, _to_storage(m, DTYPE), mask, ALIGNED)
+        _store(v_ptr, idx, _to_storage(v, DTYPE), mask, ALIGNED)
+        if (flags & 256) != 0:
+            vmax_ptr = _tile_ptr(state2, tile_first, DTYPE, ALIGNED)
+            v = _maximum_nan(tl.load(vmax_ptr + idx, mask=mask, other=0.0).to(tl.float32), v)
+            _store(vmax_ptr, idx, _to_storage(v, DTYPE), mask, ALIGNED)
+        denom = tl.div_rn(tl.sqrt_rn(v), sqrt_bc2) + tl.load(frow + 6)
+        p = p - step_size * tl.div_rn(m, denom)
+
+    # Philox counters of the tile's quads: (lo32, hi32) of quad0 + q, with the carry
+    quad0_lo = (quad0 & 0xFFFFFFFF).to(tl.uint32)
+    c0 = quad0_lo + q.to(tl.uint32)
+    c1 = (quad0 >> 32).to(tl.uint32) + (c0 < quad0_lo).to(tl.uint32)
+    n_old = tl.zeros([Q, 4], tl.float32)
+    if old_step != 0:
+        n_old = _noise_tile(c0, c1, key, old_step, seed_lo, seed_hi, old_type, old_scale)
+    n_new = tl.zeros([Q, 4], tl.float32)
+    if new_step != 0:
+        n_new = _noise_tile(c0, c1, key, new_step, seed_lo, seed_hi, new_type, new_scale)
+    p = p + (n_new - n_old)
+    if comp_address != 0:  # keep what rounding to the storage type drops (update.h split_store)
+        stored = _to_storage(p, DTYPE)
+        _store(param_ptr, idx, stored, mask, ALIGNED)
+        _store(comp_ptr, idx, _to_storage(p - stored.to(tl.float32), DTYPE), mask, ALIGNED)
+    else:
+        _store(param_ptr, idx, _to_storage(p, DTYPE), mask, ALIGNED)
+
+
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
 def _nvrm_kernel(blocks, ints, floats, seed_lo, seed_hi, grad_scale, found_inf,
-                 OP: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+                 OP: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr,
                  INT_COLUMNS: tl.constexpr, FLOAT_COLUMNS: tl.constexpr,
                  HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
@@ -191,77 +352,31 @@ def _nvrm_kernel(blocks, ints, floats, seed_lo, seed_hi, grad_scale, found_inf,
             step_size = (lr / (1.0 - _power(tl.load(frow + 2).to(tl.float64), t))).to(tl.float32)
             sqrt_bc2 = tl.sqrt(1.0 - _power(tl.load(frow + 4).to(tl.float64), t)).to(tl.float32)
             decay = (1.0 - lr * tl.load(frow + 1).to(tl.float64)).to(tl.float32)
+    inv_scale = 1.0
+    if HAS_GRAD_SCALE:
+        inv_scale = tl.load(grad_scale)
+    row_scalars = (key, old_step, old_type, old_scale, new_step, (flags >> 2) & 3, tl.load(frow + 11), flags,
+                   momentum_init, step_size, sqrt_bc2, decay, inv_scale)
+    # param, compensation, grad, state0..2 (tables.I_PARAM, I_COMP, I_GRAD, I_STATE0..2)
+    addresses = (tl.load(irow + 0), tl.load(irow + 11), tl.load(irow + 1), tl.load(irow + 2), tl.load(irow + 3),
+                 tl.load(irow + 4))
 
-    quads = start // 4 + tl.arange(0, BLOCK // 4).to(tl.int64)
-    local = quads[:, None] * 4 + tl.arange(0, 4)[None, :] - offset
-    mask = (local >= 0) & (local < numel)
+    first = start - offset                      # local index of the block's first element (>= -3)
+    end = tl.minimum(numel - first, BLOCK)      # the block's elements run over [first, first + end)
     if HAS_FOUND_INF:  # a skipped step writes nothing
-        mask = mask & (tl.load(found_inf + tl.zeros([BLOCK // 4, 4], tl.int32)) == 0.0)
-    param_ptr = tl.load(irow + 0).to(tl.pointer_type(DTYPE))
-    p = tl.load(param_ptr + local, mask=mask, other=0.0).to(tl.float32)
-    # 16-bit parameters carry a compensation buffer: the weight is param + comp
-    comp_address = tl.load(irow + 11)
-    comp_ptr = comp_address.to(tl.pointer_type(DTYPE))
-    if comp_address != 0:
-        p = p + tl.load(comp_ptr + local, mask=mask, other=0.0).to(tl.float32)
-
-    if OP != 2:
-        grad_ptr = tl.load(irow + 1).to(tl.pointer_type(DTYPE))
-        g = tl.load(grad_ptr + local, mask=mask, other=0.0)
-        if HAS_GRAD_SCALE:  # GradScaler's fused protocol: unscale, round, write back
-            g = _to_storage(tl.div_rn(g.to(tl.float32), tl.load(grad_scale)), DTYPE)
-            tl.store(grad_ptr + local, g, mask=mask)
-        g = g.to(tl.float32)
-    if OP == 0:  # SGD
-        d = g
-        if (flags & 16) != 0:
-            d = g + tl.load(frow + 1) * p
-        if (flags & 32) != 0:
-            momentum = tl.load(frow + 2)
-            buf_ptr = tl.load(irow + 2).to(tl.pointer_type(DTYPE))
-            if momentum_init:
-                buf = d
-            else:
-                buf = momentum * tl.load(buf_ptr + local, mask=mask, other=0.0).to(tl.float32) \
-                    + tl.load(frow + 3) * d
-            tl.store(buf_ptr + local, _to_storage(buf, DTYPE), mask=mask)
-            if (flags & 128) != 0:
-                d = d + momentum * buf
-            else:
-                d = buf
-        p = p - tl.load(frow + 0) * d
-    elif OP == 1:  # Adam
-        if (flags & 512) != 0:
-            p = p * decay
+        end = tl.where(tl.load(found_inf) == 0.0, end, 0)
+    aligned = (flags & 2048) != 0
+    for base in range(0, end, TILE):
+        tile_first = first + base
+        rem = (end - base).to(tl.int32)
+        lo = tl.maximum(-tile_first, 0).to(tl.int32)
+        quad0 = start // 4 + base // 4
+        if aligned:  # the same tile, compiled twice: with vector accesses, and lane by lane
+            _step_tile(tile_first, quad0, rem, lo, seed_lo, seed_hi, frow, row_scalars, addresses,
+                       OP, DTYPE, TILE, True, HAS_GRAD_SCALE)
         else:
-            g = g + tl.load(frow + 1) * p
-        m_ptr = tl.load(irow + 2).to(tl.pointer_type(DTYPE))
-        v_ptr = tl.load(irow + 3).to(tl.pointer_type(DTYPE))
-        m = tl.load(frow + 2) * tl.load(m_ptr + local, mask=mask, other=0.0).to(tl.float32) + tl.load(frow + 3) * g
-        v = tl.load(frow + 4) * tl.load(v_ptr + local, mask=mask, other=0.0).to(tl.float32) \
-            + (tl.load(frow + 5) * g) * g
-        tl.store(m_ptr + local, _to_storage(m, DTYPE), mask=mask)
-        tl.store(v_ptr + local, _to_storage(v, DTYPE), mask=mask)
-        if (flags & 256) != 0:
-            vmax_ptr = tl.load(irow + 4).to(tl.pointer_type(DTYPE))
-            v = tl.maximum(tl.load(vmax_ptr + local, mask=mask, other=0.0).to(tl.float32), v)
-            tl.store(vmax_ptr + local, _to_storage(v, DTYPE), mask=mask)
-        denom = tl.div_rn(tl.sqrt_rn(v), sqrt_bc2) + tl.load(frow + 6)
-        p = p - step_size * tl.div_rn(m, denom)
-
-    n_old = tl.zeros([BLOCK // 4, 4], tl.float32)
-    if old_step != 0:
-        n_old = _noise_tile(seed_lo, seed_hi, key, old_step, quads, old_type, old_scale)
-    n_new = tl.zeros([BLOCK // 4, 4], tl.float32)
-    if new_step != 0:
-        n_new = _noise_tile(seed_lo, seed_hi, key, new_step, quads, (flags >> 2) & 3, tl.load(frow + 11))
-    p = p + (n_new - n_old)
-    if comp_address != 0:  # keep what rounding to the storage type drops (update.h split_store)
-        stored = _to_storage(p, DTYPE)
-        tl.store(param_ptr + local, stored, mask=mask)
-        tl.store(comp_ptr + local, _to_storage(p - stored.to(tl.float32), DTYPE), mask=mask)
-    else:
-        tl.store(param_ptr + local, _to_storage(p, DTYPE), mask=mask)
+            _step_tile(tile_first, quad0, rem, lo, seed_lo, seed_hi, frow, row_scalars, addresses,
+                       OP, DTYPE, TILE, False, HAS_GRAD_SCALE)
 
 
 @triton.jit
@@ -270,9 +385,9 @@ def _commit_kernel(ints, floats, found_inf, commit_rows, ROWS: tl.constexpr,
     """Capturable mode: advance the live counters past the step (update.h commit_live); runs
     after the update kernel, so every block has resolved its row."""
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
+    if HAS_FOUND_INF:  # a skipped step commits nothing
+        commit_rows = tl.where(tl.load(found_inf) == 0.0, commit_rows, 0)
     mask = rows < commit_rows
-    if HAS_FOUND_INF:
-        mask = mask & (tl.load(found_inf + tl.zeros([ROWS], tl.int32)) == 0.0)
     irow = ints + rows * INT_COLUMNS
     live_address = tl.load(irow + 12, mask=mask, other=0)
     mask = mask & (live_address != 0)
@@ -287,6 +402,62 @@ def _commit_kernel(ints, floats, found_inf, commit_rows, ROWS: tl.constexpr,
     tl.store(live + 4, tl.zeros([ROWS], tl.float64), mask=mask)
 
 
+class KernelVariant(NamedTuple):
+    """One compiled form of a kernel: what triton.compile(ASTSource(fn, signature, constexprs),
+    target=..., options=options) needs to build exactly what a launch runs."""
+    name: str
+    fn: object
+    signature: dict
+    constexprs: dict
+    num_warps: int
+    options: dict
+
+
+_STEP_SIGNATURE = {"blocks": "*i64", "ints": "*i64", "floats": "*fp32", "seed_lo": "i32", "seed_hi": "i32",
+                   "grad_scale": "*fp32", "found_inf": "*fp32"}
+_COMMIT_SIGNATURE = {"ints": "*i64", "floats": "*fp32", "found_inf": "*fp32", "commit_rows": "i64"}
+_OP_NAMES = {T.OP_SGD: "sgd", T.OP_ADAM: "adam", T.OP_NOISE: "noise"}
+_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def _step_constexprs(op: int, dtype: torch.dtype, has_grad_scale: bool, has_found_inf: bool) -> dict:
+    return dict(OP=op, DTYPE=TL_DTYPES[dtype], BLOCK=BLOCK, TILE=TILE, INT_COLUMNS=T.INT_COLUMNS,
+                FLOAT_COLUMNS=T.FLOAT_COLUMNS, HAS_GRAD_SCALE=has_grad_scale, HAS_FOUND_INF=has_found_inf)
+
+
+def _commit_constexprs(has_found_inf: bool) -> dict:
+    return dict(ROWS=_COMMIT_ROWS, INT_COLUMNS=T.INT_COLUMNS, FLOAT_COLUMNS=T.FLOAT_COLUMNS,
+                HAS_FOUND_INF=has_found_inf)
+
+
+def kernel_variants() -> list[KernelVariant]:
+    """Every kernel variant the optimizers launch (op x dtype x GradScaler arguments, and the
+    capturable commit), with the signature, constexprs and options the launches use -- for
+    compiling them without a GPU (bench/kernels.py, tests/test_triton_ptx.py)."""
+    variants = []
+    for op, op_name in _OP_NAMES.items():
+        for dtype, dtype_name in _DTYPE_NAMES.items():
+            scaler = [(False, False)] if op == T.OP_NOISE else [(False, False), (True, False), (False, True), (True, True)]
+            for has_grad_scale, has_found_inf in scaler:
+                name = (f"step-{op_name}-{dtype_name}" + ("-grad_scale" if has_grad_scale else "")
+                        + ("-found_inf" if has_found_inf else ""))
+                variants.append(KernelVariant(
+                    name, _nvrm_kernel, {**_STEP_SIGNATURE, **{k: "constexpr" for k in _step_constexprs(op, dtype, False, False)}},
+                    _step_constexprs(op, dtype, has_grad_scale, has_found_inf), NUM_WARPS, _STEP_OPTIONS))
+    for has_found_inf in (False, True):
+        constexprs = _commit_constexprs(has_found_inf)
+        variants.append(KernelVariant(
+            "commit" + ("-found_inf" if has_found_inf else ""), _commit_kernel,
+            {**_COMMIT_SIGNATURE, **{k: "constexpr" for k in constexprs}}, constexprs, _COMMIT_WARPS,
+            _COMMIT_OPTIONS))
+    return variants
+
+
+def _int32(word: int) -> int:
+    """A 32-bit word as the int32 with its bits (the kernel reinterprets it as uint32)."""
+    return word - (1 << 32) if word >= 1 << 31 else word
+
+
 class TritonBackend:
     name = "triton"
     block_size = BLOCK
@@ -298,26 +469,23 @@ class TritonBackend:
                blocks: torch.Tensor, seed: int, *, commit_rows: int = 0,
                grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None) -> None:
         """One update launch over `blocks`, then (commit_rows > 0, capturable mode) one commit
-        launch over the live counters of the first commit_rows rows."""
+        launch over the live counters of the first commit_rows rows. Both run on the tables'
+        device and its current stream, whichever CUDA device is current."""
         assert ints.shape[1] == T.INT_COLUMNS and floats.shape[1] == T.FLOAT_COLUMNS
         assert op != T.OP_NOISE or commit_rows == 0, "OP_NOISE launches commit no counters"
         placeholder = floats  # any pointer: the kernel does not read an absent scalar
-        flags = dict(HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None)
+        has_grad_scale, has_found_inf = grad_scale is not None, found_inf is not None
         grad_scale = placeholder if grad_scale is None else grad_scale
         found_inf = placeholder if found_inf is None else found_inf
-        if blocks.shape[0]:
-            # Triton types a Python int by its value (int32 below 2**31, else int64); the kernel
-            # converts each key word to uint32.
-            _nvrm_kernel[(blocks.shape[0],)](
-                blocks, ints, floats, seed & 0xFFFFFFFF, seed >> 32, grad_scale, found_inf,
-                OP=op, DTYPE=TL_DTYPES[dtype], BLOCK=BLOCK,
-                INT_COLUMNS=T.INT_COLUMNS, FLOAT_COLUMNS=T.FLOAT_COLUMNS,
-                num_warps=8, enable_fp_fusion=False, **flags)
-        if commit_rows:
-            _commit_kernel[(triton.cdiv(commit_rows, _COMMIT_ROWS),)](
-                ints, floats, found_inf, commit_rows, ROWS=_COMMIT_ROWS,
-                INT_COLUMNS=T.INT_COLUMNS, FLOAT_COLUMNS=T.FLOAT_COLUMNS,
-                HAS_FOUND_INF=flags["HAS_FOUND_INF"], enable_fp_fusion=False)
+        with device_guard(ints.device):
+            if blocks.shape[0]:
+                _nvrm_kernel[(blocks.shape[0],)](
+                    blocks, ints, floats, _int32(seed & 0xFFFFFFFF), _int32(seed >> 32 & 0xFFFFFFFF),
+                    grad_scale, found_inf, **_step_constexprs(op, dtype, has_grad_scale, has_found_inf),
+                    **_STEP_OPTIONS)
+            if commit_rows:
+                _commit_kernel[(triton.cdiv(commit_rows, _COMMIT_ROWS),)](
+                    ints, floats, found_inf, commit_rows, **_commit_constexprs(has_found_inf), **_COMMIT_OPTIONS)
 
 
 TRITON = TritonBackend()

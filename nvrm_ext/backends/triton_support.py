@@ -1,10 +1,11 @@
-"""Where the project's Triton kernels can run -- one answer for all of them.
+"""Where the project's Triton kernels can run -- one answer for all of them -- and on which device.
 
 CUDA tensors always; CPU tensors only in Triton's interpreter, which must be switched on
 (TRITON_INTERPRET=1) before triton is first imported.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -24,3 +25,12 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype, what: str) -> s
         return ("Triton runs CPU tensors only in its interpreter: set TRITON_INTERPRET=1 "
                 "before triton is imported (slow; meant for testing)")
     return f"Triton does not run on {device.type} tensors"
+
+
+def device_guard(device: torch.device):
+    """Make `device` current for a Triton launch, which runs on the current CUDA device and its
+    current stream, not on its tensors' device. A no-op (no CUDA call) when it already is
+    current, and for CPU tensors (the interpreter)."""
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
