@@ -141,10 +141,11 @@ class TritonAMPEngine:
             return
         # Tensors the table points to may be freed right after this call: the caching allocator
         # reuses their memory only for work queued later on the same stream.
-        _clip_and_perturb_kernel[(blocks.shape[0],)](
-            blocks, to_device(ints, device), to_device(np.ascontiguousarray(floats), device), tiny,
-            FIRST=first, DTYPE=_TL_DTYPES[dtype], BLOCK=BLOCK,
-            INT_COLUMNS=INT_COLUMNS, FLOAT_COLUMNS=FLOAT_COLUMNS, enable_fp_fusion=False)
+        with triton_support.device_guard(device):
+            _clip_and_perturb_kernel[(blocks.shape[0],)](
+                blocks, to_device(ints, device), to_device(np.ascontiguousarray(floats), device), tiny,
+                FIRST=first, DTYPE=_TL_DTYPES[dtype], BLOCK=BLOCK,
+                INT_COLUMNS=INT_COLUMNS, FLOAT_COLUMNS=FLOAT_COLUMNS, enable_fp_fusion=False)
 
     def restore(self, params, unperturbed) -> None:
         """One launch: every parameter gets its unperturbed copy back."""
@@ -154,9 +155,10 @@ class TritonAMPEngine:
         blocks = self._blocks(device, tuple(p.numel() for p in params))
         if blocks.shape[0] == 0:
             return
-        _restore_kernel[(blocks.shape[0],)](
-            blocks, to_device(self._pointer_table(params, unperturbed), device),
-            DTYPE=_TL_DTYPES[dtype], BLOCK=BLOCK, INT_COLUMNS=INT_COLUMNS)
+        with triton_support.device_guard(device):
+            _restore_kernel[(blocks.shape[0],)](
+                blocks, to_device(self._pointer_table(params, unperturbed), device),
+                DTYPE=_TL_DTYPES[dtype], BLOCK=BLOCK, INT_COLUMNS=INT_COLUMNS)
 
 
 TRITON_AMP = TritonAMPEngine()

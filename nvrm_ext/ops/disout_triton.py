@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..backends.triton_support import device_guard
 from ..nn.disout import DISTORTION_STD_FACTOR, input_std
 
 ELEMENTS_PER_PROGRAM = 1024
@@ -137,8 +138,9 @@ def count_kept(shape: torch.Size, gamma: float, block_size: int, seed: int,
     numel = int(torch.Size(shape).numel())
     kept = torch.zeros(1, dtype=torch.int64, device=device)
     if numel:
-        _count_kept_kernel[_grid(numel)](kept, numel, height, width, _int_seed(seed),
-                                         float(gamma), block_size, BLOCK=ELEMENTS_PER_PROGRAM)
+        with device_guard(kept.device):
+            _count_kept_kernel[_grid(numel)](kept, numel, height, width, _int_seed(seed),
+                                             float(gamma), block_size, BLOCK=ELEMENTS_PER_PROGRAM)
     return kept
 
 
@@ -154,9 +156,10 @@ def disout_draws(shape, gamma: float, block_size: int, seed: int,
     distorted = torch.empty(shape, dtype=torch.int8, device=device)
     noise = torch.empty(shape, dtype=torch.float32, device=device)
     if numel:
-        _draws_kernel[_grid(numel)](distorted, noise, numel, shape[2], shape[3],
-                                    _int_seed(seed), float(gamma), block_size,
-                                    BLOCK=ELEMENTS_PER_PROGRAM)
+        with device_guard(noise.device):
+            _draws_kernel[_grid(numel)](distorted, noise, numel, shape[2], shape[3],
+                                        _int_seed(seed), float(gamma), block_size,
+                                        BLOCK=ELEMENTS_PER_PROGRAM)
     return distorted.bool(), noise
 
 
@@ -178,10 +181,11 @@ class DisoutTritonFunction(torch.autograd.Function):
         scale = (numel / kept.clamp(min=1).to(torch.float64)).to(compute_dtype)
         out = torch.empty_like(x)
         if numel:
-            _forward_kernel[_grid(numel)](x, out, std, scale, numel, height, width,
-                                          _int_seed(seed), float(gamma), block_size,
-                                          DISTORTION_STD_FACTOR * float(alpha),
-                                          BLOCK=ELEMENTS_PER_PROGRAM)
+            with device_guard(x.device):
+                _forward_kernel[_grid(numel)](x, out, std, scale, numel, height, width,
+                                              _int_seed(seed), float(gamma), block_size,
+                                              DISTORTION_STD_FACTOR * float(alpha),
+                                              BLOCK=ELEMENTS_PER_PROGRAM)
         ctx.save_for_backward(scale)
         ctx.disout_args = (x.shape, gamma, block_size, seed)
         return out
@@ -194,9 +198,10 @@ class DisoutTritonFunction(torch.autograd.Function):
         grad_in = torch.empty_like(grad_out)
         numel = grad_out.numel()
         if numel:
-            _backward_kernel[_grid(numel)](grad_out, grad_in, scale, numel, shape[2], shape[3],
-                                           seed, float(gamma), block_size,
-                                           BLOCK=ELEMENTS_PER_PROGRAM)
+            with device_guard(grad_out.device):
+                _backward_kernel[_grid(numel)](grad_out, grad_in, scale, numel, shape[2], shape[3],
+                                               seed, float(gamma), block_size,
+                                               BLOCK=ELEMENTS_PER_PROGRAM)
         return grad_in, None, None, None, None
 
 
