@@ -19,6 +19,8 @@ namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;
+// At least 4 resident blocks per SM: at most 64 registers per thread, 50% occupancy.
+constexpr int kMinBlocksPerSm = 4;
 
 // Storage types: load converts to float32, store rounds once to nearest even.
 __device__ __forceinline__ float load(float x) { return x; }
@@ -83,6 +85,33 @@ __device__ __forceinline__ T* pointer(int64_t address) {
   return reinterpret_cast<T*>(address);
 }
 
+// The builtin vector type of one Quad<T>, for __ldcs / __stcs: explicit global-space accesses
+// (ld.global.cs.v4 / .v2, 128-bit for float32), as a generic pointer cast from an int64 address
+// would otherwise load through the generic space.
+template <typename T>
+struct QuadBits {
+  using type = uint2;  // 16-bit storage types
+};
+template <>
+struct QuadBits<float> {
+  using type = float4;
+};
+
+template <typename T>
+__device__ __forceinline__ Quad<T> load_quad(int64_t address) {
+  const auto bits = __ldcs(pointer<const typename QuadBits<T>::type>(address));
+  Quad<T> quad;
+  memcpy(&quad, &bits, sizeof quad);
+  return quad;
+}
+
+template <typename T>
+__device__ __forceinline__ void store_quad(int64_t address, const Quad<T>& quad) {
+  typename QuadBits<T>::type bits;
+  memcpy(&bits, &quad, sizeof bits);
+  __stcs(pointer<typename QuadBits<T>::type>(address), bits);
+}
+
 // Whether element `base` (and so every 4th element after it) of each pointer the op touches is
 // aligned for Quad<T> loads.
 template <int Op, typename T>
@@ -104,14 +133,40 @@ __device__ __forceinline__ T unscaled(T g, const float* grad_scale) {
   return store<T>(div32(load(g), *grad_scale));
 }
 
-template <int Op, typename T>
-__global__ void __launch_bounds__(kThreads)
+// The GradScaler protocol on the quad of elements first .. first+3 (those in the tensor),
+// written back before the update reads them again (from L1/L2): done inside the update, the
+// extra division per element would need more than 64 registers.
+template <typename T>
+__device__ __forceinline__ void unscale_quad(const Row& row, bool whole, int64_t first,
+                                             const float* grad_scale) {
+  if (whole) {
+    const int64_t at = first * static_cast<int64_t>(sizeof(T));
+    Quad<T> g = load_quad<T>(row.grad + at);
+#pragma unroll
+    for (int lane = 0; lane < 4; ++lane) g.lane[lane] = unscaled(g.lane[lane], grad_scale);
+    store_quad<T>(row.grad + at, g);
+    return;
+  }
+#pragma unroll
+  for (int lane = 0; lane < 4; ++lane) {
+    const int64_t i = first + lane;
+    if (i >= 0 && i < row.numel) pointer<T>(row.grad)[i] = unscaled(pointer<T>(row.grad)[i], grad_scale);
+  }
+}
+
+// Op: kOpSgd / kOpAdam / kOpNoise; T: storage type; Unscale: the GradScaler protocol (a
+// separate instantiation, so the common step carries no per-element test for it).
+template <int Op, typename T, bool Unscale>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     multi_tensor_kernel(const int64_t* __restrict__ ints, const float* __restrict__ floats,
                         const int64_t* __restrict__ blocks, int64_t num_blocks, int64_t block_size,
-                        uint64_t seed, const float* __restrict__ grad_scale,
+                        const PhiloxRoundKeys keys, const float* __restrict__ grad_scale,
                         const float* __restrict__ found_inf) {
+  // Aligned quads are loaded before the noise math, which hides their latency, where the loaded
+  // values fit in 64 registers beside it (float32 SGD, the noise op); else after it: Adam's
+  // moments, the 16-bit conversions and the GradScaler's division spill there (ptxas -v).
+  constexpr bool kEarlyLoads = Op == kOpNoise || (Op == kOpSgd && sizeof(T) == 4 && !Unscale);
   if (found_inf != nullptr && *found_inf != 0.0f) return;  // skipped step: nothing is written
-  const bool unscale = Op != kOpNoise && grad_scale != nullptr;
   for (int64_t b = blockIdx.x; b < num_blocks; b += gridDim.x) {
     const int64_t table_row = blocks[2 * b];
     const int64_t block_start = blocks[2 * b + 1];
@@ -127,6 +182,19 @@ __global__ void __launch_bounds__(kThreads)
     for (int64_t q = threadIdx.x; 4 * q < block_size; q += blockDim.x) {
       const int64_t first = base + 4 * q;  // local index of lane 0
       if (first >= row.numel) break;
+      const bool whole = aligned && first >= 0 && first + 4 <= row.numel;
+      const int64_t at = first * static_cast<int64_t>(sizeof(T));  // byte offset of lane 0
+      if (Unscale) unscale_quad<T>(row, whole, first, grad_scale);
+      Quad<T> p, c, g, s0, s1, s2;
+      const auto load_quads = [&] {
+        p = load_quad<T>(row.param + at);
+        if (compensated) c = load_quad<T>(row.comp + at);
+        if (Op != kOpNoise) g = load_quad<T>(row.grad + at);
+        if (use.load0) s0 = load_quad<T>(row.state0 + at);
+        if (use.use1) s1 = load_quad<T>(row.state1 + at);
+        if (use.use2) s2 = load_quad<T>(row.state2 + at);
+      };
+      if (kEarlyLoads && whole) load_quads();
 
       float delta[4] = {0.0f, 0.0f, 0.0f, 0.0f};
       if (noisy) {
@@ -134,28 +202,17 @@ __global__ void __launch_bounds__(kThreads)
         float new_noise[4] = {0.0f, 0.0f, 0.0f, 0.0f};
         float old_noise[4] = {0.0f, 0.0f, 0.0f, 0.0f};
         if (row.new_step != 0) {
-          noise_quad(row.new_type, seed, row.key, row.new_step, row.new_scale, quad, new_noise);
+          noise_quad(row.new_type, keys, row.key, row.new_step, row.new_scale, quad, new_noise);
         }
         if (row.old_step != 0) {
-          noise_quad(row.old_type, seed, row.key, row.old_step, row.old_scale, quad, old_noise);
+          noise_quad(row.old_type, keys, row.key, row.old_step, row.old_scale, quad, old_noise);
         }
 #pragma unroll
         for (int lane = 0; lane < 4; ++lane) delta[lane] = noise_delta(new_noise[lane], old_noise[lane]);
       }
 
-      if (aligned && first >= 0 && first + 4 <= row.numel) {
-        Quad<T> p = *pointer<Quad<T>>(row.param + first * sizeof(T));
-        Quad<T> c, g, s0, s1, s2;
-        if (compensated) c = *pointer<Quad<T>>(row.comp + first * sizeof(T));
-        if (Op != kOpNoise) g = *pointer<Quad<T>>(row.grad + first * sizeof(T));
-        if (unscale) {
-#pragma unroll
-          for (int lane = 0; lane < 4; ++lane) g.lane[lane] = unscaled(g.lane[lane], grad_scale);
-          *pointer<Quad<T>>(row.grad + first * sizeof(T)) = g;
-        }
-        if (use.load0) s0 = *pointer<Quad<T>>(row.state0 + first * sizeof(T));
-        if (use.use1) s1 = *pointer<Quad<T>>(row.state1 + first * sizeof(T));
-        if (use.use2) s2 = *pointer<Quad<T>>(row.state2 + first * sizeof(T));
+      if (whole) {
+        if (!kEarlyLoads) load_quads();
 #pragma unroll
         for (int lane = 0; lane < 4; ++lane) {
           Element e{compensated ? load(p.lane[lane]) + load(c.lane[lane]) : load(p.lane[lane]),
@@ -175,11 +232,11 @@ __global__ void __launch_bounds__(kThreads)
           s1.lane[lane] = store<T>(e.state1);
           s2.lane[lane] = store<T>(e.state2);
         }
-        *pointer<Quad<T>>(row.param + first * sizeof(T)) = p;
-        if (compensated) *pointer<Quad<T>>(row.comp + first * sizeof(T)) = c;
-        if (use.store0) *pointer<Quad<T>>(row.state0 + first * sizeof(T)) = s0;
-        if (use.use1) *pointer<Quad<T>>(row.state1 + first * sizeof(T)) = s1;
-        if (use.use2) *pointer<Quad<T>>(row.state2 + first * sizeof(T)) = s2;
+        store_quad<T>(row.param + at, p);
+        if (compensated) store_quad<T>(row.comp + at, c);
+        if (use.store0) store_quad<T>(row.state0 + at, s0);
+        if (use.use1) store_quad<T>(row.state1 + at, s1);
+        if (use.use2) store_quad<T>(row.state2 + at, s2);
       } else {
         // Unaligned rows and the partial quads at a tensor's ends: element by element.
 #pragma unroll
@@ -188,7 +245,6 @@ __global__ void __launch_bounds__(kThreads)
           if (i < 0 || i >= row.numel) continue;
           T* param = pointer<T>(row.param) + i;
           T* comp = compensated ? pointer<T>(row.comp) + i : nullptr;
-          if (unscale) pointer<T>(row.grad)[i] = unscaled(pointer<T>(row.grad)[i], grad_scale);
           Element e{compensated ? load(*param) + load(*comp) : load(*param),
                     Op != kOpNoise ? load(pointer<const T>(row.grad)[i]) : 0.0f,
                     use.load0 ? load(pointer<const T>(row.state0)[i]) : 0.0f,
@@ -229,26 +285,31 @@ struct Launch {
   const float* floats;
   const int64_t* blocks;
   int64_t num_blocks, block_size;
-  uint64_t seed;
+  PhiloxRoundKeys keys;
   const float* grad_scale;
   const float* found_inf;
   cudaStream_t stream;
 };
 
-template <int Op, typename T>
+template <int Op, typename T, bool Unscale>
 cudaError_t launch_typed(const Launch& a) {
   if (a.num_blocks == 0) return cudaSuccess;
   const unsigned grid = static_cast<unsigned>(a.num_blocks < 0x7fffffff ? a.num_blocks : 0x7fffffff);
-  multi_tensor_kernel<Op, T><<<grid, kThreads, 0, a.stream>>>(
-      a.ints, a.floats, a.blocks, a.num_blocks, a.block_size, a.seed, a.grad_scale, a.found_inf);
+  multi_tensor_kernel<Op, T, Unscale><<<grid, kThreads, 0, a.stream>>>(
+      a.ints, a.floats, a.blocks, a.num_blocks, a.block_size, a.keys, a.grad_scale, a.found_inf);
   return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t launch_op(int op, const Launch& a) {
-  if (op == kOpSgd) return launch_typed<kOpSgd, T>(a);
-  if (op == kOpAdam) return launch_typed<kOpAdam, T>(a);
-  return launch_typed<kOpNoise, T>(a);
+  const bool unscale = a.grad_scale != nullptr;
+  if (op == kOpSgd) {
+    return unscale ? launch_typed<kOpSgd, T, true>(a) : launch_typed<kOpSgd, T, false>(a);
+  }
+  if (op == kOpAdam) {
+    return unscale ? launch_typed<kOpAdam, T, true>(a) : launch_typed<kOpAdam, T, false>(a);
+  }
+  return launch_typed<kOpNoise, T, false>(a);  // the noise op reads no gradient
 }
 
 }  // namespace
@@ -257,8 +318,8 @@ std::string launch(int op, int dtype_code, const int64_t* ints, const float* flo
                    const int64_t* blocks, int64_t num_blocks, int64_t block_size, uint64_t seed,
                    int64_t commit_rows, const float* grad_scale, const float* found_inf,
                    void* stream) {
-  const Launch a{ints,      floats,    blocks, num_blocks, block_size, seed, grad_scale,
-                 found_inf, static_cast<cudaStream_t>(stream)};
+  const Launch a{ints,      floats,    blocks,    num_blocks, block_size, round_keys(seed),
+                 grad_scale, found_inf, static_cast<cudaStream_t>(stream)};
   // cudaGetLastError also returns (and clears) an error left by earlier work in this thread, or
   // a sticky one of the context: report that as what it is instead of blaming our launch.
   cudaError_t status = cudaGetLastError();

@@ -102,13 +102,14 @@ NVRM_HD SinCos sincos_2pi_f32(float u) {
                   0x1.03c1f0p-2f),
             r2, -0x1.3bd3ccp+0f),
       r2, 1.0f);
-  // Quadrants 0..3: (s, c), (c, -s), (-s, -c), (-c, s).
+  // Quadrants 0..3: (s, c), (c, -s), (-s, -c), (-c, s). Negation is the sign bit flipped, set
+  // from the quadrant's bits without a compare (sin: quadrants 2, 3; cos: quadrants 1, 2).
   const bool swap = (quadrant & 1) != 0;
-  const bool negate_sin = (quadrant & 2) != 0;
-  const bool negate_cos = ((quadrant + 1) & 2) != 0;
+  const uint32_t sin_sign = static_cast<uint32_t>(quadrant & 2) << 30;
+  const uint32_t cos_sign = static_cast<uint32_t>((quadrant + 1) & 2) << 30;
   const float sin_abs = swap ? c : s;
   const float cos_abs = swap ? s : c;
-  return SinCos{negate_sin ? -sin_abs : sin_abs, negate_cos ? -cos_abs : cos_abs};
+  return SinCos{bits_float(float_bits(sin_abs) ^ sin_sign), bits_float(float_bits(cos_abs) ^ cos_sign)};
 }
 
 // Unit-scale noise z of the four lanes of one Philox call (§4, §6).
@@ -148,23 +149,24 @@ NVRM_HD void noise_from_words(const PhiloxWords& words, float scale, float noise
   for (int lane = 0; lane < 4; ++lane) noise[lane] = scale * z[lane];
 }
 
-// The noise of elements 4*quad .. 4*quad+3 of parameter `key` at `step`. step must be nonzero:
-// step 0 means "no noise".
-template <int Type>
-NVRM_HD void noise_quad(uint64_t seed, uint32_t key, uint32_t step, float scale, uint64_t quad,
+// The noise of elements 4*quad .. 4*quad+3 of parameter `key` at `step`; keys: the seed's
+// PhiloxKey or PhiloxRoundKeys. step must be nonzero: step 0 means "no noise".
+template <int Type, class Keys>
+NVRM_HD void noise_quad(const Keys& keys, uint32_t key, uint32_t step, float scale, uint64_t quad,
                         float noise[4]) {
-  noise_from_words<Type>(quad_words(seed, key, step, quad), scale, noise);
+  noise_from_words<Type>(quad_words(keys, key, step, quad), scale, noise);
 }
 
 // Same, with the type chosen at run time (uniform across a CUDA block, so no divergence).
-NVRM_HD void noise_quad(int type, uint64_t seed, uint32_t key, uint32_t step, float scale,
+template <class Keys>
+NVRM_HD void noise_quad(int type, const Keys& keys, uint32_t key, uint32_t step, float scale,
                         uint64_t quad, float noise[4]) {
   if (type == kGaussian) {
-    noise_quad<kGaussian>(seed, key, step, scale, quad, noise);
+    noise_quad<kGaussian>(keys, key, step, scale, quad, noise);
   } else if (type == kLaplace) {
-    noise_quad<kLaplace>(seed, key, step, scale, quad, noise);
+    noise_quad<kLaplace>(keys, key, step, scale, quad, noise);
   } else {
-    noise_quad<kUniform>(seed, key, step, scale, quad, noise);
+    noise_quad<kUniform>(keys, key, step, scale, quad, noise);
   }
 }
 

@@ -69,34 +69,74 @@ inline __attribute__((always_inline)) void mulhilo32(uint32_t a, WordsX8 b, Word
 }
 #endif
 
+// The key of round r of one Philox call: (k0 + r*W0, k1 + r*W1) mod 2^32, here computed from
+// (k0, k1); PhiloxRoundKeys holds the same values precomputed.
+struct PhiloxKey {
+  uint32_t k0, k1;
+  NVRM_HD uint32_t round0(int round) const { return k0 + static_cast<uint32_t>(round) * kPhiloxW0; }
+  NVRM_HD uint32_t round1(int round) const { return k1 + static_cast<uint32_t>(round) * kPhiloxW1; }
+};
+
+// The round keys of a seed, computed once per launch: a CUDA kernel parameter, so every round's
+// key is a constant-bank operand of the xor instead of two additions per Philox call.
+struct PhiloxRoundKeys {
+  uint32_t k0[10], k1[10];
+  NVRM_HD uint32_t round0(int round) const { return k0[round]; }
+  NVRM_HD uint32_t round1(int round) const { return k1[round]; }
+};
+
+NVRM_HD PhiloxKey seed_key(uint64_t seed) {
+  return PhiloxKey{static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32)};
+}
+
+inline PhiloxRoundKeys round_keys(uint64_t seed) {
+  const PhiloxKey key = seed_key(seed);
+  PhiloxRoundKeys keys;
+  for (int round = 0; round < 10; ++round) {
+    keys.k0[round] = key.round0(round);
+    keys.k1[round] = key.round1(round);
+  }
+  return keys;
+}
+
 // Ten rounds on counter words c0..c3 (uint32_t, or the CPU's WordsX8 for 8 quads at once).
-template <typename Word>
-NVRM_HD void philox_rounds(Word& c0, Word& c1, Word& c2, Word& c3, uint32_t k0, uint32_t k1) {
+template <typename Word, class Keys>
+NVRM_HD void philox_rounds(Word& c0, Word& c1, Word& c2, Word& c3, const Keys& keys) {
   NVRM_UNROLL
   for (int round = 0; round < 10; ++round) {
     Word hi0, lo0, hi1, lo1;
     mulhilo32(kPhiloxM0, c0, hi0, lo0);
     mulhilo32(kPhiloxM1, c2, hi1, lo1);
-    c0 = hi1 ^ c1 ^ k0;
-    c2 = hi0 ^ c3 ^ k1;
+    c0 = hi1 ^ c1 ^ keys.round0(round);
+    c2 = hi0 ^ c3 ^ keys.round1(round);
     c1 = lo1;
     c3 = lo0;
-    k0 += kPhiloxW0;
-    k1 += kPhiloxW1;
   }
 }
 
+template <typename Word>
+NVRM_HD void philox_rounds(Word& c0, Word& c1, Word& c2, Word& c3, uint32_t k0, uint32_t k1) {
+  philox_rounds(c0, c1, c2, c3, PhiloxKey{k0, k1});
+}
+
+template <class Keys>
 NVRM_HD PhiloxWords philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
-                                  uint32_t k0, uint32_t k1) {
-  philox_rounds(c0, c1, c2, c3, k0, k1);
+                                  const Keys& keys) {
+  philox_rounds(c0, c1, c2, c3, keys);
   return PhiloxWords{{c0, c1, c2, c3}};
 }
 
 // The words of quad j (elements 4j .. 4j+3) of parameter `key` at `step`:
 // counter (lo32(j), hi32(j), key, step), Philox key (lo32(seed), hi32(seed)).
-NVRM_HD PhiloxWords quad_words(uint64_t seed, uint32_t key, uint32_t step, uint64_t quad) {
+// Keys: PhiloxKey or PhiloxRoundKeys of the seed.
+template <class Keys>
+NVRM_HD PhiloxWords quad_words(const Keys& keys, uint32_t key, uint32_t step, uint64_t quad) {
   return philox4x32_10(static_cast<uint32_t>(quad), static_cast<uint32_t>(quad >> 32), key, step,
-                       static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+                       keys);
+}
+
+NVRM_HD PhiloxWords quad_words(uint64_t seed, uint32_t key, uint32_t step, uint64_t quad) {
+  return quad_words(seed_key(seed), key, step, quad);
 }
 
 }  // namespace nvrm
