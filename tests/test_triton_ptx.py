@@ -36,7 +36,7 @@ with tempfile.TemporaryDirectory() as tmp:
     for v in K.kernel_variants():
         if v.name not in wanted:
             continue
-        compiled = triton.compile(ASTSource(fn=v.fn, signature=v.signature, constexprs=v.constexprs),
+        compiled = triton.compile(ASTSource(fn=v.fn, signature=v.signature, constexprs=v.constexprs, attrs=v.attrs),
                                   target=target, options=v.options)
         out[v.name] = compiled.asm["ptx"]
         cubin = os.path.join(tmp, v.name + ".cubin")

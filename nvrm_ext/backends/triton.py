@@ -403,14 +403,19 @@ def _commit_kernel(ints, floats, found_inf, commit_rows, ROWS: tl.constexpr,
 
 
 class KernelVariant(NamedTuple):
-    """One compiled form of a kernel: what triton.compile(ASTSource(fn, signature, constexprs),
-    target=..., options=options) needs to build exactly what a launch runs."""
+    """One compiled form of a kernel: what triton.compile(ASTSource(fn, signature, constexprs,
+    attrs), target=..., options=options) needs to build exactly what a launch runs."""
     name: str
     fn: object
     signature: dict
     constexprs: dict
     num_warps: int
     options: dict
+    attrs: dict = {}  # Triton's launch-time specialization: pointers to torch allocations are 16-byte aligned
+
+
+def _aligned_pointers(signature: dict) -> dict:
+    return {(i,): [["tt.divisibility", 16]] for i, kind in enumerate(signature.values()) if kind.startswith("*")}
 
 
 _STEP_SIGNATURE = {"blocks": "*i64", "ints": "*i64", "floats": "*fp32", "seed_lo": "i32", "seed_hi": "i32",
@@ -441,15 +446,15 @@ def kernel_variants() -> list[KernelVariant]:
             for has_grad_scale, has_found_inf in scaler:
                 name = (f"step-{op_name}-{dtype_name}" + ("-grad_scale" if has_grad_scale else "")
                         + ("-found_inf" if has_found_inf else ""))
+                signature = {**_STEP_SIGNATURE, **{k: "constexpr" for k in _step_constexprs(op, dtype, False, False)}}
                 variants.append(KernelVariant(
-                    name, _nvrm_kernel, {**_STEP_SIGNATURE, **{k: "constexpr" for k in _step_constexprs(op, dtype, False, False)}},
-                    _step_constexprs(op, dtype, has_grad_scale, has_found_inf), NUM_WARPS, _STEP_OPTIONS))
+                    name, _nvrm_kernel, signature, _step_constexprs(op, dtype, has_grad_scale, has_found_inf),
+                    NUM_WARPS, _STEP_OPTIONS, _aligned_pointers(signature)))
     for has_found_inf in (False, True):
         constexprs = _commit_constexprs(has_found_inf)
-        variants.append(KernelVariant(
-            "commit" + ("-found_inf" if has_found_inf else ""), _commit_kernel,
-            {**_COMMIT_SIGNATURE, **{k: "constexpr" for k in constexprs}}, constexprs, _COMMIT_WARPS,
-            _COMMIT_OPTIONS))
+        signature = {**_COMMIT_SIGNATURE, **{k: "constexpr" for k in constexprs}}
+        variants.append(KernelVariant("commit" + ("-found_inf" if has_found_inf else ""), _commit_kernel, signature,
+                                      constexprs, _COMMIT_WARPS, _COMMIT_OPTIONS, _aligned_pointers(signature)))
     return variants
 
 
