@@ -25,7 +25,6 @@ import shutil
 import struct
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,7 +46,6 @@ class Arch:
     Specifications per Compute Capability')."""
     registers: int = 65536
     register_unit: int = 256  # registers are allocated per warp in units of 256
-    max_registers_per_thread: int = 255
     threads: int = 2048
     blocks: int = 32
     shared_bytes: int = 228 * 1024
@@ -154,7 +152,6 @@ def parse_sass(text: str) -> dict[str, list[Instruction]]:
     return functions
 
 
-_GLOBAL_ACCESS = {"LDG", "STG", "LD", "ST", "ATOMG", "RED"}
 _F64 = re.compile(r"^(DADD|DMUL|DFMA|DSETP|DSET|DMNMX)|\.F64")
 
 
