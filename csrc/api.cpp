@@ -96,22 +96,25 @@ CpuVariant cpu_variant = best_cpu_variant();
 
 // Below this many elements per thread a launch stays on the calling thread: waking a sleeping
 // worker costs ~10-50 us, about what one thread takes for 2^15 elements of a noisy step
-// (bench/test_cpu_threads.py measures the crossover).
+// (bench/test_cpu_threads.py measures the crossover). nvrm_cpu_min_elements_per_thread changes
+// it, for that measurement.
 constexpr int64_t kMinElementsPerThread = int64_t{1} << 15;
+std::atomic<int64_t> min_elements_per_thread{kMinElementsPerThread};
 
 // How many threads a launch uses: torch's intra-op thread count (num_threads), but no more than
 // one per kMinElementsPerThread elements and one per block.
 int launch_threads(const int64_t* ints, const int64_t* blocks, int64_t num_blocks,
                    int64_t block_size, int num_threads) {
   const int64_t wanted = std::min<int64_t>(num_threads, num_blocks);
+  const int64_t least = min_elements_per_thread.load(std::memory_order_relaxed);
   int64_t elements = 0;
-  for (int64_t b = 0; b < num_blocks && elements < wanted * kMinElementsPerThread; ++b) {
+  for (int64_t b = 0; b < num_blocks && elements < wanted * least; ++b) {
     const int64_t* row = ints + blocks[2 * b] * nvrm::kIntColumns;
     const int64_t start = blocks[2 * b + 1];
     const int64_t offset = row[nvrm::kIntOffset];
     elements += std::min(start + block_size, offset + row[nvrm::kIntNumel]) - std::max(start, offset);
   }
-  return static_cast<int>(std::max<int64_t>(1, std::min(wanted, elements / kMinElementsPerThread)));
+  return static_cast<int>(std::max<int64_t>(1, std::min(wanted, elements / least)));
 }
 
 // One multi-threaded launch: every thread claims blocks one at a time until none are left.
@@ -200,6 +203,13 @@ __attribute__((visibility("default"))) int nvrm_cpu_select_variant(const char* n
     return fail("CPU variant '" + wanted + "' is unknown or not supported by this CPU");
   }
   return 0;
+}
+
+// The least elements per thread before a launch uses a second thread: sets it when value > 0,
+// returns the value in force before. For benchmarks that measure where threads start to pay.
+__attribute__((visibility("default"))) int64_t nvrm_cpu_min_elements_per_thread(int64_t value) {
+  return value > 0 ? min_elements_per_thread.exchange(value)
+                   : min_elements_per_thread.load();
 }
 
 // Tables, grad_scale and found_inf live in host memory. grad_scale (may be null): gradients are
