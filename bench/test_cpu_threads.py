@@ -30,7 +30,8 @@ from nvrm_ext.backends import tables as T
 
 from .conftest import SMOKE_ENV
 from .optimizers import IMPLEMENTATIONS
-from .test_step_time import StepFunction, _rounds
+from .test_host_overhead import cpu_params, warm_rounds
+from .test_step_time import StepFunction
 from .workloads import Workload, gpt2_shapes
 
 CPU = torch.device("cpu")
@@ -100,27 +101,15 @@ NEIGHBOUR_IMPLEMENTATIONS = [i for i in IMPLEMENTATIONS if i.name in ("torch-fus
 @pytest.mark.parametrize("impl", NEIGHBOUR_IMPLEMENTATIONS, ids=lambda i: i.name)
 def test_cpu_neighbour(benchmark, neighbour_workload, impl, load, bench_seconds):
     workload = neighbour_workload
-    generator = torch.Generator().manual_seed(0)
-    params = []
-    for shape in workload.shapes:
-        p = (0.1 * torch.randn(shape, generator=generator)).requires_grad_(True)
-        p.grad = 0.01 * torch.randn(shape, generator=generator)
-        params.append(p)
-    step = StepFunction(impl.build("sgd", params), CPU)
+    step = StepFunction(impl.build("sgd", cpu_params(workload.shapes)), CPU)
     try:
-        for _ in range(3):
-            step()
-        calibration_seconds = 0.0
-        if not benchmark.disabled:
-            start = time.perf_counter()
-            step()
-            calibration_seconds = time.perf_counter() - start
+        rounds = warm_rounds(step, benchmark, bench_seconds)
         benchmark.group = f"cpu neighbour {workload.name}"
         benchmark.extra_info.update(cpu_neighbour=True, workload=workload.name, workload_label=workload.label,
                                     implementation=impl.name, label=impl.label("sgd"), load=load,
                                     numel=workload.numel, num_tensors=workload.num_tensors,
                                     torch_num_threads=torch.get_num_threads())
-        benchmark.pedantic(step, rounds=_rounds(calibration_seconds, bench_seconds), iterations=1)
+        benchmark.pedantic(step, rounds=rounds, iterations=1)
         if benchmark.stats is not None:
             key = (workload.name, impl.name)
             if load == "quiet":

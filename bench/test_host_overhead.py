@@ -41,14 +41,27 @@ class CpuTimedStep(StepFunction):
         self.cpu_seconds.append(time.thread_time() - start)
 
 
-def _tiny_params(count: int) -> list[torch.Tensor]:
+def cpu_params(shapes) -> list[torch.Tensor]:
+    """CPU parameters of these shapes with .grad filled, from a fixed seed."""
     generator = torch.Generator().manual_seed(0)
     params = []
-    for _ in range(count):
-        p = (0.1 * torch.randn(NUMEL, generator=generator)).requires_grad_(True)
-        p.grad = 0.01 * torch.randn(NUMEL, generator=generator)
+    for shape in shapes:
+        p = (0.1 * torch.randn(shape, generator=generator)).requires_grad_(True)
+        p.grad = 0.01 * torch.randn(shape, generator=generator)
         params.append(p)
     return params
+
+
+def warm_rounds(step: StepFunction, benchmark, bench_seconds: float) -> int:
+    """Three warm-up steps (state, launch data, caches), then the rounds that fill bench_seconds."""
+    for _ in range(3):
+        step()
+    calibration_seconds = 0.0
+    if not benchmark.disabled:
+        start = time.perf_counter()
+        step()
+        calibration_seconds = time.perf_counter() - start
+    return _rounds(calibration_seconds, bench_seconds)
 
 
 @pytest.mark.parametrize("impl", [i for i in IMPLEMENTATIONS if i.name in COMPARED], ids=lambda i: i.name)
@@ -57,24 +70,18 @@ def _tiny_params(count: int) -> list[torch.Tensor]:
 def test_host_overhead(benchmark, count, family, impl, bench_seconds):
     label = impl.label(family)
     try:
-        optimizer = impl.build(family, _tiny_params(count))
+        optimizer = impl.build(family, cpu_params([(NUMEL,)] * count))
     except UNAVAILABLE_ERRORS as error:
         pytest.skip(f"{label} unavailable: {error}")
     step = CpuTimedStep(optimizer)
     try:
-        for _ in range(3):  # state creation, launch data, caches
-            step()
-        calibration_seconds = 0.0
-        if not benchmark.disabled:
-            start = time.perf_counter()
-            step()
-            calibration_seconds = time.perf_counter() - start
+        rounds = warm_rounds(step, benchmark, bench_seconds)
         benchmark.group = f"host overhead {count} x {NUMEL}"
         benchmark.extra_info.update(host_overhead=True, family=family, implementation=impl.name,
                                     label=label, num_tensors=count, numel_per_tensor=NUMEL,
                                     torch_num_threads=torch.get_num_threads())
         step.cpu_seconds.clear()
-        benchmark.pedantic(step, rounds=_rounds(calibration_seconds, bench_seconds), iterations=1)
+        benchmark.pedantic(step, rounds=rounds, iterations=1)
         benchmark.extra_info["thread_cpu_median_s"] = statistics.median(step.cpu_seconds)
     finally:
         step.close()
