@@ -331,7 +331,7 @@ class NeuralVariableOptimizer(Optimizer):
         for group in self.param_groups:
             group[SEED_KEY] = seed
         self._seed = seed  # the new state dicts make the launch data rebuild
-        self._records.clear()
+        self._forget_weights()
         param_of = dict(zip(saved_ids, self._flat_params()))
         self._held = None
         if held:
@@ -484,7 +484,7 @@ class NeuralVariableOptimizer(Optimizer):
         if state_only:
             return
         for bucket, _, plan in plans:  # all before any launch: an error changes nothing
-            if not _capturing(bucket[0]):
+            if not _capturing(bucket[0]) and not plan.weights_unchanged():
                 self._check_weights(plan.params, plan.states, plan.param_tensors)
         for bucket, bucket_members, plan in plans:
             backend = resolved[bucket]
@@ -496,7 +496,7 @@ class NeuralVariableOptimizer(Optimizer):
             else:
                 self._launch_live(backend, bucket, plan, grads, ints, floats, grad_scale, found_inf)
             if not _capturing(bucket[0]):
-                self._record_weights(plan.params, plan.states, plan.param_tensors, plan.sample_views())
+                plan.record_weights()
 
     def _is_state_init_step(self, members: dict) -> bool:
         """torch.distributed.checkpoint's _init_optim_state (get_/set_optimizer_state_dict on a
@@ -554,6 +554,8 @@ class NeuralVariableOptimizer(Optimizer):
                 _warn_once("nvrm_ext: the launch data of a CUDA-graph-captured step was rebuilt (the "
                            "parameters, their state or their groups changed); graphs captured before "
                            "still update the old copy: capture them again")
+            if plan is not None:
+                plan.spill_weights_record(self._records)
             plan = self._plans[bucket] = _BucketPlan(self, members, backend)
             plan.signature = self._plan_signature(members)  # with the state dicts it created
         return plan
@@ -644,7 +646,7 @@ class NeuralVariableOptimizer(Optimizer):
         them afresh. The base optimizer's state (momentum, moments, steps) is kept."""
         _refuse_capture(f"{type(self).__name__}.reset_noise(): call it outside the captured region")
         self._held = None
-        self._records.clear()
+        self._forget_weights()
         for state in self.state.values():
             noise_step = state.get("noise_step")
             if isinstance(noise_step, torch.Tensor):
@@ -712,11 +714,25 @@ class NeuralVariableOptimizer(Optimizer):
             self._launch(self._resolve_backend(*bucket), T.OP_NOISE, bucket, rows, ints, floats)
 
     # ------------------------------------------------------------------ weights changed outside
-    def _record_weights(self, params, states, tensors=None, views=None) -> None:
+    # A step records its bucket's parameters in the plan (_BucketPlan.record_weights: the version
+    # counters and one gather of samples, cheap enough for every step); everything else works
+    # on per-parameter records in self._records, into which plan records are spilled first.
+    def _spill_records(self) -> None:
+        for plan in self._plans.values():
+            plan.spill_weights_record(self._records)
+
+    def _forget_weights(self) -> None:
+        """Drop every record: the state now describes the weights (a load, reset_noise())."""
+        self._records.clear()
+        for plan in self._plans.values():
+            plan.weights_record = None
+
+    def _record_weights(self, params, states, tensors=None) -> None:
         """Remember how our last operation left each parameter: its state dict (id), version
         counter, storage address and a few of its values (taken on the device, no sync)."""
+        self._spill_records()
         tensors = [_local(p) for p in params] if tensors is None else tensors
-        views = [_sample_view(t) for t in tensors] if views is None else views
+        views = [_sample_view(t) for t in tensors]
         by_bucket: dict = {}
         for row, t in enumerate(tensors):
             by_bucket.setdefault((t.device, t.dtype), []).append(row)
@@ -737,35 +753,65 @@ class NeuralVariableOptimizer(Optimizer):
         ZeroRedundancyOptimizer's own load, replaced it) or that has no record is trusted: the
         state describes the weights as loaded. Otherwise a changed version counter or storage
         address makes us compare the recorded sample (one device sync, only then): equal values
-        (a copy of the same weights, a broadcast) are accepted. Writes through `p.data` do not
-        advance the version counter and are not seen."""
+        (a copy of the same weights, a broadcast) are accepted. In-place writes through `p.data`
+        (`p.data.copy_(...)`) do not advance the version counter and are not seen; a new storage
+        (`p.data = other`) is."""
+        self._spill_records()
         tensors = [_local(p) for p in params] if tensors is None else tensors
         records = self._records
         current = [(id(s), t._version, t.data_ptr()) for s, t in zip(states, tensors)]
         recorded = [records.get(id(p), _NO_RECORD)[0] for p in params]
         if current == recorded:
             return
-        renew = []
-        for index, (p, state, t, now, then) in enumerate(zip(params, states, tensors, current, recorded)):
-            if now == then:
-                continue
-            if then is None or then[0] != now[0]:
-                renew.append(index)
-                continue
-            _, samples, start, count = records[id(p)]
-            if not _number(state.get("noise_step", 0)) or torch.equal(_bits(_sample_view(t)), _bits(samples[start:start + count])):
-                renew.append(index)
-                continue
-            key = next(k for k, q in enumerate(self._flat_params()) if q is p)
-            raise WeightsChangedError(
-                f"{type(self).__name__}: parameter {key} (shape {tuple(p.shape)}) was changed outside the "
-                "optimizer (model.load_state_dict, copy_, ...) while it carried the optimizer's noise; "
-                "removing or regenerating that noise now would corrupt it, so nothing was changed. If the "
-                "parameters now hold clean weights (e.g. a clean or best checkpoint), call "
-                "optimizer.reset_noise(); if they are noisy weights saved with an optimizer state, load that "
-                "state with optimizer.load_state_dict(...)")
+        renew = [i for i, (now, then) in enumerate(zip(current, recorded))
+                 if now != then and (then is None or then[0] != now[0])]  # no record, or a new state: trust it
+        suspects = [i for i, (now, then) in enumerate(zip(current, recorded))
+                    if now != then and then is not None and then[0] == now[0]]
+        if suspects:
+            samples = []
+            for i in suspects:
+                _, taken, first, count = records[id(params[i])]
+                samples.append(taken[first:first + count])
+            differ = _samples_differ([tensors[i] for i in suspects], samples)
+            for i, changed in zip(suspects, differ):
+                if changed and _number(states[i].get("noise_step", 0)):
+                    self._raise_weights_changed(params[i])
+            renew += suspects  # the same values (a broadcast, a copy), or no noise on them
         if renew:
             self._record_weights([params[i] for i in renew], [states[i] for i in renew], [tensors[i] for i in renew])
+
+    def _raise_weights_changed(self, p) -> None:
+        key = next(k for k, q in enumerate(self._flat_params()) if q is p)
+        raise WeightsChangedError(
+            f"{type(self).__name__}: parameter {key} (shape {tuple(p.shape)}) was changed outside the "
+            "optimizer (model.load_state_dict, copy_, ...) while it carried the optimizer's noise; "
+            "removing or regenerating that noise now would corrupt it, so nothing was changed. If the "
+            "parameters now hold clean weights (e.g. a clean or best checkpoint), call "
+            "optimizer.reset_noise(); if they are noisy weights saved with an optimizer state, load that "
+            "state with optimizer.load_state_dict(...)")
+
+
+def _samples_differ(tensors, recorded) -> list:
+    """Per tensor, whether its sample now differs bitwise from the recorded one; one
+    device-to-host read per (device, dtype) for all of them."""
+    out = [True] * len(tensors)
+    buckets: dict = {}
+    for i, (t, r) in enumerate(zip(tensors, recorded)):
+        if t.dtype == r.dtype and t.numel() and min(_SAMPLE_SIZE, t.numel()) == r.numel():
+            buckets.setdefault((t.device, t.dtype), []).append(i)
+        elif not t.numel() and not r.numel():
+            out[i] = False
+    for (device, _), rows in buckets.items():
+        now = torch.cat([_sample_view(tensors[i]) for i in rows])
+        then = torch.cat([recorded[i].to(device) for i in rows])
+        flags = (_bits(now) != _bits(then)).tolist()
+        position = 0
+        for i in rows:
+            count = recorded[i].numel()
+            out[i] = any(flags[position:position + count])
+            position += count
+    return out
+
 
 def _refuse_capture(why: str) -> None:
     """Raise before anything changes if a CUDA graph is being captured on the current stream
@@ -865,7 +911,8 @@ class _BucketPlan:
         self.static_ints, _ = T.build_rows(plans)
         self.row_tensors = [(plan.param, plan.states, plan.compensation) for plan in plans]
         self.param_tensors = [plan.param for plan in plans]  # the local tensors (DTensor shards)
-        self._sample_views = None
+        self._sample_views = [_sample_view(t) for t in self.param_tensors]
+        self.weights_record = None  # (version counters, samples) after our last step
         self._converted = [None] * len(plans)  # gradients in another dtype or layout, converted
         self._grads = None
         self._pending = None
@@ -971,11 +1018,25 @@ class _BucketPlan:
     def release_grads(self) -> None:
         self._grads = None
 
-    def sample_views(self) -> list:
-        """Views of a few elements of each parameter (weights records), made once per plan."""
-        if self._sample_views is None:
-            self._sample_views = [_sample_view(t) for t in self.param_tensors]
-        return self._sample_views
+    def weights_unchanged(self) -> bool:
+        """No parameter's version counter moved since our last step (state dicts and storage
+        addresses are fixed for the plan's life by its signature)."""
+        return self.weights_record is not None and [t._version for t in self.param_tensors] == self.weights_record[0]
+
+    def record_weights(self) -> None:
+        self.weights_record = ([t._version for t in self.param_tensors], torch.cat(self._sample_views))
+
+    def spill_weights_record(self, records: dict) -> None:
+        """Move the plan's record into per-parameter records (NeuralVariableOptimizer._check_weights)."""
+        if self.weights_record is None:
+            return
+        versions, samples = self.weights_record
+        start = 0
+        for p, state, view, version, address in zip(self.params, self.states, self._sample_views, versions,
+                                                    self.static_ints[:, T.I_PARAM].tolist()):
+            records[id(p)] = ((id(state), version, address), samples, start, view.numel())
+            start += view.numel()
+        self.weights_record = None
 
     # ------------------------------------------------------------------ every step
     def rows(self) -> list:
