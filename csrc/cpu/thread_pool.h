@@ -52,8 +52,8 @@ class WorkerPool {
     if (busy_ || helpers < 1) {
       helpers = 0;
     } else {
-      busy_ = true;
       helpers = grow(helpers);
+      busy_ = helpers > 0;
       work_ = work;
       context_ = context;
       slots_ = helpers;
