@@ -312,8 +312,9 @@ class NeuralVariableOptimizer(Optimizer):
         STATE_DICT_KEY entry or, where a checkpoint path kept only state and param_groups
         (torch.distributed.checkpoint), from the groups' SEED_KEY. A state_dict taken while the
         noise was removed leaves this optimizer in that state: restore_noise() then writes the
-        saved noisy weights into the parameters. Weight records are dropped: the loaded state
-        describes the weights (see _check_weights)."""
+        saved noisy weights into the parameters (a plain state_dict discards noisy copies this
+        optimizer held). Weight records are dropped: the loaded state describes the weights
+        (see _check_weights)."""
         seed = self._seed_of(state_dict)
         states, held = {}, {}
         for index, s in state_dict.get("state", {}).items():

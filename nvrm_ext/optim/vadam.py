@@ -15,7 +15,8 @@ class FusedVAdam(NeuralVariableOptimizer):
     weight decay (``p *= 1 - lr*weight_decay``) instead of L2 (``g += weight_decay*p``); both act
     on the perturbed weights, as in the original. Unlike the original, ``p.grad`` is not
     modified by the L2 term. Noise handling, ``num_iters``, ``seed``, ``backend``, ``denoise``,
-    ``capturable`` and ``denoised()`` as in :class:`FusedVSGD`.
+    ``capturable``, ``variability=0`` groups, ``denoised()`` / ``remove_noise()`` /
+    ``restore_noise()`` / ``reset_noise()`` as in :class:`FusedVSGD`.
     """
 
     _op = T.OP_ADAM

@@ -22,12 +22,16 @@ class FusedVSGD(NeuralVariableOptimizer):
     (docs/noise.md), and the whole step is one kernel launch per (device, dtype).
 
     Between steps the parameters hold *perturbed* weights; evaluate or save inside
-    ``with optimizer.denoised():``.
+    ``with optimizer.denoised():`` (the noisy weights come back bit for bit), or between
+    ``remove_noise()`` and ``restore_noise()``. Weights rewritten outside the optimizer while
+    they carry its noise raise :class:`nvrm_ext.WeightsChangedError` at the next noise
+    operation; ``reset_noise()`` declares them clean.
 
     Args:
         params: iterable of parameters or of dicts defining parameter groups.
         lr: learning rate (required, here or in every parameter group).
-        variability: noise scale (Gaussian std, Laplace scale b, Uniform half-width).
+        variability: noise scale (Gaussian std, Laplace scale b, Uniform half-width); 0 makes
+            a group the plain base optimizer (no noise; e.g. biases and norm layers).
         num_iters: steps per epoch; every num_iters-th step leaves the weights clean.
         momentum, dampening, weight_decay, nesterov: as in torch.optim.SGD.
         noise_type: 'Gaussian', 'Laplace' or 'Uniform'.
