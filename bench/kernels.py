@@ -422,7 +422,8 @@ from nvrm_ext.backends import triton as K
 
 name, arch, stem = json.loads(sys.argv[1])
 variant = {v.name: v for v in K.kernel_variants()}[name]
-compiled = triton.compile(ASTSource(fn=variant.fn, signature=variant.signature, constexprs=variant.constexprs),
+compiled = triton.compile(ASTSource(fn=variant.fn, signature=variant.signature, constexprs=variant.constexprs,
+                                    attrs=getattr(variant, "attrs", None)),
                           target=GPUTarget("cuda", arch, 32), options=variant.options)
 open(stem + ".cubin", "wb").write(compiled.asm["cubin"])
 open(stem + ".ptx", "w").write(compiled.asm["ptx"])
