@@ -130,7 +130,17 @@ MUTATIONS = [
     _m("triton_uniform_bits_unforced", "nvrm_ext/backends/triton.py",
        "return ((x >> 8) | 1).to(tl.float32) * 5.960464477539063e-08",
        "return (x >> 8).to(tl.float32) * 5.960464477539063e-08", TRITON),
-    # --- nvrm_ext/nn/disout.py ------------------------------------------------------------------
+    _m("triton_commit_rows_per_program", "nvrm_ext/backends/triton.py",
+       "_COMMIT_ROWS = 128", "_COMMIT_ROWS = 64", TRITON),  # expected harmless: only the grid changes
+    _m("tables_power_all_32_bits", "nvrm_ext/backends/tables.py",
+       "for bit in range(int(e.max(initial=0)).bit_length()):", "for bit in range(32):",
+       PYTHON),  # expected harmless: the skipped bits are 0
+    # --- csrc/nvrm/update.h: 16-bit compensation --------------------------------------------------
+    _m("cpp_compensation_dropped", "csrc/nvrm/update.h",
+       "  comp = round(x - param);", "  comp = 0.0f;", COMPILED + ["tests/test_low_precision.py"]),
+    # --- nvrm_ext/ops/disout_triton.py and nn/disout.py -------------------------------------------
+    _m("disout_triton_noise_on_mask_stream", "nvrm_ext/ops/disout_triton.py",
+       "NOISE_STREAM = tl.constexpr(1)", "NOISE_STREAM = tl.constexpr(0)", DISOUT),
     _m("disout_scale_over_distorted", "nvrm_ext/nn/disout.py",
        "kept = (~distorted).sum().clamp(min=1)", "kept = distorted.sum().clamp(min=1)", DISOUT),
     _m("disout_std_factor", "nvrm_ext/nn/disout.py",
@@ -221,6 +231,8 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/nvrm_mutate"))
     parser.add_argument("--timeout", type=float, default=300, help="pytest-timeout seconds per test")
     parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    parser.add_argument("--skip-baseline", action="store_true",
+                        help="do not run the unmutated tests first (only when HEAD was just seen passing)")
     args = parser.parse_args(argv)
 
     known = {m.id: m for m in MUTATIONS}
@@ -239,11 +251,12 @@ def main(argv=None) -> int:
     print(f"copy of {'the working tree' if args.tree else 'HEAD'} in {src}; building the CPU library", flush=True)
     build_cpu_library(src, build_dir)
     baseline = sorted({t for m in chosen for t in (args.tests or m.tests)})
-    passed, failure, seconds = run_tests(src, baseline, args.timeout)
-    print(f"baseline ({len(baseline)} test files, {seconds:.0f} s): {'pass' if passed else failure}", flush=True)
-    if not passed:
-        print("the unmutated copy fails its tests: fix that first", file=sys.stderr)
-        return 2
+    if not args.skip_baseline:
+        passed, failure, seconds = run_tests(src, baseline, args.timeout)
+        print(f"baseline ({len(baseline)} test files, {seconds:.0f} s): {'pass' if passed else failure}", flush=True)
+        if not passed:
+            print("the unmutated copy fails its tests: fix that first", file=sys.stderr)
+            return 2
 
     rows = []
     stale_library = False  # a restored csrc/ file not rebuilt yet (the next C++ mutant rebuilds anyway)
