@@ -110,17 +110,13 @@ def _zero_rank(rank, out_dir, kind):
     model = _model(0)
     ddp = DistributedDataParallel(model)
     opt = zero(ddp, 1234)
-    _train(ddp, opt, 0, FIRST + THEN, rank, WORLD)
-    reference = _full(model)
-
-    model = _model(0)
-    ddp = DistributedDataParallel(model)
-    opt = zero(ddp, 1234)
     _train(ddp, opt, 0, FIRST, rank, WORLD)
     opt.consolidate_state_dict(to=0)
     path = os.path.join(out_dir, "checkpoint.pt")
     if rank == 0:
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, path)
+    _train(ddp, opt, FIRST, THEN, rank, WORLD)  # the uninterrupted run
+    reference = _full(model)
     dist.barrier()
     checkpoint = torch.load(path)
     resumed = _model(7)
@@ -208,7 +204,7 @@ def test_distributed_checkpoint_state_init_step_leaves_the_weights_alone():
     assert _bitwise(_full(model), _full(twin))
 
 
-def _fsdp2_rank(rank, out_dir, kind, order):
+def _fsdp2_rank(rank, out_dir, kind):
     from torch.distributed.fsdp import fully_shard
 
     def sharded(init_seed, seed):
@@ -217,27 +213,27 @@ def _fsdp2_rank(rank, out_dir, kind, order):
         return model, _optimizer(kind, model.parameters(), seed)
 
     model, opt = sharded(0, 1234)
-    _train(model, opt, 0, FIRST + THEN, rank, WORLD)
-    reference = _full(model)
-
-    model, opt = sharded(0, 1234)
     _train(model, opt, 0, FIRST, rank, WORLD)
     checkpoint_dir = os.path.join(out_dir, "ckpt")
     _dcp_save(model, opt, checkpoint_dir)
-    resumed, resumed_opt = sharded(7, 999)
-    _dcp_resume(kind, order, checkpoint_dir, resumed, resumed_opt)
-    _train(resumed, resumed_opt, FIRST, THEN, rank, WORLD)
-    return {"reference": reference, "resumed": _full(resumed), "seed": resumed_opt.seed}
+    _train(model, opt, FIRST, THEN, rank, WORLD)
+    result = {"reference": _full(model)}
+    for order in ("model-first", "optimizer-first"):
+        resumed, resumed_opt = sharded(7, 999)
+        _dcp_resume(kind, order, checkpoint_dir, resumed, resumed_opt)
+        _train(resumed, resumed_opt, FIRST, THEN, rank, WORLD)
+        result[order] = (resumed_opt.seed, _full(resumed))
+    return result
 
 
-@pytest.mark.parametrize("order", ["model-first", "optimizer-first"])
 @pytest.mark.parametrize("kind", sorted(KINDS))
-def test_distributed_checkpoint_round_trip_with_fsdp2(kind, order, tmp_path):
+def test_distributed_checkpoint_round_trip_with_fsdp2_in_both_load_orders(kind, tmp_path):
     pytest.importorskip("torch.distributed.fsdp")
-    results = _spawn(_fsdp2_rank, (kind, order), tmp_path)
-    for result in results:
-        assert result["seed"] == 1234
-        assert _bitwise(result["resumed"], result["reference"])
+    for result in _spawn(_fsdp2_rank, (kind,), tmp_path):
+        for order in ("model-first", "optimizer-first"):
+            seed, resumed = result[order]
+            assert seed == 1234, order
+            assert _bitwise(resumed, result["reference"]), order
 
 
 # ---------------------------------------------------------------------- seed placement
