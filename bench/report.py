@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -272,6 +273,17 @@ def plot(records: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def kept_sections(path: Path) -> str:
+    """Sections of an existing RESULTS.md that other tools own (between `<!-- NAME: begin -->`
+    and `<!-- NAME: end -->`, e.g. python -m bench.kernels), carried over verbatim so that
+    re-rendering the timings does not drop them."""
+    if not path.exists():
+        return ""
+    text = path.read_text()
+    kept = [m.group(0) for m in re.finditer(r"<!-- ([\w.]+): begin -->.*?<!-- \1: end -->", text, re.S)]
+    return "".join("\n" + section + "\n" for section in kept)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("inputs", nargs="*", type=Path, default=DEFAULT_INPUTS,
@@ -284,7 +296,7 @@ def main(argv: list[str] | None = None) -> None:
     records = load(args.inputs)
     if not records:
         parser.error("the JSON files hold no benchmarks (was --benchmark-disable set?)")
-    args.markdown.write_text(markdown(records))
+    args.markdown.write_text(markdown(records) + kept_sections(args.markdown))
     plot(records, args.plot)
     print(f"wrote {args.markdown} and {args.plot} from {len(records)} benchmarks")
 
