@@ -14,7 +14,10 @@ The repository itself is never edited, so the pass can run while others work in 
     python tools/mutate.py --tests tests/test_bookkeeping.py   # one test subset for all
 
 The copy lives in --workdir (default /tmp/nvrm_mutate) and is reused between runs (the build
-directory too). Exit status: 0 when every mutation was killed, 1 otherwise.
+directory too). Exit status: 0 when every mutation was killed, 1 otherwise. Two mutations are
+expected to survive because they change nothing observable (marked "expected harmless" below).
+Last full pass (2026-11-30, shared 2-core machine, ~50 min): 33 of 35 killed, the 2 survivors
+being those two.
 """
 from __future__ import annotations
 
