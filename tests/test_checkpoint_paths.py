@@ -2,19 +2,16 @@
 torch.distributed.checkpoint's get_/set_{model,optimizer}_state_dict (single process, and FSDP2
 on 2 gloo processes), and old checkpoints. Each resumed run is built with ANOTHER seed and
 another initialisation, and must continue the uninterrupted trajectory bit for bit."""
-import datetime
+
 import os
-import time
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import nvrm_ext
+from ranks import WORLD, spawn
 
-WORLD = 2
 FIRST, THEN = 4, 5  # steps before and after the checkpoint
 BATCH = 16
 KINDS = {
@@ -51,53 +48,6 @@ def _bitwise(a, b):
     return len(a) == len(b) and all(torch.equal(x.view(torch.int32), y.view(torch.int32)) for x, y in zip(a, b))
 
 
-# ---------------------------------------------------------------------- a small spawn harness
-def _rank_main(rank, target, args, out_dir):
-    """One rank: a FileStore rendezvous (no port to race for), bounded collectives, the
-    traceback in <rank>.err on failure, and os._exit (gloo / OpenMP threads cannot hang exit)."""
-    code = 1
-    try:
-        store = dist.FileStore(os.path.join(out_dir, "store"), WORLD)
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD,
-                                timeout=datetime.timedelta(seconds=90))
-        result = target(rank, out_dir, *args)
-        dist.barrier()
-        dist.destroy_process_group()
-        torch.save(result, os.path.join(out_dir, f"{rank}.pt"))
-        code = 0
-    except BaseException:
-        with open(os.path.join(out_dir, f"{rank}.err"), "w") as f:
-            f.write(traceback.format_exc())
-    finally:
-        os._exit(code)
-
-
-def _spawn(target, args, tmp_path, deadline_s=200):
-    """Run target(rank, out_dir, *args) on WORLD gloo ranks; their results, or a failure that
-    says what each rank did (ranks still alive at the deadline are killed)."""
-    context = mp.get_context("spawn")
-    workers = [context.Process(target=_rank_main, args=(rank, target, args, str(tmp_path)), daemon=True)
-               for rank in range(WORLD)]
-    for worker in workers:
-        worker.start()
-    end = time.monotonic() + deadline_s
-    for worker in workers:
-        worker.join(max(0.0, end - time.monotonic()))
-    failed = []
-    for rank, worker in enumerate(workers):
-        if worker.is_alive():
-            worker.kill()
-            worker.join()
-            failed.append(f"rank {rank}: still running at the {deadline_s} s deadline (killed)")
-        elif worker.exitcode != 0:
-            error = tmp_path / f"{rank}.err"
-            failed.append(f"rank {rank}: exit code {worker.exitcode}\n"
-                          + (error.read_text() if error.exists() else "(no traceback)"))
-    if failed:
-        pytest.fail("\n".join(failed))
-    return [torch.load(tmp_path / f"{rank}.pt") for rank in range(WORLD)]
-
-
 # ---------------------------------------------------------------------- ZeroRedundancyOptimizer
 def _zero_rank(rank, out_dir, kind):
     from torch.distributed.optim import ZeroRedundancyOptimizer
@@ -130,7 +80,7 @@ def _zero_rank(rank, out_dir, kind):
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_zero_redundancy_optimizer_resume_continues_bit_for_bit(kind, tmp_path):
-    results = _spawn(_zero_rank, (kind,), tmp_path)
+    results = spawn(_zero_rank, (kind,), tmp_path)
     for result in results:
         assert result["seed"] == 1234
         assert _bitwise(result["resumed"], result["reference"])
@@ -229,7 +179,7 @@ def _fsdp2_rank(rank, out_dir, kind):
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_distributed_checkpoint_round_trip_with_fsdp2_in_both_load_orders(kind, tmp_path):
     pytest.importorskip("torch.distributed.fsdp")
-    for result in _spawn(_fsdp2_rank, (kind,), tmp_path):
+    for result in spawn(_fsdp2_rank, (kind,), tmp_path):
         for order in ("model-first", "optimizer-first"):
             seed, resumed = result[order]
             assert seed == 1234, order

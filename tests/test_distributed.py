@@ -3,31 +3,16 @@
 Replicas must draw the same noise (the seed is broadcast from rank 0), and a sharded run must
 equal the unsharded one (noise follows the *global* element index).
 
-Setup and teardown cannot hang: the ranks meet through a FileStore in the test's own directory
-(no port to race for, no store server living in rank 0's process that the other rank still
-needs while rank 0 exits), every collective has a timeout, both ranks pass a barrier before
-destroying the process group (so neither tears down while the other still communicates), a
-worker leaves with os._exit once its result is on disk (interpreter finalization with gloo and
-OpenMP threads alive is where a worker was once left waiting on a futex), and the parent joins
-the workers with a deadline, then kills them and fails with what each rank reported.
+Setup and teardown cannot hang: the ranks run under tests/ranks.py's harness.
 """
-import datetime
-import os
-import time
-import traceback
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import nvrm_ext
+from ranks import WORLD, spawn
 
-WORLD = 2
 STEPS = 50
 BATCH = 16
-COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=120)  # any single collective or store wait
-DEADLINE_S = 240  # the whole spawned run (~40 s here); below pytest-timeout's 300 s, so the ranks get reported
 
 
 def _model():
@@ -67,75 +52,30 @@ def _single_process(kind):
     return [p.detach().clone() for p in model.parameters()], clean
 
 
-def _worker(rank, mode, kind, out_dir):
-    """One rank. Leaves with os._exit: 0 once its result is saved and the group is torn down,
-    1 with the traceback in <rank>.err otherwise."""
-    code = 1
-    try:
-        _train_rank(rank, mode, kind, out_dir)
-        code = 0
-    except BaseException:
-        with open(os.path.join(out_dir, f"{rank}.err"), "w") as f:
-            f.write(traceback.format_exc())
-    finally:
-        os._exit(code)  # nothing left to run: skip finalization (threads of gloo / OpenMP)
+def _train_rank(rank, out_dir, mode, kind):
+    """One rank of a DDP or FSDP2 run (tests/ranks.py spawns it): its noisy and clean weights."""
+    torch.manual_seed(rank)  # each rank would draw another seed on its own
+    model = _model()
+    if mode == "ddp":
+        model = torch.nn.parallel.DistributedDataParallel(model)
+        opt = _optimizer(kind, model.parameters(), seed=1234 if rank == 0 else None)
+    else:
+        from torch.distributed.fsdp import fully_shard
+        fully_shard(model)
+        opt = _optimizer(kind, model.parameters(), seed=1234 if rank == 0 else 99)
+    _train(model, opt, rank, WORLD)
 
+    def full(p):
+        return p.full_tensor() if hasattr(p, "full_tensor") else p.detach().clone()
 
-def _train_rank(rank, mode, kind, out_dir):
-    store = dist.FileStore(os.path.join(out_dir, "store"), WORLD)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD, timeout=COLLECTIVE_TIMEOUT)
-    completed = False
-    try:
-        torch.manual_seed(rank)  # each rank would draw another seed on its own
-        model = _model()
-        if mode == "ddp":
-            model = torch.nn.parallel.DistributedDataParallel(model)
-            opt = _optimizer(kind, model.parameters(), seed=1234 if rank == 0 else None)
-        else:
-            from torch.distributed.fsdp import fully_shard
-            fully_shard(model)
-            opt = _optimizer(kind, model.parameters(), seed=1234 if rank == 0 else 99)
-        _train(model, opt, rank, WORLD)
-
-        def full(p):
-            return p.full_tensor() if hasattr(p, "full_tensor") else p.detach().clone()
-
-        noisy = [full(p.detach()) for p in model.parameters()]
-        with opt.denoised():
-            clean = [full(p.detach()) for p in model.parameters()]
-        torch.save({"seed": opt.seed, "noisy": noisy, "clean": clean}, os.path.join(out_dir, f"{rank}.pt"))
-        dist.barrier()  # both ranks are done communicating before either tears down
-        completed = True
-    finally:
-        if completed:  # after a failure the other rank may be mid-collective: no collective teardown
-            dist.destroy_process_group()
+    noisy = [full(p.detach()) for p in model.parameters()]
+    with opt.denoised():
+        clean = [full(p.detach()) for p in model.parameters()]
+    return {"seed": opt.seed, "noisy": noisy, "clean": clean}
 
 
 def _run(mode, kind, tmp_path):
-    """Spawn the ranks, join them with a deadline, and fail (killing them) with what each rank
-    reported rather than wait forever."""
-    context = mp.get_context("spawn")
-    workers = [context.Process(target=_worker, args=(rank, mode, kind, str(tmp_path)), daemon=True)
-               for rank in range(WORLD)]
-    for worker in workers:
-        worker.start()
-    deadline = time.monotonic() + DEADLINE_S
-    for worker in workers:
-        worker.join(max(0.0, deadline - time.monotonic()))
-    hung = [rank for rank, worker in enumerate(workers) if worker.is_alive()]
-    for worker in workers:
-        if worker.is_alive():
-            worker.kill()
-            worker.join()
-    reports = []
-    for rank, worker in enumerate(workers):
-        error = tmp_path / f"{rank}.err"
-        state = "hung" if rank in hung else f"exit code {worker.exitcode}"
-        wrote = "wrote its result" if (tmp_path / f"{rank}.pt").exists() else "no result"
-        reports.append(f"rank {rank}: {state}, {wrote}" + (f"\n{error.read_text()}" if error.exists() else ""))
-    if hung or any(worker.exitcode != 0 for worker in workers):
-        pytest.fail("distributed run failed:\n" + "\n".join(reports))
-    return [torch.load(tmp_path / f"{rank}.pt") for rank in range(WORLD)]
+    return spawn(_train_rank, (mode, kind), tmp_path, world=WORLD)
 
 
 @pytest.mark.parametrize("kind", ["vsgd", "vadam", "vsgd-capturable"])

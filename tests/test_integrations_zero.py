@@ -1,69 +1,16 @@
-"""nvrm_ext.integrations.zero.denoised with ZeroRedundancyOptimizer on 2 gloo processes.
-
-The harness follows tests/test_distributed.py's rules against hangs: the ranks meet through a
-FileStore in the test's directory (no port to race for), collectives have a timeout, a barrier
-precedes destroy_process_group, a worker leaves with os._exit once it is done, and the parent
-joins with a deadline and kills the ranks, failing with what each reported."""
+"""nvrm_ext.integrations.zero.denoised with ZeroRedundancyOptimizer on 2 gloo processes
+(tests/ranks.py's hang-proof harness)."""
 from __future__ import annotations
-
-import datetime
-import multiprocessing
-import os
-import time
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
 
 from nvrm_ext import FusedVSGD
+from ranks import WORLD, spawn
 from test_integrations_reference import clean_reference
 
-pytestmark = [pytest.mark.timeout(240),
-              pytest.mark.skipif(not dist.is_available(), reason="torch built without distributed")]
-
-WORLD = 2
-DEADLINE_S = 180
-
-
-def run_ranks(worker, tmp_path):
-    """Run worker(rank) in WORLD spawned processes of one gloo group; fail with the ranks'
-    tracebacks, or if any rank has not finished by the deadline."""
-    ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_entry, args=(worker, rank, str(tmp_path)), daemon=True) for rank in range(WORLD)]
-    for proc in procs:
-        proc.start()
-    deadline = time.monotonic() + DEADLINE_S
-    for proc in procs:
-        proc.join(max(0.0, deadline - time.monotonic()))
-    hung = [rank for rank, proc in enumerate(procs) if proc.is_alive()]
-    for proc in procs:
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-    errors = [tmp_path / f"error{rank}.txt" for rank in range(WORLD)]
-    messages = "\n".join(e.read_text() for e in errors if e.exists())
-    if hung or any(proc.exitcode != 0 for proc in procs):
-        pytest.fail(f"ranks hung: {hung}, exit codes {[proc.exitcode for proc in procs]}\n{messages}")
-
-
-def _entry(worker, rank, tmp_path):
-    """One rank; leaves with os._exit (0: done; 1: the traceback is in error<rank>.txt)."""
-    code = 1
-    try:
-        torch.set_num_threads(1)
-        store = dist.FileStore(os.path.join(tmp_path, "store"), WORLD)
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD,
-                                timeout=datetime.timedelta(seconds=60))
-        worker(rank)
-        dist.barrier()  # both ranks are done communicating before either tears down
-        dist.destroy_process_group()
-        code = 0
-    except BaseException:
-        with open(os.path.join(tmp_path, f"error{rank}.txt"), "w") as f:
-            f.write(f"rank {rank}:\n{traceback.format_exc()}")
-    finally:
-        os._exit(code)  # skip interpreter finalization with gloo's threads alive
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch built without distributed")
 
 
 def make(steps):
@@ -94,8 +41,10 @@ def same_on_every_rank(tensors) -> bool:
     return all(torch.equal(gathered[0], g) for g in gathered)
 
 
-def _worker(rank):
+def _worker(rank, out_dir):
     from nvrm_ext.integrations.zero import denoised
+
+    torch.set_num_threads(1)
 
     model, zero, step = make(3)
     params = list(model.parameters())
@@ -131,4 +80,4 @@ def _worker(rank):
 
 def test_denoised_gives_clean_weights_on_every_rank_and_training_continues_bit_for_bit(tmp_path):
     """Also: a ZeRO around a plain torch optimizer is refused (one spawn for both checks)."""
-    run_ranks(_worker, tmp_path)
+    spawn(_worker, (), tmp_path)
