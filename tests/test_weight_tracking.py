@@ -195,6 +195,16 @@ def test_a_parameter_left_out_of_the_last_step_is_still_watched():
         opt.remove_noise()
 
 
+def _load(model, opt, checkpoint, order):
+    """Load a {"model", "optimizer"} checkpoint in the given order ("model-first" or not)."""
+    if order == "model-first":
+        model.load_state_dict(checkpoint["model"])
+        opt.load_state_dict(checkpoint["optimizer"])
+    else:
+        opt.load_state_dict(checkpoint["optimizer"])
+        model.load_state_dict(checkpoint["model"])
+
+
 @pytest.mark.parametrize("order", ["model-first", "optimizer-first"])
 @pytest.mark.parametrize("resumer_trained", [False, True])
 def test_ordinary_resume_stays_exact_in_both_orders(order, resumer_trained):
@@ -205,12 +215,7 @@ def test_ordinary_resume_stays_exact_in_both_orders(order, resumer_trained):
     resumed_opt = _vsgd(resumed, seed=99)
     if resumer_trained:  # its own records exist and must not flag the loaded weights
         _train(resumed, resumed_opt, 2, first=40)
-    if order == "model-first":
-        resumed.load_state_dict(checkpoint["model"])
-        resumed_opt.load_state_dict(checkpoint["optimizer"])
-    else:
-        resumed_opt.load_state_dict(checkpoint["optimizer"])
-        resumed.load_state_dict(checkpoint["model"])
+    _load(resumed, resumed_opt, checkpoint, order)
     _train(resumed, resumed_opt, 4, first=3)
     assert _bitwise(_snapshot(model), _snapshot(resumed))
 
@@ -232,12 +237,7 @@ def test_checkpoint_taken_while_removed_resumes_exactly_from_a_clean_model_file(
 
     resumed = _model(dtype, seed=5)
     resumed_opt = _vsgd(resumed, seed=99)
-    if order == "model-first":
-        resumed.load_state_dict(checkpoint["model"])
-        resumed_opt.load_state_dict(checkpoint["optimizer"])
-    else:
-        resumed_opt.load_state_dict(checkpoint["optimizer"])
-        resumed.load_state_dict(checkpoint["model"])
+    _load(resumed, resumed_opt, checkpoint, order)
     assert resumed_opt.noise_removed
     assert _bitwise(_snapshot(resumed), clean)
     with pytest.raises(RuntimeError, match="restore_noise"):
