@@ -450,6 +450,8 @@ def test_power_is_exact_binary_exponentiation():
                 e >>= 1
             expected.append(result)
         assert T.power(beta, np.full(len(beta), t)).tolist() == expected
+        for b, result in zip(beta, expected):  # one base and one exponent for every row
+            assert T.power(np.full(3, b), np.full(3, t)).tolist() == [result] * 3
     assert T.power(np.array([0.5]), np.array([3]))[0] == 0.125
 
 

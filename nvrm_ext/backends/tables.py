@@ -140,6 +140,15 @@ def power(base: np.ndarray, exponent: np.ndarray) -> np.ndarray:
     result = np.ones(np.broadcast(base, exponent).shape, dtype=np.float64)
     x = np.array(base, dtype=np.float64)
     e = np.asarray(exponent, dtype=np.int64) & 0xFFFFFFFF
+    if result.size > 1 and (x == x.flat[0]).all() and (e == e.flat[0]).all():
+        # one base and one exponent (one step and one beta for every row, the usual case): the
+        # same multiplications once, on Python floats (IEEE doubles, as numpy's), not per row
+        scalar, square, bits = 1.0, float(x.flat[0]), int(e.flat[0])
+        for bit in range(bits.bit_length()):
+            if (bits >> bit) & 1:
+                scalar = scalar * square
+            square = square * square
+        return np.full(result.shape, scalar)
     for bit in range(int(e.max(initial=0)).bit_length()):  # higher bits are 0: nothing changes
         result = np.where((e >> bit) & 1, result * x, result)
         x = x * x

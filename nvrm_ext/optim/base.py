@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import math
 import numbers
+import operator
 import warnings
 
 import numpy as np
@@ -32,6 +34,14 @@ NOISY_COMPENSATION_KEY = "noisy_compensation"
 _SAMPLE_SIZE = 8  # elements per parameter remembered to tell a rewrite from a same-value copy
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the fused kernels store
 _MAX_CACHED_LAYOUTS = 32  # block tables kept per optimizer (one per bucket in steady state)
+# C-level getters for the per-tensor scans of a steady step (a Python-level loop costs several times more)
+_GRAD = operator.attrgetter("grad")
+_VERSION = operator.attrgetter("_version")
+_DTYPE_SHAPE = operator.attrgetter("dtype", "shape")
+_STRIDE = torch.Tensor.stride
+_DATA_PTR = torch.Tensor.data_ptr
+_PLAIN_TENSOR = {torch.Tensor}
+_HOST_COUNTER_KEYS = T.LIVE_STATE_KEYS[:T.L_FRESH]  # what optimizer.state holds in host mode
 
 
 def _is_dense(t: torch.Tensor) -> bool:
@@ -177,6 +187,7 @@ class NeuralVariableOptimizer(Optimizer):
         self._retired_plans: list = []  # replaced plans a captured CUDA graph may still replay
         self._held = None  # while the noise is removed: [(param, noisy copy, compensation copy | None)]
         self._records: dict = {}  # param -> weights record (see _record_weights)
+        self._layout = None  # the last full step's participants (_StepLayout), for _steady_work
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ hyperparameters
@@ -243,6 +254,7 @@ class NeuralVariableOptimizer(Optimizer):
         self._plans = {}
         self._retired_plans = []
         self._records = {}
+        self._layout = None
 
     @property
     def seed(self) -> int:
@@ -474,30 +486,76 @@ class NeuralVariableOptimizer(Optimizer):
         """The step proper. Opaque to torch.compile: host-side table building and one launch
         per bucket, nothing for the compiler to fuse, so a compiled training step breaks its
         graph once here instead of tracing (and breaking) through every line."""
+        work = self._steady_work()
+        if work is None:
+            work = self._prepare_work()
+            if work is None:
+                return
+        for bucket, _, plan, _, _ in work:  # all before any launch: an error changes nothing
+            if not _capturing(bucket[0]) and not plan.weights_unchanged():
+                self._check_weights(plan.params, plan.states, plan.param_tensors)
+        for bucket, backend, plan, grads, grad_pointers in work:
+            ints, floats = plan.tables(grads, grad_pointers)
+            if plan.live is None:
+                if plan.host_blocks is None and backend is not TORCH:
+                    plan.host_blocks = self._block_table(backend, bucket[0], ints)
+                self._launch(backend, self._op, bucket, plan.rows, ints, floats, plan.host_blocks)
+                plan.commit()
+            else:
+                self._launch_live(backend, bucket, plan, grads, ints, floats, grad_scale, found_inf)
+            if not _capturing(bucket[0]):
+                plan.record_weights(versions_kept=backend is not TORCH)  # torch's in-place ops count
+
+    def _prepare_work(self):
+        """The full path of a step: validate every gradient, bucket the parameters by (device,
+        dtype) and (re)build their plans. Returns [(bucket, backend, plan, grads, None)], or None
+        for a step that only creates the state (_is_state_init_step); remembers the layout so
+        that the next steps can take _steady_work."""
         members: dict = {}
         for key, group, p, g in self._participants():
             members.setdefault((p.device, p.dtype), []).append((key, group, p, g))
         resolved = {bucket: self._resolve_backend(*bucket) for bucket in members}
         self._sync_seed()
         state_only = self._is_state_init_step(members)
-        plans = [(bucket, bucket_members, self._bucket_plan(bucket, bucket_members, resolved[bucket]))
-                 for bucket, bucket_members in members.items()]  # creates missing state
+        work = [(bucket, resolved[bucket], self._bucket_plan(bucket, bucket_members, resolved[bucket]),
+                 [g for _, _, _, g in bucket_members], None)
+                for bucket, bucket_members in members.items()]  # creates missing state
         if state_only:
-            return
-        for bucket, _, plan in plans:  # all before any launch: an error changes nothing
-            if not _capturing(bucket[0]) and not plan.weights_unchanged():
-                self._check_weights(plan.params, plan.states, plan.param_tensors)
-        for bucket, bucket_members, plan in plans:
-            backend = resolved[bucket]
-            grads = [g for _, _, _, g in bucket_members]
-            ints, floats = plan.tables(grads)
-            if plan.live is None:
-                self._launch(backend, self._op, bucket, plan.rows(), ints, floats)
-                plan.commit()
-            else:
-                self._launch_live(backend, bucket, plan, grads, ints, floats, grad_scale, found_inf)
-            if not _capturing(bucket[0]):
-                plan.record_weights()
+            self._layout = None
+            return None
+        self._layout = _StepLayout(self, [[key for key, _, _, _ in rows] for rows in members.values()], work)
+        return work
+
+    def _steady_work(self):
+        """The work of a step laid out like the last full one -- the same groups, the same
+        parameters with gradients, in the same buckets and plans -- found with a few C-level
+        scans instead of the full path's per-tensor validation (issue 11: a step's host time
+        must not exceed torch's fused step). Returns [(bucket, backend, plan, grads, grad
+        addresses)], or None: then _prepare_work validates (raising its errors) and rebuilds."""
+        layout = self._layout
+        state = self.state
+        if (layout is None or state is not layout.state or not any(state.values())
+                or (list(map(id, state)), list(map(id, state.values()))) != layout.state_entries):
+            return None
+        groups = self.param_groups
+        if (len(groups) != len(layout.groups) or not all(map(operator.is_, groups, layout.groups))
+                or [len(group["params"]) for group in groups] != layout.lengths):
+            return None
+        params = [p for group in groups for p in group["params"]]
+        if not all(map(operator.is_, params, layout.params)):
+            return None
+        grads = list(map(_GRAD, params))
+        if any(grads[i] is not None for i in layout.absent):
+            return None
+        work = []
+        for bucket, backend, plan, pick in layout.buckets:
+            bucket_grads = grads if pick is None else pick(grads)
+            grad_pointers = plan.steady_grad_pointers(bucket_grads)
+            if grad_pointers is None or self._resolve_backend(*bucket) is not backend:
+                return None
+            work.append((bucket, backend, plan, bucket_grads, grad_pointers))
+        self._sync_seed()
+        return work
 
     def _is_state_init_step(self, members: dict) -> bool:
         """torch.distributed.checkpoint's _init_optim_state (get_/set_optimizer_state_dict on a
@@ -562,19 +620,29 @@ class NeuralVariableOptimizer(Optimizer):
         return plan
 
     def _plan_signature(self, members) -> tuple:
+        """What a plan is built from: per row its key, group (a parameter moved to another
+        group takes that group's hyperparameters), parameter, storage and state dict."""
         state = self.state
         groups = {id(group): group for _, group, _, _ in members}
-        return (tuple((key, id(p), _local(p).data_ptr(), id(state.get(p))) for key, _, p, _ in members),
+        return (tuple((key, id(group), id(p), _local(p).data_ptr(), id(state.get(p))) for key, group, p, _ in members),
                 tuple((gid, self._state_signature(group)) for gid, group in groups.items()))
 
-    def _launch(self, backend, op: int, bucket, rows: list, ints: np.ndarray, floats: np.ndarray) -> None:
-        """One launch over the rows of one bucket."""
-        if not rows:
+    def _launch(self, backend, op: int, bucket, rows, ints: np.ndarray, floats: np.ndarray, blocks=None) -> None:
+        """One launch over the rows of one bucket. `rows`: what the torch backend reads per row,
+        or a function that makes them (the fused backends never need them); `blocks`: the block
+        table, where the caller keeps it."""
+        if len(ints) == 0:
             return
         if backend is TORCH:
-            TORCH.run(op, rows, ints, floats, self._seed)
+            TORCH.run(op, rows() if callable(rows) else rows, ints, floats, self._seed)
             return
         device, dtype = bucket
+        if blocks is None:
+            blocks = self._block_table(backend, device, ints)
+        backend.launch(op, dtype, T.to_device(ints, device), T.to_device(floats, device), blocks, self._seed)
+
+    def _block_table(self, backend, device: torch.device, ints: np.ndarray) -> torch.Tensor:
+        """The block table of these rows' sizes and offsets on `device`, cached per layout."""
         numels = tuple(ints[:, T.I_NUMEL].tolist())
         offsets = tuple(ints[:, T.I_OFFSET].tolist())
         layout = (device, backend.name, numels, offsets)
@@ -584,7 +652,7 @@ class NeuralVariableOptimizer(Optimizer):
                 self._block_tables.clear()
             array = T.build_block_table(numels, offsets, backend.block_size)
             blocks = self._block_tables[layout] = T.to_device(array, device)
-        backend.launch(op, dtype, T.to_device(ints, device), T.to_device(floats, device), blocks, self._seed)
+        return blocks
 
     # ------------------------------------------------------------------ evaluation
     @contextlib.contextmanager
@@ -867,6 +935,32 @@ def _host_counters(state: dict, row=None) -> dict:
     return out
 
 
+class _StepLayout:
+    """Who took part in the last full step: the groups and parameters (by identity), which
+    parameters had no gradient, and each bucket's plan with the positions of its rows among the
+    parameters. _steady_work compares a step with it; the plans vouch for the rest
+    (_BucketPlan.steady_grad_pointers)."""
+
+    def __init__(self, opt: NeuralVariableOptimizer, bucket_rows: list, work: list):
+        self.state = opt.state
+        # which state dict each parameter has (the plans hold the dicts), read without hashing a tensor
+        self.state_entries = (list(map(id, opt.state)), list(map(id, opt.state.values())))
+        self.groups = list(opt.param_groups)
+        self.lengths = [len(group["params"]) for group in self.groups]
+        self.params = opt._flat_params()  # a row's key is its position here
+        present = {key for rows in bucket_rows for key in rows}
+        self.absent = [key for key in range(len(self.params)) if key not in present]
+        everything = list(range(len(self.params)))
+        self.buckets = [(bucket, backend, plan, None if rows == everything else _picker(rows))
+                        for rows, (bucket, backend, plan, _, _) in zip(bucket_rows, work)]
+
+
+def _picker(rows: list):
+    """A function taking the items at positions `rows` out of a list, in C (itemgetter)."""
+    getter = operator.itemgetter(*rows)
+    return (lambda items: (getter(items),)) if len(rows) == 1 else getter
+
+
 class _BucketPlan:
     """Launch data of one (device, dtype) bucket, built once while its parameters and their
     state tensors stay the same. Per step only a few columns change -- gradient addresses,
@@ -914,9 +1008,20 @@ class _BucketPlan:
         self.param_tensors = [plan.param for plan in plans]  # the local tensors (DTensor shards)
         self._sample_views = [_sample_view(t) for t in self.param_tensors]
         self.weights_record = None  # (version counters, samples) after our last step
+        self._versions_read = None  # the counters weights_unchanged() read during this step
         self._converted = [None] * len(plans)  # gradients in another dtype or layout, converted
         self._grads = None
         self._pending = None
+        self.host_blocks = None  # host mode: the block table of the fused launch (sizes are fixed)
+        self.state_signatures = [opt._state_signature(group) for group in self.groups]
+        # what steady_grad_pointers compares: the parameters' (dtype, shape), strides, addresses;
+        # None for DTensor parameters, whose local shards take the full path at every step
+        self._steady_meta = None if any(map(_is_dtensor, self.params)) else (
+            list(map(_DTYPE_SHAPE, self.param_tensors)), list(map(_STRIDE, self.param_tensors)),
+            self.static_ints[:, T.I_PARAM].tolist())
+        self._group_key = None     # the groups' hyperparameters behind self._group_tables
+        self._group_tables = None  # (ints, floats, new scales) before the per-step columns
+        self._committed = None     # host mode: (counter columns written by commit(), their array)
         self.live = None
         if opt._capturable:
             self._init_live(plans[0].param.device)
@@ -1021,11 +1126,20 @@ class _BucketPlan:
 
     def weights_unchanged(self) -> bool:
         """No parameter's version counter moved since our last step (state dicts and storage
-        addresses are fixed for the plan's life by its signature)."""
-        return self.weights_record is not None and [t._version for t in self.param_tensors] == self.weights_record[0]
+        addresses are fixed for the plan's life by its signature). Keeps the counters read
+        for record_weights."""
+        self._versions_read = list(map(_VERSION, self.param_tensors))
+        return self.weights_record is not None and self._versions_read == self.weights_record[0]
 
-    def record_weights(self) -> None:
-        self.weights_record = ([t._version for t in self.param_tensors], torch.cat(self._sample_views))
+    def record_weights(self, versions_kept: bool = False) -> None:
+        """Remember how our step left the weights: version counters and samples (one gather).
+        `versions_kept`: the step wrote the parameters through raw addresses only (a fused
+        backend), which leaves the counters weights_unchanged() read as they were."""
+        versions = self._versions_read if versions_kept else None
+        if versions is None:
+            versions = list(map(_VERSION, self.param_tensors))
+        self._versions_read = None
+        self.weights_record = (versions, torch.cat(self._sample_views))
 
     def spill_weights_record(self, records: dict) -> None:
         """Move the plan's record into per-parameter records (NeuralVariableOptimizer._check_weights)."""
@@ -1057,12 +1171,58 @@ class _BucketPlan:
             out.append(g)
         return out
 
-    def tables(self, grads):
+    def steady_grad_pointers(self, grads) -> list | None:
+        """The gradients' addresses if this plan fits the step as it is: every gradient a plain
+        tensor with exactly the dtype, shape and strides its parameter had when the plan was
+        built (read in place, nothing to convert), every parameter still at its address, every
+        group with the state needs the plan was built for -- with _steady_work's check of the
+        state dicts, what the full path's validation and plan signature check, compared as
+        whole lists. None otherwise (the full path then raises its errors, converts or rebuilds).
+
+        A parameter at the same address is taken to keep its layout: only `p.data = x` with
+        `x` a view at p's own address could change it without a new address, and the
+        gradient would then have to keep the old layout to pass the check above."""
+        if self._steady_meta is None:
+            return None
+        dtype_shapes, strides, addresses = self._steady_meta
+        try:
+            if (set(map(type, grads)) != _PLAIN_TENSOR or list(map(_DTYPE_SHAPE, grads)) != dtype_shapes
+                    or list(map(_STRIDE, grads)) != strides):
+                return None
+        except RuntimeError:  # sparse gradients have no strides
+            return None
+        params = self.param_tensors
+        if (list(map(_DATA_PTR, params)) != addresses
+                or [self.opt._state_signature(group) for group in self.groups] != self.state_signatures):
+            return None
+        return list(map(_DATA_PTR, grads))
+
+    def tables(self, grads, grad_pointers=None):
         """The int64 and float32 tables of this step (host numpy). Host mode: resolved from
-        the counters in `optimizer.state`; capturable mode: the kernel resolves them."""
-        n = len(self.params)
+        the counters in `optimizer.state`; capturable mode: the kernel resolves them.
+        `grad_pointers`: the gradients' addresses where steady_grad_pointers vouched for them;
+        otherwise gradients in another dtype or layout than their parameter are converted."""
+        if grad_pointers is None:
+            self._grads = self._local_grads(grads)
+            grad_pointers = [t.data_ptr() for t in self._grads]
+        else:
+            self._grads = list(grads)
+        group_ints, group_floats, new_scales = self._group_columns()
+        ints = group_ints.copy()
+        ints[:, T.I_GRAD] = grad_pointers
+        ints[:, T.I_FLAGS] |= T.alignment_flags(ints)
+        floats = group_floats.copy()
+        if self.live is None:
+            held, live = self._counters()
+            T.resolve_rows(self.opt._op, ints, floats, live)
+            self._pending = (ints, floats, live, new_scales, held)
+        return ints, floats
+
+    def _group_columns(self) -> tuple:
+        """The static columns with the rows' hyperparameters filled in -- flags, num_iters, the
+        float row, the new noise scale -- from each group's values. Spread over the rows only
+        when a group's values change (compared bit for bit), not at every step."""
         opt = self.opt
-        self._grads = self._local_grads(grads)
         group_flags, group_rows, num_iters, new_types, new_scales = [], [], [], [], []
         for group in self.groups:
             flags, row = opt._group_row(group)
@@ -1072,36 +1232,49 @@ class _BucketPlan:
             num_iters.append(group["num_iters"] if group["variability"] else 1)
             new_types.append(spec.noise_type_code(group["noise_type"]))
             new_scales.append(float(group["variability"]))
-        g = self.group_of
-        new_types = np.asarray(new_types, dtype=np.int64)[g]
-        ints = self.static_ints.copy()
-        ints[:, T.I_GRAD] = [t.data_ptr() for t in self._grads]
-        ints[:, T.I_NUM_ITERS] = np.asarray(num_iters, dtype=np.int64)[g]
-        ints[:, T.I_FLAGS] = (np.asarray(group_flags, dtype=np.int64)[g] | (new_types << T.FLAG_NEW_TYPE_SHIFT)
-                              | (0 if opt._denoise else T.FLAG_KEEP_NOISE) | T.alignment_flags(ints))
-        floats = np.asarray(group_rows, dtype=np.float64)[g].astype(np.float32)  # rounded once
-        new_scales = np.asarray(new_scales, dtype=np.float64)[g]
-        floats[:, T.F_NEW_SCALE] = new_scales
-        if self.live is None:
-            states = self.states
-            live = np.empty((n, T.LIVE_COLUMNS), dtype=np.float64)
-            for column, key in enumerate(T.LIVE_STATE_KEYS[:4]):
-                live[:, column] = np.fromiter((s[key] for s in states), np.float64, n)
-            live[:, T.L_FRESH] = self.momentum_init
-            T.resolve_rows(opt._op, ints, floats, live)
-            self._pending = (ints, floats, live, new_scales)
-        return ints, floats
+        group_rows = np.asarray(group_rows, dtype=np.float64)
+        new_scales = np.asarray(new_scales, dtype=np.float64)
+        key = (group_flags, num_iters, new_types, opt._denoise, group_rows.tobytes(), new_scales.tobytes())
+        if key != self._group_key:
+            g = self.group_of
+            ints = self.static_ints.copy()
+            ints[:, T.I_NUM_ITERS] = np.asarray(num_iters, dtype=np.int64)[g]
+            ints[:, T.I_FLAGS] = (np.asarray(group_flags, dtype=np.int64)[g]
+                                  | (np.asarray(new_types, dtype=np.int64)[g] << T.FLAG_NEW_TYPE_SHIFT)
+                                  | (0 if opt._denoise else T.FLAG_KEEP_NOISE))  # | alignment, per step
+            floats = group_rows[g].astype(np.float32)  # rounded once
+            row_scales = new_scales[g]
+            floats[:, T.F_NEW_SCALE] = row_scales
+            self._group_key, self._group_tables = key, (ints, floats, row_scales)
+        return self._group_tables
+
+    def _counters(self) -> tuple:
+        """Host mode: the rows' counters as float64 [T, LIVE_COLUMNS] from the state dicts.
+        When the dicts hold what the last commit() wrote (nobody changed them since), its array
+        is reused instead of converting every value again, and those columns are returned too
+        (commit() then rewrites only the keys whose values change); else None and a new array."""
+        states = self.states
+        columns = [list(map(operator.itemgetter(key), states)) for key in _HOST_COUNTER_KEYS]
+        if self._committed is not None and columns == self._committed[0]:
+            return columns, self._committed[1]  # its L_FRESH column is 0, as momentum_init after commit()
+        n = len(states)
+        live = np.empty((n, T.LIVE_COLUMNS), dtype=np.float64)
+        for column, values in enumerate(columns):
+            live[:, column] = np.fromiter(values, np.float64, n)
+        live[:, T.L_FRESH] = self.momentum_init
+        return None, live
 
     def commit(self) -> None:
         """Host mode: record the launched step in the per-parameter state."""
-        ints, floats, live, new_scales = self._pending
+        ints, floats, live, new_scales, held = self._pending
         T.commit_rows(ints, floats, live)
-        counters = live[:, :T.L_NOISE_SCALE].astype(np.int64).tolist()
-        for state, (step, noise_step, noise_type), scale in zip(self.states, counters, new_scales.tolist()):
-            state["step"] = step
-            state["noise_step"] = noise_step
-            state["noise_type"] = noise_type
-            state["noise_scale"] = scale
+        live[:, T.L_NOISE_SCALE] = new_scales  # as the state holds it (commit_rows: the float32 value)
+        columns = live[:, :T.L_NOISE_SCALE].astype(np.int64).T.tolist() + [new_scales.tolist()]
+        for key, values, before in zip(_HOST_COUNTER_KEYS, columns, held or [None] * len(columns)):
+            if values != before:  # steps always; noise type and scale only when a group changed them
+                for _ in map(operator.setitem, self.states, itertools.repeat(key), values):
+                    pass  # one write per state, looped in C
+        self._committed = (columns, live)
         self.momentum_init[:] = False
         self._pending = None
         self._grads = None
