@@ -530,8 +530,10 @@ class NeuralVariableOptimizer(Optimizer):
         """The work of a step laid out like the last full one -- the same groups, the same
         parameters with gradients, in the same buckets and plans -- found with a few C-level
         scans instead of the full path's per-tensor validation (issue 11: a step's host time
-        must not exceed torch's fused step). Returns [(bucket, backend, plan, grads, grad
-        addresses)], or None: then _prepare_work validates (raising its errors) and rebuilds."""
+        must not exceed torch's fused step). The buckets keep the backends the full path
+        resolved (what can run where does not change within a process). Returns [(bucket,
+        backend, plan, grads, grad addresses)], or None: then _prepare_work validates (raising
+        its errors) and rebuilds."""
         layout = self._layout
         state = self.state
         if (layout is None or state is not layout.state or not any(state.values())
@@ -551,7 +553,7 @@ class NeuralVariableOptimizer(Optimizer):
         for bucket, backend, plan, pick in layout.buckets:
             bucket_grads = grads if pick is None else pick(grads)
             grad_pointers = plan.steady_grad_pointers(bucket_grads)
-            if grad_pointers is None or self._resolve_backend(*bucket) is not backend:
+            if grad_pointers is None:
                 return None
             work.append((bucket, backend, plan, bucket_grads, grad_pointers))
         self._sync_seed()
@@ -624,10 +626,12 @@ class NeuralVariableOptimizer(Optimizer):
         group takes that group's hyperparameters), parameter, storage and state dict."""
         state = self.state
         groups = {id(group): group for _, group, _, _ in members}
-        return (tuple((key, id(group), id(p), _local(p).data_ptr(), id(state.get(p))) for key, group, p, _ in members),
+        return (tuple((key, id(group), id(p), _local(p).data_ptr(), id(state.get(p)))
+                      for key, group, p, _ in members),
                 tuple((gid, self._state_signature(group)) for gid, group in groups.items()))
 
-    def _launch(self, backend, op: int, bucket, rows, ints: np.ndarray, floats: np.ndarray, blocks=None) -> None:
+    def _launch(self, backend, op: int, bucket, rows, ints: np.ndarray, floats: np.ndarray,
+                blocks=None) -> None:
         """One launch over the rows of one bucket. `rows`: what the torch backend reads per row,
         or a function that makes them (the fused backends never need them); `blocks`: the block
         table, where the caller keeps it."""
@@ -1019,6 +1023,7 @@ class _BucketPlan:
         self._steady_meta = None if any(map(_is_dtensor, self.params)) else (
             list(map(_DTYPE_SHAPE, self.param_tensors)), list(map(_STRIDE, self.param_tensors)),
             self.static_ints[:, T.I_PARAM].tolist())
+        self._static_alignment = T.alignment_flags(self.static_ints)  # the gradient address (0) aside
         self._group_key = None     # the groups' hyperparameters behind self._group_tables
         self._group_tables = None  # (ints, floats, new scales) before the per-step columns
         self._committed = None     # host mode: (counter columns written by commit(), their array)
@@ -1209,8 +1214,10 @@ class _BucketPlan:
             self._grads = list(grads)
         group_ints, group_floats, new_scales = self._group_columns()
         ints = group_ints.copy()
+        grad_pointers = np.asarray(grad_pointers, dtype=np.int64)
         ints[:, T.I_GRAD] = grad_pointers
-        ints[:, T.I_FLAGS] |= T.alignment_flags(ints)
+        # tables.alignment_flags(ints): only the gradient addresses change between steps
+        ints[:, T.I_FLAGS] |= np.where(grad_pointers % 16 == 0, self._static_alignment, 0)
         floats = group_floats.copy()
         if self.live is None:
             held, live = self._counters()
