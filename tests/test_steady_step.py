@@ -110,8 +110,9 @@ SCHEDULES = [_hyperparameters, _state_written, _gradients_changed, _storage_and_
 @pytest.mark.parametrize("schedule", SCHEDULES, ids=lambda s: s.__name__.strip("_"))
 @pytest.mark.parametrize("cls,kwargs", OPTIMIZERS, ids=["vsgd", "vadam"])
 def test_steady_steps_notice_what_the_full_path_notices(cls, kwargs, schedule, capturable):
-    if capturable and schedule in (_state_written, _storage_and_groups):
-        pytest.skip("host-mode counters are written directly; capturable ones are device views")
+    if capturable and schedule is _state_written:
+        pytest.skip("capturable counters are views of a device table: numbers written into the "
+                    "state do not reach it (nor did they before the steady step)")
     _assert_same(_run(cls, kwargs, schedule, reload=False, capturable=capturable),
                  _run(cls, kwargs, schedule, reload=True, capturable=capturable))
 
