@@ -30,3 +30,12 @@ def disable(fn):
         return disabled(*args, **kwargs)
 
     return wrapper
+
+
+def is_compiling() -> bool:
+    """Whether torch.compile is tracing the caller (False on torch < 2.3, which lacks the query,
+    and whenever torch._dynamo has not even been imported)."""
+    if "torch._dynamo" not in sys.modules:
+        return False
+    query = getattr(torch.compiler, "is_compiling", None)
+    return bool(query and query())

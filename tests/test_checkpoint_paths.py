@@ -135,6 +135,30 @@ def test_distributed_checkpoint_round_trip_single_process(kind, order, tmp_path)
     assert _bitwise(_full(resumed), _full(model))
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # DCP without a process group says so
+@pytest.mark.parametrize("order", ["model-first", "optimizer-first"])
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_checkpoint_saved_while_removed_resumes_from_the_clean_weights_through_dcp(kind, order, tmp_path):
+    """A checkpoint taken while the noise is removed (transformers' Trainer does) holds clean
+    weights; DCP keeps only the standard state entries, so the resumed run must continue from
+    those clean weights with fresh noise -- exactly the run that declared them clean
+    (reset_noise()) -- and never subtract noise that is not on them."""
+    model = _model(0)
+    opt = _optimizer(kind, model.parameters(), 1234)
+    _train(model, opt, 0, FIRST)
+    opt.remove_noise()
+    _dcp_save(model, opt, str(tmp_path / "ckpt"))
+    opt.reset_noise()  # the reference: continue from the clean weights, the rest of the state kept
+    _train(model, opt, FIRST, THEN)
+
+    resumed = _model(7)
+    resumed_opt = _optimizer(kind, resumed.parameters(), 999)
+    _dcp_resume(kind, order, str(tmp_path / "ckpt"), resumed, resumed_opt)
+    assert not resumed_opt.noise_removed
+    _train(resumed, resumed_opt, FIRST, THEN)
+    assert _bitwise(_full(resumed), _full(model))
+
+
 def test_distributed_checkpoint_state_init_step_leaves_the_weights_alone():
     """get_optimizer_state_dict on a fresh optimizer steps it with zero gradients at lr 0 to
     create the state: a model loaded before must not get noise from that."""

@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from .. import _compiler
 from . import tables as T
 
 LIB_DIR = Path(__file__).resolve().parent.parent / "_lib"
@@ -290,7 +291,7 @@ class CompiledBackend:
             return
         # The custom op only matters to torch.compile; eagerly its dispatch would cost ~45 us per
         # launch (more than a 148-tensor launch itself), so the library is called directly.
-        if torch.compiler.is_compiling():
+        if _compiler.is_compiling():
             run = _cpu_launch if self.name == "cpu" else _cuda_launch
         else:
             run = _run_cpu if self.name == "cpu" else _run_cuda

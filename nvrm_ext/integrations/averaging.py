@@ -36,8 +36,8 @@ def update_averaged(averager, model, optimizers, **kwargs) -> None:
                         "(torch.optim.swa_utils.AveragedModel) nor update(model) (timm's ModelEma*)")
     optimizers = optimizers if isinstance(optimizers, (list, tuple)) else [optimizers]
     removal = NoiseRemoval()
-    removal.remove(nvrm_optimizers(optimizers))
-    try:
+    try:  # a second optimizer refusing to remove its noise must not leave the first one clean
+        removal.remove(nvrm_optimizers(optimizers))
         update(model, **kwargs)
     finally:
         removal.restore()

@@ -37,8 +37,8 @@ def denoised(zero):
     with torch.no_grad():
         held = {p: p.detach().clone() for p in params if owner_of[p] != zero.rank}
         removal = NoiseRemoval()
-        removal.remove([local])
         try:
+            removal.remove([local])
             for p in params:
                 dist.broadcast(p.detach(), src=dist.get_global_rank(group, owner_of[p]), group=group)
             yield zero

@@ -31,6 +31,8 @@ STATE_DICT_KEY = "nvrm"
 SEED_KEY = "nvrm_seed"          # param_groups entry: where every checkpoint path keeps groups
 NOISY_PARAM_KEY = "noisy_param"  # per-parameter state, only in a state_dict taken while the noise is removed
 NOISY_COMPENSATION_KEY = "noisy_compensation"
+NOISY_STEP_KEY = "noisy_noise_step"  # the noise step the held copies carry (noise_step itself says 0)
+NOISY_KEYS = (NOISY_PARAM_KEY, NOISY_COMPENSATION_KEY, NOISY_STEP_KEY)
 _SAMPLE_SIZE = 8  # elements per parameter remembered to tell a rewrite from a same-value copy
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the fused kernels store
 _MAX_CACHED_LAYOUTS = 32  # block tables kept per optimizer (one per bucket in steady state)
@@ -251,8 +253,11 @@ class NeuralVariableOptimizer(Optimizer):
         for group in self.param_groups:  # pickles of format 1 kept the seed only as an attribute
             group.setdefault(SEED_KEY, self._seed)
         self._block_tables = {}
+        # load_state_dict comes here too: plans a captured CUDA graph still replays stay alive
+        self._retired_plans = getattr(self, "_retired_plans", []) + [
+            plan for plan in getattr(self, "_plans", {}).values()
+            if plan.live is not None and plan._graph_owned]
         self._plans = {}
-        self._retired_plans = []
         self._records = {}
         self._layout = None
 
@@ -295,9 +300,13 @@ class NeuralVariableOptimizer(Optimizer):
 
     def state_dict(self) -> dict:
         """torch's state_dict plus the seed (in every param group as SEED_KEY and in the
-        top-level STATE_DICT_KEY entry). Taken while the noise is removed, it also holds each
-        noisy parameter's exact noisy copy (NOISY_PARAM_KEY, and NOISY_COMPENSATION_KEY for
-        16-bit parameters), so it resumes exactly even when the model file holds clean weights."""
+        top-level STATE_DICT_KEY entry). Taken while the noise is removed, it describes the clean
+        weights the parameters hold then (noise_step 0, the clean compensation buffers), so a
+        loader that keeps only the standard entries (ZeroRedundancyOptimizer's own load,
+        torch.distributed.checkpoint) resumes from the clean weights with fresh noise: not the
+        same trajectory, never wrong weights. As extras (NOISY_KEYS) it holds each noisy
+        parameter's exact noisy copy and its noise step, which our load_state_dict() turns back
+        into the removed state, so that path resumes bit for bit from a clean model file."""
         seed = self._sync_seed()
         sd = super().state_dict()
         if self._capturable:  # live counters -> plain numbers, the host-mode format
@@ -312,6 +321,8 @@ class NeuralVariableOptimizer(Optimizer):
             for p, noisy, compensation in self._held:
                 index = index_of[id(p)]
                 state = sd["state"][index] = dict(sd["state"][index])  # not the live state
+                state[NOISY_STEP_KEY] = state["noise_step"]
+                state["noise_step"] = 0  # what the (clean) parameters carry now
                 state[NOISY_PARAM_KEY] = noisy
                 if compensation is not None:
                     state[NOISY_COMPENSATION_KEY] = compensation
@@ -336,6 +347,9 @@ class NeuralVariableOptimizer(Optimizer):
             if NOISY_PARAM_KEY in s:
                 s = dict(s)
                 held[index] = (s.pop(NOISY_PARAM_KEY), s.pop(NOISY_COMPENSATION_KEY, None))
+                s["noise_step"] = s.pop(NOISY_STEP_KEY, s["noise_step"])  # on the held copies
+            else:
+                s = {k: v for k, v in s.items() if k not in NOISY_KEYS}
             states[index] = s
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         rest = {k: v for k, v in state_dict.items() if k != STATE_DICT_KEY}
@@ -890,7 +904,7 @@ def _refuse_capture(why: str) -> None:
     """Raise before anything changes if a CUDA graph is being captured on the current stream
     (the check of torch.optim's _cuda_graph_capture_health_check)."""
     if (torch.backends.cuda.is_built() and torch.cuda.is_available()
-            and not getattr(torch.compiler, "is_compiling", lambda: False)()  # torch >= 2.3
+            and not _compiler.is_compiling()
             and torch.cuda.is_current_stream_capturing()):
         raise RuntimeError(f"CUDA graph capture of {why}")
 
@@ -987,6 +1001,8 @@ class _BucketPlan:
         group_of, momentum_init, plans = [], [], []
         for key, group, p, _ in members:
             state = opt.state[p]
+            for extra in NOISY_KEYS:  # put in by a loader other than ours (ZeRO): its noise_step says 0
+                state.pop(extra, None)
             if len(state) == 0:
                 state["step"] = 0
                 state["noise_step"] = 0
