@@ -69,6 +69,11 @@ def _fp32(values) -> tuple:
     return tuple(np.asarray(values, dtype=np.float32).tolist())
 
 
+def _is_seed(value) -> bool:
+    """Whether `value` is a valid 64-bit noise seed (an integer in [0, 2**64), not a bool)."""
+    return not isinstance(value, bool) and isinstance(value, numbers.Integral) and 0 <= value < 2**64
+
+
 def _check_positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != int(value) or value < 1:
         raise ValueError(f"Invalid {name}: {value!r} (expected an integer >= 1)")
@@ -176,7 +181,7 @@ class NeuralVariableOptimizer(Optimizer):
             raise ValueError(f"Invalid backend: {backend!r} (expected one of {', '.join(BACKENDS)})")
         if seed is None:
             seed = draw_seed()
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64:
+        if not _is_seed(seed):
             raise ValueError(f"Invalid seed: {seed!r} (expected an integer in [0, 2**64))")
         self._backend_name = backend
         self._seed = broadcast_seed(int(seed))  # copied into every group as SEED_KEY
@@ -275,7 +280,7 @@ class NeuralVariableOptimizer(Optimizer):
             raise ValueError(f"{type(self).__name__}: the param groups disagree on the noise seed "
                              f"({SEED_KEY} = {sorted(seeds)}); all groups must share one seed")
         seed = seeds.pop()
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64:
+        if not _is_seed(seed):
             raise ValueError(f"{type(self).__name__}: invalid {SEED_KEY} {seed!r} in the param groups "
                              "(expected an integer in [0, 2**64))")
         self._seed = int(seed)
@@ -389,7 +394,7 @@ class NeuralVariableOptimizer(Optimizer):
             raise ValueError(f"{name}.load_state_dict: the state_dict disagrees on the noise seed "
                              f"({sorted(group_seeds)}); nothing was loaded")
         seed = group_seeds.pop()
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64:
+        if not _is_seed(seed):
             raise ValueError(f"{name}.load_state_dict: invalid seed {seed!r}; nothing was loaded")
         return int(seed)
 
@@ -829,7 +834,7 @@ class NeuralVariableOptimizer(Optimizer):
             start = 0
             for row in rows:
                 t, count = tensors[row], views[row].numel()
-                records[id(params[row])] = ((id(states[row]), t._version, t.data_ptr()), samples, start, count)
+                records[id(params[row])] = (_record_key(states[row], t), samples, start, count)
                 start += count
 
     def _check_weights(self, params, states, tensors=None) -> None:
@@ -846,7 +851,7 @@ class NeuralVariableOptimizer(Optimizer):
         self._spill_records()
         tensors = [_local(p) for p in params] if tensors is None else tensors
         records = self._records
-        current = [(id(s), t._version, t.data_ptr()) for s, t in zip(states, tensors)]
+        current = [_record_key(s, t) for s, t in zip(states, tensors)]
         recorded = [records.get(id(p), _NO_RECORD)[0] for p in params]
         if current == recorded:
             return
@@ -876,6 +881,11 @@ class NeuralVariableOptimizer(Optimizer):
             "parameters now hold clean weights (e.g. a clean or best checkpoint), call "
             "optimizer.reset_noise(); if they are noisy weights saved with an optimizer state, load that "
             "state with optimizer.load_state_dict(...)")
+
+
+def _record_key(state: dict, t: torch.Tensor) -> tuple:
+    """What a weight record compares first: the state dict, version counter and address."""
+    return id(state), t._version, t.data_ptr()
 
 
 def _samples_differ(tensors, recorded) -> list:
