@@ -441,8 +441,9 @@ def triton_variants() -> list[dict]:
     for v in K.kernel_variants():
         c = v.constexprs
         step = "OP" in c
-        dtype = next((d for d in DTYPES if f"-{d}" in v.name), None) if step else None
-        out.append({"name": v.name, "kind": "step" if step else "commit", "op": c.get("OP"), "dtype": dtype,
+        kind = v.name.partition("-")[0]  # step | commit | sample
+        dtype = next((d for d in DTYPES if f"-{d}" in v.name), None) if kind != "commit" else None
+        out.append({"name": v.name, "kind": kind, "op": c.get("OP"), "dtype": dtype,
                     "scaler": bool(c.get("HAS_GRAD_SCALE", False)), "found_inf": bool(c.get("HAS_FOUND_INF")),
                     "block": c.get("BLOCK"), "tile": c.get("TILE")})
     return out
@@ -451,8 +452,8 @@ def triton_variants() -> list[dict]:
 def variant_name(variant: dict) -> str:
     if "name" in variant:
         return variant["name"]
-    if variant["kind"] == "commit":
-        return "commit"
+    if variant["kind"] in ("commit", "sample"):
+        return variant["kind"]
     return f"step-{OPS[variant['op']]}-{variant['dtype']}" + ("-grad_scale" if variant["scaler"] else "")
 
 
@@ -509,6 +510,8 @@ def cuda_kernels(library: Path, archs: list[int], directory: Path) -> list[dict]
                                "dtype": _CUDA_DTYPES[kernel.group(2)], "scaler": kernel.group(3) == "1"}
                 elif "commit_kernel" in function:
                     variant = {"kind": "commit", "scaler": False}
+                elif "sample_kernel" in function:
+                    variant = {"kind": "sample", "scaler": False}
                 else:
                     continue
                 reports.append(describe(

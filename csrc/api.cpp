@@ -11,7 +11,7 @@
 namespace {
 
 // Bumped whenever an entry point's signature or the table layout changes.
-constexpr int kAbiVersion = 3;
+constexpr int kAbiVersion = 4;
 
 thread_local std::string last_error;
 
@@ -23,7 +23,7 @@ int fail(std::string message) {
 // Checks shared by both launchers; empty when the launch may proceed.
 std::string invalid_arguments(int op, int dtype_code, const int64_t* ints, const float* floats,
                               const int64_t* blocks, int64_t num_blocks, int64_t block_size,
-                              int64_t commit_rows) {
+                              int64_t commit_rows, int64_t sample_rows, const void* samples) {
   if (op != nvrm::kOpSgd && op != nvrm::kOpAdam && op != nvrm::kOpNoise) {
     return "unknown op " + std::to_string(op);
   }
@@ -41,6 +41,8 @@ std::string invalid_arguments(int op, int dtype_code, const int64_t* ints, const
   }
   if (commit_rows > 0 && (ints == nullptr || floats == nullptr)) return "null table pointer";
   if (commit_rows > 0 && op == nvrm::kOpNoise) return "OP_NOISE launches commit no counters";
+  if (sample_rows < 0) return "negative number of rows to sample";
+  if (sample_rows > 0 && (ints == nullptr || samples == nullptr)) return "null sample or table pointer";
   return {};
 }
 
@@ -53,7 +55,7 @@ namespace cuda {
 std::string launch(int op, int dtype_code, const int64_t* ints, const float* floats,
                    const int64_t* blocks, int64_t num_blocks, int64_t block_size, uint64_t seed,
                    int64_t commit_rows, const float* grad_scale, const float* found_inf,
-                   void* stream);
+                   int64_t sample_rows, void* samples, void* stream);
 std::string probe();
 }  // namespace cuda
 }  // namespace nvrm
@@ -150,13 +152,14 @@ __attribute__((visibility("default"))) const char* nvrm_last_error(void) {
 
 // The table layout compiled in, for the loader to compare with nvrm_ext/backends/tables.py:
 // INT_COLUMNS, FLOAT_COLUMNS, the seven flag bits, OP_SGD, OP_ADAM, OP_NOISE, then the live
-// counters: I_LIVE, I_NUM_ITERS, LIVE_COLUMNS.
+// counters: I_LIVE, I_NUM_ITERS, LIVE_COLUMNS; then SAMPLE_SIZE.
 __attribute__((visibility("default"))) int nvrm_table_layout(int64_t* out, int capacity) {
   const int64_t layout[] = {nvrm::kIntColumns,     nvrm::kFloatColumns,  nvrm::kFlagWeightDecay,
                             nvrm::kFlagMomentum,   nvrm::kFlagMomentumInit, nvrm::kFlagNesterov,
                             nvrm::kFlagAmsgrad,    nvrm::kFlagDecoupled, nvrm::kFlagKeepNoise,
                             nvrm::kOpSgd,          nvrm::kOpAdam,        nvrm::kOpNoise,
-                            nvrm::kIntLive,        nvrm::kIntNumIters,   nvrm::kLiveColumns};
+                            nvrm::kIntLive,        nvrm::kIntNumIters,   nvrm::kLiveColumns,
+                            nvrm::kSampleSize};
   const int count = static_cast<int>(sizeof layout / sizeof layout[0]);
   for (int i = 0; i < count && i < capacity; ++i) out[i] = layout[i];
   return count;
@@ -171,16 +174,18 @@ __attribute__((visibility("default"))) int nvrm_cuda_probe(void) {
 }
 
 // Tables, grad_scale and found_inf live in device memory; `stream` is the cudaStream_t to
-// launch on. grad_scale / found_inf may be null; commit_rows: see nvrm_cpu_launch.
+// launch on. grad_scale / found_inf may be null; commit_rows, sample_rows, samples: see
+// nvrm_cpu_launch (samples in device memory).
 __attribute__((visibility("default"))) int nvrm_cuda_launch(
     int op, int dtype_code, const int64_t* ints, const float* floats, const int64_t* blocks,
     int64_t num_blocks, int64_t block_size, uint64_t seed, int64_t commit_rows,
-    const float* grad_scale, const float* found_inf, void* stream) {
-  std::string error =
-      invalid_arguments(op, dtype_code, ints, floats, blocks, num_blocks, block_size, commit_rows);
-  if (error.empty() && (num_blocks > 0 || commit_rows > 0)) {
+    const float* grad_scale, const float* found_inf, int64_t sample_rows, void* samples,
+    void* stream) {
+  std::string error = invalid_arguments(op, dtype_code, ints, floats, blocks, num_blocks,
+                                        block_size, commit_rows, sample_rows, samples);
+  if (error.empty() && (num_blocks > 0 || commit_rows > 0 || sample_rows > 0)) {
     error = nvrm::cuda::launch(op, dtype_code, ints, floats, blocks, num_blocks, block_size, seed,
-                               commit_rows, grad_scale, found_inf, stream);
+                               commit_rows, grad_scale, found_inf, sample_rows, samples, stream);
   }
   return error.empty() ? 0 : fail(std::move(error));
 }
@@ -215,28 +220,41 @@ __attribute__((visibility("default"))) int64_t nvrm_cpu_min_elements_per_thread(
 // Tables, grad_scale and found_inf live in host memory. grad_scale (may be null): gradients are
 // divided by it (and written back) before the update. found_inf (may be null): nonzero skips
 // the whole launch. commit_rows: rows 0 .. commit_rows-1 carry live counters (I_LIVE) that are
-// advanced after the update (capturable mode); 0 in host mode. num_threads: the most threads to
-// use (torch.get_num_threads()); small launches run on the calling thread alone.
+// advanced after the update (the kernel resolved them: capturable mode, and host mode on the CPU);
+// 0 otherwise. sample_rows, samples: after the launch (skipped or not), the weight samples of rows
+// 0 .. sample_rows-1 (update.h copy_sample) go to `samples`, [sample_rows, kSampleSize] elements
+// of the storage dtype; 0 / null for none. num_threads: the most threads to use
+// (torch.get_num_threads()); small launches run on the calling thread alone.
 __attribute__((visibility("default"))) int nvrm_cpu_launch(
     int op, int dtype_code, const int64_t* ints, const float* floats, const int64_t* blocks,
     int64_t num_blocks, int64_t block_size, uint64_t seed, int64_t commit_rows,
-    const float* grad_scale, const float* found_inf, int num_threads) {
-  std::string error =
-      invalid_arguments(op, dtype_code, ints, floats, blocks, num_blocks, block_size, commit_rows);
+    const float* grad_scale, const float* found_inf, int64_t sample_rows, void* samples,
+    int num_threads) {
+  std::string error = invalid_arguments(op, dtype_code, ints, floats, blocks, num_blocks,
+                                        block_size, commit_rows, sample_rows, samples);
   if (!error.empty()) return fail(std::move(error));
   if (num_threads < 1) return fail("num_threads must be at least 1");
-  if (found_inf != nullptr && *found_inf != 0.0f) return 0;  // GradScaler skips the step
-  const int threads = launch_threads(ints, blocks, num_blocks, block_size, num_threads);
-  if (threads == 1) {
-    cpu_variant.launch(op, dtype_code, ints, floats, blocks, 0, num_blocks, block_size, seed,
-                       grad_scale);
-  } else {
-    CpuJob job{cpu_variant.launch, op, dtype_code, ints, floats, blocks, num_blocks, block_size,
-               seed, grad_scale};
-    nvrm::cpu::WorkerPool::instance().run(threads - 1, CpuJob::work, &job);
+  if (found_inf == nullptr || *found_inf == 0.0f) {  // else GradScaler skips the step
+    const int threads = launch_threads(ints, blocks, num_blocks, block_size, num_threads);
+    if (threads == 1) {
+      cpu_variant.launch(op, dtype_code, ints, floats, blocks, 0, num_blocks, block_size, seed,
+                         grad_scale);
+    } else {
+      CpuJob job{cpu_variant.launch, op, dtype_code, ints, floats, blocks, num_blocks, block_size,
+                 seed, grad_scale};
+      nvrm::cpu::WorkerPool::instance().run(threads - 1, CpuJob::work, &job);
+    }
+    for (int64_t r = 0; r < commit_rows; ++r) {
+      nvrm::commit_live(ints + r * nvrm::kIntColumns, floats + r * nvrm::kFloatColumns);
+    }
   }
-  for (int64_t r = 0; r < commit_rows; ++r) {
-    nvrm::commit_live(ints + r * nvrm::kIntColumns, floats + r * nvrm::kFloatColumns);
+  const int element_bytes = nvrm::storage_bytes(dtype_code);
+  unsigned char* out = static_cast<unsigned char*>(samples);
+  for (int64_t r = 0; r < sample_rows; ++r) {
+    for (int64_t j = 0; j < nvrm::kSampleSize; ++j) {
+      nvrm::copy_sample(ints + r * nvrm::kIntColumns, j, element_bytes,
+                        out + (r * nvrm::kSampleSize + j) * element_bytes);
+    }
   }
   return 0;
 }

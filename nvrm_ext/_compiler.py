@@ -14,18 +14,20 @@ import torch
 def disable(fn):
     """``torch.compiler.disable(fn)``, built on the first call that needs it.
 
-    Until torch._dynamo has been imported nothing can be compiling, so calls go straight to
-    ``fn``; from then on they go through ``torch.compiler.disable(fn)``, made once, so a
-    compiled caller breaks its graph at this call instead of tracing ``fn``.
+    Calls go straight to ``fn`` unless torch.compile is tracing the caller (is_compiling(),
+    which torch.compile reads as True while it traces this wrapper); then they go through
+    ``torch.compiler.disable(fn)``, made once, so the compiled caller breaks its graph at this
+    call instead of tracing ``fn``. Eager calls skip the disable wrapper's frame switching
+    (a few microseconds per optimizer step).
     """
     disabled = None
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         nonlocal disabled
+        if not is_compiling():
+            return fn(*args, **kwargs)
         if disabled is None:
-            if "torch._dynamo" not in sys.modules:
-                return fn(*args, **kwargs)
             disabled = torch.compiler.disable(fn)
         return disabled(*args, **kwargs)
 

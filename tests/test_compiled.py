@@ -29,13 +29,13 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 Z_TOLERANCE = 4e-6
 
 
-def launch(backend, op: int, plans: list[T.TensorPlan], seed: int = SEED) -> None:
+def launch(backend, op: int, plans: list[T.TensorPlan], seed: int = SEED, **options) -> None:
     ints, floats = T.build_rows(plans)
     blocks = T.build_block_table([p.param.numel() for p in plans], [p.offset for p in plans],
                                  backend.block_size)
     device = plans[0].param.device
     backend.launch(op, plans[0].param.dtype, T.to_device(ints, device), T.to_device(floats, device),
-                   T.to_device(blocks, device), seed)
+                   T.to_device(blocks, device), seed, **options)
 
 
 def noise_flags(old_type: int, new_type: int) -> int:
@@ -242,6 +242,9 @@ def test_cpu_variants_are_bit_identical():
         for variant in (b"baseline", b"avx2_fma"):
             assert lib.nvrm_cpu_select_variant(variant) == 0
             results[variant] = [compiled_noise(t, 5000, offset=3) for t in (GAUSSIAN, LAPLACE, UNIFORM)]
+            small = mixed_noise_plans()  # tensors of at most 4 quads: both draws in one Philox vector (AVX2)
+            launch(CPU, T.OP_NOISE, small)
+            results[variant] += [plan.param for plan in small]
     finally:
         lib.nvrm_cpu_select_variant(default)
     for baseline, avx2 in zip(results[b"baseline"], results[b"avx2_fma"]):
@@ -411,3 +414,48 @@ def test_libraries_need_nothing_newer_than_manylinux_2_28(name):
         if ceiling is not None and tuple(map(int, version.split("."))) > ceiling:
             too_new.add(f"{library}_{version}")
     assert not too_new, f"{name} needs {sorted(too_new)}, newer than manylinux_2_28 allows"
+
+
+def _fused_backend(name):
+    if name == "cpu":
+        return CPU
+    pytest.importorskip("triton")
+    from nvrm_ext.backends.triton import TRITON
+    reason = TRITON.unavailable_reason(torch.device("cpu"), torch.float32)
+    if reason:
+        pytest.skip(reason)
+    return TRITON
+
+
+@pytest.mark.parametrize("skipped", [False, True], ids=["step", "found_inf"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend_name", ["cpu", "triton"])
+def test_a_launch_copies_the_weight_samples_after_the_update(backend_name, dtype, skipped):
+    """tables.SAMPLE_SIZE, written out here: row r's slot j < count = min(numel, 8) holds element
+    j * (numel // count) of its parameter as the launch left it; the other slots, and the rows
+    past len(samples), are not written. A step skipped for found_inf samples the weights too."""
+    backend = _fused_backend(backend_name)
+    generator = torch.Generator().manual_seed(3)
+    numels = [1, 3, 8, 9, 17, 0, 4099, 5]
+    floats = list(noise_floats(0.1, 0.2))
+    floats[T.F_LR] = 0.5
+    plans = []
+    for key, n in enumerate(numels):
+        param = torch.randn(n, generator=generator).to(dtype)
+        plans.append(T.TensorPlan(param, torch.ones_like(param), (), key, 5, 6, noise_flags(key % 3, (key + 1) % 3),
+                                  tuple(floats), 0))
+    before = [plan.param.clone() for plan in plans]
+    sentinel = torch.tensor(-12345.0, dtype=dtype)
+    samples = torch.full((len(plans) - 1, 8), -12345.0, dtype=dtype)  # the last row: not sampled
+    launch(backend, T.OP_SGD, plans, samples=samples, found_inf=torch.ones(1) if skipped else None)
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    for row, (plan, n) in enumerate(zip(plans[:-1], numels)):
+        count = min(n, 8)
+        expected = plan.param[[j * (n // count) for j in range(count)]] if count else plan.param[:0]
+        assert torch.equal(samples[row, :count].view(bits), expected.view(bits)), row
+        assert (samples[row, count:] == sentinel).all(), row
+        if skipped:
+            assert torch.equal(plan.param, before[row])
+        elif n:
+            assert not torch.equal(plan.param, before[row])  # the samples are of the updated weights
+

@@ -280,19 +280,33 @@ def test_no_noise_state(cls, kwargs, tensors_per_param):
 
 # ---------------------------------------------------------------------- launches and backends
 class _LaunchCounter:
-    """Records every backend.launch call; with execute=False the kernel is not run (the
+    """Records every backend.launch call, and every call of a launch prepared with
+    backend.prepare (host-mode CPU steps); with execute=False the kernel is not run (the
     interpreter needs ~0.1 s per program, too slow for 300-tensor launches)."""
 
     def __init__(self, backend, monkeypatch, execute=True):
         self.calls = []
         original = backend.launch
 
-        def counted(op, dtype, ints, floats, blocks, seed):
+        def counted(op, dtype, ints, floats, blocks, seed, **options):
             self.calls.append((op, dtype, ints.clone(), blocks.clone()))
             if execute:
-                return original(op, dtype, ints, floats, blocks, seed)
+                return original(op, dtype, ints, floats, blocks, seed, **options)
 
         monkeypatch.setattr(backend, "launch", counted)
+        if hasattr(backend, "prepare"):
+            original_prepare = backend.prepare
+
+            def prepare(op, dtype, ints, floats, blocks, seed, **options):
+                prepared = original_prepare(op, dtype, ints, floats, blocks, seed, **options)
+
+                def run():
+                    self.calls.append((op, dtype, ints.clone(), blocks.clone()))  # the tables as launched
+                    if execute:
+                        prepared()
+                return run
+
+            monkeypatch.setattr(backend, "prepare", prepare)
 
 
 @pytest.mark.parametrize("cls,kwargs", OPTIMIZERS)

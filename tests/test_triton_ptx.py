@@ -78,10 +78,10 @@ for name, (fn, pointers) in disout.items():
 json.dump({"ptx": out, "usage": usage}, sys.stdout)
 """
 
-# every op and dtype, every GradScaler argument at least once, the commit kernel
+# every op and dtype, every GradScaler argument at least once, the commit and sample kernels
 VARIANTS = ["step-sgd-fp32", "step-sgd-fp16-grad_scale-found_inf", "step-sgd-bf16-found_inf",
             "step-adam-fp32-grad_scale-found_inf", "step-adam-fp16", "step-adam-bf16-grad_scale",
-            "step-noise-fp32", "step-noise-fp16", "step-noise-bf16", "commit-found_inf"]
+            "step-noise-fp32", "step-noise-fp16", "step-noise-bf16", "commit-found_inf", "sample-bf16"]
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +117,7 @@ def test_the_variant_list_covers_every_launch():
     from nvrm_ext.backends import triton as K
 
     names = [v.name for v in K.kernel_variants()]
-    assert len(names) == len(set(names)) == 3 * (4 + 4 + 1) + 2
+    assert len(names) == len(set(names)) == 3 * (4 + 4 + 1) + 2 + 3  # + commit x2, sample x3 dtypes
     assert set(VARIANTS) <= set(names)
     for v in K.kernel_variants():
         assert set(v.signature) == set(v.fn.arg_names), v.name

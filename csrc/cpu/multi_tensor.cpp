@@ -107,15 +107,15 @@ void philox_words(uint32_t (*words)[kChunk / 4], uint64_t seed, uint32_t key, ui
 #endif
 }
 
-// delta[4q + lane] = noise of quad first_quad + q (Subtract: delta - noise), q < quads.
+// delta[4q + lane] = noise of the quad whose Philox words are column `column` + q of `words`
+// (Subtract: delta - noise), q < quads.
 template <int Type, bool Subtract>
-void stage_noise(float* __restrict delta, uint64_t seed, uint32_t key, uint32_t step, float scale,
-                 uint64_t first_quad, int64_t quads) {
-  alignas(32) uint32_t words[4][kChunk / 4];
-  philox_words(words, seed, key, step, first_quad, quads);
+void transform_words(float* __restrict delta, const uint32_t (*words)[kChunk / 4], int64_t column,
+                     float scale, int64_t quads) {
   for (int64_t q = 0; q < quads; ++q) {
+    const int64_t c = column + q;
     float noise[4];
-    noise_from_words<Type>(PhiloxWords{{words[0][q], words[1][q], words[2][q], words[3][q]}},
+    noise_from_words<Type>(PhiloxWords{{words[0][c], words[1][c], words[2][c], words[3][c]}},
                            scale, noise);
     NVRM_UNROLL
     for (int lane = 0; lane < 4; ++lane) {
@@ -125,9 +125,53 @@ void stage_noise(float* __restrict delta, uint64_t seed, uint32_t key, uint32_t 
   }
 }
 
+// delta[4q + lane] = noise of quad first_quad + q (Subtract: delta - noise), q < quads.
+template <int Type, bool Subtract>
+void stage_noise(float* __restrict delta, uint64_t seed, uint32_t key, uint32_t step, float scale,
+                 uint64_t first_quad, int64_t quads) {
+  alignas(32) uint32_t words[4][kChunk / 4];
+  philox_words(words, seed, key, step, first_quad, quads);
+  transform_words<Type, Subtract>(delta, words, 0, scale, quads);
+}
+
+#if defined(__AVX2__)
+// A small tensor (at most 4 quads) regenerating its old noise and drawing its new noise: the words
+// of both draws in one vector of 8 quads -- new_step's in columns 0..3, old_step's in 4..7 --
+// instead of two vectors each mostly computing quads past the end.
+void stage_small_noise_delta(float* delta, const Row& row, uint64_t seed, uint64_t first_quad,
+                             int64_t quads) {
+  alignas(32) uint32_t words[4][kChunk / 4];
+  WordsX8 c0, c1, c3;
+  for (int i = 0; i < 8; ++i) {
+    const uint64_t quad = first_quad + (i & 3);
+    c0[i] = static_cast<uint32_t>(quad);
+    c1[i] = static_cast<uint32_t>(quad >> 32);
+    c3[i] = i < 4 ? row.new_step : row.old_step;
+  }
+  WordsX8 c2 = WordsX8{} + row.key;
+  philox_rounds(c0, c1, c2, c3, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+  memcpy(&words[0][0], &c0, sizeof c0);
+  memcpy(&words[1][0], &c1, sizeof c1);
+  memcpy(&words[2][0], &c2, sizeof c2);
+  memcpy(&words[3][0], &c3, sizeof c3);
+  with_noise_type(row.new_type, [&](auto type) {
+    transform_words<decltype(type)::value, false>(delta, words, 0, row.new_scale, quads);
+  });
+  with_noise_type(row.old_type, [&](auto type) {
+    transform_words<decltype(type)::value, true>(delta, words, 4, row.old_scale, quads);
+  });
+}
+#endif
+
 // Fills delta[0 .. 4*quads) with n_new - n_old for the quads starting at first_quad.
 void stage_noise_delta(float* delta, const Row& row, uint64_t seed, uint64_t first_quad,
                        int64_t quads) {
+#if defined(__AVX2__)
+  if (quads <= 4 && row.new_step != 0 && row.old_step != 0) {
+    stage_small_noise_delta(delta, row, seed, first_quad, quads);
+    return;
+  }
+#endif
   if (row.new_step != 0) {
     with_noise_type(row.new_type, [&](auto type) {
       stage_noise<decltype(type)::value, false>(delta, seed, row.key, row.new_step, row.new_scale,

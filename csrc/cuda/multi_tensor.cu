@@ -279,6 +279,17 @@ __global__ void commit_kernel(const int64_t* __restrict__ ints, const float* __r
   }
 }
 
+// Weight records: the samples of rows 0 .. sample_rows-1 (update.h copy_sample), after the update.
+__global__ void sample_kernel(const int64_t* __restrict__ ints, int64_t sample_rows, int element_bytes,
+                              unsigned char* __restrict__ samples) {
+  const int64_t slots = sample_rows * kSampleSize;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < slots;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    copy_sample(ints + (i / kSampleSize) * kIntColumns, i % kSampleSize, element_bytes,
+                samples + i * element_bytes);
+  }
+}
+
 // The launch arguments every kernel instantiation receives.
 struct Launch {
   const int64_t* ints;
@@ -317,7 +328,7 @@ cudaError_t launch_op(int op, const Launch& a) {
 std::string launch(int op, int dtype_code, const int64_t* ints, const float* floats,
                    const int64_t* blocks, int64_t num_blocks, int64_t block_size, uint64_t seed,
                    int64_t commit_rows, const float* grad_scale, const float* found_inf,
-                   void* stream) {
+                   int64_t sample_rows, void* samples, void* stream) {
   const Launch a{ints,      floats,    blocks,    num_blocks, block_size, round_keys(seed),
                  grad_scale, found_inf, static_cast<cudaStream_t>(stream)};
   // cudaGetLastError also returns (and clears) an error left by earlier work in this thread, or
@@ -338,6 +349,13 @@ std::string launch(int op, int dtype_code, const int64_t* ints, const float* flo
     const int64_t wanted = (commit_rows + kThreads - 1) / kThreads;
     const unsigned grid = static_cast<unsigned>(wanted < 65535 ? wanted : 65535);
     commit_kernel<<<grid, kThreads, 0, a.stream>>>(ints, floats, commit_rows, found_inf);
+    status = cudaGetLastError();
+  }
+  if (status == cudaSuccess && sample_rows > 0) {
+    const int64_t wanted = (sample_rows * kSampleSize + kThreads - 1) / kThreads;
+    const unsigned grid = static_cast<unsigned>(wanted < 65535 ? wanted : 65535);
+    sample_kernel<<<grid, kThreads, 0, a.stream>>>(ints, sample_rows, storage_bytes(dtype_code),
+                                                   static_cast<unsigned char*>(samples));
     status = cudaGetLastError();
   }
   if (status != cudaSuccess) {

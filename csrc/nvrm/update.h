@@ -2,6 +2,8 @@
 // (nvrm_ext/backends/tables.py is the authority on the layout mirrored here).
 #pragma once
 
+#include <string.h>
+
 #include "noise.h"
 
 namespace nvrm {
@@ -28,6 +30,7 @@ constexpr int kLiveStep = 0, kLiveNoiseStep = 1, kLiveNoiseType = 2, kLiveNoiseS
 enum Op : int { kOpSgd = 0, kOpAdam = 1, kOpNoise = 2 };
 // storage dtype codes of the C entry points (nvrm_ext/backends/compiled.py)
 enum StorageCode : int { kStorageFloat32 = 0, kStorageFloat16 = 1, kStorageBFloat16 = 2 };
+NVRM_HD int storage_bytes(int code) { return code == kStorageFloat32 ? 4 : 2; }
 
 // One tensor's row of the launch tables, decoded once per block.
 struct Row {
@@ -90,6 +93,25 @@ NVRM_HD void commit_live(const int64_t* ints, const float* floats) {
   live[kLiveNoiseType] = static_cast<double>((flags >> kFlagNewTypeShift) & 3);
   live[kLiveNoiseScale] = static_cast<double>(floats[kFloatNewScale]);
   live[kLiveFresh] = 0.0;
+}
+
+// Weight records (nvrm_ext/optim/base.py): up to kSampleSize elements spread evenly over a row's
+// parameter -- element j * (numel / count) for j < count = min(numel, kSampleSize) -- copied
+// after a launch into slot j of the row's kSampleSize slots, so that the host can tell a rewrite
+// of the weights from a copy of the same values without reading the tensors one by one.
+constexpr int kSampleSize = 8;
+
+NVRM_HD void copy_sample(const int64_t* ints, int64_t j, int element_bytes, unsigned char* out) {
+  const int64_t numel = ints[kIntNumel];
+  const int64_t count = numel < kSampleSize ? numel : kSampleSize;
+  if (j >= count) return;
+  const unsigned char* element =
+      reinterpret_cast<const unsigned char*>(ints[kIntParam]) + j * (numel / count) * element_bytes;
+  if (element_bytes == 4) {
+    memcpy(out, element, 4);  // one load and store each: the sizes are constants
+  } else {
+    memcpy(out, element, 2);
+  }
 }
 
 NVRM_HD Row decode_row(const int64_t* ints, const float* floats, int op) {

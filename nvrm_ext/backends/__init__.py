@@ -14,13 +14,18 @@ import torch
 class FusedBackend(Protocol):
     name: str
     block_size: int  # elements per block_table row this backend wants
+    uses_alignment_flag: bool  # whether its kernel reads tables.FLAG_ALIGNED (else it may stay 0)
 
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> str | None:
         """None if this backend can run on (device, dtype), else a sentence saying why not."""
 
     def launch(self, op: int, dtype: torch.dtype, ints: torch.Tensor, floats: torch.Tensor,
-               blocks: torch.Tensor, seed: int) -> None:
-        """One launch: apply `op` (tables.OP_*) to every row. Tensors live on the device."""
+               blocks: torch.Tensor, seed: int, *, commit_rows: int = 0,
+               grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None,
+               samples: torch.Tensor | None = None) -> None:
+        """One launch: apply `op` (tables.OP_*) to every row, then advance the live counters of
+        the first commit_rows rows and copy the weight samples of the first len(samples) rows
+        (tables.SAMPLE_SIZE). Tensors live on the device."""
 
 
 def fused_backend(name: str) -> FusedBackend:

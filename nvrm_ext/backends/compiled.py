@@ -22,7 +22,7 @@ LIB_DIR = Path(__file__).resolve().parent.parent / "_lib"
 CPU_LIBRARY = "libnvrm_cpu.so"
 CUDA_LIBRARY = "libnvrm_cuda.so"
 BUILD_INFO = "build_info.json"  # written by setup.py: why the CUDA library was skipped, its archs
-ABI_VERSION = 3  # csrc/api.cpp kAbiVersion
+ABI_VERSION = 4  # csrc/api.cpp kAbiVersion
 
 # Storage dtype codes of the C entry points (csrc/nvrm/update.h StorageCode).
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -31,13 +31,14 @@ DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _EXPECTED_LAYOUT = (
     T.INT_COLUMNS, T.FLOAT_COLUMNS, T.FLAG_WEIGHT_DECAY, T.FLAG_MOMENTUM, T.FLAG_MOMENTUM_INIT,
     T.FLAG_NESTEROV, T.FLAG_AMSGRAD, T.FLAG_DECOUPLED, T.FLAG_KEEP_NOISE, T.OP_SGD, T.OP_ADAM,
-    T.OP_NOISE, T.I_LIVE, T.I_NUM_ITERS, T.LIVE_COLUMNS,
+    T.OP_NOISE, T.I_LIVE, T.I_NUM_ITERS, T.LIVE_COLUMNS, T.SAMPLE_SIZE,
 )
 
-# op, dtype code, ints, floats, blocks, num_blocks, block_size, seed, commit_rows, grad_scale, found_inf
+# op, dtype code, ints, floats, blocks, num_blocks, block_size, seed, commit_rows, grad_scale,
+# found_inf, sample_rows, samples
 _TABLE_ARGS = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                ctypes.c_int64, ctypes.c_int64, ctypes.c_uint64, ctypes.c_int64, ctypes.c_void_p,
-               ctypes.c_void_p]
+               ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
 _UINT64_MASK = (1 << 64) - 1
 
 
@@ -185,50 +186,59 @@ def _signed(seed: int) -> int:
 
 def _run_cpu(op: int, dtype_code: int, ints: torch.Tensor, floats: torch.Tensor,
              blocks: torch.Tensor, block_size: int, seed: int, commit_rows: int,
-             grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> None:
+             grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
+             samples: Optional[torch.Tensor]) -> None:
     """The launch on at most torch's intra-op thread count, read when it runs (a compiled graph
     must not keep the count it was traced with)."""
     lib = load_cpu_library()
     status = lib.nvrm_cpu_launch(op, dtype_code, ints.data_ptr(), floats.data_ptr(), blocks.data_ptr(),
                                  blocks.shape[0], block_size, seed & _UINT64_MASK, commit_rows,
-                                 T.address(grad_scale), T.address(found_inf), torch.get_num_threads())
+                                 T.address(grad_scale), T.address(found_inf), _rows(samples),
+                                 T.address(samples), torch.get_num_threads())
     _check(lib, status, "CPU launch")
 
 
 def _run_cuda(op: int, dtype_code: int, ints: torch.Tensor, floats: torch.Tensor,
               blocks: torch.Tensor, block_size: int, seed: int, commit_rows: int,
-              grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> None:
+              grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
+              samples: Optional[torch.Tensor]) -> None:
     lib = load_cuda_library()
     with torch.cuda.device(ints.device):  # the kernel runs on the current device
         stream = torch.cuda.current_stream(ints.device).cuda_stream
         status = lib.nvrm_cuda_launch(op, dtype_code, ints.data_ptr(), floats.data_ptr(),
                                       blocks.data_ptr(), blocks.shape[0], block_size,
                                       seed & _UINT64_MASK, commit_rows, T.address(grad_scale),
-                                      T.address(found_inf), stream)
+                                      T.address(found_inf), _rows(samples), T.address(samples), stream)
     _check(lib, status, "CUDA launch")
+
+
+def _rows(samples: Optional[torch.Tensor]) -> int:
+    return 0 if samples is None else samples.shape[0]
 
 
 # The kernels write the tensors whose addresses the int table holds, which no schema can name;
 # `ints` is declared mutated so that torch.compile never drops or reorders the call.
 if hasattr(torch.library, "custom_op"):  # torch >= 2.4
-    @torch.library.custom_op("nvrm_ext::cpu_launch", mutates_args=("ints",), device_types="cpu")
+    @torch.library.custom_op("nvrm_ext::cpu_launch", mutates_args=("ints", "samples"), device_types="cpu")
     def _cpu_launch(op: int, dtype_code: int, ints: torch.Tensor, floats: torch.Tensor,
                     blocks: torch.Tensor, block_size: int, seed: int, commit_rows: int,
-                    grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> None:
+                    grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
+                    samples: Optional[torch.Tensor]) -> None:
         _run_cpu(op, dtype_code, ints, floats, blocks, block_size, seed, commit_rows, grad_scale,
-                 found_inf)
+                 found_inf, samples)
 
-    @torch.library.custom_op("nvrm_ext::cuda_launch", mutates_args=("ints",), device_types="cuda")
+    @torch.library.custom_op("nvrm_ext::cuda_launch", mutates_args=("ints", "samples"), device_types="cuda")
     def _cuda_launch(op: int, dtype_code: int, ints: torch.Tensor, floats: torch.Tensor,
                      blocks: torch.Tensor, block_size: int, seed: int, commit_rows: int,
-                     grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> None:
+                     grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
+                     samples: Optional[torch.Tensor]) -> None:
         _run_cuda(op, dtype_code, ints, floats, blocks, block_size, seed, commit_rows, grad_scale,
-                  found_inf)
+                  found_inf, samples)
 
     @_cpu_launch.register_fake
     @_cuda_launch.register_fake
     def _(op, dtype_code, ints, floats, blocks, block_size, seed, commit_rows, grad_scale,
-          found_inf):
+          found_inf, samples):
         return None
 else:
     _cpu_launch, _cuda_launch = _run_cpu, _run_cuda
@@ -261,6 +271,8 @@ def _check_scalars(device: torch.device, *scalars) -> None:
 class CompiledBackend:
     """FusedBackend over one of the compiled libraries ('cpu' or 'cuda')."""
 
+    uses_alignment_flag = False  # the kernels test the addresses themselves
+
     def __init__(self, name: str, block_size: int):
         self.name = name
         self.block_size = block_size
@@ -282,12 +294,17 @@ class CompiledBackend:
 
     def launch(self, op: int, dtype: torch.dtype, ints: torch.Tensor, floats: torch.Tensor,
                blocks: torch.Tensor, seed: int, *, commit_rows: int = 0,
-               grad_scale: Optional[torch.Tensor] = None, found_inf: Optional[torch.Tensor] = None) -> None:
+               grad_scale: Optional[torch.Tensor] = None, found_inf: Optional[torch.Tensor] = None,
+               samples: Optional[torch.Tensor] = None) -> None:
+        """One update launch over `blocks`; then the live counters of the first commit_rows rows
+        are advanced (capturable mode), and `samples` ([R, tables.SAMPLE_SIZE] in `dtype`)
+        receives the weight samples of the first R rows (tables.sample_positions)."""
         assert dtype in DTYPE_CODES, f"the {self.name} backend does not handle {dtype}"
         _check_tables(torch.device(self.name), ints, floats, blocks)
         _check_scalars(ints.device, grad_scale, found_inf)
+        T.check_samples(samples, ints, dtype)
         assert 0 <= commit_rows <= ints.shape[0], f"commit_rows {commit_rows} outside [0, {ints.shape[0]}]"
-        if blocks.shape[0] == 0 and commit_rows == 0:
+        if blocks.shape[0] == 0 and commit_rows == 0 and samples is None:
             return
         # The custom op only matters to torch.compile; eagerly its dispatch would cost ~45 us per
         # launch (more than a 148-tensor launch itself), so the library is called directly.
@@ -296,7 +313,39 @@ class CompiledBackend:
         else:
             run = _run_cpu if self.name == "cpu" else _run_cuda
         run(op, DTYPE_CODES[dtype], ints, floats, blocks, self.block_size, _signed(seed), commit_rows,
-            grad_scale, found_inf)
+            grad_scale, found_inf, samples)
+
+    def prepare(self, op: int, dtype: torch.dtype, ints: torch.Tensor, floats: torch.Tensor,
+                blocks: torch.Tensor, seed: int, *, commit_rows: int = 0,
+                samples: Optional[torch.Tensor] = None) -> "PreparedCpuLaunch":
+        """launch(...) with these tables and arguments, checked now, as a callable: for a caller
+        that rewrites the tables in place between launches (a host-mode CPU step), so that each
+        launch costs one library call. CPU only (the call has finished the work when it returns)."""
+        assert self.name == "cpu", "prepared launches are for the CPU library"
+        assert dtype in DTYPE_CODES, f"the {self.name} backend does not handle {dtype}"
+        _check_tables(torch.device(self.name), ints, floats, blocks)
+        T.check_samples(samples, ints, dtype)
+        assert 0 <= commit_rows <= ints.shape[0], f"commit_rows {commit_rows} outside [0, {ints.shape[0]}]"
+        return PreparedCpuLaunch(
+            (op, DTYPE_CODES[dtype], ints.data_ptr(), floats.data_ptr(), blocks.data_ptr(), blocks.shape[0],
+             self.block_size, seed & _UINT64_MASK, commit_rows, None, None, _rows(samples), T.address(samples)),
+            (ints, floats, blocks, samples))
+
+
+class PreparedCpuLaunch:
+    """One CPU launch whose arguments were checked once (CompiledBackend.prepare); it keeps the
+    tensors whose addresses it passes alive. Threads follow torch.get_num_threads() per call."""
+
+    __slots__ = ("_arguments", "_tensors", "_function")
+
+    def __init__(self, arguments: tuple, tensors: tuple):
+        self._arguments = arguments
+        self._tensors = tensors
+        self._function = load_cpu_library().nvrm_cpu_launch
+
+    def __call__(self) -> None:
+        if self._function(*self._arguments, torch.get_num_threads()) != 0:
+            _check(load_cpu_library(), 1, "CPU launch")
 
 
 # Elements per block_table row. CPU: large enough that the per-block row decode is noise, small

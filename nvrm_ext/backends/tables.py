@@ -64,6 +64,7 @@ FLAG_AMSGRAD = 1 << 8        # Adam
 FLAG_DECOUPLED = 1 << 9      # Adam: p *= 1 - lr*wd instead of L2
 FLAG_KEEP_NOISE = 1 << 10    # denoise=False (PSGD): the noise added is never removed
 FLAG_ALIGNED = 1 << 11       # every address 16-byte aligned, offset and numel multiples of 4: vector access
+                             # (read by the Triton kernel; the compiled kernels test the addresses themselves)
 
 # --- live counters (capturable mode) --------------------------------------------------------
 # float64 [T, LIVE_COLUMNS] on the parameters' device, one row per tensor: the per-parameter
@@ -77,6 +78,14 @@ L_NOISE_SCALE = 3  # its scale (a float32 value)
 L_FRESH = 4        # 1 while an SGD momentum buffer has not been used yet (FLAG_MOMENTUM_INIT)
 LIVE_COLUMNS = 5
 LIVE_STATE_KEYS = ("step", "noise_step", "noise_type", "noise_scale", "momentum_fresh")
+
+# --- weight samples -----------------------------------------------------------------------
+# After a launch a fused backend can copy a few elements of each row's parameter into a
+# [rows, SAMPLE_SIZE] tensor of the storage dtype (csrc/nvrm/update.h copy_sample): slot j < count
+# = min(numel, SAMPLE_SIZE) holds element j * (numel // count), the other slots are left as they
+# were. The optimizer keeps them to tell a rewrite of its weights from a copy of the same values
+# (optim/base.py _check_weights) without reading the tensors one by one after every step.
+SAMPLE_SIZE = 8
 
 # --- operations (one launch runs one of them on every row) ----------------------------------
 OP_SGD = 0
@@ -188,6 +197,23 @@ def commit_rows(ints: np.ndarray, floats: np.ndarray, live: np.ndarray) -> None:
     live[:, L_NOISE_TYPE] = (flags >> FLAG_NEW_TYPE_SHIFT) & 3
     live[:, L_NOISE_SCALE] = floats[:, F_NEW_SCALE]
     live[:, L_FRESH] = 0
+
+
+def sample_view(t: torch.Tensor) -> torch.Tensor:
+    """The elements of a dense tensor that a launch samples (see SAMPLE_SIZE), as a view."""
+    n = t.numel()
+    count = min(SAMPLE_SIZE, n)
+    return t.as_strided((count,), (n // count if count else 1,), t.storage_offset())
+
+
+def check_samples(samples: torch.Tensor | None, ints: torch.Tensor, dtype: torch.dtype) -> None:
+    """What a launch's `samples` argument must be (None: no samples)."""
+    if samples is None:
+        return
+    assert samples.dtype == dtype and samples.dim() == 2 and samples.shape[1] == SAMPLE_SIZE, (
+        f"samples must be a [R, {SAMPLE_SIZE}] {dtype} tensor, got {samples.dtype} {list(samples.shape)}")
+    assert samples.is_contiguous() and samples.device == ints.device, "samples must be contiguous, beside the tables"
+    assert samples.shape[0] <= ints.shape[0], f"samples has {samples.shape[0]} rows, the tables {ints.shape[0]}"
 
 
 def build_block_table(numels: list[int], offsets: list[int], block: int) -> np.ndarray:

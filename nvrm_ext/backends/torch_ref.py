@@ -103,6 +103,7 @@ class TorchBackend:
     """Per-tensor loop reading the same launch tables the fused kernels read."""
 
     name = "torch"
+    uses_alignment_flag = False
 
     @torch.no_grad()
     def run(self, op: int, rows: list, ints, floats, seed: int, *, live: torch.Tensor | None = None,

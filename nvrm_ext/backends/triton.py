@@ -25,6 +25,7 @@ BLOCK = 4096                 # elements per block_table row (one program)
 NUM_WARPS = 4
 TILE = 4 * 32 * NUM_WARPS    # elements per loop iteration: one quad per thread
 _COMMIT_ROWS = 128           # rows of live counters per program of the commit kernel
+_SAMPLE_ROWS = 64            # rows per program of the weight-sample kernel
 _COMMIT_WARPS = 4
 # Compile options of every launch (and of kernel_variants(), so reports compile what runs).
 _STEP_OPTIONS = dict(num_warps=NUM_WARPS, num_stages=1, enable_fp_fusion=False)
@@ -402,6 +403,24 @@ def _commit_kernel(ints, floats, found_inf, commit_rows, ROWS: tl.constexpr,
     tl.store(live + 4, tl.zeros([ROWS], tl.float64), mask=mask)
 
 
+@triton.jit
+def _sample_kernel(ints, samples, sample_rows, DTYPE: tl.constexpr, ROWS: tl.constexpr,
+                   SAMPLE_SIZE: tl.constexpr, INT_COLUMNS: tl.constexpr, I_PARAM: tl.constexpr,
+                   I_NUMEL: tl.constexpr):
+    """Weight records: the samples of rows 0 .. sample_rows-1 after the update (tables.SAMPLE_SIZE,
+    update.h copy_sample); slot j < min(numel, SAMPLE_SIZE) holds element j * (numel // count)."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
+    irow = ints + rows * INT_COLUMNS
+    numel = tl.load(irow + I_NUMEL, mask=rows < sample_rows, other=0)
+    count = tl.minimum(numel, SAMPLE_SIZE)
+    j = tl.arange(0, SAMPLE_SIZE).to(tl.int64)
+    mask = j[None, :] < count[:, None]
+    param = tl.load(irow + I_PARAM, mask=count > 0, other=0).to(tl.pointer_type(DTYPE))
+    element = j[None, :] * (numel // tl.maximum(count, 1))[:, None]
+    values = tl.load(param[:, None] + element, mask=mask)
+    tl.store(samples + rows[:, None] * SAMPLE_SIZE + j[None, :], values, mask=mask)
+
+
 class KernelVariant(NamedTuple):
     """One compiled form of a kernel: what triton.compile(ASTSource(fn, signature, constexprs,
     attrs), target=..., options=options) needs to build exactly what a launch runs."""
@@ -421,6 +440,7 @@ def _aligned_pointers(signature: dict) -> dict:
 _STEP_SIGNATURE = {"blocks": "*i64", "ints": "*i64", "floats": "*fp32", "seed_lo": "i32", "seed_hi": "i32",
                    "grad_scale": "*fp32", "found_inf": "*fp32"}
 _COMMIT_SIGNATURE = {"ints": "*i64", "floats": "*fp32", "found_inf": "*fp32", "commit_rows": "i64"}
+_SAMPLE_SIGNATURE = {"ints": "*i64", "samples": "*{dtype}", "sample_rows": "i64"}
 _OP_NAMES = {T.OP_SGD: "sgd", T.OP_ADAM: "adam", T.OP_NOISE: "noise"}
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
@@ -433,6 +453,11 @@ def _step_constexprs(op: int, dtype: torch.dtype, has_grad_scale: bool, has_foun
 def _commit_constexprs(has_found_inf: bool) -> dict:
     return dict(ROWS=_COMMIT_ROWS, INT_COLUMNS=T.INT_COLUMNS, FLOAT_COLUMNS=T.FLOAT_COLUMNS,
                 HAS_FOUND_INF=has_found_inf)
+
+
+def _sample_constexprs(dtype: torch.dtype) -> dict:
+    return dict(DTYPE=TL_DTYPES[dtype], ROWS=_SAMPLE_ROWS, SAMPLE_SIZE=T.SAMPLE_SIZE, INT_COLUMNS=T.INT_COLUMNS,
+                I_PARAM=T.I_PARAM, I_NUMEL=T.I_NUMEL)
 
 
 def kernel_variants() -> list[KernelVariant]:
@@ -455,6 +480,12 @@ def kernel_variants() -> list[KernelVariant]:
         signature = {**_COMMIT_SIGNATURE, **{k: "constexpr" for k in constexprs}}
         variants.append(KernelVariant("commit" + ("-found_inf" if has_found_inf else ""), _commit_kernel, signature,
                                       constexprs, _COMMIT_WARPS, _COMMIT_OPTIONS, _aligned_pointers(signature)))
+    for dtype, dtype_name in _DTYPE_NAMES.items():
+        constexprs = _sample_constexprs(dtype)
+        signature = {**{k: v.format(dtype=dtype_name) for k, v in _SAMPLE_SIGNATURE.items()},
+                     **{k: "constexpr" for k in constexprs}}
+        variants.append(KernelVariant(f"sample-{dtype_name}", _sample_kernel, signature, constexprs, _COMMIT_WARPS,
+                                      _COMMIT_OPTIONS, _aligned_pointers(signature)))
     return variants
 
 
@@ -466,18 +497,22 @@ def _int32(word: int) -> int:
 class TritonBackend:
     name = "triton"
     block_size = BLOCK
+    uses_alignment_flag = True  # FLAG_ALIGNED selects the vector path of a row
 
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> str | None:
         return unavailable_reason(device, dtype, "the Triton kernel")
 
     def launch(self, op: int, dtype: torch.dtype, ints: torch.Tensor, floats: torch.Tensor,
                blocks: torch.Tensor, seed: int, *, commit_rows: int = 0,
-               grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None) -> None:
+               grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None,
+               samples: torch.Tensor | None = None) -> None:
         """One update launch over `blocks`, then (commit_rows > 0, capturable mode) one commit
-        launch over the live counters of the first commit_rows rows. Both run on the tables'
-        device and its current stream, whichever CUDA device is current."""
+        launch over the live counters of the first commit_rows rows, then (`samples` given) one
+        launch that copies the weight samples of its rows (tables.SAMPLE_SIZE). All run on the
+        tables' device and its current stream, whichever CUDA device is current."""
         assert ints.shape[1] == T.INT_COLUMNS and floats.shape[1] == T.FLOAT_COLUMNS
         assert op != T.OP_NOISE or commit_rows == 0, "OP_NOISE launches commit no counters"
+        T.check_samples(samples, ints, dtype)
         placeholder = floats  # any pointer: the kernel does not read an absent scalar
         has_grad_scale, has_found_inf = grad_scale is not None, found_inf is not None
         grad_scale = placeholder if grad_scale is None else grad_scale
@@ -491,6 +526,9 @@ class TritonBackend:
             if commit_rows:
                 _commit_kernel[(triton.cdiv(commit_rows, _COMMIT_ROWS),)](
                     ints, floats, found_inf, commit_rows, **_commit_constexprs(has_found_inf), **_COMMIT_OPTIONS)
+            if samples is not None and samples.shape[0]:
+                _sample_kernel[(triton.cdiv(samples.shape[0], _SAMPLE_ROWS),)](
+                    ints, samples, samples.shape[0], **_sample_constexprs(dtype), **_COMMIT_OPTIONS)
 
 
 TRITON = TritonBackend()

@@ -15,6 +15,7 @@ import itertools
 import math
 import numbers
 import operator
+import struct
 import warnings
 
 import numpy as np
@@ -33,17 +34,19 @@ NOISY_PARAM_KEY = "noisy_param"  # per-parameter state, only in a state_dict tak
 NOISY_COMPENSATION_KEY = "noisy_compensation"
 NOISY_STEP_KEY = "noisy_noise_step"  # the noise step the held copies carry (noise_step itself says 0)
 NOISY_KEYS = (NOISY_PARAM_KEY, NOISY_COMPENSATION_KEY, NOISY_STEP_KEY)
-_SAMPLE_SIZE = 8  # elements per parameter remembered to tell a rewrite from a same-value copy
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the fused kernels store
 _MAX_CACHED_LAYOUTS = 32  # block tables kept per optimizer (one per bucket in steady state)
 # C-level getters for the per-tensor scans of a steady step (a Python-level loop costs several times more)
 _GRAD = operator.attrgetter("grad")
 _VERSION = operator.attrgetter("_version")
-_DTYPE_SHAPE = operator.attrgetter("dtype", "shape")
+_DTYPE = operator.attrgetter("dtype")
+_SHAPE = operator.attrgetter("shape")
 _STRIDE = torch.Tensor.stride
 _DATA_PTR = torch.Tensor.data_ptr
 _PLAIN_TENSOR = {torch.Tensor}
 _HOST_COUNTER_KEYS = T.LIVE_STATE_KEYS[:T.L_FRESH]  # what optimizer.state holds in host mode
+_DOUBLES = struct.Struct(f"{T.FLOAT_COLUMNS}d")  # a group's float row, compared bit for bit
+_DOUBLE = struct.Struct("d")
 
 
 def _is_dense(t: torch.Tensor) -> bool:
@@ -516,14 +519,11 @@ class NeuralVariableOptimizer(Optimizer):
         for bucket, backend, plan, grads, grad_pointers in work:
             ints, floats = plan.tables(grads, grad_pointers)
             if plan.live is None:
-                if plan.host_blocks is None and backend is not TORCH:
-                    plan.host_blocks = self._block_table(backend, bucket[0], ints)
-                self._launch(backend, self._op, bucket, plan.rows, ints, floats, plan.host_blocks)
-                plan.commit()
+                plan.host_launch(bucket, ints, floats)
             else:
                 self._launch_live(backend, bucket, plan, grads, ints, floats, grad_scale, found_inf)
             if not _capturing(bucket[0]):
-                plan.record_weights(versions_kept=backend is not TORCH)  # torch's in-place ops count
+                plan.record_weights()
 
     def _prepare_work(self):
         """The full path of a step: validate every gradient, bucket the parameters by (device,
@@ -555,8 +555,9 @@ class NeuralVariableOptimizer(Optimizer):
         its errors) and rebuilds."""
         layout = self._layout
         state = self.state
-        if (layout is None or state is not layout.state or not any(state.values())
-                or (list(map(id, state)), list(map(id, state.values()))) != layout.state_entries):
+        if (layout is None or state is not layout.state or len(state) != len(layout.state_keys)
+                or not all(map(operator.is_, state, layout.state_keys))
+                or not all(map(operator.is_, state.values(), layout.state_values)) or not any(state.values())):
             return None
         groups = self.param_groups
         if (len(groups) != len(layout.groups) or not all(map(operator.is_, groups, layout.groups))
@@ -575,7 +576,9 @@ class NeuralVariableOptimizer(Optimizer):
             if grad_pointers is None:
                 return None
             work.append((bucket, backend, plan, bucket_grads, grad_pointers))
-        self._sync_seed()
+        seed = self._seed  # the groups' (_sync_seed); any other value takes the full path
+        if not all(group.get(SEED_KEY) == seed for group in groups):
+            return None
         return work
 
     def _is_state_init_step(self, members: dict) -> bool:
@@ -613,7 +616,7 @@ class NeuralVariableOptimizer(Optimizer):
                       live=plan.live, grad_scale=scale, found_inf=skip)
         else:
             backend.launch(self._op, dtype, plan.device_ints, plan.device_floats, plan.blocks, self._seed,
-                           commit_rows=len(plan.params), grad_scale=scale, found_inf=skip)
+                           commit_rows=len(plan.params), grad_scale=scale, found_inf=skip, samples=plan.samples)
         if scale is not None:
             plan.write_back_converted(grads, skip)
         plan.release_grads()
@@ -650,10 +653,11 @@ class NeuralVariableOptimizer(Optimizer):
                 tuple((gid, self._state_signature(group)) for gid, group in groups.items()))
 
     def _launch(self, backend, op: int, bucket, rows, ints: np.ndarray, floats: np.ndarray,
-                blocks=None) -> None:
+                blocks=None, *, commit_rows: int = 0, samples=None) -> None:
         """One launch over the rows of one bucket. `rows`: what the torch backend reads per row,
         or a function that makes them (the fused backends never need them); `blocks`: the block
-        table, where the caller keeps it."""
+        table, where the caller keeps it; `commit_rows`, `samples`: see CompiledBackend.launch
+        (fused backends only)."""
         if len(ints) == 0:
             return
         if backend is TORCH:
@@ -662,7 +666,8 @@ class NeuralVariableOptimizer(Optimizer):
         device, dtype = bucket
         if blocks is None:
             blocks = self._block_table(backend, device, ints)
-        backend.launch(op, dtype, T.to_device(ints, device), T.to_device(floats, device), blocks, self._seed)
+        backend.launch(op, dtype, T.to_device(ints, device), T.to_device(floats, device), blocks, self._seed,
+                       commit_rows=commit_rows, samples=samples)
 
     def _block_table(self, backend, device: torch.device, ints: np.ndarray) -> torch.Tensor:
         """The block table of these rows' sizes and offsets on `device`, cached per layout."""
@@ -824,7 +829,7 @@ class NeuralVariableOptimizer(Optimizer):
         counter, storage address and a few of its values (taken on the device, no sync)."""
         self._spill_records()
         tensors = [_local(p) for p in params] if tensors is None else tensors
-        views = [_sample_view(t) for t in tensors]
+        views = [T.sample_view(t) for t in tensors]
         by_bucket: dict = {}
         for row, t in enumerate(tensors):
             by_bucket.setdefault((t.device, t.dtype), []).append(row)
@@ -894,12 +899,12 @@ def _samples_differ(tensors, recorded) -> list:
     out = [True] * len(tensors)
     buckets: dict = {}
     for i, (t, r) in enumerate(zip(tensors, recorded)):
-        if t.dtype == r.dtype and t.numel() and min(_SAMPLE_SIZE, t.numel()) == r.numel():
+        if t.dtype == r.dtype and t.numel() and min(T.SAMPLE_SIZE, t.numel()) == r.numel():
             buckets.setdefault((t.device, t.dtype), []).append(i)
         elif not t.numel() and not r.numel():
             out[i] = False
     for (device, _), rows in buckets.items():
-        now = torch.cat([_sample_view(tensors[i]) for i in rows])
+        now = torch.cat([T.sample_view(tensors[i]) for i in rows])
         then = torch.cat([recorded[i].to(device) for i in rows])
         flags = (_bits(now) != _bits(then)).tolist()
         position = 0
@@ -930,13 +935,6 @@ def _number(value):
 
 
 _NO_RECORD = (None, None, 0, 0)
-
-
-def _sample_view(t: torch.Tensor) -> torch.Tensor:
-    """Up to _SAMPLE_SIZE elements spread evenly over a dense tensor's storage span (a view)."""
-    n = t.numel()
-    count = min(_SAMPLE_SIZE, n)
-    return t.as_strided((count,), (max(n // max(count, 1), 1),), t.storage_offset())
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -972,7 +970,8 @@ class _StepLayout:
     def __init__(self, opt: NeuralVariableOptimizer, bucket_rows: list, work: list):
         self.state = opt.state
         # which state dict each parameter has (the plans hold the dicts), read without hashing a tensor
-        self.state_entries = (list(map(id, opt.state)), list(map(id, opt.state.values())))
+        self.state_keys = list(opt.state)
+        self.state_values = list(opt.state.values())
         self.groups = list(opt.param_groups)
         self.lengths = [len(group["params"]) for group in self.groups]
         self.params = opt._flat_params()  # a row's key is its position here
@@ -1036,23 +1035,47 @@ class _BucketPlan:
         self.static_ints, _ = T.build_rows(plans)
         self.row_tensors = [(plan.param, plan.states, plan.compensation) for plan in plans]
         self.param_tensors = [plan.param for plan in plans]  # the local tensors (DTensor shards)
-        self._sample_views = [_sample_view(t) for t in self.param_tensors]
-        self.weights_record = None  # (version counters, samples) after our last step
+        device, dtype = plans[0].param.device, plans[0].param.dtype
+        # weight samples after each step (tables.SAMPLE_SIZE): a fused launch copies them into
+        # self.samples itself (kept for the plan's life, so a captured graph's replays refresh
+        # them too); the torch backend gathers views. Row r's sample starts at _sample_starts[r].
+        counts = [min(T.SAMPLE_SIZE, t.numel()) for t in self.param_tensors]
+        if backend is TORCH:
+            self.samples = None
+            self._sample_views = [T.sample_view(t) for t in self.param_tensors]
+            self._sample_starts = np.cumsum([0] + counts[:-1]).tolist()
+        else:
+            self.samples = torch.zeros((len(plans), T.SAMPLE_SIZE), dtype=dtype, device=device)
+            self._flat_samples = self.samples.view(-1)
+            self._sample_views = None
+            self._sample_starts = list(range(0, len(plans) * T.SAMPLE_SIZE, T.SAMPLE_SIZE))
+        self._sample_counts = counts
+        self.weights_record = None  # (version counters, flat samples) after our last step
+        # Host mode on the CPU (the compiled library, or Triton's interpreter): host memory is
+        # the kernel's memory, so the kernel resolves and commits the counters itself (as in
+        # capturable mode) from the plan's float64 mirror of the state dicts (_counters);
+        # elsewhere tables.resolve_rows / commit_rows do it here.
+        self._kernel_resolves = not opt._capturable and backend is not TORCH and device.type == "cpu"
+        self._live_offsets = np.arange(len(plans), dtype=np.int64) * (T.LIVE_COLUMNS * 8)
         self._versions_read = None  # the counters weights_unchanged() read during this step
         self._converted = [None] * len(plans)  # gradients in another dtype or layout, converted
         self._grads = None
         self._pending = None
         self.host_blocks = None  # host mode: the block table of the fused launch (sizes are fixed)
         self.state_signatures = [opt._state_signature(group) for group in self.groups]
-        # what steady_grad_pointers compares: the parameters' (dtype, shape), strides, addresses;
+        # what steady_grad_pointers compares: the parameters' dtype, shapes, strides, addresses;
         # None for DTensor parameters, whose local shards take the full path at every step
         self._steady_meta = None if any(map(_is_dtensor, self.params)) else (
-            list(map(_DTYPE_SHAPE, self.param_tensors)), list(map(_STRIDE, self.param_tensors)),
+            {dtype}, list(map(_SHAPE, self.param_tensors)), list(map(_STRIDE, self.param_tensors)),
             self.static_ints[:, T.I_PARAM].tolist())
         self._static_alignment = T.alignment_flags(self.static_ints)  # the gradient address (0) aside
         self._group_key = None     # the groups' hyperparameters behind self._group_tables
         self._group_tables = None  # (ints, floats, new scales) before the per-step columns
         self._committed = None     # host mode: (counter columns written by commit(), their array)
+        self._host_tables = None   # host mode: (the group tables they were made from, ints, floats)
+        self._bound_live = None    # host mode on the CPU: the counter mirror whose rows I_LIVE points to
+        self._prepared = None      # host mode on the CPU: (the host tables, seed, their prepared launch)
+        self._fresh = bool(self.momentum_init.any())  # some momentum buffer not used yet
         self.live = None
         if opt._capturable:
             self._init_live(plans[0].param.device)
@@ -1162,26 +1185,27 @@ class _BucketPlan:
         self._versions_read = list(map(_VERSION, self.param_tensors))
         return self.weights_record is not None and self._versions_read == self.weights_record[0]
 
-    def record_weights(self, versions_kept: bool = False) -> None:
-        """Remember how our step left the weights: version counters and samples (one gather).
-        `versions_kept`: the step wrote the parameters through raw addresses only (a fused
-        backend), which leaves the counters weights_unchanged() read as they were."""
-        versions = self._versions_read if versions_kept else None
+    def record_weights(self) -> None:
+        """Remember how our step left the weights: version counters and samples. A fused launch
+        wrote the parameters through raw addresses only, which leaves the counters
+        weights_unchanged() read as they were, and copied the samples itself; the torch
+        backend's in-place ops advanced the counters, and its samples are gathered here."""
+        versions = self._versions_read if self.samples is not None else None
         if versions is None:
             versions = list(map(_VERSION, self.param_tensors))
         self._versions_read = None
-        self.weights_record = (versions, torch.cat(self._sample_views))
+        samples = torch.cat(self._sample_views) if self.samples is None else self._flat_samples
+        self.weights_record = (versions, samples)
 
     def spill_weights_record(self, records: dict) -> None:
         """Move the plan's record into per-parameter records (NeuralVariableOptimizer._check_weights)."""
         if self.weights_record is None:
             return
         versions, samples = self.weights_record
-        start = 0
-        for p, state, view, version, address in zip(self.params, self.states, self._sample_views, versions,
-                                                    self.static_ints[:, T.I_PARAM].tolist()):
-            records[id(p)] = ((id(state), version, address), samples, start, view.numel())
-            start += view.numel()
+        for p, state, start, count, version, address in zip(
+                self.params, self.states, self._sample_starts, self._sample_counts, versions,
+                self.static_ints[:, T.I_PARAM].tolist()):
+            records[id(p)] = ((id(state), version, address), samples, start, count)
         self.weights_record = None
 
     # ------------------------------------------------------------------ every step
@@ -1215,10 +1239,10 @@ class _BucketPlan:
         gradient would then have to keep the old layout to pass the check above."""
         if self._steady_meta is None:
             return None
-        dtype_shapes, strides, addresses = self._steady_meta
+        dtypes, shapes, strides, addresses = self._steady_meta
         try:
-            if (set(map(type, grads)) != _PLAIN_TENSOR or list(map(_DTYPE_SHAPE, grads)) != dtype_shapes
-                    or list(map(_STRIDE, grads)) != strides):
+            if (set(map(type, grads)) != _PLAIN_TENSOR or set(map(_DTYPE, grads)) != dtypes
+                    or list(map(_SHAPE, grads)) != shapes or list(map(_STRIDE, grads)) != strides):
                 return None
         except RuntimeError:  # sparse gradients have no strides
             return None
@@ -1226,59 +1250,91 @@ class _BucketPlan:
         if (list(map(_DATA_PTR, params)) != addresses
                 or [self.opt._state_signature(group) for group in self.groups] != self.state_signatures):
             return None
-        return list(map(_DATA_PTR, grads))
+        return np.fromiter(map(_DATA_PTR, grads), np.int64, len(grads))
 
     def tables(self, grads, grad_pointers=None):
         """The int64 and float32 tables of this step (host numpy). Host mode: resolved from
-        the counters in `optimizer.state`; capturable mode: the kernel resolves them.
-        `grad_pointers`: the gradients' addresses where steady_grad_pointers vouched for them;
-        otherwise gradients in another dtype or layout than their parameter are converted."""
+        the counters in `optimizer.state` (by the kernel itself on the CPU), in two arrays kept
+        for the plan's life and rewritten in place (a host-mode launch reads or copies them
+        before it returns); capturable mode: fresh arrays, which upload() compares with the
+        last ones, and the kernel resolves the counters. `grad_pointers`: the gradients'
+        addresses where steady_grad_pointers vouched for them; otherwise gradients in another
+        dtype or layout than their parameter are converted."""
         if grad_pointers is None:
             self._grads = self._local_grads(grads)
             grad_pointers = [t.data_ptr() for t in self._grads]
         else:
-            self._grads = list(grads)
+            self._grads = grads
         group_ints, group_floats, new_scales = self._group_columns()
-        ints = group_ints.copy()
         grad_pointers = np.asarray(grad_pointers, dtype=np.int64)
+        if self.live is None:
+            if self._host_tables is None or self._host_tables[0] is not group_ints:
+                self._host_tables = (group_ints, group_ints.copy(), group_floats.copy())
+                self._bound_live = None
+            _, ints, floats = self._host_tables
+        else:
+            ints, floats = group_ints.copy(), group_floats.copy()
         ints[:, T.I_GRAD] = grad_pointers
-        # tables.alignment_flags(ints): only the gradient addresses change between steps
-        ints[:, T.I_FLAGS] |= np.where(grad_pointers % 16 == 0, self._static_alignment, 0)
-        floats = group_floats.copy()
+        if self.backend.uses_alignment_flag:  # tables.alignment_flags(ints): only the gradients' addresses change
+            ints[:, T.I_FLAGS] = group_ints[:, T.I_FLAGS] | np.where(grad_pointers % 16 == 0, self._static_alignment, 0)
         if self.live is None:
             held, live = self._counters()
-            T.resolve_rows(self.opt._op, ints, floats, live)
+            if self._kernel_resolves:
+                if live is not self._bound_live:  # a new mirror (the state dicts were changed)
+                    ints[:, T.I_LIVE] = live.ctypes.data + self._live_offsets
+                    self._bound_live = live
+            else:
+                T.resolve_rows(self.opt._op, ints, floats, live)
             self._pending = (ints, floats, live, new_scales, held)
         return ints, floats
 
+    def host_launch(self, bucket, ints: np.ndarray, floats: np.ndarray) -> None:
+        """Host mode: the launch of this step's tables (from tables()), then commit(). On the
+        CPU the launch is prepared once per table set and seed (CompiledBackend.prepare): the
+        tables stay at their addresses, so a step pays one library call, not its checks."""
+        opt, backend = self.opt, self.backend
+        if backend is not TORCH and self.host_blocks is None:
+            self.host_blocks = opt._block_table(backend, bucket[0], ints)
+        if self._kernel_resolves and backend.name == "cpu":
+            prepared = self._prepared
+            if prepared is None or prepared[0] is not self._host_tables or prepared[1] != opt._seed:
+                prepared = self._prepared = (self._host_tables, opt._seed, backend.prepare(
+                    opt._op, bucket[1], torch.from_numpy(ints), torch.from_numpy(floats), self.host_blocks,
+                    opt._seed, commit_rows=len(ints), samples=self.samples))
+            prepared[2]()
+        else:
+            opt._launch(backend, opt._op, bucket, self.rows, ints, floats, self.host_blocks,
+                        commit_rows=len(ints) if self._kernel_resolves else 0, samples=self.samples)
+        self.commit()
+
     def _group_columns(self) -> tuple:
         """The static columns with the rows' hyperparameters filled in -- flags, num_iters, the
-        float row, the new noise scale -- from each group's values. Spread over the rows only
-        when a group's values change (compared bit for bit), not at every step."""
+        float row, the new noise scale -- from each group's values, and the rows' new noise
+        types and scales as the state dicts will hold them. Spread over the rows only when a
+        group's values change (compared bit for bit), not at every step."""
         opt = self.opt
-        group_flags, group_rows, num_iters, new_types, new_scales = [], [], [], [], []
+        key = [opt._denoise]
+        rows = []
         for group in self.groups:
             flags, row = opt._group_row(group)
-            group_flags.append(flags)
-            group_rows.append(row)
+            variability = group["variability"]
+            rows.append(row)
             # variability 0: every step is a num_iters-th step (no new noise; old noise removed)
-            num_iters.append(group["num_iters"] if group["variability"] else 1)
-            new_types.append(spec.noise_type_code(group["noise_type"]))
-            new_scales.append(float(group["variability"]))
-        group_rows = np.asarray(group_rows, dtype=np.float64)
-        new_scales = np.asarray(new_scales, dtype=np.float64)
-        key = (group_flags, num_iters, new_types, opt._denoise, group_rows.tobytes(), new_scales.tobytes())
+            key.append((flags, group["num_iters"] if variability else 1, group["noise_type"],
+                        _DOUBLES.pack(*row), _DOUBLE.pack(variability)))
         if key != self._group_key:
             g = self.group_of
             ints = self.static_ints.copy()
-            ints[:, T.I_NUM_ITERS] = np.asarray(num_iters, dtype=np.int64)[g]
-            ints[:, T.I_FLAGS] = (np.asarray(group_flags, dtype=np.int64)[g]
-                                  | (np.asarray(new_types, dtype=np.int64)[g] << T.FLAG_NEW_TYPE_SHIFT)
+            ints[:, T.I_NUM_ITERS] = np.asarray([k[1] for k in key[1:]], dtype=np.int64)[g]
+            new_types = np.asarray([spec.noise_type_code(k[2]) for k in key[1:]], dtype=np.int64)[g]
+            ints[:, T.I_FLAGS] = (np.asarray([k[0] for k in key[1:]], dtype=np.int64)[g]
+                                  | (new_types << T.FLAG_NEW_TYPE_SHIFT)
                                   | (0 if opt._denoise else T.FLAG_KEEP_NOISE))  # | alignment, per step
-            floats = group_rows[g].astype(np.float32)  # rounded once
-            row_scales = new_scales[g]
+            floats = np.asarray(rows, dtype=np.float64)[g].astype(np.float32)  # rounded once
+            row_scales = np.asarray([float(group["variability"]) for group in self.groups], dtype=np.float64)[g]
             floats[:, T.F_NEW_SCALE] = row_scales
-            self._group_key, self._group_tables = key, (ints, floats, row_scales)
+            self._group_key = key
+            self._group_tables = (ints, floats, (row_scales, new_types.tolist(), row_scales.tolist()))
         return self._group_tables
 
     def _counters(self) -> tuple:
@@ -1298,16 +1354,21 @@ class _BucketPlan:
         return None, live
 
     def commit(self) -> None:
-        """Host mode: record the launched step in the per-parameter state."""
-        ints, floats, live, new_scales, held = self._pending
-        T.commit_rows(ints, floats, live)
-        live[:, T.L_NOISE_SCALE] = new_scales  # as the state holds it (commit_rows: the float32 value)
-        columns = live[:, :T.L_NOISE_SCALE].astype(np.int64).T.tolist() + [new_scales.tolist()]
+        """Host mode: record the launched step in the per-parameter state. The noise type and
+        scale each row now carries are its group's (from _group_columns); the steps come from
+        the committed counters."""
+        ints, floats, live, (new_scales, new_types, scale_values), held = self._pending
+        if not self._kernel_resolves:  # else the launch committed them into `live`
+            T.commit_rows(ints, floats, live)
+        live[:, T.L_NOISE_SCALE] = new_scales  # as the state holds it (the kernels: the float32 value)
+        columns = live[:, :T.L_NOISE_TYPE].astype(np.int64).T.tolist() + [new_types, scale_values]
         for key, values, before in zip(_HOST_COUNTER_KEYS, columns, held or [None] * len(columns)):
             if values != before:  # steps always; noise type and scale only when a group changed them
                 for _ in map(operator.setitem, self.states, itertools.repeat(key), values):
                     pass  # one write per state, looped in C
         self._committed = (columns, live)
-        self.momentum_init[:] = False
+        if self._fresh:
+            self.momentum_init[:] = False
+            self._fresh = False
         self._pending = None
         self._grads = None
