@@ -238,3 +238,26 @@ def test_seed_lives_in_every_param_group_and_old_checkpoints_still_load():
     other.param_groups[1]["nvrm_seed"] = 4
     with pytest.raises(ValueError, match="disagree on the noise seed"):
         _train(model, other, 0, 1)
+
+
+@pytest.mark.parametrize("capturable", [False, True], ids=["host", "capturable"])
+def test_a_new_seed_in_the_groups_is_refused_while_the_weights_carry_the_old_seeds_noise(capturable):
+    """Noise drawn with one seed can only be removed with it: a new nvrm_seed in every group
+    (edited, not loaded with its state) is refused before anything changes, and taken once
+    reset_noise() has declared the weights clean."""
+    model = _model(0)
+    opt = _optimizer("vsgd", model.parameters(), 77) if not capturable else \
+        KINDS["vsgd"][0](model.parameters(), seed=77, capturable=True, **KINDS["vsgd"][1])
+    _train(model, opt, 0, 2)
+    before = _full(model)
+    for group in opt.param_groups:
+        group["nvrm_seed"] = 78
+    with pytest.raises(ValueError, match="only that seed can remove"):
+        _train(model, opt, 2, 1)
+    assert _bitwise(_full(model), before)
+    with pytest.raises(ValueError, match="only that seed can remove"):
+        opt.remove_noise()
+    assert _bitwise(_full(model), before) and not opt.noise_removed
+    opt.reset_noise()  # the weights as they are are declared clean: the new seed is taken
+    _train(model, opt, 2, 1)
+    assert opt.seed == 78 and all(group["nvrm_seed"] == 78 for group in opt.param_groups)

@@ -286,8 +286,27 @@ class NeuralVariableOptimizer(Optimizer):
         if not _is_seed(seed):
             raise ValueError(f"{type(self).__name__}: invalid {SEED_KEY} {seed!r} in the param groups "
                              "(expected an integer in [0, 2**64))")
+        if seed != self._seed:
+            self._refuse_seed_change(int(seed))
         self._seed = int(seed)
         return self._seed
+
+    def _refuse_seed_change(self, seed: int) -> None:
+        """A new seed in the param groups is accepted with new per-parameter state (a loader
+        that replaced the state dicts, as ZeroRedundancyOptimizer's does) or with no noise on the
+        weights (reset_noise()). Noise that the state this optimizer tracks still carries was
+        drawn with the old seed and could not be removed with the new one: refuse, changing
+        nothing (the groups keep the new value until it is corrected)."""
+        tracked = [s for plan in self._plans.values() for s in plan.states]
+        if self._layout is not None:
+            tracked += self._layout.state_values
+        tracked_ids = {id(s) for s in tracked}
+        if any(id(s) in tracked_ids and _number(s.get("noise_step", 0)) for s in self.state.values()):
+            raise ValueError(
+                f"{type(self).__name__}: the param groups' {SEED_KEY} changed from {self._seed} to {seed} while "
+                f"the parameters carry noise drawn with {self._seed}, which only that seed can remove; set "
+                f"{SEED_KEY} back to {self._seed}, or call reset_noise() first if the weights are clean "
+                "(load_state_dict brings a seed together with its state)")
 
     @property
     def noise_removed(self) -> bool:
