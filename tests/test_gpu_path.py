@@ -116,6 +116,27 @@ def test_capturable_state_dict_copies_each_bucket_once_and_reads_no_scalar(monke
         assert torch.equal(got["momentum_buffer"], expected["momentum_buffer"])
 
 
+def test_capturable_remove_noise_copies_each_bucket_once_and_reads_no_scalar(monkeypatch):
+    """remove_noise() (and with it denoised(), the integrations' evaluation) reads the noise
+    bookkeeping with one device-to-host copy per bucket, not one sync per parameter and counter,
+    and removes the same noise as host mode."""
+    host_params, host_opt = _capturable_run(capturable=False)
+    params, opt = _capturable_run(capturable=True)
+    reads, copies = [], []
+    item, cpu = torch.Tensor.item, torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: reads.append(t) or item(t))
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda t, *a, **k: copies.append(t) or cpu(t, *a, **k))
+    opt.remove_noise()
+    monkeypatch.undo()
+    assert reads == [], f"{len(reads)} scalar reads (each a device sync on a GPU)"
+    assert len(copies) == len(opt._plans) == 2  # float32 and bfloat16 buckets
+    host_opt.remove_noise()
+    for p, q in zip(params, host_params):
+        assert torch.equal(p, q)
+    opt.restore_noise()
+    host_opt.restore_noise()
+
+
 def test_a_captured_plan_outlives_its_rebuild():
     """What a captured graph reads and writes (device tables, live counters, staging buffers,
     the old parameter storage) stays allocated after the launch data is rebuilt."""

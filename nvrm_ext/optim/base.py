@@ -337,10 +337,7 @@ class NeuralVariableOptimizer(Optimizer):
         seed = self._sync_seed()
         sd = super().state_dict()
         if self._capturable:  # live counters -> plain numbers, the host-mode format
-            rows = {}  # id(state) -> its counters, one device-to-host copy per bucket
-            for plan in self._plans.values():
-                if plan.live is not None:
-                    rows.update(zip(map(id, plan.states), plan.live.cpu().tolist()))
+            rows = self._live_rows()
             sd["state"] = {index: _host_counters(state, rows.get(id(state)))
                            for index, state in sd["state"].items()}
         if self._held is not None:
@@ -582,7 +579,7 @@ class NeuralVariableOptimizer(Optimizer):
         if (len(groups) != len(layout.groups) or not all(map(operator.is_, groups, layout.groups))
                 or [len(group["params"]) for group in groups] != layout.lengths):
             return None
-        params = [p for group in groups for p in group["params"]]
+        params = self._flat_params()
         if not all(map(operator.is_, params, layout.params)):
             return None
         grads = list(map(_GRAD, params))
@@ -732,10 +729,10 @@ class NeuralVariableOptimizer(Optimizer):
                         "call it outside the captured region")
         self._sync_seed()
         noisy = self._noisy_parameters()
-        self._check_weights([p for _, p, _ in noisy], [s for _, _, s in noisy])
+        self._check_weights([p for _, p, _, _ in noisy], [s for _, _, s, _ in noisy])
         self._held = [(p, p.detach().clone(),
                        None if state.get("compensation") is None else state["compensation"].clone())
-                      for _, p, state in noisy]
+                      for _, p, state, _ in noisy]
         self._noise_launch(noisy)
 
     @torch.no_grad()
@@ -785,44 +782,61 @@ class NeuralVariableOptimizer(Optimizer):
         if self._held is not None:  # the parameters are clean now; they will not stay so
             held = {id(p) for p, _, _ in self._held}
             return {name: t.detach().clone() if id(t) in held else t.detach() for name, t in state_dict.items()}
-        noisy = {id(p): (key, p, state) for key, p, state in self._noisy_parameters()}
-        self._check_weights([p for _, p, _ in noisy.values()], [s for _, _, s in noisy.values()])
+        noisy = {id(p): (key, p, state, noise) for key, p, state, noise in self._noisy_parameters()}
+        self._check_weights([p for _, p, _, _ in noisy.values()], [s for _, _, s, _ in noisy.values()])
         copies = []
         for name, tensor in state_dict.items():
             if id(tensor) in noisy:
-                key, _, state = noisy[id(tensor)]
+                key, _, state, noise = noisy[id(tensor)]
                 tensor = tensor.detach().clone()
                 if "compensation" in state:  # the launch rewrites it: work on a copy
                     state = {**state, "compensation": state["compensation"].clone()}
-                copies.append((key, tensor, state))
+                copies.append((key, tensor, state, noise))
             state_dict[name] = tensor.detach()
         self._noise_launch(copies)
         return state_dict
 
+    def _live_rows(self) -> dict:
+        """Capturable mode: id(state) -> that state's live counters as numbers (LIVE_STATE_KEYS
+        order), one device-to-host copy per bucket instead of one read per counter; empty in
+        host mode."""
+        rows = {}
+        for plan in self._plans.values():
+            if plan.live is not None:
+                rows.update(zip(map(id, plan.states), plan.live.cpu().tolist()))
+        return rows
+
     def _noisy_parameters(self):
-        """(key, param, state) of every parameter that has noise on it now."""
+        """(key, param, state, (noise step, type code, scale)) of every parameter that has noise
+        on it now; in capturable mode read with one copy per bucket (_live_rows)."""
+        rows = self._live_rows()
         noisy = []
         key = 0
         for group in self.param_groups:
             for p in group["params"]:
                 state = self.state.get(p)
-                if state and _number(state.get("noise_step", 0)):
-                    noisy.append((key, p, state))
+                if state:
+                    row = rows.get(id(state))
+                    noise = ((int(row[T.L_NOISE_STEP]), int(row[T.L_NOISE_TYPE]), row[T.L_NOISE_SCALE])
+                             if row is not None and isinstance(state.get("noise_step"), torch.Tensor) else
+                             (int(_number(state.get("noise_step", 0))), int(_number(state.get("noise_type", 0))),
+                              _number(state.get("noise_scale", 0.0))))
+                    if noise[0]:
+                        noisy.append((key, p, state, noise))
                 key += 1
         return noisy
 
     @_compiler.disable
     def _noise_launch(self, noisy) -> None:
-        """Subtract the noise on the given (key, param, state): one OP_NOISE launch per bucket."""
+        """Subtract the noise on the given (key, param, state, (noise step, type code, scale)):
+        one OP_NOISE launch per bucket."""
         buckets: dict = {}
-        for key, p, state in noisy:
-            code = int(_number(state["noise_type"]))
-            s = int(_number(state["noise_step"]))
+        for key, p, state, (s, code, scale) in noisy:
             plan = T.TensorPlan(
                 param=_local(p), grad=None, states=(), key=key, offset=_global_offset(p),
                 compensation=_local(state.get("compensation")), old_step=s, new_step=0,
                 flags=(code << T.FLAG_OLD_TYPE_SHIFT) | (code << T.FLAG_NEW_TYPE_SHIFT),
-                floats=_fp32([0.0] * T.F_OLD_SCALE + [_number(state["noise_scale"])] * 2))
+                floats=_fp32([0.0] * T.F_OLD_SCALE + [scale] * 2))
             buckets.setdefault((p.device, p.dtype), []).append(plan)
         for bucket, plans in buckets.items():
             ints, floats = T.build_rows(plans)
