@@ -210,19 +210,30 @@ class FirstBatch(L.Callback):
             self.weights = [p.detach().clone() for p in pl_module.parameters()]
 
 
-@pytest.mark.parametrize("load_between", [False, True])
-def test_second_fit_with_the_same_optimizer_puts_the_noise_back_or_keeps_loaded_weights(tmp_path, load_between):
+@pytest.mark.parametrize("between", ["nothing", "other weights", "clean checkpoint"])
+def test_second_fit_with_the_same_optimizer_puts_the_noise_back_or_keeps_loaded_weights(tmp_path, between):
+    """After a fit the model is clean and the optimizer holds the noisy weights. The next fit
+    starts from them; from weights loaded into the model meanwhile (kept: declared clean); and,
+    resumed from a checkpoint saved while clean (the model file clean, the optimizer state with
+    the noisy copies), from the checkpoint's noisy weights."""
     model = Tiny()
     model.reused_optimizer = model.configure_optimizers()
-    trainer(tmp_path / "a", [DenoisedEvaluation()], max_epochs=1, limit_val_batches=0).fit(model, loader())
+    first_fit = trainer(tmp_path / "a", [DenoisedEvaluation()], max_epochs=1, limit_val_batches=0)
+    first_fit.fit(model, loader())
     assert model.reused_optimizer.noise_removed  # left clean after fit
     noisy = [h.clone() for _, h, _ in model.reused_optimizer._held]
-    if load_between:  # e.g. the weights of another run: they must not be overwritten
+    fit_options = {}
+    if between == "other weights":  # e.g. the weights of another run: they must not be overwritten
         model.load_state_dict(Tiny(init_seed=9).state_dict())
+    elif between == "clean checkpoint":
+        first_fit.save_checkpoint(tmp_path / "clean.ckpt")
+        model.load_state_dict(Tiny(init_seed=9).state_dict())  # whatever the model holds: the checkpoint's come back
+        fit_options = dict(ckpt_path=tmp_path / "clean.ckpt")
     start = [p.detach().clone() for p in model.parameters()]
     first = FirstBatch()
-    trainer(tmp_path / "b", [DenoisedEvaluation(), first], max_epochs=1, limit_val_batches=0).fit(model, loader())
-    expected = start if load_between else noisy
+    trainer(tmp_path / "b", [DenoisedEvaluation(), first], max_epochs=1 if not fit_options else 2,
+            limit_val_batches=0).fit(model, loader(), **fit_options)
+    expected = start if between == "other weights" else noisy
     assert all(torch.equal(w, e) for w, e in zip(first.weights, expected))
 
 

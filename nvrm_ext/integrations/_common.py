@@ -38,9 +38,9 @@ def nvrm_optimizers(optimizers) -> list:
     return found
 
 
-# optimizer -> its parameters' version counters when an integration last removed its noise.
-# Module-wide, not per callback: a new Trainer's callback must still see that weights were
-# loaded into the model after an earlier one left it clean.
+# optimizer -> (which removal, its parameters' version counters) when an integration last removed
+# its noise. Module-wide, not per callback: a new Trainer's callback must still see that weights
+# were loaded into the model after an earlier one left it clean.
 _REMOVED_AT = weakref.WeakKeyDictionary()
 
 
@@ -50,7 +50,9 @@ class NoiseRemoval:
     Only optimizers whose noise this object removed are restored, so a caller that finds the
     weights already clean (removed by someone else, or by an earlier hook) leaves them so.
     The parameters' version counters at removal are remembered, to tell whether weights were
-    loaded into the model meanwhile (then the held noisy copies are stale).
+    loaded into the model meanwhile (then the held noisy copies are stale), and which removal it
+    was (the optimizer's _removal_id): a load_state_dict of a state saved while the noise was
+    removed brings its own noisy copies, which match the weights loaded with them.
     """
 
     def __init__(self):
@@ -60,15 +62,18 @@ class NoiseRemoval:
         for optimizer in optimizers:
             if not optimizer.noise_removed:
                 optimizer.remove_noise()
-                _REMOVED_AT[optimizer] = _versions(optimizer)
+                _REMOVED_AT[optimizer] = (optimizer._removal_id, _versions(optimizer))
                 self._removed.append(optimizer)
 
     @staticmethod
     def rewritten(optimizer) -> bool:
         """Whether a parameter of `optimizer` was written since an integration removed its
-        noise (say, a checkpoint loaded into the model): its held noisy copies are stale then."""
-        versions = _REMOVED_AT.get(optimizer)
-        return versions is not None and versions != _versions(optimizer)
+        noise (say, a checkpoint loaded into the model) and the optimizer still holds the noisy
+        copies of that removal: they are stale then. Copies loaded since (load_state_dict of a
+        state saved while removed) are not: they came with the weights."""
+        removed = _REMOVED_AT.get(optimizer)
+        return (removed is not None and removed[0] == optimizer._removal_id
+                and removed[1] != _versions(optimizer))
 
     def restore(self) -> None:
         removed, self._removed = self._removed, []

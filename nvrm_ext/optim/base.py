@@ -45,6 +45,7 @@ _STRIDE = torch.Tensor.stride
 _DATA_PTR = torch.Tensor.data_ptr
 _PLAIN_TENSOR = {torch.Tensor}
 _HOST_COUNTER_KEYS = T.LIVE_STATE_KEYS[:T.L_FRESH]  # what optimizer.state holds in host mode
+_REMOVALS = itertools.count(1)  # numbers every entry into the removed state (NeuralVariableOptimizer._removal_id)
 _DOUBLES = struct.Struct(f"{T.FLOAT_COLUMNS}d")  # a group's float row, compared bit for bit
 _DOUBLE = struct.Struct("d")
 
@@ -196,6 +197,7 @@ class NeuralVariableOptimizer(Optimizer):
         self._plans: dict = {}
         self._retired_plans: list = []  # replaced plans a captured CUDA graph may still replay
         self._held = None  # while the noise is removed: [(param, noisy copy, compensation copy | None)]
+        self._removal_id = 0  # which entry into the removed state made _held (remove_noise or a load)
         self._records: dict = {}  # param -> weights record (see _record_weights)
         self._layout = None  # the last full step's participants (_StepLayout), for _steady_work
         super().__init__(params, defaults)
@@ -250,13 +252,14 @@ class NeuralVariableOptimizer(Optimizer):
         # torch's Optimizer pickles only defaults, state and param_groups; keep the seed too
         state = super().__getstate__()
         state.update(_seed=self._seed, _backend_name=self._backend_name, _denoise=self._denoise,
-                     _capturable=self._capturable, _held=self._held)
+                     _capturable=self._capturable, _held=self._held, _removal_id=self._removal_id)
         return state
 
     def __setstate__(self, state):
         # load_state_dict passes only state and param_groups: keep the mode this optimizer has
         state.setdefault("_capturable", getattr(self, "_capturable", False))
         state.setdefault("_held", None)
+        state.setdefault("_removal_id", 0)
         super().__setstate__(state)
         for group in self.param_groups:  # pickles of format 1 kept the seed only as an attribute
             group.setdefault(SEED_KEY, self._seed)
@@ -387,6 +390,7 @@ class NeuralVariableOptimizer(Optimizer):
         self._held = None
         if held:
             self._held = []
+            self._removal_id = next(_REMOVALS)
             for index, (noisy, compensation) in held.items():
                 p = param_of[index]
                 cast = {"device": p.device, "dtype": p.dtype}
@@ -730,6 +734,7 @@ class NeuralVariableOptimizer(Optimizer):
         self._sync_seed()
         noisy = self._noisy_parameters()
         self._check_weights([p for _, p, _, _ in noisy], [s for _, _, s, _ in noisy])
+        self._removal_id = next(_REMOVALS)
         self._held = [(p, p.detach().clone(),
                        None if state.get("compensation") is None else state["compensation"].clone())
                       for _, p, state, _ in noisy]
