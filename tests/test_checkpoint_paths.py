@@ -87,6 +87,55 @@ def test_zero_redundancy_optimizer_resume_continues_bit_for_bit(kind, tmp_path):
     assert _bitwise(results[0]["reference"], results[1]["reference"])
 
 
+def _zero_clean_checkpoint_rank(rank, out_dir):
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel
+
+    from nvrm_ext.integrations.zero import denoised
+    from test_integrations_reference import clean_reference
+
+    cls, kwargs = KINDS["vsgd"]
+    model = _model(0)
+    ddp = DistributedDataParallel(model)
+    opt = ZeroRedundancyOptimizer(ddp.parameters(), optimizer_class=cls, seed=1234, **kwargs)
+    _train(ddp, opt, 0, FIRST, rank, WORLD)
+    path = os.path.join(out_dir, "clean.pt")
+    with denoised(opt):  # every rank's model clean, each local optimizer in the removed state
+        opt.consolidate_state_dict(to=0)
+        clean = _full(model)
+        if rank == 0:
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, path)
+    dist.barrier()
+    checkpoint = torch.load(path, weights_only=False)
+    resumed = _model(7)
+    ddp = DistributedDataParallel(resumed)
+    opt = ZeroRedundancyOptimizer(ddp.parameters(), optimizer_class=cls, seed=999, **kwargs)
+    resumed.load_state_dict(checkpoint["model"])
+    opt.load_state_dict(checkpoint["optimizer"])  # ZeRO's own load: the per-parameter state as saved
+    local = opt.optim
+    buffers = {p: local.state[p]["momentum_buffer"].clone() for group in local.param_groups for p in group["params"]}
+    noise_steps = [local.state[p]["noise_step"] for p in buffers]
+    _train(ddp, opt, FIRST, 1, rank, WORLD)
+    # the step started from the clean weights: clean now = clean then - lr * (momentum * buf + (1 - dampening) * g)
+    clean_now = clean_reference(local)
+    clean_then = dict(zip(resumed.parameters(), clean))
+    errors = [(clean_now[p] - (clean_then[p] - kwargs["lr"] * (kwargs["momentum"] * buffers[p]
+                                                             + (1 - kwargs["dampening"]) * p.grad))).abs().max().item()
+              for p in buffers]
+    return {"seed": local.seed, "noise_steps": noise_steps, "max_error": max(errors), "owned": len(buffers)}
+
+
+def test_zero_resumes_a_checkpoint_saved_while_clean_from_the_clean_weights(tmp_path):
+    """ZeroRedundancyOptimizer's own load keeps the state as saved: saved while the noise was
+    removed (integrations.zero.denoised), it says noise_step 0 for the clean model file beside
+    it, so the resumed step starts from the clean weights -- no noise is subtracted that is not
+    there (the noisy copies it also carries are dropped when the launch data is built)."""
+    for result in spawn(_zero_clean_checkpoint_rank, (), tmp_path):
+        assert result["seed"] == 1234 and result["owned"] > 0
+        assert result["noise_steps"] == [0] * result["owned"]
+        assert result["max_error"] < 1e-6, result
+
+
 # ---------------------------------------------------------------------- torch.distributed.checkpoint
 def _dcp_resume(kind, order, checkpoint_dir, resumed, opt):
     """Load model and optimizer the way DCP users do: targets from get_*_state_dict (which calls
