@@ -31,6 +31,55 @@ _COMMIT_WARPS = 4
 _STEP_OPTIONS = dict(num_warps=NUM_WARPS, num_stages=1, enable_fp_fusion=False)
 _COMMIT_OPTIONS = dict(num_warps=_COMMIT_WARPS, num_stages=1, enable_fp_fusion=False)
 
+# The layout names of tables.py, as the kernels read them: jit code may use module globals that
+# are tl.constexpr, which compile to the same constants as literals. Row strides (INT_COLUMNS,
+# FLOAT_COLUMNS, SAMPLE_SIZE) stay constexpr parameters of the kernels, recorded by kernel_variants().
+I_PARAM = tl.constexpr(T.I_PARAM)
+I_GRAD = tl.constexpr(T.I_GRAD)
+I_STATE0 = tl.constexpr(T.I_STATE0)
+I_STATE1 = tl.constexpr(T.I_STATE1)
+I_STATE2 = tl.constexpr(T.I_STATE2)
+I_NUMEL = tl.constexpr(T.I_NUMEL)
+I_KEY = tl.constexpr(T.I_KEY)
+I_OLD_STEP = tl.constexpr(T.I_OLD_STEP)
+I_NEW_STEP = tl.constexpr(T.I_NEW_STEP)
+I_FLAGS = tl.constexpr(T.I_FLAGS)
+I_OFFSET = tl.constexpr(T.I_OFFSET)
+I_COMP = tl.constexpr(T.I_COMP)
+I_LIVE = tl.constexpr(T.I_LIVE)
+I_NUM_ITERS = tl.constexpr(T.I_NUM_ITERS)
+F_LR = tl.constexpr(T.F_LR)
+F_WEIGHT_DECAY = tl.constexpr(T.F_WEIGHT_DECAY)
+F_MOMENTUM = tl.constexpr(T.F_MOMENTUM)
+F_MOMENTUM_COEF = tl.constexpr(T.F_MOMENTUM_COEF)
+F_BETA2 = tl.constexpr(T.F_BETA2)
+F_BETA2_COEF = tl.constexpr(T.F_BETA2_COEF)
+F_EPS = tl.constexpr(T.F_EPS)
+F_STEP_SIZE = tl.constexpr(T.F_STEP_SIZE)
+F_SQRT_BC2 = tl.constexpr(T.F_SQRT_BC2)
+F_DECAY = tl.constexpr(T.F_DECAY)
+F_OLD_SCALE = tl.constexpr(T.F_OLD_SCALE)
+F_NEW_SCALE = tl.constexpr(T.F_NEW_SCALE)
+L_STEP = tl.constexpr(T.L_STEP)
+L_NOISE_STEP = tl.constexpr(T.L_NOISE_STEP)
+L_NOISE_TYPE = tl.constexpr(T.L_NOISE_TYPE)
+L_NOISE_SCALE = tl.constexpr(T.L_NOISE_SCALE)
+L_FRESH = tl.constexpr(T.L_FRESH)
+FLAG_OLD_TYPE_SHIFT = tl.constexpr(T.FLAG_OLD_TYPE_SHIFT)
+FLAG_NEW_TYPE_SHIFT = tl.constexpr(T.FLAG_NEW_TYPE_SHIFT)
+NOISE_TYPE_MASK = tl.constexpr(3)  # a noise type field of I_FLAGS is 2 bits wide (tables.FLAG_*_TYPE_SHIFT)
+FLAG_WEIGHT_DECAY = tl.constexpr(T.FLAG_WEIGHT_DECAY)
+FLAG_MOMENTUM = tl.constexpr(T.FLAG_MOMENTUM)
+FLAG_MOMENTUM_INIT = tl.constexpr(T.FLAG_MOMENTUM_INIT)
+FLAG_NESTEROV = tl.constexpr(T.FLAG_NESTEROV)
+FLAG_AMSGRAD = tl.constexpr(T.FLAG_AMSGRAD)
+FLAG_DECOUPLED = tl.constexpr(T.FLAG_DECOUPLED)
+FLAG_KEEP_NOISE = tl.constexpr(T.FLAG_KEEP_NOISE)
+FLAG_ALIGNED = tl.constexpr(T.FLAG_ALIGNED)
+OP_SGD = tl.constexpr(T.OP_SGD)
+OP_ADAM = tl.constexpr(T.OP_ADAM)
+OP_NOISE = tl.constexpr(T.OP_NOISE)
+
 
 @triton.jit
 def _log_f32(x):
@@ -254,48 +303,49 @@ def _step_tile(tile_first, quad0, rem, lo, seed_lo, seed_hi, frow, row, addresse
     comp_ptr = _tile_ptr(comp_address, tile_first, DTYPE, ALIGNED)
     if comp_address != 0:
         p = p + tl.load(comp_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-    if OP != 2:
+    if OP != OP_NOISE:
         grad_ptr = _tile_ptr(grad_address, tile_first, DTYPE, ALIGNED)
         g = tl.load(grad_ptr + idx, mask=mask, other=0.0)
         if HAS_GRAD_SCALE:  # GradScaler's fused protocol: unscale, round, write back
             g = _to_storage(tl.div_rn(g.to(tl.float32), inv_scale), DTYPE)
             _store(grad_ptr, idx, g, mask, ALIGNED)
         g = g.to(tl.float32)
-    if OP == 0:  # SGD
+    if OP == OP_SGD:
         d = g
-        if (flags & 16) != 0:
-            d = g + tl.load(frow + 1) * p
-        if (flags & 32) != 0:
-            momentum = tl.load(frow + 2)
+        if (flags & FLAG_WEIGHT_DECAY) != 0:
+            d = g + tl.load(frow + F_WEIGHT_DECAY) * p
+        if (flags & FLAG_MOMENTUM) != 0:
+            momentum = tl.load(frow + F_MOMENTUM)
             buf_ptr = _tile_ptr(state0, tile_first, DTYPE, ALIGNED)
             if momentum_init:
                 buf = d
             else:
                 buf = momentum * tl.load(buf_ptr + idx, mask=mask, other=0.0).to(tl.float32) \
-                    + tl.load(frow + 3) * d
+                    + tl.load(frow + F_MOMENTUM_COEF) * d
             _store(buf_ptr, idx, _to_storage(buf, DTYPE), mask, ALIGNED)
-            if (flags & 128) != 0:
+            if (flags & FLAG_NESTEROV) != 0:
                 d = d + momentum * buf
             else:
                 d = buf
-        p = p - tl.load(frow + 0) * d
-    elif OP == 1:  # Adam
-        if (flags & 512) != 0:
+        p = p - tl.load(frow + F_LR) * d
+    elif OP == OP_ADAM:
+        if (flags & FLAG_DECOUPLED) != 0:
             p = p * decay
         else:
-            g = g + tl.load(frow + 1) * p
+            g = g + tl.load(frow + F_WEIGHT_DECAY) * p
         m_ptr = _tile_ptr(state0, tile_first, DTYPE, ALIGNED)
         v_ptr = _tile_ptr(state1, tile_first, DTYPE, ALIGNED)
-        m = tl.load(frow + 2) * tl.load(m_ptr + idx, mask=mask, other=0.0).to(tl.float32) + tl.load(frow + 3) * g
-        v = tl.load(frow + 4) * tl.load(v_ptr + idx, mask=mask, other=0.0).to(tl.float32) \
-            + (tl.load(frow + 5) * g) * g
+        m = tl.load(frow + F_MOMENTUM) * tl.load(m_ptr + idx, mask=mask, other=0.0).to(tl.float32) \
+            + tl.load(frow + F_MOMENTUM_COEF) * g
+        v = tl.load(frow + F_BETA2) * tl.load(v_ptr + idx, mask=mask, other=0.0).to(tl.float32) \
+            + (tl.load(frow + F_BETA2_COEF) * g) * g
         _store(m_ptr, idx, _to_storage(m, DTYPE), mask, ALIGNED)
         _store(v_ptr, idx, _to_storage(v, DTYPE), mask, ALIGNED)
-        if (flags & 256) != 0:
+        if (flags & FLAG_AMSGRAD) != 0:
             vmax_ptr = _tile_ptr(state2, tile_first, DTYPE, ALIGNED)
             v = _maximum_nan(tl.load(vmax_ptr + idx, mask=mask, other=0.0).to(tl.float32), v)
             _store(vmax_ptr, idx, _to_storage(v, DTYPE), mask, ALIGNED)
-        denom = tl.div_rn(tl.sqrt_rn(v), sqrt_bc2) + tl.load(frow + 6)
+        denom = tl.div_rn(tl.sqrt_rn(v), sqrt_bc2) + tl.load(frow + F_EPS)
         p = p - step_size * tl.div_rn(m, denom)
 
     # Philox counters of the tile's quads: (lo32, hi32) of quad0 + q, with the carry
@@ -327,46 +377,46 @@ def _nvrm_kernel(blocks, ints, floats, seed_lo, seed_hi, grad_scale, found_inf,
     start = tl.load(blocks + 2 * pid + 1)
     irow = ints + row * INT_COLUMNS
     frow = floats + row * FLOAT_COLUMNS
-    numel = tl.load(irow + 5)
-    key = tl.load(irow + 6)
-    old_step = tl.load(irow + 7)
-    new_step = tl.load(irow + 8)
-    flags = tl.load(irow + 9)
-    offset = tl.load(irow + 10)
-    old_type = flags & 3
-    old_scale = tl.load(frow + 10)
-    momentum_init = (flags & 64) != 0
-    step_size = tl.load(frow + 7)
-    sqrt_bc2 = tl.load(frow + 8)
-    decay = tl.load(frow + 9)
-    live_address = tl.load(irow + 12)
+    numel = tl.load(irow + I_NUMEL)
+    key = tl.load(irow + I_KEY)
+    old_step = tl.load(irow + I_OLD_STEP)
+    new_step = tl.load(irow + I_NEW_STEP)
+    flags = tl.load(irow + I_FLAGS)
+    offset = tl.load(irow + I_OFFSET)
+    old_type = (flags >> FLAG_OLD_TYPE_SHIFT) & NOISE_TYPE_MASK
+    old_scale = tl.load(frow + F_OLD_SCALE)
+    momentum_init = (flags & FLAG_MOMENTUM_INIT) != 0
+    step_size = tl.load(frow + F_STEP_SIZE)
+    sqrt_bc2 = tl.load(frow + F_SQRT_BC2)
+    decay = tl.load(frow + F_DECAY)
+    live_address = tl.load(irow + I_LIVE)
     if live_address != 0:  # capturable mode: resolve the row from its live counters (update.h resolve_live)
         live = live_address.to(tl.pointer_type(tl.float64))
-        t = tl.load(live + 0).to(tl.int64) + 1
-        new_step = _new_step_after(t, tl.load(irow + 13))
-        old_step = tl.load(live + 1).to(tl.int64)
-        old_type = tl.load(live + 2).to(tl.int64)
-        old_scale = tl.load(live + 3).to(tl.float32)
-        momentum_init = tl.load(live + 4) != 0.0
-        if OP == 1:  # float64 division and sqrt are IEEE-rounded (div.rn.f64, sqrt.rn.f64)
-            lr = tl.load(frow + 0).to(tl.float64)
-            step_size = (lr / (1.0 - _power(tl.load(frow + 2).to(tl.float64), t))).to(tl.float32)
-            sqrt_bc2 = tl.sqrt(1.0 - _power(tl.load(frow + 4).to(tl.float64), t)).to(tl.float32)
-            decay = (1.0 - lr * tl.load(frow + 1).to(tl.float64)).to(tl.float32)
+        t = tl.load(live + L_STEP).to(tl.int64) + 1
+        new_step = _new_step_after(t, tl.load(irow + I_NUM_ITERS))
+        old_step = tl.load(live + L_NOISE_STEP).to(tl.int64)
+        old_type = tl.load(live + L_NOISE_TYPE).to(tl.int64)
+        old_scale = tl.load(live + L_NOISE_SCALE).to(tl.float32)
+        momentum_init = tl.load(live + L_FRESH) != 0.0
+        if OP == OP_ADAM:  # float64 division and sqrt are IEEE-rounded (div.rn.f64, sqrt.rn.f64)
+            lr = tl.load(frow + F_LR).to(tl.float64)
+            step_size = (lr / (1.0 - _power(tl.load(frow + F_MOMENTUM).to(tl.float64), t))).to(tl.float32)
+            sqrt_bc2 = tl.sqrt(1.0 - _power(tl.load(frow + F_BETA2).to(tl.float64), t)).to(tl.float32)
+            decay = (1.0 - lr * tl.load(frow + F_WEIGHT_DECAY).to(tl.float64)).to(tl.float32)
     inv_scale = 1.0
     if HAS_GRAD_SCALE:
         inv_scale = tl.load(grad_scale)
-    row_scalars = (key, old_step, old_type, old_scale, new_step, (flags >> 2) & 3, tl.load(frow + 11), flags,
+    new_type = (flags >> FLAG_NEW_TYPE_SHIFT) & NOISE_TYPE_MASK
+    row_scalars = (key, old_step, old_type, old_scale, new_step, new_type, tl.load(frow + F_NEW_SCALE), flags,
                    momentum_init, step_size, sqrt_bc2, decay, inv_scale)
-    # param, compensation, grad, state0..2 (tables.I_PARAM, I_COMP, I_GRAD, I_STATE0..2)
-    addresses = (tl.load(irow + 0), tl.load(irow + 11), tl.load(irow + 1), tl.load(irow + 2), tl.load(irow + 3),
-                 tl.load(irow + 4))
+    addresses = (tl.load(irow + I_PARAM), tl.load(irow + I_COMP), tl.load(irow + I_GRAD), tl.load(irow + I_STATE0),
+                 tl.load(irow + I_STATE1), tl.load(irow + I_STATE2))
 
     first = start - offset                      # local index of the block's first element (>= -3)
     end = tl.minimum(numel - first, BLOCK)      # the block's elements run over [first, first + end)
     if HAS_FOUND_INF:  # a skipped step writes nothing
         end = tl.where(tl.load(found_inf) == 0.0, end, 0)
-    aligned = (flags & 2048) != 0
+    aligned = (flags & FLAG_ALIGNED) != 0
     for base in range(0, end, TILE):
         tile_first = first + base
         rem = (end - base).to(tl.int32)
@@ -390,23 +440,23 @@ def _commit_kernel(ints, floats, found_inf, commit_rows, ROWS: tl.constexpr,
         commit_rows = tl.where(tl.load(found_inf) == 0.0, commit_rows, 0)
     mask = rows < commit_rows
     irow = ints + rows * INT_COLUMNS
-    live_address = tl.load(irow + 12, mask=mask, other=0)
+    live_address = tl.load(irow + I_LIVE, mask=mask, other=0)
     mask = mask & (live_address != 0)
     live = live_address.to(tl.pointer_type(tl.float64))
-    flags = tl.load(irow + 9, mask=mask, other=0)
-    t = tl.load(live + 0, mask=mask, other=0.0).to(tl.int64) + 1
-    new_step = _new_step_after(t, tl.load(irow + 13, mask=mask, other=1))
-    tl.store(live + 0, t.to(tl.float64), mask=mask)
-    tl.store(live + 1, tl.where((flags & 1024) != 0, 0, new_step).to(tl.float64), mask=mask)
-    tl.store(live + 2, ((flags >> 2) & 3).to(tl.float64), mask=mask)
-    tl.store(live + 3, tl.load(floats + rows * FLOAT_COLUMNS + 11, mask=mask, other=0.0).to(tl.float64), mask=mask)
-    tl.store(live + 4, tl.zeros([ROWS], tl.float64), mask=mask)
+    flags = tl.load(irow + I_FLAGS, mask=mask, other=0)
+    t = tl.load(live + L_STEP, mask=mask, other=0.0).to(tl.int64) + 1
+    new_step = _new_step_after(t, tl.load(irow + I_NUM_ITERS, mask=mask, other=1))
+    tl.store(live + L_STEP, t.to(tl.float64), mask=mask)
+    tl.store(live + L_NOISE_STEP, tl.where((flags & FLAG_KEEP_NOISE) != 0, 0, new_step).to(tl.float64), mask=mask)
+    tl.store(live + L_NOISE_TYPE, ((flags >> FLAG_NEW_TYPE_SHIFT) & NOISE_TYPE_MASK).to(tl.float64), mask=mask)
+    new_scale = tl.load(floats + rows * FLOAT_COLUMNS + F_NEW_SCALE, mask=mask, other=0.0)
+    tl.store(live + L_NOISE_SCALE, new_scale.to(tl.float64), mask=mask)
+    tl.store(live + L_FRESH, tl.zeros([ROWS], tl.float64), mask=mask)
 
 
 @triton.jit
 def _sample_kernel(ints, samples, sample_rows, DTYPE: tl.constexpr, ROWS: tl.constexpr,
-                   SAMPLE_SIZE: tl.constexpr, INT_COLUMNS: tl.constexpr, I_PARAM: tl.constexpr,
-                   I_NUMEL: tl.constexpr):
+                   SAMPLE_SIZE: tl.constexpr, INT_COLUMNS: tl.constexpr):
     """Weight records: the samples of rows 0 .. sample_rows-1 after the update (tables.SAMPLE_SIZE,
     update.h copy_sample); slot j < min(numel, SAMPLE_SIZE) holds element j * (numel // count)."""
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
@@ -456,8 +506,7 @@ def _commit_constexprs(has_found_inf: bool) -> dict:
 
 
 def _sample_constexprs(dtype: torch.dtype) -> dict:
-    return dict(DTYPE=TL_DTYPES[dtype], ROWS=_SAMPLE_ROWS, SAMPLE_SIZE=T.SAMPLE_SIZE, INT_COLUMNS=T.INT_COLUMNS,
-                I_PARAM=T.I_PARAM, I_NUMEL=T.I_NUMEL)
+    return dict(DTYPE=TL_DTYPES[dtype], ROWS=_SAMPLE_ROWS, SAMPLE_SIZE=T.SAMPLE_SIZE, INT_COLUMNS=T.INT_COLUMNS)
 
 
 def kernel_variants() -> list[KernelVariant]:

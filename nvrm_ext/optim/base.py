@@ -1032,11 +1032,14 @@ class _BucketPlan:
     step counters, flags, hyperparameters -- and they are written with numpy, so the host cost
     of a step is a few microseconds per tensor.
 
-    Host mode: the counters live in `optimizer.state`; each step resolves them into the tables
-    (tables.resolve_rows) and commits them after the launch. Capturable mode: they live in
-    `self.live` on the device (the state holds views of it), the tables stay on the device and
-    the kernel resolves and commits the counters itself, so a step needs nothing from the host
-    and can be captured in a CUDA graph.
+    Host mode: the counters live in `optimizer.state`; each step reads them (a float64 mirror,
+    reused while the dicts hold what the last step wrote), resolves them into the tables
+    (tables.resolve_rows; on the CPU the kernel does it from the mirror) and commits them
+    after the launch. Capturable mode: they live in `self.live` on the device (the state holds
+    views of it), the tables stay on the device and the kernel resolves and commits the
+    counters itself, so a step needs nothing from the host and can be captured in a CUDA graph.
+    Either way the launch also copies a few elements of every parameter (tables.SAMPLE_SIZE),
+    which the weight records keep (record_weights).
     """
 
     def __init__(self, opt: NeuralVariableOptimizer, members, backend):
