@@ -449,8 +449,8 @@ def _commit_kernel(ints, floats, found_inf, commit_rows, ROWS: tl.constexpr,
     tl.store(live + L_STEP, t.to(tl.float64), mask=mask)
     tl.store(live + L_NOISE_STEP, tl.where((flags & FLAG_KEEP_NOISE) != 0, 0, new_step).to(tl.float64), mask=mask)
     tl.store(live + L_NOISE_TYPE, ((flags >> FLAG_NEW_TYPE_SHIFT) & NOISE_TYPE_MASK).to(tl.float64), mask=mask)
-    new_scale = tl.load(floats + rows * FLOAT_COLUMNS + F_NEW_SCALE, mask=mask, other=0.0)
-    tl.store(live + L_NOISE_SCALE, new_scale.to(tl.float64), mask=mask)
+    tl.store(live + L_NOISE_SCALE,
+             tl.load(floats + rows * FLOAT_COLUMNS + F_NEW_SCALE, mask=mask, other=0.0).to(tl.float64), mask=mask)
     tl.store(live + L_FRESH, tl.zeros([ROWS], tl.float64), mask=mask)
 
 

@@ -24,17 +24,19 @@ from ..backends.tables import build_block_table, to_device
 
 BLOCK = 1024
 
-# int64 pointer-table columns (one row per tensor)
-I_PARAM = 0        # the parameter, overwritten with theta + delta (perturb) or theta (restore)
-I_UNPERTURBED = 1  # theta: written by the first perturbation of a step, read afterwards
-I_SOURCE = 2       # what delta is proportional to: the gradient or the accumulated perturbation
-I_NORM = 3         # float32 scalar: the source's L2 norm
-I_NUMEL = 4
+# int64 pointer-table columns (one row per tensor). The column names are tl.constexpr, so the
+# kernels read them as compile-time constants (and numpy indexes with them); the row strides
+# INT_COLUMNS / FLOAT_COLUMNS are plain ints, passed to the kernels as constexpr parameters.
+I_PARAM = tl.constexpr(0)        # the parameter, overwritten with theta + delta (perturb) or theta (restore)
+I_UNPERTURBED = tl.constexpr(1)  # theta: written by the first perturbation of a step, read afterwards
+I_SOURCE = tl.constexpr(2)       # what delta is proportional to: the gradient or the accumulated perturbation
+I_NORM = tl.constexpr(3)         # float32 scalar: the source's L2 norm
+I_NUMEL = tl.constexpr(4)
 INT_COLUMNS = 5
 
 # float32 table columns
-F_EPSILON = 0      # radius of the perturbation ball of this tensor
-F_SCALE = 1        # delta = clip(scale * source): inner_lr for a gradient, 1 otherwise
+F_EPSILON = tl.constexpr(0)      # radius of the perturbation ball of this tensor
+F_SCALE = tl.constexpr(1)        # delta = clip(scale * source): inner_lr for a gradient, 1 otherwise
 FLOAT_COLUMNS = 2
 
 _TL_DTYPES = triton_support.TL_DTYPES
@@ -55,20 +57,20 @@ def _clip_and_perturb_kernel(blocks, ints, floats, tiny, FIRST: tl.constexpr, DT
     start = tl.load(blocks + 2 * pid + 1)
     irow = ints + row * INT_COLUMNS
     frow = floats + row * FLOAT_COLUMNS
-    numel = tl.load(irow + 4)  # column offsets: I_* and F_* above (jit code cannot read them)
+    numel = tl.load(irow + I_NUMEL)
     index = start + tl.arange(0, BLOCK).to(tl.int64)
     mask = index < numel
 
-    norm = tl.load(tl.load(irow + 3).to(tl.pointer_type(tl.float32)))  # I_NORM
-    epsilon = tl.load(frow + 0)  # F_EPSILON
-    scale = tl.load(frow + 1)  # F_SCALE
+    norm = tl.load(tl.load(irow + I_NORM).to(tl.pointer_type(tl.float32)))
+    epsilon = tl.load(frow + F_EPSILON)
+    scale = tl.load(frow + F_SCALE)
     denominator = scale * norm + tiny
     factor = tl.minimum(epsilon * tl.div_rn(1.0, denominator), 1.0) * scale
 
-    source = tl.load(tl.load(irow + 2).to(tl.pointer_type(DTYPE)) + index, mask=mask, other=0.0)
+    source = tl.load(tl.load(irow + I_SOURCE).to(tl.pointer_type(DTYPE)) + index, mask=mask, other=0.0)
     delta = (factor * source.to(tl.float32)).to(DTYPE)
-    param_ptr = tl.load(irow + 0).to(tl.pointer_type(DTYPE))
-    unperturbed_ptr = tl.load(irow + 1).to(tl.pointer_type(DTYPE))
+    param_ptr = tl.load(irow + I_PARAM).to(tl.pointer_type(DTYPE))
+    unperturbed_ptr = tl.load(irow + I_UNPERTURBED).to(tl.pointer_type(DTYPE))
     if FIRST:
         base = tl.load(param_ptr + index, mask=mask, other=0.0)
         tl.store(unperturbed_ptr + index, base, mask=mask)
@@ -84,11 +86,11 @@ def _restore_kernel(blocks, ints, DTYPE: tl.constexpr, BLOCK: tl.constexpr, INT_
     row = tl.load(blocks + 2 * pid)
     start = tl.load(blocks + 2 * pid + 1)
     irow = ints + row * INT_COLUMNS
-    numel = tl.load(irow + 4)
+    numel = tl.load(irow + I_NUMEL)
     index = start + tl.arange(0, BLOCK).to(tl.int64)
     mask = index < numel
-    unperturbed = tl.load(tl.load(irow + 1).to(tl.pointer_type(DTYPE)) + index, mask=mask)
-    tl.store(tl.load(irow + 0).to(tl.pointer_type(DTYPE)) + index, unperturbed, mask=mask)
+    unperturbed = tl.load(tl.load(irow + I_UNPERTURBED).to(tl.pointer_type(DTYPE)) + index, mask=mask)
+    tl.store(tl.load(irow + I_PARAM).to(tl.pointer_type(DTYPE)) + index, unperturbed, mask=mask)
 
 
 def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -134,8 +136,9 @@ class TritonAMPEngine:
         sources = [s if s.is_contiguous() else s.contiguous() for s in sources]
         norms = [n if n.dtype == torch.float32 else n.float() for n in norms]
         ints = self._pointer_table(params, unperturbed, sources, norms)
-        floats = np.stack([np.asarray(epsilons, dtype=np.float32),
-                           np.asarray(scales, dtype=np.float32)], axis=1)
+        floats = np.zeros((len(params), FLOAT_COLUMNS), dtype=np.float32)
+        floats[:, F_EPSILON] = np.asarray(epsilons, dtype=np.float32)
+        floats[:, F_SCALE] = np.asarray(scales, dtype=np.float32)
         blocks = self._blocks(device, tuple(p.numel() for p in params))
         if blocks.shape[0] == 0:
             return
