@@ -111,8 +111,8 @@ int launch_threads(const int64_t* ints, const int64_t* blocks, int64_t num_block
   const int64_t least = min_elements_per_thread.load(std::memory_order_relaxed);
   int64_t elements = 0;
   for (int64_t b = 0; b < num_blocks && elements < wanted * least; ++b) {
-    const int64_t* row = ints + blocks[2 * b] * nvrm::kIntColumns;
-    const int64_t start = blocks[2 * b + 1];
+    const int64_t* row = ints + blocks[nvrm::kBlockColumns * b + nvrm::kBlockRow] * nvrm::kIntColumns;
+    const int64_t start = blocks[nvrm::kBlockColumns * b + nvrm::kBlockStart];
     const int64_t offset = row[nvrm::kIntOffset];
     elements += std::min(start + block_size, offset + row[nvrm::kIntNumel]) - std::max(start, offset);
   }
@@ -152,14 +152,16 @@ __attribute__((visibility("default"))) const char* nvrm_last_error(void) {
 
 // The table layout compiled in, for the loader to compare with nvrm_ext/backends/tables.py:
 // INT_COLUMNS, FLOAT_COLUMNS, the seven flag bits, OP_SGD, OP_ADAM, OP_NOISE, then the live
-// counters: I_LIVE, I_NUM_ITERS, LIVE_COLUMNS; then SAMPLE_SIZE.
+// counters: I_LIVE, I_NUM_ITERS, LIVE_COLUMNS; then SAMPLE_SIZE, the block table's B_ROW, B_START,
+// BLOCK_COLUMNS and NOISE_TYPE_MASK.
 __attribute__((visibility("default"))) int nvrm_table_layout(int64_t* out, int capacity) {
   const int64_t layout[] = {nvrm::kIntColumns,     nvrm::kFloatColumns,  nvrm::kFlagWeightDecay,
                             nvrm::kFlagMomentum,   nvrm::kFlagMomentumInit, nvrm::kFlagNesterov,
                             nvrm::kFlagAmsgrad,    nvrm::kFlagDecoupled, nvrm::kFlagKeepNoise,
                             nvrm::kOpSgd,          nvrm::kOpAdam,        nvrm::kOpNoise,
                             nvrm::kIntLive,        nvrm::kIntNumIters,   nvrm::kLiveColumns,
-                            nvrm::kSampleSize};
+                            nvrm::kSampleSize,     nvrm::kBlockRow,      nvrm::kBlockStart,
+                            nvrm::kBlockColumns,   nvrm::kNoiseTypeMask};
   const int count = static_cast<int>(sizeof layout / sizeof layout[0]);
   for (int i = 0; i < count && i < capacity; ++i) out[i] = layout[i];
   return count;

@@ -344,10 +344,10 @@ template <typename S>
 void run(int op, const int64_t* ints, const float* floats, const int64_t* blocks, int64_t first,
          int64_t last, int64_t block_size, uint64_t seed, const float* grad_scale) {
   for (int64_t b = first; b < last; ++b) {
-    const int64_t table_row = blocks[2 * b];
+    const int64_t table_row = blocks[kBlockColumns * b + kBlockRow];
     const Row row =
         decode_row(ints + table_row * kIntColumns, floats + table_row * kFloatColumns, op);
-    run_block<S>(op, row, blocks[2 * b + 1], block_size, seed, grad_scale);
+    run_block<S>(op, row, blocks[kBlockColumns * b + kBlockStart], block_size, seed, grad_scale);
   }
 }
 

@@ -168,8 +168,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   constexpr bool kEarlyLoads = Op == kOpNoise || (Op == kOpSgd && sizeof(T) == 4 && !Unscale);
   if (found_inf != nullptr && *found_inf != 0.0f) return;  // skipped step: nothing is written
   for (int64_t b = blockIdx.x; b < num_blocks; b += gridDim.x) {
-    const int64_t table_row = blocks[2 * b];
-    const int64_t block_start = blocks[2 * b + 1];
+    const int64_t table_row = blocks[kBlockColumns * b + kBlockRow];
+    const int64_t block_start = blocks[kBlockColumns * b + kBlockStart];
     const Row row =
         decode_row(ints + table_row * kIntColumns, floats + table_row * kFloatColumns, Op);
     const StateUse<Op> use(row);

@@ -13,6 +13,8 @@ constexpr int kIntParam = 0, kIntGrad = 1, kIntState0 = 2, kIntState1 = 3, kIntS
               kIntNumel = 5, kIntKey = 6, kIntOldStep = 7, kIntNewStep = 8, kIntFlags = 9,
               kIntOffset = 10, kIntComp = 11, kIntLive = 12, kIntNumIters = 13,
               kIntColumns = 14;
+// block_table columns: the table row (tensor) of a block, the global index of its first element
+constexpr int kBlockRow = 0, kBlockStart = 1, kBlockColumns = 2;
 // float_table columns
 constexpr int kFloatLr = 0, kFloatWeightDecay = 1, kFloatMomentum = 2, kFloatMomentumCoef = 3,
               kFloatBeta2 = 4, kFloatBeta2Coef = 5, kFloatEps = 6, kFloatStepSize = 7,
@@ -20,6 +22,7 @@ constexpr int kFloatLr = 0, kFloatWeightDecay = 1, kFloatMomentum = 2, kFloatMom
               kFloatColumns = 12;
 // I_FLAGS bits
 constexpr int kFlagOldTypeShift = 0, kFlagNewTypeShift = 2;
+constexpr int64_t kNoiseTypeMask = 3;  // a noise type field's width
 constexpr int64_t kFlagWeightDecay = 1 << 4, kFlagMomentum = 1 << 5, kFlagMomentumInit = 1 << 6,
                   kFlagNesterov = 1 << 7, kFlagAmsgrad = 1 << 8, kFlagDecoupled = 1 << 9,
                   kFlagKeepNoise = 1 << 10;
@@ -90,7 +93,7 @@ NVRM_HD void commit_live(const int64_t* ints, const float* floats) {
   live[kLiveStep] = static_cast<double>(t);
   live[kLiveNoiseStep] =
       (flags & kFlagKeepNoise) ? 0.0 : static_cast<double>(new_step_after(t, ints[kIntNumIters]));
-  live[kLiveNoiseType] = static_cast<double>((flags >> kFlagNewTypeShift) & 3);
+  live[kLiveNoiseType] = static_cast<double>((flags >> kFlagNewTypeShift) & kNoiseTypeMask);
   live[kLiveNoiseScale] = static_cast<double>(floats[kFloatNewScale]);
   live[kLiveFresh] = 0.0;
 }
@@ -128,8 +131,8 @@ NVRM_HD Row decode_row(const int64_t* ints, const float* floats, int op) {
   row.key = static_cast<uint32_t>(ints[kIntKey]);
   row.old_step = static_cast<uint32_t>(ints[kIntOldStep]);
   row.new_step = static_cast<uint32_t>(ints[kIntNewStep]);
-  row.old_type = static_cast<int>((flags >> kFlagOldTypeShift) & 3);
-  row.new_type = static_cast<int>((flags >> kFlagNewTypeShift) & 3);
+  row.old_type = static_cast<int>((flags >> kFlagOldTypeShift) & kNoiseTypeMask);
+  row.new_type = static_cast<int>((flags >> kFlagNewTypeShift) & kNoiseTypeMask);
   row.weight_decay = (flags & kFlagWeightDecay) != 0;
   row.momentum = (flags & kFlagMomentum) != 0;
   row.momentum_init = (flags & kFlagMomentumInit) != 0;

@@ -31,7 +31,8 @@ DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _EXPECTED_LAYOUT = (
     T.INT_COLUMNS, T.FLOAT_COLUMNS, T.FLAG_WEIGHT_DECAY, T.FLAG_MOMENTUM, T.FLAG_MOMENTUM_INIT,
     T.FLAG_NESTEROV, T.FLAG_AMSGRAD, T.FLAG_DECOUPLED, T.FLAG_KEEP_NOISE, T.OP_SGD, T.OP_ADAM,
-    T.OP_NOISE, T.I_LIVE, T.I_NUM_ITERS, T.LIVE_COLUMNS, T.SAMPLE_SIZE,
+    T.OP_NOISE, T.I_LIVE, T.I_NUM_ITERS, T.LIVE_COLUMNS, T.SAMPLE_SIZE, T.B_ROW, T.B_START, T.BLOCK_COLUMNS,
+    T.NOISE_TYPE_MASK,
 )
 
 # op, dtype code, ints, floats, blocks, num_blocks, block_size, seed, commit_rows, grad_scale,
@@ -248,7 +249,7 @@ def _check_tables(device: torch.device, ints: torch.Tensor, floats: torch.Tensor
                   blocks: torch.Tensor) -> None:
     for name, table, dtype, columns in (("ints", ints, torch.int64, T.INT_COLUMNS),
                                         ("floats", floats, torch.float32, T.FLOAT_COLUMNS),
-                                        ("blocks", blocks, torch.int64, 2)):
+                                        ("blocks", blocks, torch.int64, T.BLOCK_COLUMNS)):
         assert table.dtype == dtype, f"{name} table must be {dtype}, got {table.dtype}"
         assert table.dim() == 2 and table.shape[1] == columns, (
             f"{name} table must have shape [N, {columns}], got {list(table.shape)}")

@@ -6,7 +6,7 @@ all parameters of all groups on one (device, dtype):
 * ``int_table``  int64 [T, INT_COLUMNS], one row per tensor (addresses, sizes, counters, flags);
 * ``float_table`` float32 [T, FLOAT_COLUMNS], one row per tensor (hyperparameters, already
   folded the way the update uses them, e.g. ``1 - dampening``, ``lr / bias_correction1``);
-* ``block_table`` int64 [B, 2], one row per block of BLOCK consecutive *global* elements:
+* ``block_table`` int64 [B, BLOCK_COLUMNS], one row per block of BLOCK consecutive *global* elements:
   (tensor row, global index of the block's first element). It depends only on sizes, so it
   is cached per parameter layout; blocks start at multiples of 4 so that every Philox call
   (one per quad of 4 elements) lies inside one block.
@@ -53,9 +53,15 @@ F_OLD_SCALE = 10     # scale of the noise being removed
 F_NEW_SCALE = 11     # scale of the noise being added
 FLOAT_COLUMNS = 12
 
+# --- block_table columns --------------------------------------------------------------------
+B_ROW = 0          # the int/float table row (tensor) of the block
+B_START = 1        # global index of the block's first element (a multiple of 4)
+BLOCK_COLUMNS = 2
+
 # --- I_FLAGS bits ------------------------------------------------------------------------
 FLAG_OLD_TYPE_SHIFT = 0   # 2 bits: noise type code of the old noise (0 Gaussian, 1 Laplace, 2 Uniform)
 FLAG_NEW_TYPE_SHIFT = 2   # 2 bits: noise type code of the new noise
+NOISE_TYPE_MASK = 3       # a noise type field's width: (flags >> FLAG_*_TYPE_SHIFT) & NOISE_TYPE_MASK
 FLAG_WEIGHT_DECAY = 1 << 4   # SGD: add weight_decay * p to the gradient (Adam L2 always adds)
 FLAG_MOMENTUM = 1 << 5       # SGD: momentum buffer in use
 FLAG_MOMENTUM_INIT = 1 << 6  # SGD: first use of the buffer: buf = d
@@ -178,7 +184,7 @@ def resolve_rows(op: int, ints: np.ndarray, floats: np.ndarray, live: np.ndarray
     ints[:, I_OLD_STEP] = live[:, L_NOISE_STEP].astype(np.int64)
     old_type = live[:, L_NOISE_TYPE].astype(np.int64)
     fresh = np.where(live[:, L_FRESH] != 0, FLAG_MOMENTUM_INIT, 0)
-    ints[:, I_FLAGS] = (ints[:, I_FLAGS] & ~np.int64(3 << FLAG_OLD_TYPE_SHIFT | FLAG_MOMENTUM_INIT)
+    ints[:, I_FLAGS] = (ints[:, I_FLAGS] & ~np.int64(NOISE_TYPE_MASK << FLAG_OLD_TYPE_SHIFT | FLAG_MOMENTUM_INIT)
                         | (old_type << FLAG_OLD_TYPE_SHIFT) | fresh)
     floats[:, F_OLD_SCALE] = live[:, L_NOISE_SCALE]
     if op == OP_ADAM:
@@ -194,7 +200,7 @@ def commit_rows(ints: np.ndarray, floats: np.ndarray, live: np.ndarray) -> None:
     flags = ints[:, I_FLAGS]
     live[:, L_STEP] += 1
     live[:, L_NOISE_STEP] = np.where(flags & FLAG_KEEP_NOISE, 0, ints[:, I_NEW_STEP])
-    live[:, L_NOISE_TYPE] = (flags >> FLAG_NEW_TYPE_SHIFT) & 3
+    live[:, L_NOISE_TYPE] = (flags >> FLAG_NEW_TYPE_SHIFT) & NOISE_TYPE_MASK
     live[:, L_NOISE_SCALE] = floats[:, F_NEW_SCALE]
     live[:, L_FRESH] = 0
 
@@ -217,7 +223,7 @@ def check_samples(samples: torch.Tensor | None, ints: torch.Tensor, dtype: torch
 
 
 def build_block_table(numels: list[int], offsets: list[int], block: int) -> np.ndarray:
-    """[B, 2] int64 rows (tensor row, global start) covering every element once.
+    """[B, BLOCK_COLUMNS] int64 rows (B_ROW, B_START) covering every element once.
 
     Blocks of tensor t cover the global range [offset_t, offset_t + numel_t) starting at the
     quad boundary at or below offset_t; block must be a multiple of 4.
@@ -233,8 +239,11 @@ def build_block_table(numels: list[int], offsets: list[int], block: int) -> np.n
         rows.append(np.full(len(s), row, dtype=np.int64))
         starts.append(s)
     if not rows:
-        return np.zeros((0, 2), dtype=np.int64)
-    return np.stack([np.concatenate(rows), np.concatenate(starts)], axis=1)
+        return np.zeros((0, BLOCK_COLUMNS), dtype=np.int64)
+    table = np.empty((sum(map(len, rows)), BLOCK_COLUMNS), dtype=np.int64)
+    table[:, B_ROW] = np.concatenate(rows)
+    table[:, B_START] = np.concatenate(starts)
+    return table
 
 
 def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:

@@ -25,7 +25,7 @@ def _batched_noise(rows, ints, floats, seed: int, step_column: int, type_shift: 
     for index, ((param, _, _, _), ints_row) in enumerate(zip(rows, ints)):
         step = int(ints_row[step_column])
         if step != 0:
-            noise_type = spec.NOISE_TYPES[(int(ints_row[T.I_FLAGS]) >> type_shift) & 3]
+            noise_type = spec.NOISE_TYPES[(int(ints_row[T.I_FLAGS]) >> type_shift) & T.NOISE_TYPE_MASK]
             segment = (int(ints_row[T.I_KEY]), step, int(ints_row[T.I_OFFSET]), param.numel())
             by_type.setdefault(noise_type, []).append((index, segment))
     out = [None] * len(rows)

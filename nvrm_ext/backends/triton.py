@@ -67,7 +67,10 @@ L_NOISE_SCALE = tl.constexpr(T.L_NOISE_SCALE)
 L_FRESH = tl.constexpr(T.L_FRESH)
 FLAG_OLD_TYPE_SHIFT = tl.constexpr(T.FLAG_OLD_TYPE_SHIFT)
 FLAG_NEW_TYPE_SHIFT = tl.constexpr(T.FLAG_NEW_TYPE_SHIFT)
-NOISE_TYPE_MASK = tl.constexpr(3)  # a noise type field of I_FLAGS is 2 bits wide (tables.FLAG_*_TYPE_SHIFT)
+NOISE_TYPE_MASK = tl.constexpr(T.NOISE_TYPE_MASK)
+B_ROW = tl.constexpr(T.B_ROW)
+B_START = tl.constexpr(T.B_START)
+BLOCK_COLUMNS = tl.constexpr(T.BLOCK_COLUMNS)
 FLAG_WEIGHT_DECAY = tl.constexpr(T.FLAG_WEIGHT_DECAY)
 FLAG_MOMENTUM = tl.constexpr(T.FLAG_MOMENTUM)
 FLAG_MOMENTUM_INIT = tl.constexpr(T.FLAG_MOMENTUM_INIT)
@@ -373,8 +376,8 @@ def _nvrm_kernel(blocks, ints, floats, seed_lo, seed_hi, grad_scale, found_inf,
                  INT_COLUMNS: tl.constexpr, FLOAT_COLUMNS: tl.constexpr,
                  HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
-    row = tl.load(blocks + 2 * pid)
-    start = tl.load(blocks + 2 * pid + 1)
+    row = tl.load(blocks + BLOCK_COLUMNS * pid + B_ROW)
+    start = tl.load(blocks + BLOCK_COLUMNS * pid + B_START)
     irow = ints + row * INT_COLUMNS
     frow = floats + row * FLOAT_COLUMNS
     numel = tl.load(irow + I_NUMEL)

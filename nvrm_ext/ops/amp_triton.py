@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from ..backends import triton_support
+from ..backends import tables as T
 from ..backends.tables import build_block_table, to_device
 
 BLOCK = 1024
@@ -27,6 +28,10 @@ BLOCK = 1024
 # int64 pointer-table columns (one row per tensor). The column names are tl.constexpr, so the
 # kernels read them as compile-time constants (and numpy indexes with them); the row strides
 # INT_COLUMNS / FLOAT_COLUMNS are plain ints, passed to the kernels as constexpr parameters.
+# the block table's columns (tables.py)
+B_ROW = tl.constexpr(T.B_ROW)
+B_START = tl.constexpr(T.B_START)
+BLOCK_COLUMNS = tl.constexpr(T.BLOCK_COLUMNS)
 I_PARAM = tl.constexpr(0)        # the parameter, overwritten with theta + delta (perturb) or theta (restore)
 I_UNPERTURBED = tl.constexpr(1)  # theta: written by the first perturbation of a step, read afterwards
 I_SOURCE = tl.constexpr(2)       # what delta is proportional to: the gradient or the accumulated perturbation
@@ -53,8 +58,8 @@ def _clip_and_perturb_kernel(blocks, ints, floats, tiny, FIRST: tl.constexpr, DT
     otherwise base is the saved copy, so a later inner iteration replaces the old perturbation.
     """
     pid = tl.program_id(0).to(tl.int64)
-    row = tl.load(blocks + 2 * pid)
-    start = tl.load(blocks + 2 * pid + 1)
+    row = tl.load(blocks + BLOCK_COLUMNS * pid + B_ROW)
+    start = tl.load(blocks + BLOCK_COLUMNS * pid + B_START)
     irow = ints + row * INT_COLUMNS
     frow = floats + row * FLOAT_COLUMNS
     numel = tl.load(irow + I_NUMEL)
@@ -83,8 +88,8 @@ def _clip_and_perturb_kernel(blocks, ints, floats, tiny, FIRST: tl.constexpr, DT
 def _restore_kernel(blocks, ints, DTYPE: tl.constexpr, BLOCK: tl.constexpr, INT_COLUMNS: tl.constexpr):
     """param = unperturbed copy: theta comes back bit for bit."""
     pid = tl.program_id(0).to(tl.int64)
-    row = tl.load(blocks + 2 * pid)
-    start = tl.load(blocks + 2 * pid + 1)
+    row = tl.load(blocks + BLOCK_COLUMNS * pid + B_ROW)
+    start = tl.load(blocks + BLOCK_COLUMNS * pid + B_START)
     irow = ints + row * INT_COLUMNS
     numel = tl.load(irow + I_NUMEL)
     index = start + tl.arange(0, BLOCK).to(tl.int64)
