@@ -308,5 +308,16 @@ def test_a_new_seed_in_the_groups_is_refused_while_the_weights_carry_the_old_see
         opt.remove_noise()
     assert _bitwise(_full(model), before) and not opt.noise_removed
     opt.reset_noise()  # the weights as they are are declared clean: the new seed is taken
+    params = list(model.parameters())
+    clean = [p.detach().clone() for p in params]
+    buffers = [opt.state[p]["momentum_buffer"].clone() for p in params]
     _train(model, opt, 2, 1)
     assert opt.seed == 78 and all(group["nvrm_seed"] == 78 for group in opt.param_groups)
+    # the step added noise drawn with the new seed (the specification's), to the SGD update of the clean weights
+    from nvrm_ext import noise as spec
+    lr, momentum, dampening = (KINDS["vsgd"][1][k] for k in ("lr", "momentum", "dampening"))
+    for key, (p, w, buf) in enumerate(zip(params, clean, buffers)):
+        state = opt.state[p]
+        added = p.detach() - (w - lr * (momentum * buf + (1 - dampening) * p.grad))
+        expected = spec.from_memory_order(spec.noise("Gaussian", 0.05, 78, key, int(state["noise_step"]), p.numel()), p)
+        torch.testing.assert_close(added, expected, rtol=0, atol=2e-6)
