@@ -419,6 +419,12 @@ def test_libraries_need_nothing_newer_than_manylinux_2_28(name):
 def _fused_backend(name):
     if name == "cpu":
         return CPU
+    if name == "cuda":
+        backend = compiled.compiled_backend("cuda")
+        reason = backend.unavailable_reason(torch.device("cuda"), torch.float32)
+        if reason:
+            pytest.skip(reason)
+        return backend
     pytest.importorskip("triton")
     from nvrm_ext.backends.triton import TRITON
     reason = TRITON.unavailable_reason(torch.device("cpu"), torch.float32)
@@ -429,7 +435,7 @@ def _fused_backend(name):
 
 @pytest.mark.parametrize("skipped", [False, True], ids=["step", "found_inf"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("backend_name", ["cpu", "triton"])
+@pytest.mark.parametrize("backend_name", ["cpu", "triton", pytest.param("cuda", marks=pytest.mark.cuda)])
 def test_a_launch_copies_the_weight_samples_after_the_update(backend_name, dtype, skipped):
     """tables.SAMPLE_SIZE, written out here: row r's slot j < count = min(numel, 8) holds element
     j * (numel // count) of its parameter as the launch left it; the other slots, and the rows
@@ -440,22 +446,26 @@ def test_a_launch_copies_the_weight_samples_after_the_update(backend_name, dtype
     floats = list(noise_floats(0.1, 0.2))
     floats[T.F_LR] = 0.5
     plans = []
+    device = "cuda" if backend_name == "cuda" else "cpu"  # Triton: on a GPU where there is one
+    if backend_name == "triton" and torch.cuda.is_available() and not os.environ.get("TRITON_INTERPRET"):
+        device = "cuda"
     for key, n in enumerate(numels):
-        param = torch.randn(n, generator=generator).to(dtype)
+        param = torch.randn(n, generator=generator).to(device=device, dtype=dtype)
         plans.append(T.TensorPlan(param, torch.ones_like(param), (), key, 5, 6, noise_flags(key % 3, (key + 1) % 3),
                                   tuple(floats), 0))
     before = [plan.param.clone() for plan in plans]
     sentinel = torch.tensor(-12345.0, dtype=dtype)
-    samples = torch.full((len(plans) - 1, 8), -12345.0, dtype=dtype)  # the last row: not sampled
-    launch(backend, T.OP_SGD, plans, samples=samples, found_inf=torch.ones(1) if skipped else None)
+    samples = torch.full((len(plans) - 1, 8), -12345.0, dtype=dtype, device=device)  # the last row: not sampled
+    launch(backend, T.OP_SGD, plans, samples=samples, found_inf=torch.ones(1, device=device) if skipped else None)
+    samples, params, before = samples.cpu(), [plan.param.cpu() for plan in plans], [b.cpu() for b in before]
     bits = torch.int32 if dtype == torch.float32 else torch.int16
-    for row, (plan, n) in enumerate(zip(plans[:-1], numels)):
+    for row, (param, n) in enumerate(zip(params[:-1], numels)):
         count = min(n, 8)
-        expected = plan.param[[j * (n // count) for j in range(count)]] if count else plan.param[:0]
+        expected = param[[j * (n // count) for j in range(count)]] if count else param[:0]
         assert torch.equal(samples[row, :count].view(bits), expected.view(bits)), row
         assert (samples[row, count:] == sentinel).all(), row
         if skipped:
-            assert torch.equal(plan.param, before[row])
+            assert torch.equal(param, before[row])
         elif n:
-            assert not torch.equal(plan.param, before[row])  # the samples are of the updated weights
+            assert not torch.equal(param, before[row])  # the samples are of the updated weights
 
