@@ -1029,8 +1029,9 @@ def _picker(rows: list):
 class _BucketPlan:
     """Launch data of one (device, dtype) bucket, built once while its parameters and their
     state tensors stay the same. Per step only a few columns change -- gradient addresses,
-    step counters, flags, hyperparameters -- and they are written with numpy, so the host cost
-    of a step is a few microseconds per tensor.
+    step counters, flags, hyperparameters -- and they are written with numpy into tables kept
+    for the plan's life, so the host cost of a step is about a microsecond per tensor
+    (bench/test_host_overhead.py).
 
     Host mode: the counters live in `optimizer.state`; each step reads them (a float64 mirror,
     reused while the dicts hold what the last step wrote), resolves them into the tables
@@ -1097,7 +1098,7 @@ class _BucketPlan:
         # capturable mode) from the plan's float64 mirror of the state dicts (_counters);
         # elsewhere tables.resolve_rows / commit_rows do it here.
         self._kernel_resolves = not opt._capturable and backend is not TORCH and device.type == "cpu"
-        self._live_offsets = np.arange(len(plans), dtype=np.int64) * (T.LIVE_COLUMNS * 8)
+        self._live_offsets = np.arange(len(plans), dtype=np.int64) * (T.LIVE_COLUMNS * np.dtype(np.float64).itemsize)
         self._versions_read = None  # the counters weights_unchanged() read during this step
         self._converted = [None] * len(plans)  # gradients in another dtype or layout, converted
         self._grads = None
@@ -1111,7 +1112,8 @@ class _BucketPlan:
             self.static_ints[:, T.I_PARAM].tolist())
         self._static_alignment = T.alignment_flags(self.static_ints)  # the gradient address (0) aside
         self._group_key = None     # the groups' hyperparameters behind self._group_tables
-        self._group_tables = None  # (ints, floats, new scales) before the per-step columns
+        # (ints, floats, (row scales, the types and scales the state dicts get)) before the per-step columns
+        self._group_tables = None
         self._committed = None     # host mode: (counter columns written by commit(), their array)
         self._host_tables = None   # host mode: (the group tables they were made from, ints, floats)
         self._bound_live = None    # host mode on the CPU: the counter mirror whose rows I_LIVE points to
