@@ -3,6 +3,7 @@ torch.distributed.checkpoint's get_/set_{model,optimizer}_state_dict (single pro
 on 2 gloo processes), and old checkpoints. Each resumed run is built with ANOTHER seed and
 another initialisation, and must continue the uninterrupted trajectory bit for bit."""
 
+import collections
 import os
 
 import pytest
@@ -134,6 +135,40 @@ def test_zero_resumes_a_checkpoint_saved_while_clean_from_the_clean_weights(tmp_
         assert result["seed"] == 1234 and result["owned"] > 0
         assert result["noise_steps"] == [0] * result["owned"]
         assert result["max_error"] < 1e-6, result
+
+
+@pytest.mark.parametrize("capturable", [False, True], ids=["host", "capturable"])
+@pytest.mark.parametrize("how", ["state.clear()", "a new defaultdict", "one dict cleared"])
+def test_resetting_the_optimizer_state_resets_the_base_optimizer_not_the_noise_on_the_weights(how, capturable):
+    """Clearing optimizer.state (a common way to reset momentum or moments) forgets the base
+    optimizer's state; the noise on the weights is a fact about the weights, kept so that the
+    next step removes it. Checked against the noise specification and the SGD update."""
+    from nvrm_ext import noise as spec
+
+    cls, kwargs = KINDS["vsgd"]
+    model = _model(0)
+    opt = cls(model.parameters(), seed=41, capturable=capturable, **kwargs)
+    _train(model, opt, 0, 3)
+    params = list(model.parameters())
+    scale, seed = kwargs["variability"], 41
+    clean = [p.detach() - spec.from_memory_order(spec.noise("Gaussian", scale, seed, key, int(opt.state[p]["noise_step"]),
+                                                            p.numel()), p) for key, p in enumerate(params)]
+    if how == "state.clear()":
+        opt.state.clear()
+    elif how == "a new defaultdict":
+        opt.state = collections.defaultdict(dict)
+    else:
+        opt.state[params[0]].clear()
+    kept = {p: opt.state[p]["momentum_buffer"].clone() for p in params if opt.state.get(p)}
+    _train(model, opt, 3, 1)
+    lr, momentum, dampening = (kwargs[k] for k in ("lr", "momentum", "dampening"))
+    for key, (p, w) in enumerate(zip(params, clean)):
+        state = opt.state[p]
+        assert int(state["step"]) == (4 if p in kept else 1)
+        direction = momentum * kept[p] + (1 - dampening) * p.grad if p in kept else p.grad  # a fresh buffer: buf = g
+        added = p.detach() - (w - lr * direction)
+        expected = spec.from_memory_order(spec.noise("Gaussian", scale, seed, key, int(state["noise_step"]), p.numel()), p)
+        torch.testing.assert_close(added, expected, rtol=0, atol=2e-6)
 
 
 # ---------------------------------------------------------------------- torch.distributed.checkpoint

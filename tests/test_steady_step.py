@@ -99,7 +99,8 @@ def _storage_and_groups(step, opt, params):
         opt.add_param_group({"params": [params[3]], "lr": 0.05})
     if step == 3:  # params[2] joins it: the same parameters in the same order, other groups
         opt.param_groups[1]["params"].insert(0, opt.param_groups[0]["params"].pop())
-    if step == 5:
+    if step == 5:  # cleared state: the plans must be rebuilt (the noise declared gone first: a plan
+        opt.reset_noise()  # would keep what its last step left, which a reload before each step forgets)
         opt.state.clear()
 
 

@@ -591,6 +591,8 @@ class NeuralVariableOptimizer(Optimizer):
             return None
         work = []
         for bucket, backend, plan, pick in layout.buckets:
+            if not all(plan.states):  # a state dict cleared in place: the plan is rebuilt
+                return None
             bucket_grads = grads if pick is None else pick(grads)
             grad_pointers = plan.steady_grad_pointers(bucket_grads)
             if grad_pointers is None:
@@ -657,18 +659,37 @@ class NeuralVariableOptimizer(Optimizer):
                 _warn_once("nvrm_ext: the launch data of a CUDA-graph-captured step was rebuilt (the "
                            "parameters, their state or their groups changed); graphs captured before "
                            "still update the old copy: capture them again")
+            on_weights = {}
             if plan is not None:
                 plan.spill_weights_record(self._records)
-            plan = self._plans[bucket] = _BucketPlan(self, members, backend)
+                on_weights = self._still_on_weights(plan.noise_on_weights(), plan.params)
+            plan = self._plans[bucket] = _BucketPlan(self, members, backend, on_weights)
             plan.signature = self._plan_signature(members)  # with the state dicts it created
         return plan
 
+    def _still_on_weights(self, on_weights: dict, params) -> dict:
+        """The entries of `on_weights` (id(param) -> the noise a replaced plan left on it) whose
+        parameter still holds what that plan left: the recorded storage and sample. A parameter
+        rewritten since (say, clean weights copied in through p.data) carries none of that noise."""
+        kept, tensors, recorded = [], [], []
+        for p in params:
+            record = self._records.get(id(p))
+            if id(p) not in on_weights or record is None or record[0][2] != _local(p).data_ptr():
+                continue
+            _, taken, first, count = record
+            kept.append(p)
+            tensors.append(_local(p))
+            recorded.append(taken[first:first + count])
+        differ = _samples_differ(tensors, recorded) if kept else []
+        return {id(p): on_weights[id(p)] for p, changed in zip(kept, differ) if not changed}
+
     def _plan_signature(self, members) -> tuple:
         """What a plan is built from: per row its key, group (a parameter moved to another
-        group takes that group's hyperparameters), parameter, storage and state dict."""
+        group takes that group's hyperparameters), parameter, storage and state dict (and
+        whether that dict is empty: cleared in place)."""
         state = self.state
         groups = {id(group): group for _, group, _, _ in members}
-        return (tuple((key, id(group), id(p), _local(p).data_ptr(), id(state.get(p)))
+        return (tuple((key, id(group), id(p), _local(p).data_ptr(), id(state.get(p)), bool(state.get(p)))
                       for key, group, p, _ in members),
                 tuple((gid, self._state_signature(group)) for gid, group in groups.items()))
 
@@ -765,6 +786,8 @@ class NeuralVariableOptimizer(Optimizer):
         _refuse_capture(f"{type(self).__name__}.reset_noise(): call it outside the captured region")
         self._held = None
         self._forget_weights()
+        for plan in self._plans.values():
+            plan._committed = None  # its copy of the counters says noise; the dicts now say none
         for state in self.state.values():
             noise_step = state.get("noise_step")
             if isinstance(noise_step, torch.Tensor):
@@ -1043,7 +1066,9 @@ class _BucketPlan:
     which the weight records keep (record_weights).
     """
 
-    def __init__(self, opt: NeuralVariableOptimizer, members, backend):
+    def __init__(self, opt: NeuralVariableOptimizer, members, backend, on_weights=None):
+        """`on_weights`: the noise the replaced plan left on its parameters (noise_on_weights()),
+        kept for parameters whose state is empty now."""
         self.signature = None
         self.backend = backend
         self.params = [p for _, _, p, _ in members]
@@ -1059,6 +1084,14 @@ class _BucketPlan:
                 state["noise_step"] = 0
                 state["noise_type"] = spec.noise_type_code(group["noise_type"])
                 state["noise_scale"] = float(group["variability"])
+                kept = (on_weights or {}).get(id(p))
+                if kept is not None:
+                    # The state was reset (cleared, or replaced by an empty dict) while the weights
+                    # carry this optimizer's noise: that resets the base optimizer, not the noise
+                    # on the weights, which is kept so that the next step removes it.
+                    state["noise_step"], state["noise_type"], state["noise_scale"], compensation = kept
+                    if compensation is not None:
+                        state["compensation"] = compensation
             tensors, fresh_buffer = opt._state_tensors(group, p, state)
             compensation = _compensation(p, state)
             self.states.append(state)
@@ -1122,6 +1155,19 @@ class _BucketPlan:
         self.live = None
         if opt._capturable:
             self._init_live(plans[0].param.device)
+
+    def noise_on_weights(self) -> dict:
+        """id(param) -> (noise step, type code, scale, 16-bit compensation buffer | None) of the
+        noise this plan's last step left on its parameters, from its own copy of the counters
+        (the state dicts may have been cleared since); empty when it has none."""
+        if self.live is not None:
+            rows = self.live.cpu().tolist()
+        elif self._committed is not None:
+            rows = self._committed[1].tolist()
+        else:
+            return {}
+        return {id(p): (int(row[T.L_NOISE_STEP]), int(row[T.L_NOISE_TYPE]), row[T.L_NOISE_SCALE], compensation)
+                for p, row, (_, _, compensation) in zip(self.params, rows, self.row_tensors) if row[T.L_NOISE_STEP]}
 
     # ------------------------------------------------------------------ capturable mode
     def _init_live(self, device: torch.device) -> None:
