@@ -662,7 +662,8 @@ class NeuralVariableOptimizer(Optimizer):
             on_weights = {}
             if plan is not None:
                 plan.spill_weights_record(self._records)
-                on_weights = self._still_on_weights(plan.noise_on_weights(), plan.params)
+                if not all(self.state.get(p) for _, _, p, _ in members):  # a state reset: what noise is on them?
+                    on_weights = self._still_on_weights(plan.noise_on_weights(), plan.params)
             plan = self._plans[bucket] = _BucketPlan(self, members, backend, on_weights)
             plan.signature = self._plan_signature(members)  # with the state dicts it created
         return plan
