@@ -68,8 +68,8 @@ MUTATIONS = [
     # --- base.py bookkeeping --------------------------------------------------------------------
     _m("noise_scale_not_committed", "nvrm_ext/optim/base.py",
        "+ [new_types, scale_values]", "+ [new_types, held[3] if held else scale_values]", PYTHON),
-    _m("momentum_stays_fresh", "nvrm_ext/optim/base.py",
-       "        self.momentum_init[:] = False\n", "", PYTHON),
+    _m("momentum_stays_fresh", "nvrm_ext/optim/base.py",  # read when the state dicts were edited: the steady tests
+       "            self.momentum_init[:] = False\n", "", PYTHON + ["tests/test_steady_step.py"]),
     _m("denoised_removes_with_new_scale", "nvrm_ext/optim/base.py",
        "+ [scale] * 2))", "+ [float(self.param_groups[0][\"variability\"])] * 2))",
        PYTHON),
