@@ -94,13 +94,20 @@ def _capturable_run(capturable, steps=3):
     return params, opt
 
 
-def test_capturable_state_dict_copies_each_bucket_once_and_reads_no_scalar(monkeypatch):
-    _, host_opt = _capturable_run(capturable=False)
-    _, opt = _capturable_run(capturable=True)
+def _count_host_reads(monkeypatch) -> tuple:
+    """Lists that fill with every Tensor.item() (a scalar read) and Tensor.cpu() (a copy) until
+    monkeypatch.undo(): on a GPU each is a device-to-host transfer."""
     reads, copies = [], []
     item, cpu = torch.Tensor.item, torch.Tensor.cpu
     monkeypatch.setattr(torch.Tensor, "item", lambda t: reads.append(t) or item(t))
     monkeypatch.setattr(torch.Tensor, "cpu", lambda t, *a, **k: copies.append(t) or cpu(t, *a, **k))
+    return reads, copies
+
+
+def test_capturable_state_dict_copies_each_bucket_once_and_reads_no_scalar(monkeypatch):
+    _, host_opt = _capturable_run(capturable=False)
+    _, opt = _capturable_run(capturable=True)
+    reads, copies = _count_host_reads(monkeypatch)
     state_dict = opt.state_dict()
     monkeypatch.undo()
     assert reads == [], f"{len(reads)} scalar reads (each a device sync on a GPU)"
@@ -122,10 +129,7 @@ def test_capturable_remove_noise_copies_each_bucket_once_and_reads_no_scalar(mon
     and removes the same noise as host mode."""
     host_params, host_opt = _capturable_run(capturable=False)
     params, opt = _capturable_run(capturable=True)
-    reads, copies = [], []
-    item, cpu = torch.Tensor.item, torch.Tensor.cpu
-    monkeypatch.setattr(torch.Tensor, "item", lambda t: reads.append(t) or item(t))
-    monkeypatch.setattr(torch.Tensor, "cpu", lambda t, *a, **k: copies.append(t) or cpu(t, *a, **k))
+    reads, copies = _count_host_reads(monkeypatch)
     opt.remove_noise()
     monkeypatch.undo()
     assert reads == [], f"{len(reads)} scalar reads (each a device sync on a GPU)"

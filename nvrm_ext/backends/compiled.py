@@ -185,6 +185,16 @@ def _signed(seed: int) -> int:
     return seed - (1 << 64) if seed >= 1 << 63 else seed
 
 
+def _table_arguments(op: int, dtype_code: int, ints: torch.Tensor, floats: torch.Tensor,
+                     blocks: torch.Tensor, block_size: int, seed: int, commit_rows: int,
+                     grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
+                     samples: Optional[torch.Tensor]) -> tuple:
+    """The arguments both launchers take first, in _TABLE_ARGS order."""
+    return (op, dtype_code, ints.data_ptr(), floats.data_ptr(), blocks.data_ptr(), blocks.shape[0],
+            block_size, seed & _UINT64_MASK, commit_rows, T.address(grad_scale), T.address(found_inf),
+            _rows(samples), T.address(samples))
+
+
 def _run_cpu(op: int, dtype_code: int, ints: torch.Tensor, floats: torch.Tensor,
              blocks: torch.Tensor, block_size: int, seed: int, commit_rows: int,
              grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
@@ -192,11 +202,9 @@ def _run_cpu(op: int, dtype_code: int, ints: torch.Tensor, floats: torch.Tensor,
     """The launch on at most torch's intra-op thread count, read when it runs (a compiled graph
     must not keep the count it was traced with)."""
     lib = load_cpu_library()
-    status = lib.nvrm_cpu_launch(op, dtype_code, ints.data_ptr(), floats.data_ptr(), blocks.data_ptr(),
-                                 blocks.shape[0], block_size, seed & _UINT64_MASK, commit_rows,
-                                 T.address(grad_scale), T.address(found_inf), _rows(samples),
-                                 T.address(samples), torch.get_num_threads())
-    _check(lib, status, "CPU launch")
+    arguments = _table_arguments(op, dtype_code, ints, floats, blocks, block_size, seed, commit_rows,
+                                 grad_scale, found_inf, samples)
+    _check(lib, lib.nvrm_cpu_launch(*arguments, torch.get_num_threads()), "CPU launch")
 
 
 def _run_cuda(op: int, dtype_code: int, ints: torch.Tensor, floats: torch.Tensor,
@@ -206,10 +214,8 @@ def _run_cuda(op: int, dtype_code: int, ints: torch.Tensor, floats: torch.Tensor
     lib = load_cuda_library()
     with torch.cuda.device(ints.device):  # the kernel runs on the current device
         stream = torch.cuda.current_stream(ints.device).cuda_stream
-        status = lib.nvrm_cuda_launch(op, dtype_code, ints.data_ptr(), floats.data_ptr(),
-                                      blocks.data_ptr(), blocks.shape[0], block_size,
-                                      seed & _UINT64_MASK, commit_rows, T.address(grad_scale),
-                                      T.address(found_inf), _rows(samples), T.address(samples), stream)
+        status = lib.nvrm_cuda_launch(*_table_arguments(op, dtype_code, ints, floats, blocks, block_size, seed,
+                                                        commit_rows, grad_scale, found_inf, samples), stream)
     _check(lib, status, "CUDA launch")
 
 
@@ -299,12 +305,9 @@ class CompiledBackend:
                samples: Optional[torch.Tensor] = None) -> None:
         """One update launch over `blocks`; then the live counters of the first commit_rows rows
         are advanced (capturable mode), and `samples` ([R, tables.SAMPLE_SIZE] in `dtype`)
-        receives the weight samples of the first R rows (tables.sample_positions)."""
-        assert dtype in DTYPE_CODES, f"the {self.name} backend does not handle {dtype}"
-        _check_tables(torch.device(self.name), ints, floats, blocks)
+        receives the weight samples of the first R rows (tables.sample_view)."""
+        self._check_arguments(dtype, ints, floats, blocks, commit_rows, samples)
         _check_scalars(ints.device, grad_scale, found_inf)
-        T.check_samples(samples, ints, dtype)
-        assert 0 <= commit_rows <= ints.shape[0], f"commit_rows {commit_rows} outside [0, {ints.shape[0]}]"
         if blocks.shape[0] == 0 and commit_rows == 0 and samples is None:
             return
         # The custom op only matters to torch.compile; eagerly its dispatch would cost ~45 us per
@@ -323,30 +326,32 @@ class CompiledBackend:
         that rewrites the tables in place between launches (a host-mode CPU step), so that each
         launch costs one library call. CPU only (the call has finished the work when it returns)."""
         assert self.name == "cpu", "prepared launches are for the CPU library"
+        self._check_arguments(dtype, ints, floats, blocks, commit_rows, samples)
+        return PreparedCpuLaunch(_table_arguments(op, DTYPE_CODES[dtype], ints, floats, blocks, self.block_size,
+                                                  seed, commit_rows, None, None, samples),
+                                 (ints, floats, blocks, samples))
+
+    def _check_arguments(self, dtype, ints, floats, blocks, commit_rows: int, samples) -> None:
         assert dtype in DTYPE_CODES, f"the {self.name} backend does not handle {dtype}"
         _check_tables(torch.device(self.name), ints, floats, blocks)
         T.check_samples(samples, ints, dtype)
         assert 0 <= commit_rows <= ints.shape[0], f"commit_rows {commit_rows} outside [0, {ints.shape[0]}]"
-        return PreparedCpuLaunch(
-            (op, DTYPE_CODES[dtype], ints.data_ptr(), floats.data_ptr(), blocks.data_ptr(), blocks.shape[0],
-             self.block_size, seed & _UINT64_MASK, commit_rows, None, None, _rows(samples), T.address(samples)),
-            (ints, floats, blocks, samples))
 
 
 class PreparedCpuLaunch:
     """One CPU launch whose arguments were checked once (CompiledBackend.prepare); it keeps the
     tensors whose addresses it passes alive. Threads follow torch.get_num_threads() per call."""
 
-    __slots__ = ("_arguments", "_tensors", "_function")
+    __slots__ = ("_arguments", "_tensors", "_library")
 
     def __init__(self, arguments: tuple, tensors: tuple):
         self._arguments = arguments
         self._tensors = tensors
-        self._function = load_cpu_library().nvrm_cpu_launch
+        self._library = load_cpu_library()
 
     def __call__(self) -> None:
-        if self._function(*self._arguments, torch.get_num_threads()) != 0:
-            _check(load_cpu_library(), 1, "CPU launch")
+        library = self._library
+        _check(library, library.nvrm_cpu_launch(*self._arguments, torch.get_num_threads()), "CPU launch")
 
 
 # Elements per block_table row. CPU: large enough that the per-block row decode is noise, small

@@ -577,7 +577,7 @@ class NeuralVariableOptimizer(Optimizer):
         state = self.state
         if (layout is None or state is not layout.state or len(state) != len(layout.state_keys)
                 or not all(map(operator.is_, state, layout.state_keys))
-                or not all(map(operator.is_, state.values(), layout.state_values)) or not any(state.values())):
+                or not all(map(operator.is_, state.values(), layout.state_values))):
             return None
         groups = self.param_groups
         if (len(groups) != len(layout.groups) or not all(map(operator.is_, groups, layout.groups))
