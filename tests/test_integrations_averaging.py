@@ -112,3 +112,55 @@ def test_timm_model_ema_averages_the_clean_weights(version):
     for got, want in zip(ema.module.parameters(), expected):
         torch.testing.assert_close(got.detach(), want, rtol=0, atol=1e-6)
     assert all(torch.equal(a, b) for a, b in zip(final, train(OPTIMIZERS["vsgd"])[0]))
+
+
+def one_step(model, x, y, opt):
+    opt.zero_grad()
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    opt.step()
+
+
+@pytest.mark.parametrize("what", ["None", "scheduler", "plain optimizer", "empty list", "list with None"])
+def test_an_argument_that_cannot_remove_the_noise_is_refused_and_nothing_is_averaged(what):
+    """Without an nvrm_ext optimizer nothing would remove the noise: the update would average the
+    noisy weights. Refused before the averager or the weights are touched."""
+    model, x, y = problem()
+    opt = OPTIMIZERS["vsgd"](model)
+    one_step(model, x, y, opt)
+    swa = AveragedModel(model)
+    swa.update_parameters(model)
+    averaged = [p.detach().clone() for p in swa.module.parameters()]
+    weights = [p.detach().clone() for p in model.parameters()]
+    argument = {"None": None,
+                "scheduler": torch.optim.lr_scheduler.StepLR(opt, 1),
+                "plain optimizer": torch.optim.SGD(model.parameters(), lr=0.1),
+                "empty list": [],
+                "list with None": [opt, None]}[what]
+    match = "carries no NVRM noise" if what in ("plain optimizer", "empty list") else "must be the nvrm_ext optimizer"
+    with pytest.raises(TypeError, match=match):
+        update_averaged(swa, model, argument)
+    assert int(swa.n_averaged) == 1
+    assert all(torch.equal(a, b) for a, b in zip(swa.module.parameters(), averaged))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), weights))
+    assert not opt.noise_removed
+
+
+def test_a_plain_optimizer_beside_an_nvrm_one_is_accepted_its_weights_carry_no_noise():
+    """Body trained by FusedVSGD, head by torch.optim.SGD: the body is averaged clean (by the
+    specification), the head as it is."""
+    model, x, y = problem()
+    body = FusedVSGD(model[0].parameters(), lr=0.1, variability=0.05, num_iters=1000, seed=4)
+    head = torch.optim.SGD(model[2].parameters(), lr=0.1)
+    for opt in (body, head):
+        opt.zero_grad()
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    body.step(), head.step()
+    clean = clean_reference(body)
+    swa = AveragedModel(model)
+    update_averaged(swa, model, [body, head])
+    averaged = list(swa.module.parameters())
+    for got, p in zip(averaged[:2], model[0].parameters()):
+        torch.testing.assert_close(got.detach(), clean[p], rtol=0, atol=1e-6)
+        assert not torch.equal(got.detach(), p.detach())  # the body's noise was removed
+    for got, p in zip(averaged[2:], model[2].parameters()):
+        assert torch.equal(got.detach(), p.detach())
