@@ -77,7 +77,38 @@ def _worker(rank, out_dir):
         with denoised(zero):
             pass
 
+    # update_averaged cannot clean a sharded model (each rank only its shard): refused, untouched
+    from torch.optim.swa_utils import AveragedModel
+
+    from nvrm_ext.integrations.averaging import update_averaged
+
+    model, zero, _ = make(1)
+    swa = AveragedModel(model)
+    weights = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(TypeError, match="zero.denoised"):
+        update_averaged(swa, model, zero)
+    assert int(swa.n_averaged) == 0 and all(torch.equal(p, q) for p, q in zip(model.parameters(), weights))
+    with denoised(zero):  # the way that works
+        update_averaged(swa, model, zero.optim)  # already clean: used as it is
+    assert int(swa.n_averaged) == 1
+
 
 def test_denoised_gives_clean_weights_on_every_rank_and_training_continues_bit_for_bit(tmp_path):
     """Also: a ZeRO around a plain torch optimizer is refused (one spawn for both checks)."""
     spawn(_worker, (), tmp_path)
+
+
+@pytest.mark.parametrize("make_optimizer", [
+    lambda params: FusedVSGD(params, lr=0.1, variability=0.05, num_iters=1000, seed=1),
+    lambda params: torch.optim.SGD(params, lr=0.1)], ids=["FusedVSGD", "SGD"])
+def test_denoised_of_an_optimizer_that_is_not_zero_says_what_it_takes(make_optimizer):
+    from nvrm_ext.integrations.zero import denoised
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = make_optimizer(model.parameters())
+    match = "takes a ZeroRedundancyOptimizer.*, got " + type(optimizer).__name__
+    if isinstance(optimizer, FusedVSGD):
+        match += ".*optimizer.denoised"
+    with pytest.raises(TypeError, match=match):
+        with denoised(optimizer):
+            pass

@@ -17,7 +17,7 @@ import contextlib
 import torch
 import torch.distributed as dist
 
-from ._common import NoiseRemoval, unwrap
+from ._common import NoiseRemoval, unwrap, unwrap_to
 
 __all__ = ["denoised"]
 
@@ -27,6 +27,7 @@ def denoised(zero):
     """Clean weights on every rank inside the block, each rank's noisy weights back bit for bit
     on exit. Every rank holds a copy of all parameters meanwhile (one model's worth of memory);
     the owner of each parameter removes its noise and broadcasts the clean values."""
+    zero = _zero_of(zero)
     local = unwrap(zero.optim)
     if local is None:
         raise TypeError(f"denoised(zero): the local optimizer is a {type(zero.optim).__name__}, not an "
@@ -46,3 +47,18 @@ def denoised(zero):
             removal.restore()  # this rank's own parameters: the optimizer's exact noisy copies
             for p, noisy in held.items():
                 p.copy_(noisy)
+
+
+def _zero_of(optimizer):
+    """The ZeroRedundancyOptimizer `optimizer` is (or wraps), or a TypeError naming what to use."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    zero = unwrap_to(optimizer, ZeroRedundancyOptimizer)
+    if zero is not None:
+        return zero
+    if unwrap(optimizer) is not None:
+        raise TypeError(f"denoised(zero) takes a ZeroRedundancyOptimizer, got {type(optimizer).__name__}; "
+                        "an optimizer that is not sharded cleans all its weights itself: use "
+                        "`with optimizer.denoised():`")
+    raise TypeError(f"denoised(zero) takes a ZeroRedundancyOptimizer (optimizer_class=FusedVSGD or "
+                    f"FusedVAdam), got {type(optimizer).__name__}")
