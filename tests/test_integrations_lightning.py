@@ -301,3 +301,137 @@ def test_the_pytorch_lightning_package_name_works_too(tmp_path):
     trainer(tmp_path, [before, PLDenoisedEvaluation(clean_after_fit=False), after], max_epochs=1,
             package=pl, val_check_interval=2).fit(model, loader(), loader(8, seed=1))
     check_evaluations(model, "validation", before, after)
+
+
+def reference_clean_weights(full_checkpoint, kind):
+    """The clean weights a full checkpoint stands for, by the noise specification: its noisy
+    weights minus the noise its optimizer states know (each optimizer its own parameters)."""
+    saved = torch.load(full_checkpoint, map_location="cpu", weights_only=False)
+    model = Tiny(kind, init_seed=7)
+    model.load_state_dict(saved["state_dict"])
+    optimizers = model.configure_optimizers()
+    optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+    clean = {}
+    for optimizer, state in zip(optimizers, saved["optimizer_states"]):
+        optimizer.load_state_dict(state)
+        clean.update(clean_reference(optimizer))
+    names = {id(p): name for name, p in model.named_parameters()}
+    return {names[id(p)]: c for p, c in clean.items()}, saved["state_dict"], optimizers[0]
+
+
+@pytest.mark.parametrize("kind", ["vsgd", "two"])
+def test_weights_only_checkpoint_holds_the_clean_weights_and_training_is_unchanged(tmp_path, kind):
+    """ModelCheckpoint(save_weights_only=True) saves the clean weights its metric was computed on
+    (both optimizers cleaning their own parameters), beside a full checkpoint of the same moment
+    that keeps the noisy weights and the state that knows their noise; training goes on bit for
+    bit as without any checkpoint."""
+    weights_only = L.callbacks.ModelCheckpoint(dirpath=tmp_path / "w", save_last=True, save_top_k=0,
+                                               save_weights_only=True, mode="max")  # mode: another state_key
+    full = L.callbacks.ModelCheckpoint(dirpath=tmp_path / "f", save_last=True, save_top_k=0)
+    model = Tiny(kind)
+    trainer(tmp_path / "a", [DenoisedEvaluation(clean_after_fit=False), weights_only, full], max_epochs=2,
+            enable_checkpointing=True).fit(model, loader(), loader(8, seed=1))
+    plain = Tiny(kind)
+    trainer(tmp_path / "b", [DenoisedEvaluation(clean_after_fit=False)], max_epochs=2).fit(
+        plain, loader(), loader(8, seed=1))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), plain.parameters()))
+
+    clean, noisy, optimizer = reference_clean_weights(tmp_path / "f" / "last.ckpt", kind)
+    saved = torch.load(tmp_path / "w" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert "optimizer_states" not in saved and saved["nvrm_ext_clean_weights"] is True
+    assert set(saved["state_dict"]) == set(clean)
+    for name, c in clean.items():
+        torch.testing.assert_close(saved["state_dict"][name], c, rtol=0, atol=1e-6 * 0.05 + 1e-7)
+        assert (noisy[name] - c).abs().max() > 1e-3  # the full checkpoint: noisy, as before
+
+    deployed = load_clean_weights(Tiny(kind, init_seed=8), tmp_path / "w" / "last.ckpt")
+    assert all(torch.equal(p.detach(), saved["state_dict"][name]) for name, p in deployed.named_parameters())
+    from_full = load_clean_weights(Tiny(kind, init_seed=8), tmp_path / "f" / "last.ckpt")
+    for name, p in from_full.named_parameters():
+        torch.testing.assert_close(p.detach(), clean[name], rtol=0, atol=1e-6 * 0.05 + 1e-7)
+
+
+def test_weights_only_checkpoint_without_the_callback_is_refused_by_load_clean_weights(tmp_path):
+    """Without DenoisedEvaluation a weights-only file holds the noisy weights and nothing that
+    knows their noise: load_clean_weights cannot clean it and says so, loading nothing."""
+    checkpoint = L.callbacks.ModelCheckpoint(dirpath=tmp_path / "w", save_last=True, save_top_k=0,
+                                             save_weights_only=True)
+    trainer(tmp_path, [checkpoint], max_epochs=1, limit_val_batches=0, enable_checkpointing=True).fit(Tiny(), loader())
+    target = Tiny(init_seed=8)
+    before = [p.detach().clone() for p in target.parameters()]
+    with pytest.raises(ValueError, match="no optimizer states.*saved without DenoisedEvaluation"):
+        load_clean_weights(target, tmp_path / "w" / "last.ckpt")
+    assert all(torch.equal(a, b) for a, b in zip(before, target.parameters()))
+
+
+def full_checkpoint(tmp_path, kind="vsgd"):
+    checkpoint = L.callbacks.ModelCheckpoint(dirpath=tmp_path / "f", save_last=True, save_top_k=0)
+    trainer(tmp_path, [DenoisedEvaluation(), checkpoint], max_epochs=1, limit_val_batches=0,
+            enable_checkpointing=True).fit(Tiny(kind), loader())
+    return torch.load(tmp_path / "f" / "last.ckpt", map_location="cpu", weights_only=False)
+
+
+def optimizer_snapshot(optimizer):
+    state = optimizer.state_dict()
+    return [(i, k, v.clone() if isinstance(v, torch.Tensor) else v)
+            for i, s in sorted(state["state"].items()) for k, v in sorted(s.items())]
+
+
+def same_snapshot(a, b):
+    return len(a) == len(b) and all(
+        x[:2] == y[:2] and (torch.equal(x[2], y[2]) if isinstance(x[2], torch.Tensor) else x[2] == y[2])
+        for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("mismatch", ["group sizes", "optimizer class", "second optimizer", "weight shapes",
+                                      "missing weight"])
+def test_load_clean_weights_with_a_mismatch_changes_nothing(tmp_path, mismatch):
+    """Every mismatch is an error that leaves the module's weights and the given optimizers'
+    states as they were: checked before loading, or undone when an optimizer's own load refuses."""
+    saved = full_checkpoint(tmp_path, kind="two" if mismatch in ("optimizer class", "second optimizer") else "vsgd")
+    target = Tiny("two" if mismatch in ("optimizer class", "second optimizer") else "vsgd", init_seed=8)
+    optimizers = target.configure_optimizers()
+    optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+    # a trained state in the given optimizers, to see that it survives
+    for _ in range(2):
+        for optimizer in optimizers:
+            optimizer.zero_grad()
+        loss_fn(target.net, next(iter(loader()))).backward()
+        for optimizer in optimizers:
+            optimizer.step()
+    if mismatch == "group sizes":  # an optimizer over the first layer only
+        optimizers = [FusedVSGD(target.net[0].parameters(), lr=0.05, variability=0.05, num_iters=1000, seed=3)]
+        match = "doesn't match the size"
+    elif mismatch == "optimizer class":  # FusedVAdam's state offered to FusedVSGD and back
+        saved["optimizer_states"] = saved["optimizer_states"][::-1]
+        optimizers = [FusedVSGD(target.net[2].parameters(), lr=0.05, variability=0.05, num_iters=1000, seed=3),
+                      FusedVAdam(target.net[0].parameters(), lr=0.01, variability=0.05, num_iters=1000, seed=3)]
+        for optimizer in optimizers:
+            optimizer.zero_grad()
+        loss_fn(target.net, next(iter(loader()))).backward()
+        for optimizer in optimizers:
+            optimizer.step()
+        match = "saved by"
+    elif mismatch == "second optimizer":  # the first loads, the second refuses: the first is undone
+        saved["optimizer_states"][1] = {**saved["optimizer_states"][1],
+                                        "nvrm": {**saved["optimizer_states"][1]["nvrm"],
+                                                     "optimizer": "FusedVSGD"}}
+        match = "saved by FusedVSGD"
+    elif mismatch == "weight shapes":
+        saved["state_dict"]["net.0.weight"] = torch.zeros(3, 4)
+        match = "size mismatch for net.0.weight"
+    else:
+        del saved["state_dict"]["net.2.bias"]
+        match = 'Missing key.*"net.2.bias"'
+    weights = [p.detach().clone() for p in target.parameters()]
+    states = [optimizer_snapshot(optimizer) for optimizer in optimizers]
+    with pytest.raises((ValueError, RuntimeError), match=match):
+        load_clean_weights(target, saved, optimizers)
+    assert all(torch.equal(a, b) for a, b in zip(weights, target.parameters()))
+    assert all(same_snapshot(s, optimizer_snapshot(o)) for s, o in zip(states, optimizers))
+    assert not any(optimizer.noise_removed for optimizer in optimizers)
+
+
+def test_the_class_instead_of_an_instance_gets_a_clear_error(tmp_path):
+    with pytest.raises(TypeError, match=r"callbacks=\[DenoisedEvaluation\(\)\]"):
+        trainer(tmp_path, [DenoisedEvaluation], max_epochs=1, limit_val_batches=0).fit(Tiny(), loader())
