@@ -113,7 +113,10 @@ def test_evaluation_predictions_and_saved_model_see_clean_weights(tmp_path, stra
     for (step, noisy, clean), (weights, eval_loss) in zip(recorder.expected, recorder.evaluated):
         assert_close_to_clean(weights, opt, dict(zip(params, clean)), params)
         assert eval_loss == pytest.approx(loss_at(model, clean), rel=1e-6)
-        assert eval_loss != pytest.approx(loss_at(model, noisy), rel=1e-4)  # the noise matters
+        if step % 4:  # the noise matters
+            assert eval_loss != pytest.approx(loss_at(model, noisy), rel=1e-4)
+        else:  # an epoch end: num_iters was set to the 4 steps per epoch, no noise is on the weights
+            assert all(torch.equal(a, b) for a, b in zip(noisy, clean))
         if step < max_steps:  # training resumed from the noisy weights, bit for bit
             assert all(torch.equal(a, b) for a, b in zip(next_step.weights[step], noisy))
     # after train(): the model stays clean for evaluate(), predict() and save_model()
@@ -192,13 +195,14 @@ def test_amp_trainer_matches_a_hand_written_loop(tmp_path):
     callback finds FusedVSGD through AcceleratedOptimizer and FusedAMP."""
     def make(model):
         return FusedAMP(model.parameters(), lr=0.05, epsilon=0.1, momentum=0.9,
-                        base_optimizer=functools.partial(FusedVSGD, variability=0.05, num_iters=1000, seed=3))
+                        base_optimizer=functools.partial(FusedVSGD, variability=0.05, num_iters=3, seed=3))
 
     model = TinyRegressor()
     calls = []
     model.register_forward_hook(lambda *a: calls.append(1))
     AMPTrainer(model=model, args=args(tmp_path, max_steps=4, max_grad_norm=0.0, train_sampling_strategy="sequential"),
-               train_dataset=TRAIN, optimizers=(make(model), None), callbacks=[DenoisedEvaluation()]).train()
+               train_dataset=TRAIN, optimizers=(make(model), None),
+               callbacks=[DenoisedEvaluation(set_num_iters=False)]).train()
     assert len(calls) == 2 * 4
 
     hand = TinyRegressor()
@@ -217,3 +221,130 @@ def test_amp_trainer_matches_a_hand_written_loop(tmp_path):
     opt.base_optimizer.remove_noise()  # the callback leaves the model clean after train()
     for p, q in zip(model.parameters(), hand.parameters()):
         assert torch.equal(p, q)
+
+
+class EpochEnds(transformers.TrainerCallback):
+    """The optimizer steps of each epoch, and at each step end whether the weights are clean by
+    the noise specification (the reference clean weights equal them) and every counter is 0."""
+
+    def __init__(self):
+        self.steps_per_epoch, self.clean_at_step_end = [0], []
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.steps_per_epoch[-1] += 1
+        opt = optimizer.optimizer
+        clean = clean_reference(opt)
+        self.clean_at_step_end.append(
+            (state.global_step, all(torch.equal(p.detach(), clean[p]) for p in model.parameters())
+             and all(int(s["noise_step"]) == 0 for s in opt.state.values())))
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self.steps_per_epoch.append(0)
+
+
+SEVEN_BATCHES = dataset(14, 0)  # batch size 2: 7 batches; accumulation 2: 4 optimizer steps per epoch
+
+
+def seven_batch_args(tmp_path, **kwargs):
+    return args(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=-1,
+                num_train_epochs=3, **kwargs)
+
+
+def test_num_iters_is_the_trainers_steps_per_epoch_so_every_epoch_ends_clean(tmp_path):
+    """7 batches, accumulation 2: Trainer steps 4 times per epoch (the last step on one batch),
+    not 7 // 2 = 3. The callback sets num_iters = 4: every epoch ends on clean weights, and
+    only the epoch ends do."""
+    model = TinyRegressor()
+    opt = nvrm(model)  # num_iters left at its default
+    ends = EpochEnds()
+    transformers.Trainer(model=model, args=seven_batch_args(tmp_path), train_dataset=SEVEN_BATCHES,
+                         optimizers=(opt, None), callbacks=[ends, DenoisedEvaluation()]).train()
+    assert ends.steps_per_epoch[:3] == [4, 4, 4]
+    assert [g["num_iters"] for g in opt.param_groups] == [4]
+    assert [step for step, clean in ends.clean_at_step_end if clean] == [4, 8, 12]
+
+
+def test_the_old_recipe_num_iters_leaves_the_epoch_ends_noisy_and_is_refused(tmp_path):
+    """num_iters = len(train_dataloader) // gradient_accumulation_steps = 3: kept with
+    set_num_iters=False, the epoch ends carry noise (what the callback prevents); with the
+    default, train() refuses it before the first step, nothing changed."""
+    model = TinyRegressor()
+    opt = FusedVSGD(model.parameters(), lr=0.05, variability=0.05, num_iters=3, momentum=0.9, seed=3)
+    ends = EpochEnds()
+    transformers.Trainer(model=model, args=seven_batch_args(tmp_path / "a"), train_dataset=SEVEN_BATCHES,
+                         optimizers=(opt, None), callbacks=[ends, DenoisedEvaluation(set_num_iters=False)]).train()
+    assert [step for step, clean in ends.clean_at_step_end if clean] == [3, 6, 9, 12]  # not the epoch ends 4, 8
+
+    model = TinyRegressor()
+    opt = FusedVSGD(model.parameters(), lr=0.05, variability=0.05, num_iters=3, momentum=0.9, seed=3)
+    weights = [p.detach().clone() for p in model.parameters()]
+    trainer = transformers.Trainer(model=model, args=seven_batch_args(tmp_path / "b"), train_dataset=SEVEN_BATCHES,
+                                   optimizers=(opt, None), callbacks=[DenoisedEvaluation()])
+    with pytest.raises(ValueError, match=r"num_iters=3, but Trainer runs 4 optimizer steps per epoch"):
+        trainer.train()
+    assert opt.param_groups[0]["num_iters"] == 3 and not opt.state
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+
+
+class Trigger(transformers.TrainerCallback):
+    """A user callback that asks for an evaluation or a save at step 3 (no strategy would), and
+    records the noisy weights and the clean ones by the specification at that moment."""
+
+    def __init__(self, what):
+        self.what, self.expected = what, None
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if state.global_step == 3:
+            clean = clean_reference(optimizer.optimizer)
+            self.expected = ([p.detach().clone() for p in model.parameters()],
+                             [clean[p] for p in model.parameters()])
+            setattr(control, f"should_{self.what}", True)
+
+
+@pytest.mark.parametrize("what", ["evaluate", "save"])
+@pytest.mark.parametrize("order", ["trigger first", "trigger last"])
+def test_evaluation_or_save_asked_by_any_callback_in_any_order_sees_clean_weights(tmp_path, what, order):
+    model = TinyRegressor()
+    opt = nvrm(model)
+    trigger, recorder, next_step = Trigger(what), Recorder(), NextStep()
+    denoised = DenoisedEvaluation()
+    callbacks = [trigger, recorder, denoised, next_step] if order == "trigger first" else \
+        [recorder, denoised, next_step, trigger]
+    transformers.Trainer(model=model, args=args(tmp_path, max_steps=6), train_dataset=TRAIN, eval_dataset=EVAL,
+                         optimizers=(opt, None), callbacks=callbacks).train()
+    noisy, clean = trigger.expected
+    assert max((n - c).abs().max().item() for n, c in zip(noisy, clean)) > 1e-3  # noise was on at step 3
+    params = list(model.parameters())
+    if what == "evaluate":
+        (weights, eval_loss), = recorder.evaluated
+        assert_close_to_clean(weights, opt, dict(zip(params, clean)), params)
+        assert eval_loss == pytest.approx(loss_at(model, clean), rel=1e-6)
+        assert eval_loss != pytest.approx(loss_at(model, noisy), rel=1e-4)
+    else:
+        saved = safetensors_torch.load_file(str(tmp_path / "checkpoint-3" / "model.safetensors"))
+        for (name, _), c in zip(model.named_parameters(), clean):
+            torch.testing.assert_close(saved[name], c, rtol=0, atol=1e-7)
+    assert all(torch.equal(a, b) for a, b in zip(next_step.weights[3], noisy))  # training resumed noisy
+    # the run itself is the one without any evaluation or save, bit for bit
+    plain = TinyRegressor()
+    transformers.Trainer(model=plain, args=args(tmp_path / "plain", max_steps=6), train_dataset=TRAIN,
+                         optimizers=(nvrm(plain), None), callbacks=[DenoisedEvaluation()]).train()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), plain.parameters()))
+
+
+def test_a_late_evaluation_under_data_parallel_replicas_is_refused(tmp_path):
+    """nn.DataParallel's replicas copy the weights before any hook runs: an evaluation asked
+    after DenoisedEvaluation decided would run on the noisy copies, so it is an error. (The
+    replica is made by hand: DataParallel replicates only on several GPUs.)"""
+    class ReplicaEvaluation(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 3:
+                with torch.no_grad():
+                    model._replicate_for_data_parallel()(eval_tensors()[0])
+
+    model = TinyRegressor()
+    trainer = transformers.Trainer(model=model, args=args(tmp_path, max_steps=6), train_dataset=TRAIN,
+                                   optimizers=(nvrm(model), None),
+                                   callbacks=[DenoisedEvaluation(), ReplicaEvaluation()])
+    with pytest.raises(RuntimeError, match="under nn.DataParallel started on the noisy weights"):
+        trainer.train()
