@@ -435,3 +435,40 @@ def test_load_clean_weights_with_a_mismatch_changes_nothing(tmp_path, mismatch):
 def test_the_class_instead_of_an_instance_gets_a_clear_error(tmp_path):
     with pytest.raises(TypeError, match=r"callbacks=\[DenoisedEvaluation\(\)\]"):
         trainer(tmp_path, [DenoisedEvaluation], max_epochs=1, limit_val_batches=0).fit(Tiny(), loader())
+
+
+@pytest.mark.parametrize("max_steps", [-1, 10])  # max_steps cuts the run: estimated_stepping_batches // epochs is off
+def test_optimizer_steps_per_epoch_in_configure_optimizers_makes_every_epoch_end_clean(tmp_path, max_steps):
+    """7 batches, accumulate_grad_batches=2: Lightning steps 4 times per epoch (the last step
+    on one batch). num_iters = optimizer_steps_per_epoch(trainer) = 4: every epoch ends on
+    clean weights by the noise specification, and only the epoch ends do."""
+    from nvrm_ext.integrations.lightning import optimizer_steps_per_epoch
+
+    class Counted(Tiny):
+        def configure_optimizers(self):
+            self.steps_per_epoch = optimizer_steps_per_epoch(self.trainer)
+            return FusedVSGD(self.parameters(), lr=0.05, momentum=0.9, variability=0.05,
+                             num_iters=self.steps_per_epoch, seed=3)
+
+    class CleanAtStepEnd(L.Callback):
+        def __init__(self):
+            self.steps = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            opt = trainer.optimizers[0]
+            if int(trainer.global_step) == (self.steps[-1][0] if self.steps else 0):
+                return  # an accumulating batch: no step
+            clean = clean_reference(opt)
+            self.steps.append((int(trainer.global_step),
+                               all(torch.equal(p.detach(), clean[p]) for p in pl_module.parameters())
+                               and all(int(s["noise_step"]) == 0 for s in opt.state.values())))
+
+    model = Counted()
+    seen = CleanAtStepEnd()
+    seven = torch.utils.data.DataLoader(data(14), batch_size=2, shuffle=False)
+    trainer(tmp_path, [seen], max_epochs=3, max_steps=max_steps, accumulate_grad_batches=2,
+            limit_val_batches=0).fit(model, seven)
+    assert model.steps_per_epoch == 4
+    steps = [step for step, _ in seen.steps]
+    assert steps == list(range(1, 13 if max_steps == -1 else 11))
+    assert [step for step, clean in seen.steps if clean] == [4, 8, 12][:len(steps) // 4]

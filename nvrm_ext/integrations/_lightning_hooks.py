@@ -12,6 +12,7 @@ CLEAN_WEIGHTS_KEY. Clean weights for deployment: after ``trainer.fit`` the model
 """
 from __future__ import annotations
 
+import math
 import os
 import warnings
 
@@ -80,6 +81,21 @@ class DenoisedEvaluationHooks:
         if self.clean_after_fit:
             self._remove(trainer)
             self._removal.forget()  # stays clean
+
+
+def optimizer_steps_per_epoch(trainer) -> int:
+    """The optimizer steps a Trainer runs per epoch in automatic optimization, for num_iters:
+    ceil(training batches / accumulate_grad_batches), as Lightning steps on an epoch's last
+    batch whatever the accumulation (trainer.estimated_stepping_batches // max_epochs is this
+    only when max_steps does not cut the run short). Call it in configure_optimizers; it loads
+    the train dataloader there as estimated_stepping_batches does."""
+    if trainer.train_dataloader is None:
+        trainer.fit_loop.setup_data()
+    batches = trainer.num_training_batches
+    if batches == float("inf"):
+        raise ValueError("optimizer_steps_per_epoch: the train dataloader has no length (an IterableDataset), "
+                         "so an epoch has no known number of steps; set num_iters yourself")
+    return max(math.ceil(batches / trainer.accumulate_grad_batches), 1)
 
 
 def _refuse_class(callback, hook: str) -> None:

@@ -6,9 +6,9 @@ See _lightning_hooks for what checkpoints hold and how to get clean weights for 
 """
 from lightning.pytorch import Callback
 
-from ._lightning_hooks import DenoisedEvaluationHooks, load_clean_weights
+from ._lightning_hooks import DenoisedEvaluationHooks, load_clean_weights, optimizer_steps_per_epoch
 
-__all__ = ["DenoisedEvaluation", "load_clean_weights"]
+__all__ = ["DenoisedEvaluation", "load_clean_weights", "optimizer_steps_per_epoch"]
 
 
 class DenoisedEvaluation(DenoisedEvaluationHooks, Callback):
