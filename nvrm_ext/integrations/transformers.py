@@ -135,7 +135,8 @@ def _carries_noise(optimizer) -> bool:
 def _set_num_iters(optimizers, steps: int) -> None:
     """Every group's num_iters = `steps`, after checking every group (nothing is set on an error)."""
     for optimizer in optimizers:
-        default = inspect.signature(type(optimizer)).parameters["num_iters"].default
+        declared = inspect.signature(type(optimizer)).parameters.get("num_iters")
+        default = declared.default if declared is not None else None  # a subclass may not declare it
         ours = _NUM_ITERS_SET.get(optimizer)
         for index, group in enumerate(optimizer.param_groups):
             if group["num_iters"] not in (steps, default, ours):
