@@ -348,3 +348,38 @@ def test_a_late_evaluation_under_data_parallel_replicas_is_refused(tmp_path):
                                    callbacks=[DenoisedEvaluation(), ReplicaEvaluation()])
     with pytest.raises(RuntimeError, match="under nn.DataParallel started on the noisy weights"):
         trainer.train()
+
+
+def test_a_read_between_accumulated_batches_sees_clean_weights_and_training_is_unchanged(tmp_path):
+    """model.state_dict() and a no-grad forward between two micro-batches of one accumulation
+    (on_substep_end) get the clean weights; the next micro-batch's training forward puts the noise
+    back, so the run is the one without the reads, bit for bit."""
+    class Reads(transformers.TrainerCallback):
+        read = None
+
+        def on_substep_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+            if state.global_step == 3:
+                clean = clean_reference(optimizer.optimizer)
+                expected = [clean[p] for p in model.parameters()]
+                weights = [t.clone() for t in model.state_dict().values()]
+                with torch.no_grad():
+                    output = model(eval_tensors()[0])["logits"]
+                self.read = (weights, output, expected)
+
+    def run(out, callbacks):
+        model = TinyRegressor()
+        opt = nvrm(model)
+        transformers.Trainer(model=model, args=args(out, per_device_train_batch_size=2, gradient_accumulation_steps=2),
+                             train_dataset=TRAIN, optimizers=(opt, None), callbacks=callbacks).train()
+        return model, opt
+
+    reads = Reads()
+    model, opt = run(tmp_path / "a", [reads, DenoisedEvaluation()])
+    weights, output, expected = reads.read
+    params = list(model.parameters())
+    assert_close_to_clean(weights, opt, dict(zip(params, expected)), params)
+    names = [name for name, _ in model.named_parameters()]
+    by_hand = torch.func.functional_call(model, dict(zip(names, expected)), (eval_tensors()[0],))["logits"]
+    torch.testing.assert_close(output, by_hand, rtol=1e-5, atol=1e-6)
+    plain, _ = run(tmp_path / "b", [DenoisedEvaluation()])
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), plain.parameters()))
