@@ -110,19 +110,21 @@ def _save_weights_only_checkpoints_clean(strategy) -> None:
     """Make `strategy.save_checkpoint` (through which every Trainer.save_checkpoint, ModelCheckpoint
     included, writes) put the clean weights into weights-only checkpoints. Lightning calls no
     callback hook for those, so the strategy's method is wrapped, once per strategy object."""
-    save = strategy.save_checkpoint
-    if getattr(save, "_nvrm_ext_clean_weights", False):
-        return
+    if not isinstance(strategy.save_checkpoint, _CleanWeightsOnlySave):
+        strategy.save_checkpoint = _CleanWeightsOnlySave(strategy, strategy.save_checkpoint)
 
-    def save_checkpoint(checkpoint, filepath, storage_options=None):
+
+class _CleanWeightsOnlySave:
+    """The wrapped Strategy.save_checkpoint (a class, not a closure: a strategy stays picklable)."""
+
+    def __init__(self, strategy, save):
+        self.strategy, self.save = strategy, save
+
+    def __call__(self, checkpoint, filepath, storage_options=None):
         if "optimizer_states" not in checkpoint:  # weights-only: no state here knows the noise
-            trainer = strategy.lightning_module.trainer
-            checkpoint = _with_clean_weights(checkpoint, trainer.lightning_module,
-                                             nvrm_optimizers(trainer.optimizers))
-        return save(checkpoint, filepath, storage_options=storage_options)
-
-    save_checkpoint._nvrm_ext_clean_weights = True
-    strategy.save_checkpoint = save_checkpoint
+            trainer = self.strategy.lightning_module.trainer
+            checkpoint = _with_clean_weights(checkpoint, trainer.lightning_module, nvrm_optimizers(trainer.optimizers))
+        return self.save(checkpoint, filepath, storage_options=storage_options)
 
 
 def _with_clean_weights(checkpoint: dict, module, optimizers) -> dict:
