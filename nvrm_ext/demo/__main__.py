@@ -13,6 +13,7 @@ Each writes <experiment>.json and <experiment>.png to --out and prints a results
 from __future__ import annotations
 
 import argparse
+import platform
 import sys
 import time
 from pathlib import Path
@@ -21,8 +22,12 @@ import torch
 from tqdm import tqdm
 
 from . import experiments
+from .arguments import (OneLineParser, below_one, command_line, distinct, int_at_least, int_between,
+                        fail, nonnegative_float, nonnegative_int, positive_float, positive_int, probability,
+                        torch_device, writable_directory)
 from .data import NOISE_PATTERNS
-from .reporting import save, table
+from .reporting import output_files, save, table
+from .training import IMAGE_SIDE
 
 DEFAULT_SUBCOMMAND = "label-noise"
 
@@ -51,56 +56,78 @@ REGULARIZERS_HYPERPARAMETER_SOURCE = (
 DEFAULT_HIDDEN = 512
 
 
-def _common_options() -> argparse.ArgumentParser:
+#: Defaults of the common options that DEFAULTS does not set per experiment.
+COMMON_DEFAULTS = dict(seeds=3, hidden=DEFAULT_HIDDEN, momentum=0.9, batch_size=64, device="cpu", threads=1,
+                       out=Path("nvrm_demo_out"))
+#: Common options an experiment does not use: given to it, they are refused rather than ignored.
+NOT_USED_BY = {"noise-types": {"variability": "it sweeps --scales instead"},
+               "forgetting": {"momentum": "it trains with Adam"}}
+
+
+def _common_options(suppress_defaults: bool) -> argparse.ArgumentParser:
+    """The options every subcommand takes. They are attached both to the top-level parser and to
+    each subcommand, so they may come before or after the subcommand; the subcommand's copy has
+    no defaults (argparse.SUPPRESS), so it only overrides what was given after the subcommand.
+    The real defaults are filled in by parse_args (COMMON_DEFAULTS, DEFAULTS)."""
     common = argparse.ArgumentParser(add_help=False)
-    group = common.add_argument_group("common options")
-    group.add_argument("--seeds", type=int, default=3, help="number of seeds 0..N-1; results are mean ± std (default 3)")
-    group.add_argument("--epochs", type=int, help="training epochs (per task for 'forgetting')")
-    group.add_argument("--lr", type=float, help="learning rate, shared by the baseline and the NVRM arm")
-    group.add_argument("--variability", type=float, help="NVRM noise scale (Gaussian std); noise-types sweeps --scales instead")
-    group.add_argument("--weight-decay", type=float, help="L2 weight decay")
-    group.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
-    group.add_argument("--hidden", type=int,
+    group = common.add_argument_group("common options (before or after the subcommand)")
+    default = argparse.SUPPRESS if suppress_defaults else None
+    group.add_argument("--seeds", type=positive_int, default=default,
+                       help="number of seeds 0..N-1; results are mean ± std (default 3)")
+    group.add_argument("--epochs", type=positive_int, default=default,
+                       help="training epochs (per task for 'forgetting')")
+    group.add_argument("--lr", type=positive_float, default=default,
+                       help="learning rate, shared by the baseline and the NVRM arm")
+    group.add_argument("--variability", type=nonnegative_float, default=default,
+                       help="NVRM noise scale (Gaussian std; 0: no noise); noise-types sweeps --scales instead")
+    group.add_argument("--weight-decay", type=nonnegative_float, default=default, help="L2 weight decay")
+    group.add_argument("--momentum", type=below_one, default=default,
+                       help="SGD momentum, in [0, 1) (default 0.9; not used by 'forgetting', which trains Adam)")
+    group.add_argument("--hidden", type=positive_int, default=default,
                        help=f"width of the MLP's two hidden layers (default {DEFAULT_HIDDEN}); "
                             "for 'regularizers', of the CNN's fully connected layer (default 128)")
-    group.add_argument("--batch-size", type=int, default=64, help="mini-batch size (default 64)")
-    group.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
-    group.add_argument("--threads", type=int, default=1,
+    group.add_argument("--batch-size", type=positive_int, default=default, help="mini-batch size (default 64)")
+    group.add_argument("--device", type=torch_device, default=default,
+                       help="cpu, cuda or cuda:N, checked before training (default cpu)")
+    group.add_argument("--threads", type=positive_int, default=default,
                        help="torch CPU threads (default 1: this MLP is too small to gain from more, "
                             "and one thread does not fight other processes for the cores)")
-    group.add_argument("--out", type=Path, default=Path("nvrm_demo_out"),
-                       help="output directory for the PNG and JSON (default ./nvrm_demo_out/)")
+    group.add_argument("--out", type=Path, default=default,
+                       help="output directory for the PNG and JSON, created and checked for writing "
+                            "before training (default ./nvrm_demo_out/)")
     return common
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nvrm-demo", description="Reproduce the NVRM paper's claims at digits "
-                                     "scale on a CPU, without downloads.",
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=f"Without a subcommand, '{DEFAULT_SUBCOMMAND}' runs.")
+    parser = OneLineParser(prog="nvrm-demo", description="Reproduce the NVRM paper's claims at digits "
+                           "scale on a CPU, without downloads.", parents=[_common_options(False)],
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog=f"Without a subcommand, '{DEFAULT_SUBCOMMAND}' runs.")
     subcommands = parser.add_subparsers(dest="experiment", metavar="SUBCOMMAND")
-    common = [_common_options()]
+    common = [_common_options(True)]
 
     noisy = subcommands.add_parser("label-noise", parents=common, help="memorization of noisy labels (default)")
     noise_options = [("--noise", dict(choices=NOISE_PATTERNS, default="pair",
                                       help="pair: label k -> k+1 mod 10 (asymmetric); symmetric: uniform other class")),
-                     ("--rate", dict(type=float, default=0.4, help="fraction of training labels corrupted (default 0.4)"))]
+                     ("--rate", dict(type=probability, default=0.4,
+                                     help="fraction of training labels corrupted, in [0, 1] (default 0.4)"))]
     for flag, options in noise_options:
         noisy.add_argument(flag, **options)
 
     perturb = subcommands.add_parser("perturbation", parents=common, help="robustness to weight noise, generalization gap")
-    perturb.add_argument("--sigmas", type=float, nargs="+", default=[0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2],
-                         help="std of the Gaussian noise added to every weight")
-    perturb.add_argument("--draws", type=int, default=5, help="noise draws averaged per σ (default 5)")
+    perturb.add_argument("--sigmas", type=nonnegative_float, nargs="+", default=[0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2],
+                         help="std of the Gaussian noise added to every weight (each >= 0)")
+    perturb.add_argument("--draws", type=positive_int, default=5, help="noise draws averaged per σ (default 5)")
 
     forget = subcommands.add_parser("forgetting", parents=common, help="permuted digits, catastrophic forgetting")
-    forget.add_argument("--tasks", type=int, default=5, help="number of tasks; task 0 is the unpermuted digits")
-    forget.add_argument("--ewc", type=float, default=0.0, metavar="LAMBDA",
+    forget.add_argument("--tasks", type=int_at_least(2, "task 0 and at least one task after it"), default=5,
+                        help="number of tasks; task 0 is the unpermuted digits (default 5)")
+    forget.add_argument("--ewc", type=nonnegative_float, default=0.0, metavar="LAMBDA",
                         help="also run every optimizer with EWC of this strength (default 0: off)")
 
     types = subcommands.add_parser("noise-types", parents=common, help="Gaussian vs Laplace vs Uniform noise")
-    types.add_argument("--scales", type=float, nargs="+", default=[0.01, 0.03, 0.1, 0.2],
-                       help="variability values to sweep (default 0.01 0.03 0.1 0.2)")
+    types.add_argument("--scales", type=positive_float, nargs="+", default=[0.01, 0.03, 0.1, 0.2],
+                       help="variability values to sweep, each > 0 and once (default 0.01 0.03 0.1 0.2)")
     for flag, options in noise_options:
         types.add_argument(flag, **options)
     compare = subcommands.add_parser("regularizers", parents=common,
@@ -109,22 +136,24 @@ def build_parser() -> argparse.ArgumentParser:
         compare.add_argument(flag, **options)
     defaults = experiments.RegularizerSettings()
     method_options = compare.add_argument_group("per-method hyperparameters (FusedVSGD uses --variability)")
-    method_options.add_argument("--amp-epsilon", type=float, default=defaults.amp_epsilon,
-                                help="FusedAMP: radius of each tensor's perturbation ball "
+    method_options.add_argument("--amp-epsilon", type=nonnegative_float, default=defaults.amp_epsilon,
+                                help="FusedAMP: radius of each tensor's perturbation ball, >= 0 "
                                      f"(default {defaults.amp_epsilon:g})")
-    method_options.add_argument("--amp-inner-lr", type=float, default=defaults.amp_inner_lr,
-                                help=f"FusedAMP: inner ascent step size (default {defaults.amp_inner_lr:g})")
-    method_options.add_argument("--disout-prob", type=float, default=defaults.disout_prob,
-                                help="Disout: fraction of feature-map elements distorted "
+    method_options.add_argument("--amp-inner-lr", type=nonnegative_float, default=defaults.amp_inner_lr,
+                                help=f"FusedAMP: inner ascent step size, >= 0 (default {defaults.amp_inner_lr:g})")
+    method_options.add_argument("--disout-prob", type=below_one, default=defaults.disout_prob,
+                                help="Disout: fraction of feature-map elements distorted, in [0, 1) "
                                      f"(default {defaults.disout_prob:g})")
-    method_options.add_argument("--disout-block-size", type=int, default=defaults.disout_block_size,
-                                help=f"Disout: side of the distorted blocks on the 8x8 maps "
+    method_options.add_argument("--disout-block-size", default=defaults.disout_block_size,
+                                type=int_between(1, IMAGE_SIDE, f"the distorted maps are {IMAGE_SIDE}x{IMAGE_SIDE}"),
+                                help=f"Disout: side of the distorted blocks on the {IMAGE_SIDE}x{IMAGE_SIDE} maps "
                                      f"(default {defaults.disout_block_size})")
-    method_options.add_argument("--disout-alpha", type=float, default=defaults.disout_alpha,
-                                help=f"Disout: distortion intensity (default {defaults.disout_alpha:g})")
-    method_options.add_argument("--nsr-lam", type=float, default=defaults.nsr_lam,
-                                help=f"NSR: weight of the intra-class variance penalty (default {defaults.nsr_lam:g})")
-    method_options.add_argument("--nsr-queue-length", type=int, default=defaults.nsr_queue_length,
+    method_options.add_argument("--disout-alpha", type=nonnegative_float, default=defaults.disout_alpha,
+                                help=f"Disout: distortion intensity, >= 0 (default {defaults.disout_alpha:g})")
+    method_options.add_argument("--nsr-lam", type=nonnegative_float, default=defaults.nsr_lam,
+                                help="NSR: weight of the intra-class variance penalty, >= 0 "
+                                     f"(default {defaults.nsr_lam:g})")
+    method_options.add_argument("--nsr-queue-length", type=nonnegative_int, default=defaults.nsr_queue_length,
                                 help=f"NSR: per-class memory queue length, 0 = batch only "
                                      f"(default {defaults.nsr_queue_length})")
     for name, subparser in subcommands.choices.items():
@@ -133,12 +162,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _with_subcommand(argv: list[str]) -> list[str]:
+    """`argv` with the default subcommand inserted where the user left it out: after the common
+    options that lead the command line (`--seeds 1 --noise symmetric` -> `--seeds 1 label-noise
+    --noise symmetric`). The common options each take one value, which is skipped, so a value
+    that happens to be a subcommand's name (`--out perturbation`) is not mistaken for one."""
+    common_flags = [flag for action in _common_options(False)._actions for flag in action.option_strings]
+    position = 0
+    while position < len(argv):
+        token = argv[position]
+        if token in ("-h", "--help") or token == "--" or not token.startswith("-") or token == "-":
+            return argv  # help, or a positional: the subcommand (argparse checks its name)
+        flag, has_value, _ = token.partition("=")
+        matches = [f for f in common_flags if f == flag] or [f for f in common_flags if f.startswith(flag)]
+        if len(matches) != 1:
+            break  # an option only a subcommand has: the default subcommand starts here
+        if not has_value and position + 1 == len(argv):
+            return argv  # a common option without its value: argparse says so
+        position += 1 if has_value else 2
+    return argv[:position] + [DEFAULT_SUBCOMMAND] + argv[position:]
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
-        argv.insert(0, DEFAULT_SUBCOMMAND)
-    args = build_parser().parse_args(argv)
-    for name, value in {"hidden": DEFAULT_HIDDEN, **DEFAULTS[args.experiment]}.items():
+    """Parse and check the command line (nothing is created or trained): every value is checked
+    by its argparse type, then the combinations; errors exit with status 2 and one line."""
+    parser = build_parser()
+    argv = _with_subcommand(command_line(argv))
+    args = parser.parse_args(argv)
+    for name, reason in NOT_USED_BY.get(args.experiment, {}).items():
+        if getattr(args, name) is not None:
+            parser.error(f"argument --{name.replace('_', '-')}: not used by {args.experiment} ({reason})")
+    for flag in ("scales", "sigmas"):
+        problem = distinct(getattr(args, flag), f"--{flag}") if hasattr(args, flag) else None
+        if problem:
+            parser.error(problem)
+    for name, value in {**COMMON_DEFAULTS, **DEFAULTS[args.experiment]}.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     return args
@@ -180,20 +238,40 @@ def run(args: argparse.Namespace) -> dict:
         return experiments.noise_types(common, scales=tuple(args.scales), noise=args.noise, rate=args.rate)
 
 
+def environment(args: argparse.Namespace) -> dict:
+    """Where the numbers were made. Training amplifies last-bit differences between CPUs (their
+    matrix kernels round differently) into differences of a few points after tens of epochs, so
+    a table is reproducible bit for bit only on the same kind of processor and torch build."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"torch": torch.__version__, "python": platform.python_version(), "cpu": cpu, "device": args.device,
+            "threads": args.threads}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.seeds < 1 or args.epochs < 1:
-        raise SystemExit("--seeds and --epochs must be at least 1")
+    problem = writable_directory(args.out, output_files(args.experiment))
+    if problem:
+        fail("nvrm-demo", problem)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     result = run(args)
     result["seconds"] = round(time.perf_counter() - start, 1)
-    result["command"] = "nvrm-demo " + " ".join(sys.argv[1:] if argv is None else argv)
-    json_path, png_path = save(result, args.out)
+    result["command"] = "nvrm-demo " + " ".join(command_line(argv))
+    result["environment"] = environment(args)
+    # The table first: it is the result, and it must survive a failing write.
     print(f"\n{args.experiment}: final values, mean ± std over {args.seeds} seed(s), in %\n")
     print(table(result))
     if result["config"].get("hyperparameter_source"):
         print(f"\nhyperparameters: {result['config']['hyperparameter_source']}")
+    try:
+        json_path, png_path = save(result, args.out)
+    except OSError as error:
+        fail("nvrm-demo", f"the results above were not saved to {str(args.out)!r}: {error}", status=1)
     print(f"\n{result['seconds']:.0f} s; wrote {png_path} and {json_path}")
     return 0
 

@@ -202,11 +202,16 @@ def _noise_types_plot(result: dict):
     return figure
 
 
+def output_files(experiment: str) -> list[str]:
+    """The names save() writes for `experiment`: its JSON, then its PNG."""
+    stem = experiment.replace("-", "_")
+    return [f"{stem}.json", f"{stem}.png"]
+
+
 def save(result: dict, out_dir: Path) -> tuple[Path, Path]:
     """Write `<experiment>.json` (every number) and `<experiment>.png` into out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = result["experiment"].replace("-", "_")
-    json_path, png_path = out_dir / f"{stem}.json", out_dir / f"{stem}.png"
+    json_path, png_path = (out_dir / name for name in output_files(result["experiment"]))
     json_path.write_text(json.dumps(result, indent=1) + "\n")
     plot(result, png_path)
     return json_path, png_path

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
 from . import experiments
+from .arguments import OneLineParser, fail, positive_int, writable_directory
 from .data import DigitsSplit, corrupt_labels, load_digits_split
 
 TUNING_SEEDS = (100, 101)
@@ -122,16 +124,27 @@ def tune_forgetting(common: experiments.Common, num_tasks: int = 5) -> dict:
             "best_variability": max(v_scores, key=v_scores.get)}
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m nvrm_ext.demo.tune", description=__doc__.split("\n\n")[1])
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="python -m nvrm_ext.demo.tune", description=__doc__.split("\n\n")[1])
     parser.add_argument("which", choices=("label-noise", "forgetting", "regularizers"),
                         help="label-noise: 40%% pair-flip task (its choice is reused by perturbation and "
                              "noise-types); forgetting: permuted digits with Adam; regularizers: the CNN "
                              "comparison on the label-noise task")
-    parser.add_argument("--epochs", type=int,
+    parser.add_argument("--epochs", type=positive_int,
                         help="epochs (default 50; regularizers 25, as its default run; forgetting, per task, 5)")
-    parser.add_argument("--out", type=Path, default=Path("nvrm_demo_out"))
+    parser.add_argument("--out", type=Path, default=Path("nvrm_demo_out"),
+                        help="output directory for tune_<which>.json, created and checked for writing "
+                             "before tuning (default ./nvrm_demo_out/)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    filename = f"tune_{args.which.replace('-', '_')}.json"
+    problem = writable_directory(args.out, [filename])
+    if problem:
+        fail(parser.prog, problem)
     if args.epochs is None:
         args.epochs = {"forgetting": 5, "regularizers": 25}.get(args.which, 50)
     torch.set_num_threads(1)
@@ -156,12 +169,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.which == "regularizers":
         fixed = {k: v for k, v in asdict(experiments.RegularizerSettings()).items() if k not in REGULARIZER_GRIDS}
         result["grids"].update(REGULARIZER_GRIDS, fixed=fixed)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"tune_{args.which.replace('-', '_')}.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
+    # The scores first: they are the result, and they must survive a failing write.
     print(json.dumps({k: v for k, v in result.items() if k != "curves"}, indent=1))
+    path = args.out / filename
+    try:
+        path.write_text(json.dumps(result, indent=1) + "\n")
+    except OSError as error:
+        fail(parser.prog, f"the scores above were not saved to {str(path)!r}: {error}", status=1)
     print(f"wrote {path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
