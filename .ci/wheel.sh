@@ -32,7 +32,7 @@ nvcc_found() {
 echo "== building the sdist, then the wheel from the sdist (python -m build)"
 cd "$ROOT"
 rm -f dist/nvrm_ext-*.whl dist/nvrm_ext-*.tar.gz
-"$PYTHON" -c 'import build' 2>/dev/null || "$PYTHON" -m pip install -q build
+"$PYTHON" -m build --version >/dev/null 2>&1 || "$PYTHON" -m pip install -q build
 start=$SECONDS
 "$PYTHON" -m build --outdir "$WORK/built" .
 echo "sdist and wheel built in $((SECONDS - start)) s"

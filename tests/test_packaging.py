@@ -97,6 +97,22 @@ def test_nvrm_demo_with_the_demo_extra_runs_the_demo():
     assert done.stdout.startswith("usage: nvrm-demo")
 
 
+def test_the_check_looks_for_exactly_the_demo_extra():
+    """The console script's list of the demo's packages is the `demo` extra's."""
+    from nvrm_ext.demo._entry import DEMO_PACKAGES
+
+    setup_py = CHECKOUT / "setup.py"
+    if setup_py.is_file():
+        found = re.search(r'"demo":\s*\[([^]]*)\]', setup_py.read_text())
+        assert found, "setup.py declares no demo extra"
+        extra = set(re.findall(r'"([^"]+)"', found.group(1)))
+    else:
+        requirements = metadata.distribution("nvrm_ext").requires or []
+        extra = {re.split(r"[\s;<>=!~\[]", requirement)[0] for requirement in requirements
+                 if re.search(r"""extra\s*==\s*["']demo["']""", requirement)}
+    assert set(DEMO_PACKAGES.values()) == extra
+
+
 # ------------------------------------------------------------------ a source checkout without _lib/
 def _checkout_without_libraries(root: Path) -> Path:
     """A copy of this nvrm_ext as a source checkout that was never built (setup.py, csrc/, no _lib/)."""

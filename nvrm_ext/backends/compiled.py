@@ -84,12 +84,15 @@ def _installed_elsewhere() -> Path | None:
     from importlib import metadata
 
     imported = LIB_DIR.parent.resolve()
-    for distribution in metadata.distributions(name="nvrm_ext"):
-        for file in distribution.files or ():
-            if file.as_posix() == "nvrm_ext/__init__.py":
-                package = Path(distribution.locate_file(file)).resolve().parent
-                if package != imported and package.is_dir():
-                    return package
+    try:
+        for distribution in metadata.distributions(name="nvrm_ext"):
+            for file in distribution.files or ():
+                if file.as_posix() == "nvrm_ext/__init__.py":
+                    package = Path(distribution.locate_file(file)).resolve().parent
+                    if package != imported and package.is_dir():
+                        return package
+    except Exception:  # unreadable metadata: the message names no installed copy, nothing fails
+        return None
     return None
 
 
