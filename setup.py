@@ -264,10 +264,35 @@ class PlatformWheel(bdist_wheel):
         return "py3", "none", platform
 
 
+# Metadata the maintainers must still decide: no license has been chosen and the project has no
+# public home yet. Both are explicit placeholders (LICENSE says so too); .ci/wheel.sh warns while
+# they remain.
+LICENSE_NAME = "UNDECIDED (placeholder: no license chosen yet, see LICENSE)"
+HOME_PAGE = "https://example.invalid/nvrm_ext"  # placeholder (.invalid never resolves)
+
 setup(
     name="nvrm_ext",
     version="0.1.0",
     description="Artificial neural variability (NVRM) optimizers with stateless, regenerated noise",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    author="the nvrm_ext maintainers",
+    url=HOME_PAGE,
+    project_urls={"Source": HOME_PAGE, "Documentation": HOME_PAGE + "#readme"},
+    license=LICENSE_NAME,
+    license_files=["LICENSE"],
+    keywords=["pytorch", "optimizer", "neural variability", "nvrm", "noise injection", "triton", "cuda"],
+    classifiers=[
+        "Development Status :: 3 - Alpha",
+        "Intended Audience :: Science/Research",
+        "Intended Audience :: Developers",
+        "Operating System :: POSIX :: Linux",
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3 :: Only",
+        "Programming Language :: C++",
+        "Environment :: GPU :: NVIDIA CUDA",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
     python_requires=">=3.9",
     packages=find_packages(include=["nvrm_ext*"]),
     package_data={"nvrm_ext": ["_lib/*.so", "_lib/*.json"]},
@@ -278,7 +303,8 @@ setup(
                  "scikit-learn", "tqdm", "matplotlib"],
         "demo": ["scikit-learn", "tqdm", "matplotlib"],
     },
-    entry_points={"console_scripts": ["nvrm-demo = nvrm_ext.demo.__main__:main"]},
+    # The entry point checks for the demo extra's packages before importing the demo.
+    entry_points={"console_scripts": ["nvrm-demo = nvrm_ext.demo._entry:main"]},
     distclass=BinaryDistribution,
     cmdclass={"build_ext": NinjaLibraries, "bdist_wheel": PlatformWheel},
     zip_safe=False,

@@ -5,11 +5,12 @@
 # Budget (one H100/H200, 16 cores): build <= 150 s, tests <= 150 s, bench <= 120 s: under 8 min.
 # Without a GPU it refuses: exit status 2 and one line saying why.
 #
-# Environment: PYTHON (default: python); BUILD=0 skips the build (an install already made).
+# Environment: PYTHON, the interpreter to build, install and test with (default: python3; a venv's
+# interpreter need not be activated); BUILD=0 skips the build (an install already made).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-PYTHON="${PYTHON:-python}"
+PYTHON="${PYTHON:-python3}"
 cd "$ROOT"
 
 if ! "$PYTHON" -c 'import torch' 2>/dev/null; then

@@ -1,6 +1,7 @@
 """bench/gpu_check.sh without a GPU: it refuses clearly, and every part that can run on a CPU
 (test collection, bench rows, budgets, JSON, summary) runs in its --dry-run mode."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,11 +19,24 @@ no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusa
 @no_gpu
 @pytest.mark.parametrize("command", [["bash", "bench/gpu_check.sh"], [sys.executable, "-m", "bench.gpu_check"]])
 def test_refuses_without_a_gpu_in_one_line(command):
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    # The script runs the interpreter it is given, this one (whether or not its venv is activated).
+    env = dict(os.environ, PYTHON=sys.executable)
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert done.stdout == ""
     assert done.stderr.count("\n") == 1
     assert done.stderr.startswith("gpu_check: no CUDA GPU visible to torch (torch.cuda.is_available() is False)")
+
+
+def test_the_script_runs_the_interpreter_it_is_given(tmp_path):
+    """PYTHON, not whatever `python` is on PATH: here one that cannot import torch."""
+    interpreter = tmp_path / "python-without-torch"
+    interpreter.write_text("#!/bin/sh\nexit 1\n")
+    interpreter.chmod(0o755)
+    done = subprocess.run(["bash", "bench/gpu_check.sh"], cwd=ROOT, env=dict(os.environ, PYTHON=str(interpreter)),
+                          capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == f"gpu_check: {interpreter} cannot import torch; install PyTorch (a CUDA build) first\n"
 
 
 def test_dry_run_writes_the_report_and_the_summary(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import sys
 from functools import lru_cache
 from pathlib import Path
 from typing import Optional
@@ -70,16 +71,66 @@ def _open(path: Path) -> ctypes.CDLL:
     return lib
 
 
+def _source_checkout() -> Path | None:
+    """The checkout this nvrm_ext was imported from (setup.py and csrc/ beside the package), or
+    None for an installed package. Run from a checkout's root, `import nvrm_ext` finds the source
+    tree before any installed copy, and the source tree has libraries only once built in place."""
+    root = LIB_DIR.parent.parent
+    return root if (root / "setup.py").is_file() and (root / "csrc").is_dir() else None
+
+
+def _installed_elsewhere() -> Path | None:
+    """An installed nvrm_ext (a wheel's files, not an editable link) other than the one imported."""
+    from importlib import metadata
+
+    imported = LIB_DIR.parent.resolve()
+    try:
+        for distribution in metadata.distributions(name="nvrm_ext"):
+            for file in distribution.files or ():
+                if file.as_posix() == "nvrm_ext/__init__.py":
+                    package = Path(distribution.locate_file(file)).resolve().parent
+                    if package != imported and package.is_dir():
+                        return package
+    except Exception:  # unreadable metadata: the message names no installed copy, nothing fails
+        return None
+    return None
+
+
+def _build_in_place(root: Path) -> str:
+    """The command that builds the libraries into the checkout, with this interpreter."""
+    return f"cd {root} && {sys.executable} setup.py build_ext --inplace"
+
+
+def _missing_library_fix(condition: str = "") -> str:
+    """What happened, and the fix (to run `condition`, e.g. with nvcc available), where
+    nvrm_ext/_lib/ lacks a library."""
+    condition = f" ({condition})" if condition else ""
+    root = _source_checkout()
+    if root is None:
+        return f"reinstall{condition} with pip install ."
+    installed = _installed_elsewhere()
+    shadowing = f", and it shadows the installed nvrm_ext at {installed}" if installed else ""
+    return (f"the nvrm_ext imported is the source checkout at {LIB_DIR.parent}, which has no compiled "
+            f"libraries{shadowing}; run from another directory, or build them in place{condition}: "
+            f"{_build_in_place(root)}")
+
+
+def _rebuild_fix() -> str:
+    """The fix for a library that is there but does not match this Python package."""
+    root = _source_checkout()
+    return "reinstall with pip install ." if root is None else f"rebuild it in place: {_build_in_place(root)}"
+
+
 @lru_cache(maxsize=None)
 def _cpu_library() -> tuple[ctypes.CDLL | None, str | None]:
     """(library, None) or (None, why it cannot be used)."""
     path = LIB_DIR / CPU_LIBRARY
     if not path.exists():
-        return None, f"the CPU library {_relative(path)} is missing: reinstall with pip install ."
+        return None, f"the CPU library {_relative(path)} is missing: {_missing_library_fix()}"
     try:
         lib = _open(path)
     except (OSError, AttributeError) as error:
-        return None, f"the CPU library {_relative(path)} cannot be used ({error}): reinstall with pip install ."
+        return None, f"the CPU library {_relative(path)} cannot be used ({error}): {_rebuild_fix()}"
     lib.nvrm_cpu_launch.argtypes = _TABLE_ARGS + [ctypes.c_int]
     lib.nvrm_cpu_launch.restype = ctypes.c_int
     lib.nvrm_cpu_variant.restype = ctypes.c_char_p
@@ -95,12 +146,12 @@ def _cuda_library() -> tuple[ctypes.CDLL | None, str | None]:
         skipped = build_info().get("cuda_skipped")
         if skipped:
             return None, f"the CUDA library was not built: {skipped}"
-        return None, f"the CUDA library {_relative(path)} is missing: reinstall with pip install . where nvcc is available"
+        return None, f"the CUDA library {_relative(path)} is missing: {_missing_library_fix('with nvcc available')}"
     try:
         lib = _open(path)
     except (OSError, AttributeError) as error:
         return None, (f"the CUDA library {_relative(path)} cannot be used ({error})"
-                      f"{_cuda_fix(str(error)) or ': reinstall with pip install .'}")
+                      f"{_cuda_fix(str(error)) or ': ' + _rebuild_fix()}")
     lib.nvrm_cuda_launch.argtypes = _TABLE_ARGS + [ctypes.c_void_p]
     lib.nvrm_cuda_launch.restype = ctypes.c_int
     if lib.nvrm_cuda_probe() != 0:

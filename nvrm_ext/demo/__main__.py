@@ -18,7 +18,11 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+if __name__ == "__main__":  # `python -m nvrm_ext.demo`: say what to install before importing it
+    from ._entry import require_demo_packages
+    require_demo_packages("python -m nvrm_ext.demo")
+
+import torch  # noqa: E402
 from tqdm import tqdm
 
 from . import experiments

@@ -16,7 +16,11 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
+if __name__ == "__main__":  # say what to install before importing it
+    from ._entry import require_demo_packages
+    require_demo_packages("python -m nvrm_ext.demo.tune")
+
+import numpy as np  # noqa: E402
 import torch
 from sklearn.model_selection import train_test_split
 from tqdm import tqdm
