@@ -42,29 +42,28 @@ for lib in "$libasan" "$libubsan"; do
     [[ -f "$lib" ]] || { echo "sanitize.sh: $lib not found (gcc's sanitizer runtimes)" >&2; exit 1; }
 done
 
-if [[ $# -eq 0 ]]; then
-    # The edge and fuzz tests (when present) and the tests that drive the compiled CPU kernel.
-    tests=()
-    for file in tests/test_compiled.py tests/test_cpu_threads.py tests/test_steady_step.py tests/test_launch_checks.py \
-                tests/test_edges.py tests/test_fuzz_edges.py; do
-        [[ -f "$file" ]] && tests+=("$file")
-    done
-    [[ ${#tests[@]} -gt 0 ]] || { echo "sanitize.sh: none of the listed test files exists" >&2; exit 1; }
-    runs=("${tests[*]}" "tests/test_bookkeeping.py -k cpu")
-else
-    runs=("$*")
-fi
-
-status=0
-for run in "${runs[@]}"; do
-    echo "sanitize.sh: pytest $run"
-    # shellcheck disable=SC2086  # each run is a list of words
+run_pytest() {
+    echo "sanitize.sh: pytest $*"
+    # --capture=sys: pytest's default fd capture would swallow a sanitizer report (written to
+    # file descriptor 2) when the process aborts; this way it reaches the log. pytest's exit
+    # status 5 (no test collected) fails too.
     env NVRM_EXT_CPU_LIBRARY="$build_dir/libnvrm_cpu.so" \
         LD_PRELOAD="$libasan $libubsan" \
         ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1" \
         UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1" \
-        python -m pytest -q -p no:cacheprovider $run || status=$?
-    # pytest's 5 (no test collected) fails too: every run above must test something.
-    [[ $status -eq 0 ]] || break
+        python -m pytest -q -p no:cacheprovider --capture=sys "$@"
+}
+
+if [[ $# -gt 0 ]]; then
+    run_pytest "$@"
+    exit
+fi
+# The edge and fuzz tests (when present) and the tests that drive the compiled CPU kernel.
+tests=()
+for file in tests/test_compiled.py tests/test_cpu_threads.py tests/test_steady_step.py tests/test_launch_checks.py \
+            tests/test_edges.py tests/test_fuzz_edges.py; do
+    [[ -f "$file" ]] && tests+=("$file")
 done
-exit "$status"
+[[ ${#tests[@]} -gt 0 ]] || { echo "sanitize.sh: none of the listed test files exists" >&2; exit 1; }
+run_pytest "${tests[@]}"
+run_pytest tests/test_bookkeeping.py -k cpu
