@@ -45,7 +45,8 @@ std::string invalid_arguments(int op, int dtype_code, const int64_t* ints, const
     return "unknown storage dtype code " + std::to_string(dtype_code);
   }
   if (block_size <= 0 || block_size % 4 != 0 || block_size > (int64_t{1} << 30)) {
-    return "block size must be a positive multiple of 4 up to 2^30, got " + std::to_string(block_size);
+    return "block size must be a positive multiple of 4 up to 2^30, got " +
+           std::to_string(block_size);
   }
   if (num_rows < 0) return "negative number of table rows";
   if (num_blocks < 0) return "negative number of blocks";
@@ -53,7 +54,8 @@ std::string invalid_arguments(int op, int dtype_code, const int64_t* ints, const
   if (sample_rows < 0) return "negative number of rows to sample";
   if (commit_rows > num_rows || sample_rows > num_rows) {
     return "rows to commit (" + std::to_string(commit_rows) + ") or sample (" +
-           std::to_string(sample_rows) + ") exceed the table's " + std::to_string(num_rows) + " rows";
+           std::to_string(sample_rows) + ") exceed the table's " + std::to_string(num_rows) +
+           " rows";
   }
   if (num_blocks > 0 && num_rows == 0) return "blocks given for a table of no rows";
   if (num_rows > 0 && (ints == nullptr || floats == nullptr)) return "null table pointer";
@@ -159,7 +161,9 @@ std::string invalid_tables(int op, int dtype_code, const int64_t* ints, const fl
     const int64_t* row = ints + r * kIntColumns;
     const float* frow = floats + r * kFloatColumns;
     const int64_t numel = row[kIntNumel], offset = row[kIntOffset], flags = row[kIntFlags];
-    if (numel < 0 || numel > kMaxExtent) return at_row(r, "numel " + std::to_string(numel) + " out of range");
+    if (numel < 0 || numel > kMaxExtent) {
+      return at_row(r, "numel " + std::to_string(numel) + " out of range");
+    }
     if (offset < 0 || offset > kMaxExtent) {
       return at_row(r, "offset " + std::to_string(offset) + " out of range");
     }
@@ -172,61 +176,72 @@ std::string invalid_tables(int op, int dtype_code, const int64_t* ints, const fl
         return at_row(r, "misaligned live counters");
       }
       const int64_t num_iters = row[kIntNumIters];
-      if (num_iters < 1) return at_row(r, "num_iters must be at least 1, got " + std::to_string(num_iters));
+      if (num_iters < 1) {
+        return at_row(r, "num_iters must be at least 1, got " + std::to_string(num_iters));
+      }
       const double* live = reinterpret_cast<const double*>(row[kIntLive]);
-      if (!is_count(live[kLiveStep], kMaxCounter)) return at_row(r, "step counter is not a count below 2^53");
+      if (!is_count(live[kLiveStep], kMaxCounter)) {
+        return at_row(r, "step counter is not a count below 2^53");
+      }
       if (!is_count(live[kLiveNoiseStep], kMaxCounter)) {
         return at_row(r, "noise step counter is not a count below 2^53");
       }
-      if (!is_count(live[kLiveNoiseType], 3.0)) return at_row(r, "noise type counter is not 0, 1 or 2");
+      if (!is_count(live[kLiveNoiseType], 3.0)) {
+        return at_row(r, "noise type counter is not 0, 1 or 2");
+      }
       const double scale = live[kLiveNoiseScale];
-      if (!(fabs(scale) <= 3.4028234663852886e38)) return at_row(r, "noise scale counter is not a finite float32");
+      if (!(fabs(scale) <= 3.4028234663852886e38)) {  // FLT_MAX; NaN fails too
+        return at_row(r, "noise scale counter is not a finite float32");
+      }
       old_type = static_cast<int64_t>(live[kLiveNoiseType]);
       old_step = static_cast<uint32_t>(static_cast<int64_t>(live[kLiveNoiseStep]));
       old_scale = static_cast<float>(scale);
     }
     if (old_type > kUniform || new_type > kUniform) {
-      return at_row(r, "noise type codes " + std::to_string(old_type) + ", " + std::to_string(new_type) +
-                           " (old, new) must be 0, 1 or 2");
+      return at_row(r, "noise type codes " + std::to_string(old_type) + ", " +
+                           std::to_string(new_type) + " (old, new) must be 0, 1 or 2");
     }
     // A non-finite scale would put non-finite values on every weight of the row, for good (the
     // new scale is the group's variability even at a step that adds no noise).
-    if (old_step != 0 && !isfinite(old_scale)) return at_row(r, "the old noise scale is not finite");
+    if (old_step != 0 && !isfinite(old_scale)) {
+      return at_row(r, "the old noise scale is not finite");
+    }
     if (!isfinite(frow[kFloatNewScale])) return at_row(r, "the new noise scale is not finite");
     if (numel == 0) continue;
     const bool momentum = (flags & kFlagMomentum) != 0, amsgrad = (flags & kFlagAmsgrad) != 0;
-    const struct {
-      int column;
-      bool needed;
-      const char* name;
-    } addresses[] = {
-        {kIntParam, true, "parameter"},
-        {kIntGrad, op != kOpNoise, "gradient"},
-        {kIntState0, (op == kOpSgd && momentum) || op == kOpAdam, "first state"},
-        {kIntState1, op == kOpAdam, "second state"},
-        {kIntState2, op == kOpAdam && amsgrad, "third state"},
-        {kIntComp, false, "compensation"},
-    };
-    for (const auto& a : addresses) {
-      const int64_t address = row[a.column];
-      if (address == 0 && a.needed) return at_row(r, std::string("null ") + a.name + " address");
-      if (address % element_bytes != 0) return at_row(r, std::string("misaligned ") + a.name + " address");
+    static constexpr int kColumns[] = {kIntParam, kIntGrad, kIntState0, kIntState1, kIntState2, kIntComp};
+    static constexpr const char* kNames[] = {"parameter", "gradient", "first state", "second state",
+                                             "third state", "compensation"};
+    const bool needed[] = {true, op != kOpNoise, (op == kOpSgd && momentum) || op == kOpAdam,
+                           op == kOpAdam, op == kOpAdam && amsgrad, false};
+    bool fine = true;  // one branch-free pass; the loop below only finds the culprit
+    for (int i = 0; i < 6; ++i) {
+      const int64_t address = row[kColumns[i]];
+      fine &= !(address == 0 && needed[i]) & ((address & (element_bytes - 1)) == 0);
+    }
+    for (int i = 0; !fine && i < 6; ++i) {
+      const int64_t address = row[kColumns[i]];
+      if (address == 0 && needed[i]) return at_row(r, std::string("null ") + kNames[i] + " address");
+      if ((address & (element_bytes - 1)) != 0) {  // element_bytes is 2 or 4
+        return at_row(r, std::string("misaligned ") + kNames[i] + " address");
+      }
     }
   }
   for (int64_t b = 0; b < num_blocks; ++b) {
     const int64_t table_row = blocks[kBlockColumns * b + kBlockRow];
     const int64_t start = blocks[kBlockColumns * b + kBlockStart];
-    const std::string block = "block " + std::to_string(b) + ": ";
     if (table_row < 0 || table_row >= num_rows) {
-      return block + "table row " + std::to_string(table_row) + " outside [0, " + std::to_string(num_rows) + ")";
+      return "block " + std::to_string(b) + ": table row " + std::to_string(table_row) +
+             " outside [0, " + std::to_string(num_rows) + ")";
     }
     const int64_t* row = ints + table_row * kIntColumns;
     const int64_t offset = row[kIntOffset], numel = row[kIntNumel];
     // Philox quads never straddle blocks, and a block starts inside its tensor or in the quad
     // before it (tables.build_block_table).
     if (start % 4 != 0 || start < offset - offset % 4 || start >= offset + numel) {
-      return block + "start " + std::to_string(start) + " is not a quad inside [" + std::to_string(offset) +
-             ", " + std::to_string(offset + numel) + ") of table row " + std::to_string(table_row);
+      return "block " + std::to_string(b) + ": start " + std::to_string(start) +
+             " is not a quad inside [" + std::to_string(offset) + ", " +
+             std::to_string(offset + numel) + ") of table row " + std::to_string(table_row);
     }
   }
   return {};
@@ -353,7 +368,9 @@ __attribute__((visibility("default"))) int nvrm_cpu_launch(
     void* samples, int num_threads) {
   std::string error = invalid_arguments(op, dtype_code, ints, floats, num_rows, blocks, num_blocks,
                                         block_size, commit_rows, sample_rows, samples);
-  if (error.empty()) error = invalid_tables(op, dtype_code, ints, floats, num_rows, blocks, num_blocks);
+  if (error.empty()) {
+    error = invalid_tables(op, dtype_code, ints, floats, num_rows, blocks, num_blocks);
+  }
   if (!error.empty()) return refuse(std::move(error));
   if (num_threads < 1) return refuse("num_threads must be at least 1");
   if (found_inf == nullptr || *found_inf == 0.0f) {  // else GradScaler skips the step
