@@ -119,6 +119,8 @@ TABLE_CASES = [
     ("block_start_past_the_tensor", set_block(T.B_START, 8), r"block 1: start 8 is not a quad inside \[0, 5\)"),
     ("block_start_mid_quad", set_block(T.B_START, 2), r"block 1: start 2 is not a quad inside \[0, 5\)"),
     ("block_start_before_the_tensor", set_block(T.B_START, -4), r"block 1: start -4 is not a quad"),
+    ("block_start_at_the_tensor_end", both(set_int(T.I_OFFSET, 3), set_block(T.B_START, 8)),
+     r"block 1: start 8 is not a quad inside \[3, 8\)"),
 ]
 
 # The live counters are read by the CPU library (host memory); the Triton backend's tables may

@@ -168,7 +168,7 @@ MUTATIONS = [
        "DISTORTION_STD_FACTOR = 0.01", "DISTORTION_STD_FACTOR = 0.02", DISOUT),
     # --- the launch checks: a check let through is a crash or an out-of-bounds access ------------
     _m("cpp_check_num_iters_dropped", "csrc/api.cpp",
-       "if (num_iters < 1) return", "if (num_iters < 0) return", LAUNCH_CHECKS),
+       "if (num_iters < 1) {", "if (num_iters < 0) {", LAUNCH_CHECKS),
     _m("cpp_check_block_row_off_by_one", "csrc/api.cpp",
        "table_row < 0 || table_row >= num_rows", "table_row < 0 || table_row > num_rows", LAUNCH_CHECKS),
     _m("tables_check_block_start_dropped", "nvrm_ext/backends/tables.py",
