@@ -42,16 +42,29 @@ for lib in "$libasan" "$libubsan"; do
     [[ -f "$lib" ]] || { echo "sanitize.sh: $lib not found (gcc's sanitizer runtimes)" >&2; exit 1; }
 done
 
+sanitized() {
+    env NVRM_EXT_CPU_LIBRARY="$build_dir/libnvrm_cpu.so" \
+        LD_PRELOAD="$libasan $libubsan" \
+        ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1" \
+        UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1" \
+        "$@"
+}
+
+# The tests must run the checking library, not fall back silently to the packaged one.
+sanitized python -c '
+import os
+from nvrm_ext.backends import compiled
+loaded = compiled.load_cpu_library()._name
+assert loaded == os.environ["NVRM_EXT_CPU_LIBRARY"], f"loaded {loaded}"
+'
+ldd "$build_dir/libnvrm_cpu.so" | grep -q libasan || { echo "sanitize.sh: the library has no ASan" >&2; exit 1; }
+
 run_pytest() {
     echo "sanitize.sh: pytest $*"
     # --capture=sys: pytest's default fd capture would swallow a sanitizer report (written to
     # file descriptor 2) when the process aborts; this way it reaches the log. pytest's exit
     # status 5 (no test collected) fails too.
-    env NVRM_EXT_CPU_LIBRARY="$build_dir/libnvrm_cpu.so" \
-        LD_PRELOAD="$libasan $libubsan" \
-        ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1" \
-        UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1" \
-        python -m pytest -q -p no:cacheprovider --capture=sys "$@"
+    sanitized python -m pytest -q -p no:cacheprovider --capture=sys "$@"
 }
 
 if [[ $# -gt 0 ]]; then
@@ -66,4 +79,7 @@ for file in tests/test_compiled.py tests/test_cpu_threads.py tests/test_steady_s
 done
 [[ ${#tests[@]} -gt 0 ]] || { echo "sanitize.sh: none of the listed test files exists" >&2; exit 1; }
 run_pytest "${tests[@]}"
-run_pytest tests/test_bookkeeping.py -k cpu
+# The cpu-backend cases of the bookkeeping, capturable, 16-bit and trajectory tests: the kernel on
+# live counters, compensation buffers and long runs.
+run_pytest tests/test_bookkeeping.py tests/test_capturable.py tests/test_low_precision.py \
+    tests/test_weight_tracking.py tests/test_trajectories.py -k cpu
