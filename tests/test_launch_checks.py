@@ -210,11 +210,12 @@ def test_prepared_launch_checks_the_columns_rewritten_between_calls():
     assert launch.live[:, T.L_STEP].tolist() == [5.0, 5.0]
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("backend", ["cpu", "triton", "torch"])
 def test_num_iters_zero_edited_mid_run_changes_nothing(backend):
     """num_iters = 0 written into a param group between steps (len() of an empty loader) was a
-    SIGFPE in the CPU kernel: now a ValueError, the weights and state as they were, and the run
-    goes on once the group is corrected."""
+    SIGFPE in the CPU kernel (and no noise at all, silently, on the torch backend): now a
+    ValueError, the weights and state as they were, and the run goes on once the group is
+    corrected."""
     torch.manual_seed(0)
     p = torch.nn.Parameter(torch.randn(37))
     opt = nvrm_ext.FusedVSGD([p], lr=0.1, momentum=0.9, variability=0.05, num_iters=4, seed=1, backend=backend)

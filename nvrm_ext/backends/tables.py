@@ -179,8 +179,10 @@ def resolve_rows(op: int, ints: np.ndarray, floats: np.ndarray, live: np.ndarray
     buffer, and Adam's folded constants from the float32 hyperparameters in float64:
     ``lr / (1 - beta1^t)``, ``sqrt(1 - beta2^t)``, ``1 - lr * weight_decay``.
     """
-    t = live[:, L_STEP].astype(np.int64) + 1
     num_iters = ints[:, I_NUM_ITERS]
+    if len(num_iters) and num_iters.min() < 1:  # numpy's t % 0 is 0 with a warning: no noise, silently
+        raise ValueError(f"num_iters must be at least 1, got {int(num_iters.min())}")
+    t = live[:, L_STEP].astype(np.int64) + 1
     ints[:, I_NEW_STEP] = np.where(t % num_iters == 0, 0, t)
     ints[:, I_OLD_STEP] = live[:, L_NOISE_STEP].astype(np.int64)
     old_type = live[:, L_NOISE_TYPE].astype(np.int64)
