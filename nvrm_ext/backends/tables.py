@@ -265,7 +265,6 @@ def host_view(table: torch.Tensor) -> np.ndarray:
 
 
 _MAX_EXTENT = 1 << 58  # csrc/api.cpp kMaxExtent: no index, byte offset or block end overflows
-_ELEMENT_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 
 
 def check_table_contents(op: int, dtype: torch.dtype, ints: np.ndarray, floats: np.ndarray,
@@ -273,8 +272,8 @@ def check_table_contents(op: int, dtype: torch.dtype, ints: np.ndarray, floats: 
     """What a kernel dereferences, divides by or converts in host tables, checked before a
     launch (ValueError): the host twin of the CPU library's own check (csrc/api.cpp
     invalid_tables), for the kernels that cannot check their tables themselves. O(rows +
-    blocks). A row's live counters (capturable mode) are not read here: they are device memory
-    that only a sync could read, and the optimizer checks them where it writes them."""
+    blocks). The live counters a row points to (I_LIVE) are not read: on a GPU they are device
+    memory that only a sync could read (the CPU library reads and checks them itself)."""
     def refuse(rows, reason):
         raise ValueError(f"nvrm_ext {what} refused, nothing was changed: table row {int(np.flatnonzero(rows)[0])}: "
                          f"{reason}")
@@ -287,7 +286,8 @@ def check_table_contents(op: int, dtype: torch.dtype, ints: np.ndarray, floats: 
     live = ints[:, I_LIVE] != 0
     if (live & (ints[:, I_NUM_ITERS] < 1)).any():
         refuse(live & (ints[:, I_NUM_ITERS] < 1), "num_iters must be at least 1")
-    types = np.stack([(flags >> FLAG_OLD_TYPE_SHIFT) & NOISE_TYPE_MASK, (flags >> FLAG_NEW_TYPE_SHIFT) & NOISE_TYPE_MASK])
+    types = np.stack([(flags >> FLAG_OLD_TYPE_SHIFT) & NOISE_TYPE_MASK,
+                      (flags >> FLAG_NEW_TYPE_SHIFT) & NOISE_TYPE_MASK])
     if (types > 2).any():
         refuse((types > 2).any(axis=0), "noise type codes must be 0, 1 or 2")
     # A non-finite scale would put non-finite values on every weight of the row, for good (the
@@ -300,7 +300,7 @@ def check_table_contents(op: int, dtype: torch.dtype, ints: np.ndarray, floats: 
     momentum = (flags & FLAG_MOMENTUM) != 0
     amsgrad = (flags & FLAG_AMSGRAD) != 0
     sgd, adam = np.full(len(ints), op == OP_SGD), np.full(len(ints), op == OP_ADAM)
-    element_bytes = _ELEMENT_BYTES[dtype]
+    element_bytes = dtype.itemsize
     present = numel > 0
     for column, needed, name in ((I_PARAM, True, "parameter"), (I_GRAD, op != OP_NOISE, "gradient"),
                                  (I_STATE0, (sgd & momentum) | adam, "first state"), (I_STATE1, adam, "second state"),
