@@ -51,6 +51,11 @@ NVCC_FLAGS = ["-O3", "-std=c++17", "--fmad=false", "-Xcompiler", "-fPIC,-fvisibi
 # libgcc_s lacks. (-static-libgcc would also pull in this machine's unwinder, which needs
 # glibc 2.35's _dl_find_object.)
 CPU_LINK_FLAGS = ["-lgcc"]
+# A checking build of the CPU library (.ci/sanitize.sh: write_build_ninja(..., sanitize=True)):
+# AddressSanitizer and UBSan, so an out-of-bounds access or undefined behaviour aborts the
+# process where a normal build might carry on silently. Never shipped.
+SANITIZE_FLAGS = ["-O1", "-g", "-fsanitize=address,undefined", "-fno-omit-frame-pointer",
+                  "-fno-sanitize-recover=undefined"]
 
 # glibc 2.34 moved libpthread/libdl/librt into libc and gave their symbols the new default
 # version GLIBC_2.34, so the static cudart linked on a glibc >= 2.34 machine needs glibc 2.34.
@@ -140,13 +145,18 @@ def ninja_escape(path: Path | str) -> str:
     return str(path).replace("$", "$$").replace(" ", "$ ").replace(":", "$:")
 
 
-def write_build_ninja(build_dir: Path, nvcc: str | None, archs: list[str]) -> list[str]:
-    """build.ninja in build_dir; returns the library file names it produces."""
+def write_build_ninja(build_dir: Path, nvcc: str | None, archs: list[str], sanitize: bool = False) -> list[str]:
+    """build.ninja in build_dir; returns the library file names it produces. sanitize: the
+    CPU library with SANITIZE_FLAGS (its -O1 follows and so overrides CXX_FLAGS' -O3)."""
+    if sanitize and nvcc:
+        raise ValueError("the sanitizer build is of the CPU library only: pass nvcc=None")
     cxx = os.environ.get("CXX", "g++")
+    cxx_flags = CXX_FLAGS + (SANITIZE_FLAGS if sanitize else [])
+    cpu_link_flags = CPU_LINK_FLAGS + (SANITIZE_FLAGS if sanitize else [])
     lines = [
         "ninja_required_version = 1.3",
         f"cxx = {cxx}",
-        f"cxxflags = {' '.join(CXX_FLAGS)}",
+        f"cxxflags = {' '.join(cxx_flags)}",
         "rule cxx",
         "  command = $cxx -MMD -MF $out.d $cxxflags $flags -c $in -o $out",
         "  depfile = $out.d",
@@ -164,7 +174,7 @@ def write_build_ninja(build_dir: Path, nvcc: str | None, archs: list[str]) -> li
         cpu_objects.append(obj)
     lines += [f"build cpu_api.o: cxx {ninja_escape(CSRC / 'api.cpp')}",
               f"build {CPU_LIBRARY}: link_cxx {' '.join(cpu_objects)} cpu_api.o",
-              f"  ldflags = -pthread {' '.join(CPU_LINK_FLAGS)}"]
+              f"  ldflags = -pthread {' '.join(cpu_link_flags)}"]
     libraries = [CPU_LIBRARY]
     if nvcc:
         jobs = max(1, os.cpu_count() or 1)

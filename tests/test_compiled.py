@@ -312,11 +312,11 @@ def test_bad_tables_are_rejected_with_clear_messages():
     plan = T.TensorPlan(torch.zeros(8), None, (), 0, 0, 1, 0, noise_floats(0, 1.0))
     ints, floats = (torch.from_numpy(a) for a in T.build_rows([plan]))
     blocks = torch.from_numpy(T.build_block_table([8], [0], CPU.block_size))
-    with pytest.raises(AssertionError, match="floats table must be torch.float32"):
+    with pytest.raises(ValueError, match="floats table must be torch.float32"):
         CPU.launch(T.OP_NOISE, torch.float32, ints, floats.double(), blocks, SEED)
-    with pytest.raises(AssertionError, match=rf"ints table must have shape \[N, {T.INT_COLUMNS}\]"):
+    with pytest.raises(ValueError, match=rf"ints table must have shape \[N, {T.INT_COLUMNS}\]"):
         CPU.launch(T.OP_NOISE, torch.float32, ints[:, :5].contiguous(), floats, blocks, SEED)
-    with pytest.raises(RuntimeError, match="unknown op 7"):
+    with pytest.raises(ValueError, match="unknown op 7"):
         CPU.launch(7, torch.float32, ints, floats, blocks, SEED)
 
 
@@ -324,6 +324,7 @@ def test_bad_tables_are_rejected_with_clear_messages():
 def library_dir(tmp_path, monkeypatch):
     """An empty nvrm_ext/_lib/ stand-in; the loaders' caches are reset around the test."""
     monkeypatch.setattr(compiled, "LIB_DIR", tmp_path)
+    monkeypatch.delenv(compiled.CPU_LIBRARY_VARIABLE, raising=False)  # .ci/sanitize.sh sets it
     compiled._cpu_library.cache_clear()
     compiled._cuda_library.cache_clear()
     yield tmp_path
@@ -353,6 +354,21 @@ def test_missing_cpu_library_is_explained(library_dir):
                       "reinstall with pip install .")
     with pytest.raises(RuntimeError, match="is missing"):
         compiled.load_cpu_library()
+
+
+def test_cpu_library_variable_chooses_the_library(library_dir, monkeypatch):
+    """NVRM_EXT_CPU_LIBRARY (a sanitizer build) is what loads, and a wrong path says so."""
+    packaged = compiled.Path(compiled.__file__).resolve().parent.parent / "_lib" / compiled.CPU_LIBRARY
+    copy = library_dir / "elsewhere" / "libnvrm_checking.so"
+    copy.parent.mkdir()
+    shutil.copy2(packaged, copy)
+    monkeypatch.setenv(compiled.CPU_LIBRARY_VARIABLE, str(copy))
+    assert compiled.load_cpu_library()._name == str(copy)
+    compiled._cpu_library.cache_clear()
+    monkeypatch.setenv(compiled.CPU_LIBRARY_VARIABLE, str(copy) + ".missing")
+    assert CPU.unavailable_reason(torch.device("cpu"), torch.float32) == (
+        f"the CPU library {copy}.missing (NVRM_EXT_CPU_LIBRARY) is missing: "
+        "unset NVRM_EXT_CPU_LIBRARY or correct it")
 
 
 def test_skipped_cuda_library_is_explained(library_dir):

@@ -39,6 +39,7 @@ COMPILED = CORE + ["tests/test_noise.py", "tests/test_compiled.py"]
 TRITON = CORE + ["tests/test_noise.py", "tests/test_capturable.py"]
 PYTHON = CORE + ["tests/test_optim_api.py", "tests/test_capturable.py"]
 DISOUT = ["tests/test_disout.py"]
+LAUNCH_CHECKS = ["tests/test_launch_checks.py"]
 
 
 @dataclass(frozen=True)
@@ -165,6 +166,13 @@ MUTATIONS = [
        "kept = (~distorted).sum().clamp(min=1)", "kept = distorted.sum().clamp(min=1)", DISOUT),
     _m("disout_std_factor", "nvrm_ext/nn/disout.py",
        "DISTORTION_STD_FACTOR = 0.01", "DISTORTION_STD_FACTOR = 0.02", DISOUT),
+    # --- the launch checks: a check let through is a crash or an out-of-bounds access ------------
+    _m("cpp_check_num_iters_dropped", "csrc/api.cpp",
+       "if (num_iters < 1) {", "if (num_iters < 0) {", LAUNCH_CHECKS),
+    _m("cpp_check_block_row_off_by_one", "csrc/api.cpp",
+       "table_row < 0 || table_row >= num_rows", "table_row < 0 || table_row > num_rows", LAUNCH_CHECKS),
+    _m("tables_check_block_start_dropped", "nvrm_ext/backends/tables.py",
+       "(start >= block_offset + block_numel)", "(start > block_offset + block_numel)", LAUNCH_CHECKS),
 ]
 
 

@@ -25,7 +25,9 @@ class FusedBackend(Protocol):
                samples: torch.Tensor | None = None) -> None:
         """One launch: apply `op` (tables.OP_*) to every row, then advance the live counters of
         the first commit_rows rows and copy the weight samples of the first len(samples) rows
-        (tables.SAMPLE_SIZE). Tensors live on the device."""
+        (tables.SAMPLE_SIZE). Tensors live on the device. Tables a kernel cannot run safely
+        raise ValueError before anything changes, as far as the backend can read them (host
+        tables: tables.check_table_contents)."""
 
 
 def fused_backend(name: str) -> FusedBackend:

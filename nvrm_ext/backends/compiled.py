@@ -4,11 +4,16 @@ The libraries export a small C ABI (csrc/api.cpp) loaded with ctypes, so one bui
 torch version. Each launch is registered as a torch.library custom op (``nvrm_ext::cpu_launch``,
 ``nvrm_ext::cuda_launch``) so that torch.compile keeps it as one opaque call; eager launches
 call the library directly.
+
+``NVRM_EXT_CPU_LIBRARY=/path/libnvrm_cpu.so`` loads that CPU library instead of the packaged one
+(read once, at first use): for a checking build such as .ci/sanitize.sh's, with AddressSanitizer
+and UBSan, which must never replace the shipped file.
 """
 from __future__ import annotations
 
 import ctypes
 import json
+import os
 import sys
 from functools import lru_cache
 from pathlib import Path
@@ -23,7 +28,9 @@ LIB_DIR = Path(__file__).resolve().parent.parent / "_lib"
 CPU_LIBRARY = "libnvrm_cpu.so"
 CUDA_LIBRARY = "libnvrm_cuda.so"
 BUILD_INFO = "build_info.json"  # written by setup.py: why the CUDA library was skipped, its archs
-ABI_VERSION = 4  # csrc/api.cpp kAbiVersion
+CPU_LIBRARY_VARIABLE = "NVRM_EXT_CPU_LIBRARY"  # a CPU library to load instead of LIB_DIR's
+ABI_VERSION = 5  # csrc/api.cpp kAbiVersion
+_REFUSED = 2  # csrc/api.cpp kRefused: invalid arguments or tables, nothing changed
 
 # Storage dtype codes of the C entry points (csrc/nvrm/update.h StorageCode).
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -36,11 +43,11 @@ _EXPECTED_LAYOUT = (
     T.NOISE_TYPE_MASK,
 )
 
-# op, dtype code, ints, floats, blocks, num_blocks, block_size, seed, commit_rows, grad_scale,
-# found_inf, sample_rows, samples
-_TABLE_ARGS = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-               ctypes.c_int64, ctypes.c_int64, ctypes.c_uint64, ctypes.c_int64, ctypes.c_void_p,
-               ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+# op, dtype code, ints, floats, num_rows, blocks, num_blocks, block_size, seed, commit_rows,
+# grad_scale, found_inf, sample_rows, samples
+_TABLE_ARGS = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+               ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint64, ctypes.c_int64,
+               ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
 _UINT64_MASK = (1 << 64) - 1
 
 
@@ -53,6 +60,8 @@ def build_info() -> dict:
 
 
 def _relative(path: Path) -> str:
+    if path.parent != LIB_DIR:  # NVRM_EXT_CPU_LIBRARY
+        return f"{path} ({CPU_LIBRARY_VARIABLE})"
     return f"nvrm_ext/_lib/{path.name}"
 
 
@@ -124,13 +133,15 @@ def _rebuild_fix() -> str:
 @lru_cache(maxsize=None)
 def _cpu_library() -> tuple[ctypes.CDLL | None, str | None]:
     """(library, None) or (None, why it cannot be used)."""
-    path = LIB_DIR / CPU_LIBRARY
+    chosen = os.environ.get(CPU_LIBRARY_VARIABLE)
+    path = Path(chosen) if chosen else LIB_DIR / CPU_LIBRARY
+    fix = f"unset {CPU_LIBRARY_VARIABLE} or correct it" if chosen else None
     if not path.exists():
-        return None, f"the CPU library {_relative(path)} is missing: {_missing_library_fix()}"
+        return None, f"the CPU library {_relative(path)} is missing: {fix or _missing_library_fix()}"
     try:
         lib = _open(path)
     except (OSError, AttributeError) as error:
-        return None, f"the CPU library {_relative(path)} cannot be used ({error}): {_rebuild_fix()}"
+        return None, f"the CPU library {_relative(path)} cannot be used ({error}): {fix or _rebuild_fix()}"
     lib.nvrm_cpu_launch.argtypes = _TABLE_ARGS + [ctypes.c_int]
     lib.nvrm_cpu_launch.restype = ctypes.c_int
     lib.nvrm_cpu_variant.restype = ctypes.c_char_p
@@ -226,6 +237,10 @@ def load_cuda_library() -> ctypes.CDLL:
 
 
 def _check(lib: ctypes.CDLL, status: int, what: str) -> None:
+    """A refused launch (invalid arguments or tables: the library checked them before touching
+    any tensor) raises ValueError, a failed one (a CUDA error) RuntimeError."""
+    if status == _REFUSED:
+        raise ValueError(f"nvrm_ext {what} refused, nothing was changed: {lib.nvrm_last_error().decode()}")
     if status != 0:
         raise RuntimeError(f"nvrm_ext {what} failed: {lib.nvrm_last_error().decode()}")
 
@@ -241,7 +256,7 @@ def _table_arguments(op: int, dtype_code: int, ints: torch.Tensor, floats: torch
                      grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
                      samples: Optional[torch.Tensor]) -> tuple:
     """The arguments both launchers take first, in _TABLE_ARGS order."""
-    return (op, dtype_code, ints.data_ptr(), floats.data_ptr(), blocks.data_ptr(), blocks.shape[0],
+    return (op, dtype_code, ints.data_ptr(), floats.data_ptr(), ints.shape[0], blocks.data_ptr(), blocks.shape[0],
             block_size, seed & _UINT64_MASK, commit_rows, T.address(grad_scale), T.address(found_inf),
             _rows(samples), T.address(samples))
 
@@ -302,28 +317,11 @@ else:
     _cpu_launch, _cuda_launch = _run_cpu, _run_cuda
 
 
-def _check_tables(device: torch.device, ints: torch.Tensor, floats: torch.Tensor,
-                  blocks: torch.Tensor) -> None:
-    for name, table, dtype, columns in (("ints", ints, torch.int64, T.INT_COLUMNS),
-                                        ("floats", floats, torch.float32, T.FLOAT_COLUMNS),
-                                        ("blocks", blocks, torch.int64, T.BLOCK_COLUMNS)):
-        assert table.dtype == dtype, f"{name} table must be {dtype}, got {table.dtype}"
-        assert table.dim() == 2 and table.shape[1] == columns, (
-            f"{name} table must have shape [N, {columns}], got {list(table.shape)}")
-        assert table.is_contiguous(), f"{name} table must be contiguous"
-        assert table.device.type == device.type, (
-            f"{name} table must be on a {device.type} device, got {table.device}")
-    assert ints.shape[0] == floats.shape[0], (
-        f"ints and floats tables disagree on the number of tensors: {ints.shape[0]} vs {floats.shape[0]}")
-    assert ints.device == floats.device == blocks.device, "the three tables must share one device"
-
-
 def _check_scalars(device: torch.device, *scalars) -> None:
     for t in scalars:
-        if t is not None:
-            assert t.dtype == torch.float32 and t.numel() == 1 and t.device == device, (
-                f"grad_scale / found_inf must be one-element float32 tensors on {device}, got "
-                f"{t.dtype} {list(t.shape)} on {t.device}")
+        if t is not None and not (t.dtype == torch.float32 and t.numel() == 1 and t.device == device):
+            raise ValueError(f"grad_scale / found_inf must be one-element float32 tensors on {device}, "
+                             f"got {t.dtype} {list(t.shape)} on {t.device}")
 
 
 class CompiledBackend:
@@ -356,7 +354,13 @@ class CompiledBackend:
                samples: Optional[torch.Tensor] = None) -> None:
         """One update launch over `blocks`; then the live counters of the first commit_rows rows
         are advanced (capturable mode), and `samples` ([R, tables.SAMPLE_SIZE] in `dtype`)
-        receives the weight samples of the first R rows (tables.sample_view)."""
+        receives the weight samples of the first R rows (tables.sample_view).
+
+        Invalid tables raise ValueError with nothing changed: their types and shapes are checked
+        here, their contents by the CPU library on every launch (csrc/api.cpp invalid_tables).
+        The CUDA library cannot read tables in device memory without a sync, so it checks its
+        arguments only; the caller's host tables are what can be checked there
+        (tables.check_table_contents)."""
         self._check_arguments(dtype, ints, floats, blocks, commit_rows, samples)
         _check_scalars(ints.device, grad_scale, found_inf)
         if blocks.shape[0] == 0 and commit_rows == 0 and samples is None:
@@ -383,10 +387,11 @@ class CompiledBackend:
                                  (ints, floats, blocks, samples))
 
     def _check_arguments(self, dtype, ints, floats, blocks, commit_rows: int, samples) -> None:
-        assert dtype in DTYPE_CODES, f"the {self.name} backend does not handle {dtype}"
-        _check_tables(torch.device(self.name), ints, floats, blocks)
-        T.check_samples(samples, ints, dtype)
-        assert 0 <= commit_rows <= ints.shape[0], f"commit_rows {commit_rows} outside [0, {ints.shape[0]}]"
+        """What the library cannot check itself: the tables' types and shapes (their contents
+        it checks, the CPU library on every launch)."""
+        if dtype not in DTYPE_CODES:
+            raise ValueError(f"the {self.name} backend does not handle {dtype}")
+        T.check_table_types(torch.device(self.name), ints, floats, blocks, commit_rows, samples, dtype)
 
 
 class PreparedCpuLaunch:

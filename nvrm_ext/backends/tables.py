@@ -16,6 +16,7 @@ nvrm_ext/backends/triton.py; docs/noise.md specifies both.
 """
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 
 import numpy as np
@@ -178,8 +179,10 @@ def resolve_rows(op: int, ints: np.ndarray, floats: np.ndarray, live: np.ndarray
     buffer, and Adam's folded constants from the float32 hyperparameters in float64:
     ``lr / (1 - beta1^t)``, ``sqrt(1 - beta2^t)``, ``1 - lr * weight_decay``.
     """
-    t = live[:, L_STEP].astype(np.int64) + 1
     num_iters = ints[:, I_NUM_ITERS]
+    if len(num_iters) and num_iters.min() < 1:  # numpy's t % 0 is 0 with a warning: no noise, silently
+        raise ValueError(f"num_iters must be at least 1, got {int(num_iters.min())}")
+    t = live[:, L_STEP].astype(np.int64) + 1
     ints[:, I_NEW_STEP] = np.where(t % num_iters == 0, 0, t)
     ints[:, I_OLD_STEP] = live[:, L_NOISE_STEP].astype(np.int64)
     old_type = live[:, L_NOISE_TYPE].astype(np.int64)
@@ -216,10 +219,111 @@ def check_samples(samples: torch.Tensor | None, ints: torch.Tensor, dtype: torch
     """What a launch's `samples` argument must be (None: no samples)."""
     if samples is None:
         return
-    assert samples.dtype == dtype and samples.dim() == 2 and samples.shape[1] == SAMPLE_SIZE, (
-        f"samples must be a [R, {SAMPLE_SIZE}] {dtype} tensor, got {samples.dtype} {list(samples.shape)}")
-    assert samples.is_contiguous() and samples.device == ints.device, "samples must be contiguous, beside the tables"
-    assert samples.shape[0] <= ints.shape[0], f"samples has {samples.shape[0]} rows, the tables {ints.shape[0]}"
+    if not (samples.dtype == dtype and samples.dim() == 2 and samples.shape[1] == SAMPLE_SIZE):
+        raise ValueError(f"samples must be a [R, {SAMPLE_SIZE}] {dtype} tensor, got {samples.dtype} "
+                         f"{list(samples.shape)}")
+    if not (samples.is_contiguous() and samples.device == ints.device):
+        raise ValueError("samples must be contiguous, beside the tables")
+    if samples.shape[0] > ints.shape[0]:
+        raise ValueError(f"samples has {samples.shape[0]} rows, the tables {ints.shape[0]}")
+
+
+def check_table_types(device: torch.device, ints: torch.Tensor, floats: torch.Tensor, blocks: torch.Tensor,
+                      commit_rows: int, samples: torch.Tensor | None, dtype: torch.dtype) -> None:
+    """The launch tables' dtypes, shapes, layout and device, which a kernel trusts to index them
+    (real checks, not asserts: they must hold under python -O too)."""
+    for name, table, table_dtype, columns in (("ints", ints, torch.int64, INT_COLUMNS),
+                                              ("floats", floats, torch.float32, FLOAT_COLUMNS),
+                                              ("blocks", blocks, torch.int64, BLOCK_COLUMNS)):
+        if table.dtype != table_dtype:
+            raise ValueError(f"{name} table must be {table_dtype}, got {table.dtype}")
+        if table.dim() != 2 or table.shape[1] != columns:
+            raise ValueError(f"{name} table must have shape [N, {columns}], got {list(table.shape)}")
+        if not table.is_contiguous():
+            raise ValueError(f"{name} table must be contiguous")
+        if table.device.type != device.type:
+            raise ValueError(f"{name} table must be on a {device.type} device, got {table.device}")
+    if ints.shape[0] != floats.shape[0]:
+        raise ValueError(f"ints and floats tables disagree on the number of tensors: "
+                         f"{ints.shape[0]} vs {floats.shape[0]}")
+    if not ints.device == floats.device == blocks.device:
+        raise ValueError("the three tables must share one device")
+    if not 0 <= commit_rows <= ints.shape[0]:
+        raise ValueError(f"commit_rows {commit_rows} outside [0, {ints.shape[0]}]")
+    check_samples(samples, ints, dtype)
+
+
+def host_view(table: torch.Tensor) -> np.ndarray:
+    """A numpy view of a contiguous host tensor's memory, read as the kernels read it: through its
+    address, without a copy or a torch call. (The tests of capturable steps make every torch
+    accessor of a value raise, as it would be a sync on a GPU; host tables cost nothing to read.)"""
+    dtype = np.dtype({torch.int64: np.int64, torch.float32: np.float32}[table.dtype])
+    if table.numel() == 0:
+        return np.zeros(tuple(table.shape), dtype=dtype)
+    buffer = (ctypes.c_char * (table.numel() * dtype.itemsize)).from_address(table.data_ptr())
+    return np.frombuffer(buffer, dtype=dtype).reshape(tuple(table.shape))
+
+
+_MAX_EXTENT = 1 << 58  # csrc/api.cpp kMaxExtent: no index, byte offset or block end overflows
+
+
+def check_table_contents(op: int, dtype: torch.dtype, ints: np.ndarray, floats: np.ndarray,
+                         blocks: np.ndarray, what: str = "launch") -> None:
+    """What a kernel dereferences, divides by or converts in host tables, checked before a
+    launch (ValueError): the host twin of the CPU library's own check (csrc/api.cpp
+    invalid_tables), for the kernels that cannot check their tables themselves. O(rows +
+    blocks). The live counters a row points to (I_LIVE) are not read: on a GPU they are device
+    memory that only a sync could read (the CPU library reads and checks them itself)."""
+    def refuse(rows, reason):
+        raise ValueError(f"nvrm_ext {what} refused, nothing was changed: table row {int(np.flatnonzero(rows)[0])}: "
+                         f"{reason}")
+
+    numel, offset, flags = ints[:, I_NUMEL], ints[:, I_OFFSET], ints[:, I_FLAGS]
+    if ((numel < 0) | (numel > _MAX_EXTENT)).any():
+        refuse((numel < 0) | (numel > _MAX_EXTENT), "numel out of range")
+    if ((offset < 0) | (offset > _MAX_EXTENT)).any():
+        refuse((offset < 0) | (offset > _MAX_EXTENT), "offset out of range")
+    live = ints[:, I_LIVE] != 0
+    if (live & (ints[:, I_NUM_ITERS] < 1)).any():
+        refuse(live & (ints[:, I_NUM_ITERS] < 1), "num_iters must be at least 1")
+    types = np.stack([(flags >> FLAG_OLD_TYPE_SHIFT) & NOISE_TYPE_MASK,
+                      (flags >> FLAG_NEW_TYPE_SHIFT) & NOISE_TYPE_MASK])
+    if (types > 2).any():
+        refuse((types > 2).any(axis=0), "noise type codes must be 0, 1 or 2")
+    # A non-finite scale would put non-finite values on every weight of the row, for good (the
+    # new scale is the group's variability even at a step that adds no noise).
+    bad = ~live & (ints[:, I_OLD_STEP] & 0xFFFFFFFF != 0) & ~np.isfinite(floats[:, F_OLD_SCALE])
+    if bad.any():
+        refuse(bad, "the old noise scale is not finite")
+    if not np.isfinite(floats[:, F_NEW_SCALE]).all():
+        refuse(~np.isfinite(floats[:, F_NEW_SCALE]), "the new noise scale is not finite")
+    momentum = (flags & FLAG_MOMENTUM) != 0
+    amsgrad = (flags & FLAG_AMSGRAD) != 0
+    sgd, adam = np.full(len(ints), op == OP_SGD), np.full(len(ints), op == OP_ADAM)
+    element_bytes = dtype.itemsize
+    present = numel > 0
+    for column, needed, name in ((I_PARAM, True, "parameter"), (I_GRAD, op != OP_NOISE, "gradient"),
+                                 (I_STATE0, (sgd & momentum) | adam, "first state"), (I_STATE1, adam, "second state"),
+                                 (I_STATE2, adam & amsgrad, "third state"), (I_COMP, False, "compensation")):
+        address = ints[:, column]
+        if (present & needed & (address == 0)).any():
+            refuse(present & needed & (address == 0), f"null {name} address")
+        if (present & (address % element_bytes != 0)).any():
+            refuse(present & (address % element_bytes != 0), f"misaligned {name} address")
+    if len(blocks):
+        row, start = blocks[:, B_ROW], blocks[:, B_START]
+        outside = (row < 0) | (row >= len(ints))
+        if outside.any():
+            b = int(np.flatnonzero(outside)[0])
+            raise ValueError(f"nvrm_ext {what} refused, nothing was changed: block {b}: table row {int(row[b])} "
+                             f"outside [0, {len(ints)})")
+        block_offset, block_numel = offset[row], numel[row]
+        bad = (start % 4 != 0) | (start < block_offset - block_offset % 4) | (start >= block_offset + block_numel)
+        if bad.any():
+            b = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"nvrm_ext {what} refused, nothing was changed: block {b}: start {int(start[b])} is not a "
+                             f"quad inside [{int(block_offset[b])}, {int(block_offset[b] + block_numel[b])}) "
+                             f"of table row {int(row[b])}")
 
 
 def build_block_table(numels: list[int], offsets: list[int], block: int) -> np.ndarray:

@@ -561,10 +561,20 @@ class TritonBackend:
         """One update launch over `blocks`, then (commit_rows > 0, capturable mode) one commit
         launch over the live counters of the first commit_rows rows, then (`samples` given) one
         launch that copies the weight samples of its rows (tables.SAMPLE_SIZE). All run on the
-        tables' device and its current stream, whichever CUDA device is current."""
-        assert ints.shape[1] == T.INT_COLUMNS and floats.shape[1] == T.FLOAT_COLUMNS
-        assert op != T.OP_NOISE or commit_rows == 0, "OP_NOISE launches commit no counters"
-        T.check_samples(samples, ints, dtype)
+        tables' device and its current stream, whichever CUDA device is current.
+
+        Invalid tables raise ValueError before any kernel runs: their types and shapes always;
+        their contents (tables.check_table_contents) where they are host memory (the CPU, under
+        TRITON_INTERPRET=1). Tables in GPU memory are not read back, which would cost a sync
+        per step: there the caller's host tables are what can be checked."""
+        if op not in (T.OP_SGD, T.OP_ADAM, T.OP_NOISE):
+            raise ValueError(f"unknown op {op}")
+        if op == T.OP_NOISE and commit_rows:
+            raise ValueError("OP_NOISE launches commit no counters")
+        T.check_table_types(ints.device, ints, floats, blocks, commit_rows, samples, dtype)
+        if ints.device.type == "cpu":
+            T.check_table_contents(op, dtype, T.host_view(ints), T.host_view(floats), T.host_view(blocks),
+                                   "Triton launch")
         placeholder = floats  # any pointer: the kernel does not read an absent scalar
         has_grad_scale, has_found_inf = grad_scale is not None, found_inf is not None
         grad_scale = placeholder if grad_scale is None else grad_scale
