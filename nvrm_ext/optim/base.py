@@ -1554,7 +1554,11 @@ class _BucketPlan:
         except KeyError as error:
             columns = None
             missing = error
-        if columns is not None and self._committed is not None and columns == self._committed[0]:
+        try:
+            same = columns is not None and self._committed is not None and columns == self._committed[0]
+        except RuntimeError:  # a tensor edited into a counter compares elementwise: checked below
+            same = False
+        if same:
             return columns, self._committed[1]  # its L_FRESH column is 0, as momentum_init after commit()
         name = type(self.opt).__name__
         for key, state in zip(self.static_ints[:, T.I_KEY].tolist(), states):  # edited or new: check them

@@ -136,7 +136,7 @@ def check_step(where: str, key: str, value, read: bool = True) -> None:
     one-element tensor holding one); never a bool, NaN, inf or a value the kernels' 32-bit
     counter word cannot hold."""
     number = _scalar(where, key, value, read)
-    if number is None:
+    if number is _UNREAD:
         return
     if isinstance(number, bool) or not _is_real(number) or not math.isfinite(number) \
             or number != int(number) or not 0 <= int(number) <= MAX_STEP:
@@ -145,28 +145,31 @@ def check_step(where: str, key: str, value, read: bool = True) -> None:
 
 def check_noise_code(where: str, value, read: bool = True) -> None:
     number = _scalar(where, "noise_type", value, read)
-    if number is not None and isinstance(number, bool) or not _is_real(number) or number not in (0, 1, 2):
+    if number is not _UNREAD and isinstance(number, bool) or not _is_real(number) or number not in (0, 1, 2):
         raise ValueError(f"{where}: invalid noise_type {value!r} (expected the code 0, 1 or 2 of "
                          f"{', '.join(spec.NOISE_TYPES)})")
 
 
 def check_noise_scale(where: str, value, read: bool = True) -> None:
     number = _scalar(where, "noise_scale", value, read)
-    if number is not None and not _is_real(number) or not (0.0 <= float(number) <= FLOAT32_MAX):
+    if number is not _UNREAD and not _is_real(number) or not (0.0 <= float(number) <= FLOAT32_MAX):
         raise ValueError(f"{where}: invalid noise_scale {value!r} (expected a finite number >= 0 "
                          "that float32 can hold)")
+
+
+_UNREAD = object()  # a tensor counter whose value was not read
 
 
 def _scalar(where: str, key: str, value, read: bool):
     """A counter's value: numbers as they are, one-element real tensors read if `read` (a
     device sync: at a load, not when a plan is rebuilt in capturable mode, whose counters are
-    0-dim tensors: their values cannot reach memory the kernel should not touch), None if not;
-    anything else refused."""
+    0-dim tensors: their values cannot reach memory the kernel should not touch), _UNREAD if
+    not; anything else refused."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool or value.device.type == "meta":
             raise ValueError(f"{where}: invalid {key}: a tensor of shape {tuple(value.shape)} and dtype "
                              f"{value.dtype} (expected a number)")
-        return value.item() if read else None
+        return value.item() if read else _UNREAD
     if isinstance(value, np.generic):
         return value.item()
     return value
@@ -184,7 +187,7 @@ def check_counters(where: str, state: dict, read: bool = True) -> None:
         check_noise_scale(where, state["noise_scale"], read)
     if "momentum_fresh" in state:
         fresh = _scalar(where, "momentum_fresh", state["momentum_fresh"], read)
-        if fresh is not None and (not isinstance(fresh, (numbers.Real, bool)) or fresh not in (0, 1)):
+        if fresh is not _UNREAD and (not isinstance(fresh, (numbers.Real, bool)) or fresh not in (0, 1)):
             raise ValueError(f"{where}: invalid momentum_fresh {state['momentum_fresh']!r} (expected a bool)")
 
 
