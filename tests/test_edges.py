@@ -430,3 +430,14 @@ def test_the_cases_that_killed_the_process_end_with_a_clear_error_in_a_fresh_scr
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0, f"exit {result.returncode}: {result.stderr[-2000:]}"
     assert "refused cleanly" in result.stdout
+
+
+@pytest.mark.parametrize("value", [torch.tensor([1.0, 2.0]), torch.tensor([]), "3", None])
+def test_a_capturable_counter_replaced_by_a_malformed_value_is_refused(value):
+    """Capturable counters are 0-dim tensors; a rebuild checks their shape and type without
+    reading them (no device sync)."""
+    params, opt = _stepped(capturable=True)
+    opt.state[params[0]]["step"] = value
+    opt.state[params[0]]["momentum_buffer"] = opt.state[params[0]]["momentum_buffer"].clone()  # forces a rebuild
+    set_grads(params, 5)
+    _refused(opt, params, opt.step, ValueError, "invalid step")

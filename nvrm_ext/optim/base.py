@@ -44,7 +44,6 @@ _DTYPE = operator.attrgetter("dtype")
 _SHAPE = operator.attrgetter("shape")
 _STRIDE = torch.Tensor.stride
 _DATA_PTR = torch.Tensor.data_ptr
-_NBYTES = operator.attrgetter("nbytes")
 _PLAIN_TENSOR = {torch.Tensor}
 _HOST_COUNTER_KEYS = T.LIVE_STATE_KEYS[:T.L_FRESH]  # what optimizer.state holds in host mode
 _REMOVALS = itertools.count(1)  # numbers every entry into the removed state (NeuralVariableOptimizer._removal_id)
@@ -1208,9 +1207,15 @@ class _BucketPlan:
         self.row_tensors = [(plan.param, plan.states, plan.compensation) for plan in plans]
         self.param_tensors = [plan.param for plan in plans]  # the local tensors (DTensor shards)
         self.layouts = [(t.dtype, tuple(t.shape), t.stride()) for t in self.param_tensors]
-        # the state tensors the rows point at, per key any row has: replaced ones make the plan stale
-        self._state_refs = [(key, [state.get(key) for state in self.states]) for key in V.STATE_TENSOR_KEYS
-                            if any(key in state for state in self.states)]
+        # the storages the rows point at, alive as long as the plan: no other tensor can be allocated
+        # at a row's address while the plan may still launch on it (steady_grad_pointers)
+        self._kept_storages = [t.detach() for t in self.param_tensors]
+        # the state tensors the rows point at, per key any row has: replaced ones make the plan stale.
+        # (getter, key, tensors): an itemgetter where every row has the key, else None (dict.get)
+        self._state_refs = [
+            (operator.itemgetter(key) if all(key in state for state in self.states) else None, key,
+             [state.get(key) for state in self.states])
+            for key in V.STATE_TENSOR_KEYS if any(key in state for state in self.states)]
         device, dtype = plans[0].param.device, plans[0].param.dtype
         # weight samples after each step (tables.SAMPLE_SIZE): a fused launch copies them into
         # self.samples itself (kept for the plan's life, so a captured graph's replays refresh
@@ -1243,7 +1248,7 @@ class _BucketPlan:
         # None for DTensor parameters, whose local shards take the full path at every step
         self._steady_meta = None if any(map(_is_dtensor, self.params)) else (
             {dtype}, list(map(_SHAPE, self.param_tensors)), list(map(_STRIDE, self.param_tensors)),
-            self.static_ints[:, T.I_PARAM].tolist(), list(map(_NBYTES, self.param_tensors)))
+            self.static_ints[:, T.I_PARAM].tolist())
         self._static_alignment = T.alignment_flags(self.static_ints)  # the gradient address (0) aside
         self._group_key = None     # the groups' hyperparameters behind self._group_tables
         # (ints, floats, (row scales, the types and scales the state dicts get)) before the per-step columns
@@ -1424,15 +1429,17 @@ class _BucketPlan:
         state dicts, what the full path's validation and plan signature check, compared as
         whole lists. None otherwise (the full path then raises its errors, converts or rebuilds).
 
-        A parameter at the same address must also keep its dtype and byte size: `p.data = x`
-        with `x` a view at p's own address (`p.data[:3]`), or a new storage the allocator
-        placed where the old one was, would otherwise be written past its end. (Strides changed
-        at the same address and size are harmless here: the gradient must keep the old layout
-        to pass the check above, and the kernel then updates the storage as before.) And the
-        state tensors must be the ones the rows point at."""
+        A parameter at the same address is taken as the storage the plan was built for: the
+        plan keeps every parameter's storage alive (_kept_storages), so no other allocation can
+        take that address, and `p.data = x` with `x` a view at p's own address (`p.data[:3]`,
+        other strides) leaves the kernel inside that storage, updating it as before -- the
+        gradient must keep the old layout to pass the check above; a gradient of the new
+        layout takes the full path, which refuses or rebuilds (_check_rows). (The torch backend
+        reads the parameters as they are now: there the layouts are compared.) And the state
+        tensors must be the ones the rows point at (a momentum buffer replaced in the dict)."""
         if self._steady_meta is None:
             return None
-        dtypes, shapes, strides, addresses, sizes = self._steady_meta
+        dtypes, shapes, strides, addresses = self._steady_meta
         try:
             if (set(map(type, grads)) != _PLAIN_TENSOR or set(map(_DTYPE, grads)) != dtypes
                     or list(map(_SHAPE, grads)) != shapes or list(map(_STRIDE, grads)) != strides):
@@ -1440,14 +1447,20 @@ class _BucketPlan:
         except RuntimeError:  # sparse gradients have no strides
             return None
         params = self.param_tensors
-        if (list(map(_DATA_PTR, params)) != addresses or list(map(_NBYTES, params)) != sizes
-                or set(map(_DTYPE, params)) != dtypes
+        if (list(map(_DATA_PTR, params)) != addresses
                 or [self.opt._state_signature(group) for group in self.groups] != self.state_signatures):
             return None
+        if self.backend is TORCH and (list(map(_SHAPE, params)) != shapes or list(map(_STRIDE, params)) != strides
+                                      or set(map(_DTYPE, params)) != dtypes):
+            return None  # its torch ops read the parameters as they are now, not the storage the plan kept
         states = self.states
-        for key, tensors in self._state_refs:
-            if not all(map(operator.is_, map(dict.get, states, itertools.repeat(key)), tensors)):
-                return None
+        try:
+            for getter, key, tensors in self._state_refs:
+                now = map(getter, states) if getter is not None else map(dict.get, states, itertools.repeat(key))
+                if not all(map(operator.is_, now, tensors)):
+                    return None
+        except KeyError:  # a state tensor deleted from its dict
+            return None
         return np.fromiter(map(_DATA_PTR, grads), np.int64, len(grads))
 
     def tables(self, grads, grad_pointers=None):

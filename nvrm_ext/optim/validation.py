@@ -145,14 +145,18 @@ def check_step(where: str, key: str, value, read: bool = True) -> None:
 
 def check_noise_code(where: str, value, read: bool = True) -> None:
     number = _scalar(where, "noise_type", value, read)
-    if number is not _UNREAD and isinstance(number, bool) or not _is_real(number) or number not in (0, 1, 2):
+    if number is _UNREAD:
+        return
+    if isinstance(number, bool) or not _is_real(number) or number not in (0, 1, 2):
         raise ValueError(f"{where}: invalid noise_type {value!r} (expected the code 0, 1 or 2 of "
                          f"{', '.join(spec.NOISE_TYPES)})")
 
 
 def check_noise_scale(where: str, value, read: bool = True) -> None:
     number = _scalar(where, "noise_scale", value, read)
-    if number is not _UNREAD and not _is_real(number) or not (0.0 <= float(number) <= FLOAT32_MAX):
+    if number is _UNREAD:
+        return
+    if not _is_real(number) or not (0.0 <= float(number) <= FLOAT32_MAX):
         raise ValueError(f"{where}: invalid noise_scale {value!r} (expected a finite number >= 0 "
                          "that float32 can hold)")
 
