@@ -362,6 +362,16 @@ def test_same_values_in_new_strides_without_noise_are_accepted(backend):
     torch.testing.assert_close(params[0].detach(), reference.param_groups[0]["params"][0].detach(), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("operation", ["remove_noise", "clean_state_dict"])
+def test_denoising_a_parameter_in_new_strides_says_what_changed(operation):
+    params, opt = _stepped(shapes=((3, 4),))
+    params[0].data = params[0].data.t().contiguous().t()
+    module = torch.nn.Module()
+    module.register_parameter("w", params[0])
+    action = opt.remove_noise if operation == "remove_noise" else functools.partial(opt.clean_state_dict, module)
+    _refused(opt, params, action, nvrm_ext.WeightsChangedError, r"changed its strides from \(4, 1\) to \(1, 3\)")
+
+
 def test_restore_noise_refuses_a_parameter_of_another_shape():
     params, opt = _stepped()
     opt.remove_noise()
@@ -371,8 +381,10 @@ def test_restore_noise_refuses_a_parameter_of_another_shape():
 
 # ---------------------------------------------------------------------- the issue's crashes, as fresh scripts
 CRASHES = {
-    "num_iters_zero_edited": """
+    "num_iters_zero_edited_or_loaded": """
 params, opt = stepped()
+sd = opt.state_dict(); sd["param_groups"][0]["num_iters"] = 0
+refused(opt, params, lambda: opt.load_state_dict(sd), "Invalid num_iters")
 opt.param_groups[0]["num_iters"] = 0
 refused(opt, params, opt.step, "Invalid num_iters")
 """,
@@ -388,10 +400,11 @@ params2, opt2 = stepped(shapes=((300, 40), (5,)), steps=1)
 refused(opt2, params2, lambda: opt2.load_state_dict(opt.state_dict()), "shape")
 """,
     "storage_changed_then_reset_noise": """
-for change in ("half", "size", "view"):
+for change in ("half", "size", "view", "strides"):
     params, opt = stepped(shapes=((5,), (300, 40)))
     p = params[1]
-    p.data = {"half": lambda: p.data.half(), "size": lambda: torch.randn(3, 4), "view": lambda: p.data[:1]}[change]()
+    p.data = {"half": lambda: p.data.half(), "size": lambda: torch.randn(3, 4), "view": lambda: p.data[:1],
+              "strides": lambda: p.data.t().contiguous().t()}[change]()
     p.grad = torch.randn(p.shape, dtype=p.dtype)
     refused(opt, params, opt.step, "changed its")
     opt.reset_noise()

@@ -628,7 +628,7 @@ class NeuralVariableOptimizer(Optimizer):
             return None
         work = []
         for bucket, backend, plan, pick in layout.buckets:
-            if not all(plan.states):  # a state dict cleared in place: the plan is rebuilt
+            if not (plan.refs_see_cleared_states or all(plan.states)):  # a dict cleared in place: rebuild
                 return None
             bucket_grads = grads if pick is None else pick(grads)
             grad_pointers = plan.steady_grad_pointers(bucket_grads)
@@ -716,9 +716,7 @@ class NeuralVariableOptimizer(Optimizer):
         than the noise was put on with (that noise follows the old layout: removing it in the
         new one would corrupt the weights). Raises before anything changes."""
         name = type(self).__name__
-        before = {}  # id(param) -> (its state dict, dtype, shape, strides) when the current plans were built
-        for plan in self._plans.values():
-            before.update(zip(map(id, plan.params), zip(plan.states, *zip(*plan.layouts))))
+        before = self._planned_layouts()
         for key, _, p, _ in members:
             where = f"{name}: parameter {key}"
             local = _local(p)
@@ -731,11 +729,22 @@ class NeuralVariableOptimizer(Optimizer):
                     and _number(state["noise_step"]):
                 raise ValueError(f"{where}'s state says noise step {state['noise_step']!r} is on the weights "
                                  "but lacks its noise_type or noise_scale")
-            old = before.get(id(p))
-            if old is not None and old[0] is state and old[1:] != (local.dtype, tuple(local.shape), local.stride()) \
-                    and _number(state.get("noise_step", 0)):
-                self._raise_layout_changed(key, old[1:], local)
+            self._check_layout(before, key, p, state)
             V.check_state_tensors(where, local, {k: _local(v) for k, v in state.items() if k in V.STATE_TENSOR_KEYS})
+
+    def _planned_layouts(self) -> dict:
+        """id(param) -> (its state dict, dtype, shape, strides) when the current plans were built."""
+        before = {}
+        for plan in self._plans.values():
+            before.update(zip(map(id, plan.params), zip(plan.states, *zip(*plan.layouts))))
+        return before
+
+    def _check_layout(self, before: dict, key: int, p, state: dict) -> None:
+        """Raise if `p` carries noise in another layout than its plan had (see _check_rows)."""
+        old, local = before.get(id(p)), _local(p)
+        if old is not None and old[0] is state and old[1:] != (local.dtype, tuple(local.shape), local.stride()) \
+                and _number(state.get("noise_step", 0)):
+            self._raise_layout_changed(key, old[1:], local)
 
     def _raise_layout_changed(self, key: int, old: tuple, now: torch.Tensor) -> None:
         changes = [f"its {what} from {a} to {b}" for what, a, b in zip(
@@ -838,6 +847,9 @@ class NeuralVariableOptimizer(Optimizer):
                         "call it outside the captured region")
         self._sync_seed()
         noisy = self._noisy_parameters()
+        before = self._planned_layouts()
+        for key, p, state, _ in noisy:
+            self._check_layout(before, key, p, state)
         self._check_weights([p for _, p, _, _ in noisy], [s for _, _, s, _ in noisy])
         self._removal_id = next(_REMOVALS)
         self._held = [(p, p.detach().clone(),
@@ -903,6 +915,9 @@ class NeuralVariableOptimizer(Optimizer):
             held = {id(p) for p, _, _ in self._held}
             return {name: t.detach().clone() if id(t) in held else t.detach() for name, t in state_dict.items()}
         noisy = {id(p): (key, p, state, noise) for key, p, state, noise in self._noisy_parameters()}
+        before = self._planned_layouts()
+        for key, p, state, _ in noisy.values():
+            self._check_layout(before, key, p, state)
         self._check_weights([p for _, p, _, _ in noisy.values()], [s for _, _, s, _ in noisy.values()])
         copies = []
         for name, tensor in state_dict.items():
@@ -1216,6 +1231,8 @@ class _BucketPlan:
             (operator.itemgetter(key) if all(key in state for state in self.states) else None, key,
              [state.get(key) for state in self.states])
             for key in V.STATE_TENSOR_KEYS if any(key in state for state in self.states)]
+        # a key every row has: a dict cleared in place fails its scan (KeyError), no emptiness scan needed
+        self.refs_see_cleared_states = any(getter is not None for getter, _, _ in self._state_refs)
         device, dtype = plans[0].param.device, plans[0].param.dtype
         # weight samples after each step (tables.SAMPLE_SIZE): a fused launch copies them into
         # self.samples itself (kept for the plan's life, so a captured graph's replays refresh

@@ -112,8 +112,8 @@ class GroupWatch:
         if seen is None or len(seen) != len(groups):
             return False
         for (group, keys, values), now in zip(seen, groups):
-            if group is not now or len(keys) != len(now) or keys != tuple(now) \
-                    or not all(map(operator.is_, values, now.values())):
+            # keys: interned strings, compared by identity first; values: by identity only
+            if group is not now or keys != list(now) or not all(map(operator.is_, values, now.values())):
                 return False
         return True
 
@@ -124,7 +124,7 @@ class GroupWatch:
             return
         for group in groups:
             validate_group(group)
-        self._seen = [(group, tuple(group), tuple(group.values())) for group in groups]
+        self._seen = [(group, list(group), tuple(group.values())) for group in groups]
 
     def forget(self) -> None:
         self._seen = None
