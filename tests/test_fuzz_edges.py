@@ -231,3 +231,24 @@ def test_the_fuzz_harness_reaches_the_reference_result_on_a_plain_run(backend):
     scenario = dict(adam=False, shapes=[(3, 4)], warm=1, variability=0.05, actions=[("clear", 1)], follow="step")
     weights = run_scenario(backend, scenario)
     assert weights is not None and weights[0].shape == (3, 4)
+
+
+TRITON_SCENARIOS = [  # a few of the fuzzed kinds, fixed: Triton's interpreter is slow
+    dict(adam=False, shapes=[(3, 4), (5,)], warm=1, variability=0.05, follow="step",
+         actions=[("state_tensor", 0, 0, "bigger")]),
+    dict(adam=True, shapes=[(3, 4)], warm=1, variability=0.05, follow="step",
+         actions=[("load_counter", 0, "noise_type", ("plain", "Gaussian"))]),
+    dict(adam=False, shapes=[(5,)], warm=1, variability=0.05, follow="step", actions=[("group", 2, ("plain", 0))]),
+    dict(adam=False, shapes=[(3, 4)], warm=1, variability=0.05, follow="reset_then_step",
+         actions=[("parameter", 0, "strides", True)]),
+    dict(adam=True, shapes=[(3, 4), (2, 3, 2)], warm=2, variability=0.05, follow="denoised",
+         actions=[("state_tensor", 1, 1, "same")]),
+]
+
+
+@pytest.mark.parametrize("scenario", TRITON_SCENARIOS, ids=lambda s: s["actions"][0][0])
+def test_fuzz_scenarios_on_the_triton_backend(scenario):
+    compiled, reference = run_scenario("triton", scenario), run_scenario("torch", scenario)
+    assert (compiled is None) == (reference is None)
+    for a, b in zip(compiled or [], reference or []):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
