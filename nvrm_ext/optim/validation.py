@@ -97,6 +97,13 @@ def check_group_keys(group: dict, defaults: dict) -> None:
         raise ValueError(f"parameter group lacks {', '.join(map(repr, missing))}")
 
 
+def _unchanged(snapshot: tuple, group: dict) -> bool:
+    """The same group with the same keys (interned strings: compared by identity first) and
+    the same value objects (compared by identity only: a tensor compares elementwise)."""
+    then, keys, values = snapshot
+    return then is group and keys == list(group) and all(map(operator.is_, values, group.values()))
+
+
 class GroupWatch:
     """Validates the param groups again whenever their entries change -- a key added or
     removed, a value replaced by another object (a scheduler's new float, a mid-run edit) --
@@ -107,24 +114,22 @@ class GroupWatch:
     def __init__(self):
         self._seen = None  # [(group, its keys, its values)] as last validated
 
-    def unchanged(self, groups: list) -> bool:
-        seen = self._seen
-        if seen is None or len(seen) != len(groups):
-            return False
-        for (group, keys, values), now in zip(seen, groups):
-            # keys: interned strings, compared by identity first; values: by identity only
-            if group is not now or keys != list(now) or not all(map(operator.is_, values, now.values())):
-                return False
-        return True
-
     def validate(self, groups: list, validate_group) -> None:
-        """Validate every group if any changed (raising the first error; the snapshot is kept
-        only when all pass, so a refused value is refused again at the next step)."""
-        if self.unchanged(groups):
+        """Validate the groups whose entries changed since they last passed (raising the first
+        error; a group's snapshot is taken only when it passes, so a refused value is refused
+        again at the next step). A scheduler's new lr re-validates its group, not the others."""
+        seen = self._seen
+        if seen is not None and len(seen) == len(groups) and all(map(_unchanged, seen, groups)):
             return
+        previous = {id(snapshot[0]): snapshot for snapshot in seen or ()}
+        fresh = []
         for group in groups:
-            validate_group(group)
-        self._seen = [(group, list(group), tuple(group.values())) for group in groups]
+            snapshot = previous.get(id(group))
+            if snapshot is None or not _unchanged(snapshot, group):
+                validate_group(group)
+                snapshot = (group, list(group), tuple(group.values()))
+            fresh.append(snapshot)
+        self._seen = fresh
 
     def forget(self) -> None:
         self._seen = None
@@ -281,5 +286,5 @@ def check_loaded_state(where: str, p: torch.Tensor, state) -> None:
             raise ValueError(f"{where}: state[{key!r}] has shape {tuple(t.shape)}, the parameter "
                              f"{tuple(p.shape)} (a state_dict of another model, or of parameters in "
                              "another order?); nothing was loaded")
-        if not storage_holds(t):
+        if type(t) is torch.Tensor and not storage_holds(t):  # a DTensor's shards are checked when used
             raise ValueError(f"{where}: state[{key!r}] lies outside its storage; nothing was loaded")
