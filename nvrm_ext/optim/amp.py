@@ -139,7 +139,11 @@ class FusedAMP(Optimizer):
         if isinstance(inner_iter, bool) or not isinstance(inner_iter, numbers.Integral) or inner_iter < 1:
             raise ValueError(f"Invalid inner_iter: {inner_iter!r} (expected an integer >= 1)")
         if backend not in BACKENDS:
-            raise ValueError(f"Invalid backend: {backend!r} (expected one of {', '.join(BACKENDS)})")
+            base = getattr(base_optimizer, "__name__", "the base optimizer")
+            raise ValueError(
+                f"Invalid backend: {backend!r} (FusedAMP's backend= chooses its own perturbation engine, one "
+                f"of {', '.join(BACKENDS)}; to choose the backend of the base optimizer, pass it there: "
+                f"base_optimizer=functools.partial({base}, backend={backend!r}))")
         if not callable(base_optimizer):
             raise TypeError(f"base_optimizer must be an optimizer class or factory, got {base_optimizer!r}")
         self.inner_iter = int(inner_iter)

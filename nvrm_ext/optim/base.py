@@ -26,6 +26,7 @@ from torch.optim.optimizer import required
 from .. import _compiler, noise as spec
 from ..backends import tables as T
 from ..backends.torch_ref import TORCH
+from . import validation as V
 
 BACKENDS = ("auto", "torch", "triton", "cpu", "cuda")
 STATE_DICT_KEY = "nvrm"
@@ -76,12 +77,6 @@ def _fp32(values) -> tuple:
 def _is_seed(value) -> bool:
     """Whether `value` is a valid 64-bit noise seed (an integer in [0, 2**64), not a bool)."""
     return not isinstance(value, bool) and isinstance(value, numbers.Integral) and 0 <= value < 2**64
-
-
-def _check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != int(value) or value < 1:
-        raise ValueError(f"Invalid {name}: {value!r} (expected an integer >= 1)")
-    return int(value)
 
 
 @functools.lru_cache(maxsize=None)
@@ -200,6 +195,8 @@ class NeuralVariableOptimizer(Optimizer):
         self._removal_id = 0  # which entry into the removed state made _held (remove_noise or a load)
         self._records: dict = {}  # param -> weights record (see _record_weights)
         self._layout = None  # the last full step's participants (_StepLayout), for _steady_work
+        self._group_watch = V.GroupWatch()  # re-validates the param groups when an entry changes
+        self._hyperparameters = tuple(defaults)  # what a group must hold (torch adds keys of its own)
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ hyperparameters
@@ -219,10 +216,8 @@ class NeuralVariableOptimizer(Optimizer):
                 raise ValueError(
                     f"{type(self).__name__} supports real floating-point parameters only, "
                     f"got a parameter of dtype {p.dtype}")
-            if isinstance(p, torch.Tensor) and not _is_dense(_local(p)):
-                raise ValueError(
-                    f"{type(self).__name__}: a parameter of shape {tuple(p.shape)} and strides "
-                    f"{p.stride()} overlaps itself or has gaps; parameters must be dense tensors")
+            if isinstance(p, torch.Tensor):
+                V.check_parameter(f"{type(self).__name__}: a parameter", _local(p), _is_dense)
             if isinstance(p, torch.Tensor):
                 _global_offset(p)  # raises for shardings the noise cannot follow
         self._check_backends(p for p in params if isinstance(p, torch.Tensor))
@@ -234,24 +229,22 @@ class NeuralVariableOptimizer(Optimizer):
         self.param_groups[-1]["num_iters"] = probe["num_iters"]  # normalized: 1e3 -> 1000
 
     def _validate_group(self, group: dict) -> None:
+        """Every hyperparameter the kernels read, checked wherever a group enters: construction,
+        add_param_group, an edit between steps (step() re-validates changed groups) and a load."""
+        V.check_group_keys(group, self._hyperparameters)
         lr = group["lr"]
-        if not isinstance(lr, torch.Tensor) and not (isinstance(lr, numbers.Real) and lr >= 0.0):
-            raise ValueError(f"Invalid learning rate: {lr!r} (expected a number >= 0)")
-        variability = group["variability"]
-        if not (isinstance(variability, numbers.Real) and math.isfinite(variability) and variability >= 0.0):
-            raise ValueError(f"Invalid variability: {variability!r} (expected a finite number >= 0; "
-                             "0: no noise for this group)")
-        group["num_iters"] = _check_positive_int("num_iters", group["num_iters"])
-        spec.noise_type_code(group["noise_type"])
-        wd = group["weight_decay"]
-        if not (isinstance(wd, numbers.Real) and wd >= 0.0):
-            raise ValueError(f"Invalid weight_decay: {wd!r} (expected a number >= 0)")
+        V.check_lr(lr, read_tensor=not (isinstance(lr, torch.Tensor) and _capturing(lr.device)))
+        V.check_number("Invalid variability", group["variability"])
+        group["num_iters"] = V.check_num_iters(group["num_iters"])
+        V.check_noise_type(group["noise_type"])
+        V.check_number("Invalid weight_decay value", group["weight_decay"])
 
     # ------------------------------------------------------------------ seed and state_dict
     def __getstate__(self):
         # torch's Optimizer pickles only defaults, state and param_groups; keep the seed too
         state = super().__getstate__()
         state.update(_seed=self._seed, _backend_name=self._backend_name, _denoise=self._denoise,
+                     _hyperparameters=self._hyperparameters,
                      _capturable=self._capturable, _held=self._held, _removal_id=self._removal_id)
         return state
 
@@ -260,6 +253,8 @@ class NeuralVariableOptimizer(Optimizer):
         state.setdefault("_capturable", getattr(self, "_capturable", False))
         state.setdefault("_held", None)
         state.setdefault("_removal_id", 0)
+        state.setdefault("_hyperparameters", getattr(self, "_hyperparameters", None) or tuple(
+            name for name in state.get("defaults", {}) if name not in ("differentiable", "foreach", "fused", "maximize")))
         super().__setstate__(state)
         for group in self.param_groups:  # pickles of format 1 kept the seed only as an attribute
             group.setdefault(SEED_KEY, self._seed)
@@ -271,6 +266,7 @@ class NeuralVariableOptimizer(Optimizer):
         self._plans = {}
         self._records = {}
         self._layout = None
+        self._group_watch = V.GroupWatch()
 
     @property
     def seed(self) -> int:
@@ -366,11 +362,9 @@ class NeuralVariableOptimizer(Optimizer):
         optimizer held). Weight records are dropped: the loaded state describes the weights
         (see _check_weights)."""
         seed = self._seed_of(state_dict)
+        self._check_loadable(state_dict)
         states, held = {}, {}
         for index, s in state_dict.get("state", {}).items():
-            missing = {"step", "noise_step"} - set(s)
-            if missing:
-                raise ValueError(f"state of parameter {index} lacks {sorted(missing)}")
             if NOISY_PARAM_KEY in s:
                 s = dict(s)
                 held[index] = (s.pop(NOISY_PARAM_KEY), s.pop(NOISY_COMPENSATION_KEY, None))
@@ -395,6 +389,40 @@ class NeuralVariableOptimizer(Optimizer):
                 p = param_of[index]
                 cast = {"device": p.device, "dtype": p.dtype}
                 self._held.append((p, noisy.to(**cast), None if compensation is None else compensation.to(**cast)))
+        for p in self._flat_params():  # e.g. saved from a channels_last model: the kernels index state like p
+            state = self.state.get(p)
+            for key in V.STATE_TENSOR_KEYS if state else ():
+                t = state.get(key)
+                if isinstance(t, torch.Tensor) and not _is_dtensor(t) and t.stride() != p.stride():
+                    state[key] = torch.empty_like(p, memory_format=torch.preserve_format).copy_(t)
+
+    def _check_loadable(self, state_dict: dict) -> None:
+        """Refuse, before anything is changed, a state_dict whose groups or per-parameter state
+        the kernels could not use: torch's load would cast and assign first, and a malformed
+        checkpoint must not reach a kernel (validation.py)."""
+        name = f"{type(self).__name__}.load_state_dict"
+        saved_groups, states = state_dict.get("param_groups"), state_dict.get("state", {})
+        if not isinstance(saved_groups, (list, tuple)) or not all(
+                isinstance(g, dict) and isinstance(g.get("params"), (list, tuple)) for g in saved_groups):
+            raise ValueError(f"{name}: 'param_groups' must be a list of dicts with a 'params' list")
+        if not isinstance(states, dict):
+            raise ValueError(f"{name}: 'state' must be a dict, got a {type(states).__name__}")
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError("loaded state dict has a different number of parameter groups")
+        for index, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError("loaded state dict contains a parameter group that doesn't match the size "
+                                 "of optimizer's group")
+            try:
+                self._validate_group({k: v for k, v in saved.items() if k != "params"})
+            except (ValueError, TypeError) as error:
+                raise type(error)(f"{name}: param group {index}: {error}; nothing was loaded") from None
+        param_of = dict(zip((i for g in saved_groups for i in g["params"]), self._flat_params()))
+        for index, state in states.items():
+            if index not in param_of:
+                raise ValueError(f"{name}: state of parameter {index!r}, which no param group lists; "
+                                 "nothing was loaded")
+            V.check_loaded_state(f"{name}: state of parameter {index}", param_of[index], state)
 
     def _seed_of(self, state_dict: dict) -> int:
         """The seed a state_dict carries (validated), or a clear error."""
@@ -527,7 +555,11 @@ class NeuralVariableOptimizer(Optimizer):
     def _step_all(self, grad_scale=None, found_inf=None) -> None:
         """The step proper. Opaque to torch.compile: host-side table building and one launch
         per bucket, nothing for the compiler to fuse, so a compiled training step breaks its
-        graph once here instead of tracing (and breaking) through every line."""
+        graph once here instead of tracing (and breaking) through every line.
+
+        Every bucket is checked and its tables built before any is launched: an invalid value in
+        one bucket must not leave another stepped."""
+        self._group_watch.validate(self.param_groups, self._validate_group)
         work = self._steady_work()
         if work is None:
             work = self._prepare_work()
@@ -536,8 +568,11 @@ class NeuralVariableOptimizer(Optimizer):
         for bucket, _, plan, _, _ in work:  # all before any launch: an error changes nothing
             if not _capturing(bucket[0]) and not plan.weights_unchanged():
                 self._check_weights(plan.params, plan.states, plan.param_tensors)
-        for bucket, backend, plan, grads, grad_pointers in work:
-            ints, floats = plan.tables(grads, grad_pointers)
+        tables = [plan.tables(grads, grad_pointers) for _, _, plan, grads, grad_pointers in work]
+        for (bucket, _, plan, _, _), (ints, _) in zip(work, tables):
+            if plan.live is None:
+                plan.ready_host_launch(bucket, ints)
+        for (bucket, backend, plan, grads, _), (ints, floats) in zip(work, tables):
             if plan.live is None:
                 plan.host_launch(bucket, ints, floats)
             else:
@@ -555,6 +590,8 @@ class NeuralVariableOptimizer(Optimizer):
             members.setdefault((p.device, p.dtype), []).append((key, group, p, g))
         resolved = {bucket: self._resolve_backend(*bucket) for bucket in members}
         self._sync_seed()
+        self._check_rows([row for bucket, rows in members.items() if self._plan_stale(bucket, rows, resolved[bucket])
+                          for row in rows])
         state_only = self._is_state_init_step(members)
         work = [(bucket, resolved[bucket], self._bucket_plan(bucket, bucket_members, resolved[bucket]),
                  [g for _, _, _, g in bucket_members], None)
@@ -591,7 +628,7 @@ class NeuralVariableOptimizer(Optimizer):
             return None
         work = []
         for bucket, backend, plan, pick in layout.buckets:
-            if not all(plan.states):  # a state dict cleared in place: the plan is rebuilt
+            if not (plan.refs_see_cleared_states or all(plan.states)):  # a dict cleared in place: rebuild
                 return None
             bucket_grads = grads if pick is None else pick(grads)
             grad_pointers = plan.steady_grad_pointers(bucket_grads)
@@ -648,7 +685,7 @@ class NeuralVariableOptimizer(Optimizer):
         a reference to changes: the parameters (or their storage: `p.data = other`), their
         state dicts (a cleared optimizer.state, load_state_dict) or their groups' state needs."""
         plan = self._plans.get(bucket)
-        if plan is None or plan.signature != self._plan_signature(members) or plan.backend is not backend:
+        if self._plan_stale(bucket, members, backend):
             if _capturing(bucket[0]):
                 raise RuntimeError(
                     f"{type(self).__name__}: the launch data must be rebuilt (first step, or the "
@@ -668,6 +705,58 @@ class NeuralVariableOptimizer(Optimizer):
             plan.signature = self._plan_signature(members)  # with the state dicts it created
         return plan
 
+    def _plan_stale(self, bucket, members, backend) -> bool:
+        plan = self._plans.get(bucket)
+        return plan is None or plan.signature != self._plan_signature(members) or plan.backend is not backend
+
+    def _check_rows(self, members) -> None:
+        """Before launch data is (re)built from these (key, group, param, grad) rows: every
+        parameter, counter and state tensor as a launch will read it (validation.py), and no
+        parameter that carries this optimizer's noise in another dtype, shape or memory order
+        than the noise was put on with (that noise follows the old layout: removing it in the
+        new one would corrupt the weights). Raises before anything changes."""
+        name = type(self).__name__
+        before = self._planned_layouts()
+        for key, _, p, _ in members:
+            where = f"{name}: parameter {key}"
+            local = _local(p)
+            V.check_parameter(where, local, _is_dense)
+            state = self.state.get(p)
+            if not state:
+                continue
+            V.check_counters(f"{where}'s state", state, read=not self._capturable)
+            if "noise_step" in state and not {"noise_type", "noise_scale"} <= set(state) \
+                    and _number(state["noise_step"]):
+                raise ValueError(f"{where}'s state says noise step {state['noise_step']!r} is on the weights "
+                                 "but lacks its noise_type or noise_scale")
+            self._check_layout(before, key, p, state)
+            V.check_state_tensors(where, local, {k: _local(v) for k, v in state.items() if k in V.STATE_TENSOR_KEYS})
+
+    def _planned_layouts(self) -> dict:
+        """id(param) -> (its state dict, dtype, shape, strides) when the current plans were built."""
+        before = {}
+        for plan in self._plans.values():
+            before.update(zip(map(id, plan.params), zip(plan.states, *zip(*plan.layouts))))
+        return before
+
+    def _check_layout(self, before: dict, key: int, p, state: dict) -> None:
+        """Raise if `p` carries noise in another layout than its plan had (see _check_rows)."""
+        old, local = before.get(id(p)), _local(p)
+        if old is not None and old[0] is state and old[1:] != (local.dtype, tuple(local.shape), local.stride()) \
+                and _number(state.get("noise_step", 0)):
+            self._raise_layout_changed(key, old[1:], local)
+
+    def _raise_layout_changed(self, key: int, old: tuple, now: torch.Tensor) -> None:
+        changes = [f"its {what} from {a} to {b}" for what, a, b in zip(
+            ("dtype", "shape", "strides"), old, (now.dtype, tuple(now.shape), now.stride())) if a != b]
+        raise WeightsChangedError(
+            f"{type(self).__name__}: parameter {key} changed {' and '.join(changes)} (p.data = ...) while it "
+            "carried the optimizer's noise, which was put on in the old layout (the noise follows the "
+            "elements' memory order), so it cannot be removed in the new one; nothing was changed. Give the "
+            "parameter back its layout (e.g. p.data = p.data.contiguous() or p.data.to(dtype)) and step, or "
+            "call optimizer.reset_noise() to take the weights as they are (the current noise stays on them) "
+            "-- state tensors of another dtype or shape must then be converted or dropped (del optimizer.state[p])")
+
     def _still_on_weights(self, on_weights: dict, params) -> dict:
         """The entries of `on_weights` (id(param) -> the noise a replaced plan left on it) whose
         parameter still holds what that plan left: the recorded storage and sample. A parameter
@@ -686,12 +775,15 @@ class NeuralVariableOptimizer(Optimizer):
 
     def _plan_signature(self, members) -> tuple:
         """What a plan is built from: per row its key, group (a parameter moved to another
-        group takes that group's hyperparameters), parameter, storage and state dict (and
-        whether that dict is empty: cleared in place)."""
+        group takes that group's hyperparameters), parameter, storage and its layout, state dict
+        (and whether that dict is empty: cleared in place) and the state tensors in it (one
+        replaced in the dict, say a momentum reset, must be the one the kernel writes)."""
         state = self.state
         groups = {id(group): group for _, group, _, _ in members}
-        return (tuple((key, id(group), id(p), _local(p).data_ptr(), id(state.get(p)), bool(state.get(p)))
-                      for key, group, p, _ in members),
+        tensors = [_local(p) for _, _, p, _ in members]
+        return (tuple((key, id(group), id(p), t.data_ptr(), t.nbytes, t.dtype, t.shape, t.stride(), id(state.get(p)),
+                       bool(state.get(p)), tuple(id(state.get(p, {}).get(k)) for k in V.STATE_TENSOR_KEYS))
+                      for (key, group, p, _), t in zip(members, tensors)),
                 tuple((gid, self._state_signature(group)) for gid, group in groups.items()))
 
     def _launch(self, backend, op: int, bucket, rows, ints: np.ndarray, floats: np.ndarray,
@@ -755,6 +847,9 @@ class NeuralVariableOptimizer(Optimizer):
                         "call it outside the captured region")
         self._sync_seed()
         noisy = self._noisy_parameters()
+        before = self._planned_layouts()
+        for key, p, state, _ in noisy:
+            self._check_layout(before, key, p, state)
         self._check_weights([p for _, p, _, _ in noisy], [s for _, _, s, _ in noisy])
         self._removal_id = next(_REMOVALS)
         self._held = [(p, p.detach().clone(),
@@ -768,6 +863,14 @@ class NeuralVariableOptimizer(Optimizer):
         bit for bit, whatever the parameters hold now. No-op if the noise is not removed."""
         if self._held is None:
             return
+        for p, noisy, compensation in self._held:  # all first: a copy_ would broadcast a wrong shape
+            for copy in (noisy, compensation):
+                if copy is not None and (copy.shape != p.shape or copy.dtype != p.dtype or copy.device != p.device):
+                    raise RuntimeError(
+                        f"{type(self).__name__}.restore_noise(): a parameter is now {p.dtype} {tuple(p.shape)} on "
+                        f"{p.device}, its held noisy copy {copy.dtype} {tuple(copy.shape)} on {copy.device} "
+                        "(p.data was replaced since remove_noise()); nothing was changed: give it back its "
+                        "layout, or call reset_noise() to drop the noisy copies and keep the weights as they are")
         held, self._held = self._held, None
         states = []
         for p, noisy, compensation in held:
@@ -812,6 +915,9 @@ class NeuralVariableOptimizer(Optimizer):
             held = {id(p) for p, _, _ in self._held}
             return {name: t.detach().clone() if id(t) in held else t.detach() for name, t in state_dict.items()}
         noisy = {id(p): (key, p, state, noise) for key, p, state, noise in self._noisy_parameters()}
+        before = self._planned_layouts()
+        for key, p, state, _ in noisy.values():
+            self._check_layout(before, key, p, state)
         self._check_weights([p for _, p, _, _ in noisy.values()], [s for _, _, s, _ in noisy.values()])
         copies = []
         for name, tensor in state_dict.items():
@@ -845,6 +951,10 @@ class NeuralVariableOptimizer(Optimizer):
             for p in group["params"]:
                 state = self.state.get(p)
                 if state:
+                    where = f"{type(self).__name__}: parameter {key}"
+                    V.check_counters(f"{where}'s state", state, read=False)  # edited since the last step?
+                    V.check_state_tensors(where, _local(p), {k: _local(v) for k, v in state.items()
+                                                             if k == "compensation"})
                     row = rows.get(id(state))
                     noise = ((int(row[T.L_NOISE_STEP]), int(row[T.L_NOISE_TYPE]), row[T.L_NOISE_SCALE])
                              if row is not None and isinstance(state.get("noise_step"), torch.Tensor) else
@@ -1111,6 +1221,18 @@ class _BucketPlan:
         self.static_ints, _ = T.build_rows(plans)
         self.row_tensors = [(plan.param, plan.states, plan.compensation) for plan in plans]
         self.param_tensors = [plan.param for plan in plans]  # the local tensors (DTensor shards)
+        self.layouts = [(t.dtype, tuple(t.shape), t.stride()) for t in self.param_tensors]
+        # the storages the rows point at, alive as long as the plan: no other tensor can be allocated
+        # at a row's address while the plan may still launch on it (steady_grad_pointers)
+        self._kept_storages = [t.detach() for t in self.param_tensors]
+        # the state tensors the rows point at, per key any row has: replaced ones make the plan stale.
+        # (getter, key, tensors): an itemgetter where every row has the key, else None (dict.get)
+        self._state_refs = [
+            (operator.itemgetter(key) if all(key in state for state in self.states) else None, key,
+             [state.get(key) for state in self.states])
+            for key in V.STATE_TENSOR_KEYS if any(key in state for state in self.states)]
+        # a key every row has: a dict cleared in place fails its scan (KeyError), no emptiness scan needed
+        self.refs_see_cleared_states = any(getter is not None for getter, _, _ in self._state_refs)
         device, dtype = plans[0].param.device, plans[0].param.dtype
         # weight samples after each step (tables.SAMPLE_SIZE): a fused launch copies them into
         # self.samples itself (kept for the plan's life, so a captured graph's replays refresh
@@ -1324,9 +1446,14 @@ class _BucketPlan:
         state dicts, what the full path's validation and plan signature check, compared as
         whole lists. None otherwise (the full path then raises its errors, converts or rebuilds).
 
-        A parameter at the same address is taken to keep its layout: only `p.data = x` with
-        `x` a view at p's own address could change it without a new address, and the
-        gradient would then have to keep the old layout to pass the check above."""
+        A parameter at the same address is taken as the storage the plan was built for: the
+        plan keeps every parameter's storage alive (_kept_storages), so no other allocation can
+        take that address, and `p.data = x` with `x` a view at p's own address (`p.data[:3]`,
+        other strides) leaves the kernel inside that storage, updating it as before -- the
+        gradient must keep the old layout to pass the check above; a gradient of the new
+        layout takes the full path, which refuses or rebuilds (_check_rows). (The torch backend
+        reads the parameters as they are now: there the layouts are compared.) And the state
+        tensors must be the ones the rows point at (a momentum buffer replaced in the dict)."""
         if self._steady_meta is None:
             return None
         dtypes, shapes, strides, addresses = self._steady_meta
@@ -1339,6 +1466,17 @@ class _BucketPlan:
         params = self.param_tensors
         if (list(map(_DATA_PTR, params)) != addresses
                 or [self.opt._state_signature(group) for group in self.groups] != self.state_signatures):
+            return None
+        if self.backend is TORCH and (list(map(_SHAPE, params)) != shapes or list(map(_STRIDE, params)) != strides
+                                      or set(map(_DTYPE, params)) != dtypes):
+            return None  # its torch ops read the parameters as they are now, not the storage the plan kept
+        states = self.states
+        try:
+            for getter, key, tensors in self._state_refs:
+                now = map(getter, states) if getter is not None else map(dict.get, states, itertools.repeat(key))
+                if not all(map(operator.is_, now, tensors)):
+                    return None
+        except KeyError:  # a state tensor deleted from its dict
             return None
         return np.fromiter(map(_DATA_PTR, grads), np.int64, len(grads))
 
@@ -1378,20 +1516,28 @@ class _BucketPlan:
             self._pending = (ints, floats, live, new_scales, held)
         return ints, floats
 
-    def host_launch(self, bucket, ints: np.ndarray, floats: np.ndarray) -> None:
-        """Host mode: the launch of this step's tables (from tables()), then commit(). On the
-        CPU the launch is prepared once per table set and seed (CompiledBackend.prepare): the
-        tables stay at their addresses, so a step pays one library call, not its checks."""
+    def ready_host_launch(self, bucket, ints: np.ndarray) -> None:
+        """Host mode: what can still fail before this step's launch (the block table; on the
+        CPU the launch prepared once per table set and seed, CompiledBackend.prepare, which
+        checks its arguments), done for every bucket before any launches."""
         opt, backend = self.opt, self.backend
         if backend is not TORCH and self.host_blocks is None:
             self.host_blocks = opt._block_table(backend, bucket[0], ints)
         if self._kernel_resolves and backend.name == "cpu":
             prepared = self._prepared
             if prepared is None or prepared[0] is not self._host_tables or prepared[1] != opt._seed:
-                prepared = self._prepared = (self._host_tables, opt._seed, backend.prepare(
+                _, ints, floats = self._host_tables
+                self._prepared = (self._host_tables, opt._seed, backend.prepare(
                     opt._op, bucket[1], torch.from_numpy(ints), torch.from_numpy(floats), self.host_blocks,
                     opt._seed, commit_rows=len(ints), samples=self.samples))
-            prepared[2]()
+
+    def host_launch(self, bucket, ints: np.ndarray, floats: np.ndarray) -> None:
+        """Host mode: the launch of this step's tables (from tables(), readied by
+        ready_host_launch()), then commit(). On the CPU the prepared launch is one library call:
+        the tables stay at their addresses."""
+        opt, backend = self.opt, self.backend
+        if self._kernel_resolves and backend.name == "cpu":
+            self._prepared[2]()
         else:
             opt._launch(backend, opt._op, bucket, self.rows, ints, floats, self.host_blocks,
                         commit_rows=len(ints) if self._kernel_resolves else 0, samples=self.samples)
@@ -1433,9 +1579,24 @@ class _BucketPlan:
         is reused instead of converting every value again, and those columns are returned too
         (commit() then rewrites only the keys whose values change); else None and a new array."""
         states = self.states
-        columns = [list(map(operator.itemgetter(key), states)) for key in _HOST_COUNTER_KEYS]
-        if self._committed is not None and columns == self._committed[0]:
+        try:
+            columns = [list(map(operator.itemgetter(key), states)) for key in _HOST_COUNTER_KEYS]
+        except KeyError as error:
+            columns = None
+            missing = error
+        try:
+            same = columns is not None and self._committed is not None and columns == self._committed[0]
+        except RuntimeError:  # a tensor edited into a counter compares elementwise: checked below
+            same = False
+        if same:
             return columns, self._committed[1]  # its L_FRESH column is 0, as momentum_init after commit()
+        name = type(self.opt).__name__
+        for key, state in zip(self.static_ints[:, T.I_KEY].tolist(), states):  # edited or new: check them
+            where = f"{name}: parameter {key}'s state"
+            if columns is None and not set(_HOST_COUNTER_KEYS) <= set(state):
+                raise ValueError(f"{where} lacks {missing}; drop the state (del optimizer.state[p]) to start "
+                                 "the parameter afresh, or load a complete one")
+            V.check_counters(where, state)
         n = len(states)
         live = np.empty((n, T.LIVE_COLUMNS), dtype=np.float64)
         for column, values in enumerate(columns):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..backends import tables as T
+from . import validation as V
 from .base import NeuralVariableOptimizer
 
 
@@ -33,13 +34,17 @@ class FusedVAdam(NeuralVariableOptimizer):
     def _validate_group(self, group: dict) -> None:
         super()._validate_group(group)
         betas = group["betas"]
-        if len(betas) != 2:
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"Invalid betas: {betas!r} (expected a pair (beta1, beta2))")
         for index, beta in enumerate(betas):
-            if not 0.0 <= beta < 1.0:
-                raise ValueError(f"Invalid beta parameter at index {index}: {beta!r} (expected 0 <= beta < 1)")
-        if not group["eps"] >= 0.0:
-            raise ValueError(f"Invalid epsilon value: {group['eps']!r} (expected a number >= 0)")
+            if isinstance(beta, torch.Tensor):  # torch.optim.Adam takes one-element tensor betas
+                if beta.numel() != 1 or beta.is_complex() or beta.device.type == "meta":
+                    raise ValueError(f"Invalid beta parameter at index {index}: {beta!r} (expected a number)")
+                beta = beta.item()
+            V.check_number(f"Invalid beta parameter at index {index}", beta, high=1.0, high_open=True)
+        V.check_number("Invalid epsilon value", group["eps"])
+        V.check_flag("amsgrad", group["amsgrad"])
+        V.check_flag("decoupled", group["decoupled"])
 
     def _state_signature(self, group: dict):
         return bool(group["amsgrad"])

@@ -5,6 +5,7 @@ import torch
 from torch.optim.optimizer import required
 
 from ..backends import tables as T
+from . import validation as V
 from .base import NeuralVariableOptimizer
 
 
@@ -61,10 +62,9 @@ class FusedVSGD(NeuralVariableOptimizer):
 
     def _validate_group(self, group: dict) -> None:
         super()._validate_group(group)
-        if not group["momentum"] >= 0.0:
-            raise ValueError(f"Invalid momentum: {group['momentum']!r} (expected a number >= 0)")
-        if not 0.0 <= group["dampening"] <= 1.0:
-            raise ValueError(f"Invalid dampening: {group['dampening']!r} (expected a number in [0, 1])")
+        V.check_number("Invalid momentum value", group["momentum"])
+        V.check_number("Invalid dampening value", group["dampening"], high=1.0)
+        V.check_flag("nesterov", group["nesterov"])
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise ValueError("Nesterov momentum requires a momentum > 0 and zero dampening")
 
