@@ -24,6 +24,7 @@ from torch.optim import Optimizer
 from torch.optim.optimizer import required
 
 from .. import _compiler, noise as spec
+from . import weights
 from ..backends import tables as T
 from ..backends.torch_ref import TORCH
 
@@ -44,6 +45,7 @@ _SHAPE = operator.attrgetter("shape")
 _STRIDE = torch.Tensor.stride
 _DATA_PTR = torch.Tensor.data_ptr
 _PLAIN_TENSOR = {torch.Tensor}
+_increment_versions = torch._C._increment_version  # torch.autograd.graph.increment_version's C call: a list in one go
 _HOST_COUNTER_KEYS = T.LIVE_STATE_KEYS[:T.L_FRESH]  # what optimizer.state holds in host mode
 _REMOVALS = itertools.count(1)  # numbers every entry into the removed state (NeuralVariableOptimizer._removal_id)
 _DOUBLES = struct.Struct(f"{T.FLOAT_COLUMNS}d")  # a group's float row, compared bit for bit
@@ -199,6 +201,7 @@ class NeuralVariableOptimizer(Optimizer):
         self._held = None  # while the noise is removed: [(param, noisy copy, compensation copy | None)]
         self._removal_id = 0  # which entry into the removed state made _held (remove_noise or a load)
         self._records: dict = {}  # param -> weights record (see _record_weights)
+        self._loaded: list = []  # what the last load says is on the weights, until checked (weights.check_loaded)
         self._layout = None  # the last full step's participants (_StepLayout), for _steady_work
         super().__init__(params, defaults)
 
@@ -270,6 +273,7 @@ class NeuralVariableOptimizer(Optimizer):
             if plan.live is not None and plan._graph_owned]
         self._plans = {}
         self._records = {}
+        self._loaded = []  # load_state_dict sets it after this
         self._layout = None
 
     @property
@@ -338,6 +342,7 @@ class NeuralVariableOptimizer(Optimizer):
         parameter's exact noisy copy and its noise step, which our load_state_dict() turns back
         into the removed state, so that path resumes bit for bit from a clean model file."""
         seed = self._sync_seed()
+        weights.reconcile(self, resolve=False)  # a cleared state still knows its noise
         sd = super().state_dict()
         if self._capturable:  # live counters -> plain numbers, the host-mode format
             rows = self._live_rows()
@@ -353,6 +358,8 @@ class NeuralVariableOptimizer(Optimizer):
                 state[NOISY_PARAM_KEY] = noisy
                 if compensation is not None:
                     state[NOISY_COMPENSATION_KEY] = compensation
+        else:
+            self._add_weight_samples(sd["state"])
         sd[STATE_DICT_KEY] = {"seed": seed, "format": 2, "optimizer": type(self).__name__}
         return sd
 
@@ -366,19 +373,24 @@ class NeuralVariableOptimizer(Optimizer):
         optimizer held). Weight records are dropped: the loaded state describes the weights
         (see _check_weights)."""
         seed = self._seed_of(state_dict)
-        states, held = {}, {}
+        states, held, samples = {}, {}, {}
         for index, s in state_dict.get("state", {}).items():
             missing = {"step", "noise_step"} - set(s)
             if missing:
                 raise ValueError(f"state of parameter {index} lacks {sorted(missing)}")
+            if weights.SAMPLES_KEY in s:
+                samples[index] = s[weights.SAMPLES_KEY]
             if NOISY_PARAM_KEY in s:
                 s = dict(s)
                 held[index] = (s.pop(NOISY_PARAM_KEY), s.pop(NOISY_COMPENSATION_KEY, None))
                 s["noise_step"] = s.pop(NOISY_STEP_KEY, s["noise_step"])  # on the held copies
+                s.pop(weights.SAMPLES_KEY, None)
             else:
-                s = {k: v for k, v in s.items() if k not in NOISY_KEYS}
+                s = {k: v for k, v in s.items() if k not in NOISY_KEYS and k != weights.SAMPLES_KEY}
             states[index] = s
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        param_of = dict(zip(saved_ids, self._flat_params()))
+        weights.check_samples_fit(samples, param_of, type(self).__name__)
         rest = {k: v for k, v in state_dict.items() if k != STATE_DICT_KEY}
         rest["state"] = states
         super().load_state_dict(rest)
@@ -386,7 +398,7 @@ class NeuralVariableOptimizer(Optimizer):
             group[SEED_KEY] = seed
         self._seed = seed  # the new state dicts make the launch data rebuild
         self._forget_weights()
-        param_of = dict(zip(saved_ids, self._flat_params()))
+        self._loaded = weights.loaded_noise(self, param_of, samples, set(held))
         self._held = None
         if held:
             self._held = []
@@ -395,6 +407,22 @@ class NeuralVariableOptimizer(Optimizer):
                 p = param_of[index]
                 cast = {"device": p.device, "dtype": p.dtype}
                 self._held.append((p, noisy.to(**cast), None if compensation is None else compensation.to(**cast)))
+
+    def _add_weight_samples(self, states: dict) -> None:
+        """Give each noisy parameter's entry its weight samples (weights.SAMPLES_KEY): a loader
+        can then tell the noisy weights from the clean ones and from others (weights.py).
+        Loaded samples not checked yet are passed on as loaded."""
+        pending = {id(entry[2]): entry for entry in self._loaded}
+        noisy = []
+        for key, p, state, noise in self._noisy_parameters():
+            entry = pending.get(id(state))
+            if entry is not None:  # the weights may not be loaded yet: pass the loaded samples on
+                if entry[5] is not None:
+                    states[key] = {**states[key], weights.SAMPLES_KEY: entry[5]}
+            else:
+                noisy.append((key, p, state, noise))
+        for key, samples in weights.state_dict_samples(self, noisy).items():
+            states[key] = {**states[key], weights.SAMPLES_KEY: samples}
 
     def _seed_of(self, state_dict: dict) -> int:
         """The seed a state_dict carries (validated), or a clear error."""
@@ -529,7 +557,8 @@ class NeuralVariableOptimizer(Optimizer):
         per bucket, nothing for the compiler to fuse, so a compiled training step breaks its
         graph once here instead of tracing (and breaking) through every line."""
         work = self._steady_work()
-        if work is None:
+        if work is None:  # the state or the layout changed (a load, a cleared state, ...)
+            weights.reconcile(self)
             work = self._prepare_work()
             if work is None:
                 return
@@ -542,7 +571,8 @@ class NeuralVariableOptimizer(Optimizer):
                 plan.host_launch(bucket, ints, floats)
             else:
                 self._launch_live(backend, bucket, plan, grads, ints, floats, grad_scale, found_inf)
-            if not _capturing(bucket[0]):
+            if not _capturing(bucket[0]):  # a replay cannot bump them: see bump_versions
+                plan.bump_versions()
                 plan.record_weights()
 
     def _prepare_work(self):
@@ -754,6 +784,7 @@ class NeuralVariableOptimizer(Optimizer):
         _refuse_capture(f"{type(self).__name__}.remove_noise(): it reads the noise bookkeeping on the host; "
                         "call it outside the captured region")
         self._sync_seed()
+        weights.reconcile(self)
         noisy = self._noisy_parameters()
         self._check_weights([p for _, p, _, _ in noisy], [s for _, _, s, _ in noisy])
         self._removal_id = next(_REMOVALS)
@@ -786,6 +817,7 @@ class NeuralVariableOptimizer(Optimizer):
         them afresh. The base optimizer's state (momentum, moments, steps) is kept."""
         _refuse_capture(f"{type(self).__name__}.reset_noise(): call it outside the captured region")
         self._held = None
+        self._loaded = []
         self._forget_weights()
         for plan in self._plans.values():
             plan._committed = None  # its copy of the counters says noise; the dicts now say none
@@ -811,6 +843,7 @@ class NeuralVariableOptimizer(Optimizer):
         if self._held is not None:  # the parameters are clean now; they will not stay so
             held = {id(p) for p, _, _ in self._held}
             return {name: t.detach().clone() if id(t) in held else t.detach() for name, t in state_dict.items()}
+        weights.reconcile(self)
         noisy = {id(p): (key, p, state, noise) for key, p, state, noise in self._noisy_parameters()}
         self._check_weights([p for _, p, _, _ in noisy.values()], [s for _, _, s, _ in noisy.values()])
         copies = []
@@ -870,7 +903,10 @@ class NeuralVariableOptimizer(Optimizer):
         for bucket, plans in buckets.items():
             ints, floats = T.build_rows(plans)
             rows = [(plan.param, None, (), plan.compensation) for plan in plans]
-            self._launch(self._resolve_backend(*bucket), T.OP_NOISE, bucket, rows, ints, floats)
+            backend = self._resolve_backend(*bucket)
+            self._launch(backend, T.OP_NOISE, bucket, rows, ints, floats)
+            if backend is not TORCH:  # written through raw addresses (see _BucketPlan.bump_versions)
+                _increment_versions([t for param, _, _, comp in rows for t in (param, comp) if t is not None])
 
     # ------------------------------------------------------------------ weights changed outside
     # A step records its bucket's parameters in the plan (_BucketPlan.record_weights: the version
@@ -1127,6 +1163,11 @@ class _BucketPlan:
             self._sample_starts = list(range(0, len(plans) * T.SAMPLE_SIZE, T.SAMPLE_SIZE))
         self._sample_counts = counts
         self.weights_record = None  # (version counters, flat samples) after our last step
+        # what a fused launch writes through raw addresses, for bump_versions (the torch
+        # backend's in-place ops bump their own counters)
+        self._written = [] if backend is TORCH else [
+            t for param, states, comp in self.row_tensors for t in (param, *states, comp) if t is not None]
+        self._bumps_once = len(set(map(id, self._written))) == len(self._written)
         # Host mode on the CPU (the compiled library, or Triton's interpreter): host memory is
         # the kernel's memory, so the kernel resolves and commits the counters itself (as in
         # capturable mode) from the plan's float64 mirror of the state dicts (_counters);
@@ -1275,14 +1316,25 @@ class _BucketPlan:
         self._versions_read = list(map(_VERSION, self.param_tensors))
         return self.weights_record is not None and self._versions_read == self.weights_record[0]
 
+    def bump_versions(self) -> None:
+        """Advance the version counters of every tensor a fused launch wrote (parameters, state
+        buffers, compensation), as an in-place torch op would: autograd then refuses a backward
+        through weights a step() changed after the forward pass, and another owner of these
+        parameters sees the change. One C call. Not inside a CUDA graph capture: a replay
+        runs the kernels only, so replays leave the counters as they are."""
+        if self._written:
+            _increment_versions(self._written)
+
     def record_weights(self) -> None:
-        """Remember how our step left the weights: version counters and samples. A fused launch
-        wrote the parameters through raw addresses only, which leaves the counters
-        weights_unchanged() read as they were, and copied the samples itself; the torch
-        backend's in-place ops advanced the counters, and its samples are gathered here."""
-        versions = self._versions_read if self.samples is not None else None
+        """Remember how our step left the weights: version counters (after bump_versions) and
+        samples. The counters of a fused launch are the ones weights_unchanged() read, plus
+        the one bump each, and it copied the samples itself; the torch backend's in-place ops
+        advanced the counters, and its samples are gathered here."""
+        versions = self._versions_read if self.samples is not None and self._bumps_once else None
         if versions is None:
             versions = list(map(_VERSION, self.param_tensors))
+        else:
+            versions = list(map(operator.add, versions, itertools.repeat(1)))
         self._versions_read = None
         samples = torch.cat(self._sample_views) if self.samples is None else self._flat_samples
         self.weights_record = (versions, samples)
