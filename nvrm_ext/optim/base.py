@@ -689,12 +689,9 @@ class NeuralVariableOptimizer(Optimizer):
                 _warn_once("nvrm_ext: the launch data of a CUDA-graph-captured step was rebuilt (the "
                            "parameters, their state or their groups changed); graphs captured before "
                            "still update the old copy: capture them again")
-            on_weights = {}
-            if plan is not None:
+            if plan is not None:  # a reset state got its noise back before (weights.refill_cleared)
                 plan.spill_weights_record(self._records)
-                if not all(self.state.get(p) for _, _, p, _ in members):  # a state reset: what noise is on them?
-                    on_weights = self._still_on_weights(plan.noise_on_weights(), plan.params)
-            plan = self._plans[bucket] = _BucketPlan(self, members, backend, on_weights)
+            plan = self._plans[bucket] = _BucketPlan(self, members, backend)
             plan.signature = self._plan_signature(members)  # with the state dicts it created
         return plan
 
@@ -1103,9 +1100,7 @@ class _BucketPlan:
     which the weight records keep (record_weights).
     """
 
-    def __init__(self, opt: NeuralVariableOptimizer, members, backend, on_weights=None):
-        """`on_weights`: the noise the replaced plan left on its parameters (noise_on_weights()),
-        kept for parameters whose state is empty now."""
+    def __init__(self, opt: NeuralVariableOptimizer, members, backend):
         self.signature = None
         self.backend = backend
         self.params = [p for _, _, p, _ in members]
@@ -1121,14 +1116,6 @@ class _BucketPlan:
                 state["noise_step"] = 0
                 state["noise_type"] = spec.noise_type_code(group["noise_type"])
                 state["noise_scale"] = float(group["variability"])
-                kept = (on_weights or {}).get(id(p))
-                if kept is not None:
-                    # The state was reset (cleared, or replaced by an empty dict) while the weights
-                    # carry this optimizer's noise: that resets the base optimizer, not the noise
-                    # on the weights, which is kept so that the next step removes it.
-                    state["noise_step"], state["noise_type"], state["noise_scale"], compensation = kept
-                    if compensation is not None:
-                        state["compensation"] = compensation
             tensors, fresh_buffer = opt._state_tensors(group, p, state)
             compensation = _compensation(p, state)
             self.states.append(state)

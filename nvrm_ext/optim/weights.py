@@ -28,6 +28,7 @@ SAMPLES_KEY = "weight_samples"  # per-parameter state_dict entry: [2, count] ten
 def reconcile(opt, *, resolve: bool = True) -> None:
     """Before a noise operation: settle what a load left to check and refill cleared states.
     `resolve=False` (state_dict()) raises nothing and leaves undecided loads pending."""
+    adopt_foreign_samples(opt)
     if opt._loaded:
         check_loaded(opt, resolve=resolve)
     refill_cleared(opt)
@@ -128,6 +129,26 @@ def check_samples_fit(samples: dict, param_of: dict, name: str) -> None:
 
 
 # ---------------------------------------------------------------------- after a load
+def adopt_foreign_samples(opt) -> None:
+    """States that a loader other than ours put in place with their samples (ZeroRedundancyOptimizer's
+    load sets the per-parameter state directly): take the samples out and check them like ours."""
+    if not any(SAMPLES_KEY in state for state in opt.state.values()):
+        return
+    param_of = dict(enumerate(opt._flat_params()))
+    samples, held = {}, {id(p) for p, _, _ in opt._held or ()}
+    for index, p in param_of.items():
+        state = opt.state.get(p)
+        if state and SAMPLES_KEY in state:
+            samples[index] = state[SAMPLES_KEY]
+    check_samples_fit(samples, param_of, type(opt).__name__)
+    for index in samples:
+        del opt.state[param_of[index]][SAMPLES_KEY]
+    adopted = loaded_noise(opt, {i: param_of[i] for i in samples}, samples,
+                           {i for i in samples if id(param_of[i]) in held})
+    known = {id(entry[2]) for entry in opt._loaded}
+    opt._loaded = opt._loaded + [entry for entry in adopted if id(entry[2]) not in known]
+
+
 def loaded_noise(opt, param_of: dict, samples: dict, held: set) -> list:
     """What a load says is on each parameter: [(index, param, its loaded state dict, (noise
     step, type code, scale), compensation buffer | None, samples | None)] for the loaded states
