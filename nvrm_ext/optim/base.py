@@ -671,6 +671,8 @@ class NeuralVariableOptimizer(Optimizer):
                            commit_rows=len(plan.params), grad_scale=scale, found_inf=skip, samples=plan.samples)
         if scale is not None:
             plan.write_back_converted(grads, skip)
+            if backend is not TORCH and not _capturing(device):  # it unscaled them in place
+                _increment_versions(plan._grads)
         plan.release_grads()
 
     def _bucket_plan(self, bucket, members, backend) -> "_BucketPlan":
@@ -1154,7 +1156,9 @@ class _BucketPlan:
         # backend's in-place ops bump their own counters)
         self._written = [] if backend is TORCH else [
             t for param, states, comp in self.row_tensors for t in (param, *states, comp) if t is not None]
-        self._bumps_once = len(set(map(id, self._written))) == len(self._written)
+        # whether bump_versions advances each parameter's counter by exactly one (views and
+        # detached aliases share a counter): found at the first record_weights, None until then
+        self._bumps_once = None
         # Host mode on the CPU (the compiled library, or Triton's interpreter): host memory is
         # the kernel's memory, so the kernel resolves and commits the counters itself (as in
         # capturable mode) from the plan's float64 mirror of the state dicts (_counters);
@@ -1317,11 +1321,15 @@ class _BucketPlan:
         samples. The counters of a fused launch are the ones weights_unchanged() read, plus
         the one bump each, and it copied the samples itself; the torch backend's in-place ops
         advanced the counters, and its samples are gathered here."""
-        versions = self._versions_read if self.samples is not None and self._bumps_once else None
+        versions = None
+        if self.samples is not None and self._versions_read is not None and self._bumps_once is not False:
+            versions = list(map(operator.add, self._versions_read, itertools.repeat(1)))
+            if self._bumps_once is None:  # the first time: see whether that is what the counters say
+                self._bumps_once = versions == list(map(_VERSION, self.param_tensors))
+                if not self._bumps_once:
+                    versions = None
         if versions is None:
             versions = list(map(_VERSION, self.param_tensors))
-        else:
-            versions = list(map(operator.add, versions, itertools.repeat(1)))
         self._versions_read = None
         samples = torch.cat(self._sample_views) if self.samples is None else self._flat_samples
         self.weights_record = (versions, samples)
