@@ -412,3 +412,30 @@ def test_steady_steps_compare_no_samples(monkeypatch, aliased):
     with pytest.raises(WeightsChangedError, match="parameter 0"):
         opt.step()
     assert calls
+
+
+@pytest.mark.parametrize("then", ["restore_noise()", "state_dict() and a resume"])
+@pytest.mark.parametrize("capturable", MODES, ids=["host", "capturable"])
+def test_a_state_cleared_while_the_noise_is_removed(capturable, then):
+    """remove_noise(), state.clear(), then restore_noise() (or a checkpoint): the held noisy copies
+    still carry their noise, as if the state had been cleared after restore_noise()."""
+    model = _model(torch.bfloat16)
+    opt = _vsgd(model, capturable=capturable)
+    _train(model, opt, 3)
+    twin = copy.deepcopy(model)
+    twin_opt = _vsgd(twin, capturable=capturable)
+    twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    twin_opt.state.clear()
+    opt.remove_noise()
+    opt.state.clear()
+    if then == "restore_noise()":
+        opt.restore_noise()
+    else:
+        checkpoint = copy.deepcopy({"model": model.state_dict(), "optimizer": opt.state_dict()})
+        model = _model(torch.bfloat16, seed=5)
+        opt = _vsgd(model, seed=99, capturable=capturable)
+        _load(model, opt, checkpoint, "optimizer-first")
+        opt.restore_noise()
+    _train(model, opt, 2, first=3)
+    _train(twin, twin_opt, 2, first=3)
+    assert _bitwise(_snapshot(model), _snapshot(twin))

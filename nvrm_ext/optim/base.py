@@ -199,6 +199,7 @@ class NeuralVariableOptimizer(Optimizer):
         self._plans: dict = {}
         self._retired_plans: list = []  # replaced plans a captured CUDA graph may still replay
         self._held = None  # while the noise is removed: [(param, noisy copy, compensation copy | None)]
+        self._held_noise: list = []  # the noise on each held copy (step, type code, scale), as _held
         self._removal_id = 0  # which entry into the removed state made _held (remove_noise or a load)
         self._records: dict = {}  # param -> weights record (see _record_weights)
         self._loaded: list = []  # what the last load says is on the weights, until checked (weights.check_loaded)
@@ -255,13 +256,15 @@ class NeuralVariableOptimizer(Optimizer):
         # torch's Optimizer pickles only defaults, state and param_groups; keep the seed too
         state = super().__getstate__()
         state.update(_seed=self._seed, _backend_name=self._backend_name, _denoise=self._denoise,
-                     _capturable=self._capturable, _held=self._held, _removal_id=self._removal_id)
+                     _capturable=self._capturable, _held=self._held, _removal_id=self._removal_id,
+                     _held_noise=self._held_noise)
         return state
 
     def __setstate__(self, state):
         # load_state_dict passes only state and param_groups: keep the mode this optimizer has
         state.setdefault("_capturable", getattr(self, "_capturable", False))
         state.setdefault("_held", None)
+        state.setdefault("_held_noise", getattr(self, "_held_noise", []))
         state.setdefault("_removal_id", 0)
         super().__setstate__(state)
         for group in self.param_groups:  # pickles of format 1 kept the seed only as an attribute
@@ -401,12 +404,15 @@ class NeuralVariableOptimizer(Optimizer):
         self._loaded = weights.loaded_noise(self, param_of, samples, set(held))
         self._held = None
         if held:
-            self._held = []
+            self._held, self._held_noise = [], []
             self._removal_id = next(_REMOVALS)
             for index, (noisy, compensation) in held.items():
                 p = param_of[index]
                 cast = {"device": p.device, "dtype": p.dtype}
                 self._held.append((p, noisy.to(**cast), None if compensation is None else compensation.to(**cast)))
+                s = states[index]
+                self._held_noise.append((int(_number(s["noise_step"])), int(_number(s.get("noise_type", 0))),
+                                         float(_number(s.get("noise_scale", 0.0)))))
 
     def _add_weight_samples(self, states: dict) -> None:
         """Give each noisy parameter's entry its weight samples (weights.SAMPLES_KEY): a loader
@@ -787,6 +793,7 @@ class NeuralVariableOptimizer(Optimizer):
         noisy = self._noisy_parameters()
         self._check_weights([p for _, p, _, _ in noisy], [s for _, _, s, _ in noisy])
         self._removal_id = next(_REMOVALS)
+        self._held_noise = [noise for _, _, _, noise in noisy]
         self._held = [(p, p.detach().clone(),
                        None if state.get("compensation") is None else state["compensation"].clone())
                       for _, p, state, _ in noisy]
@@ -798,6 +805,7 @@ class NeuralVariableOptimizer(Optimizer):
         bit for bit, whatever the parameters hold now. No-op if the noise is not removed."""
         if self._held is None:
             return
+        weights.refill_held(self)  # a state cleared meanwhile: the copies still carry their noise
         held, self._held = self._held, None
         states = []
         for p, noisy, compensation in held:

@@ -29,6 +29,8 @@ def reconcile(opt, *, resolve: bool = True) -> None:
     """Before a noise operation: settle what a load left to check and refill cleared states.
     `resolve=False` (state_dict()) raises nothing and leaves undecided loads pending."""
     adopt_foreign_samples(opt)
+    if opt._held is not None:
+        refill_held(opt)
     if opt._loaded:
         check_loaded(opt, resolve=resolve)
     refill_cleared(opt)
@@ -247,6 +249,14 @@ def refill(opt, p, noise: tuple, compensation) -> None:
     if compensation is not None:
         state["compensation"] = compensation
     opt.state[p] = state
+
+
+def refill_held(opt) -> None:
+    """While the noise is removed: a parameter whose state was emptied gets the noise its held
+    noisy copy carries, which restore_noise() puts back on the weights."""
+    for (p, _, _), noise in zip(opt._held, opt._held_noise):
+        if not opt.state.get(p):
+            refill(opt, p, noise, None)
 
 
 def refill_cleared(opt) -> None:
