@@ -359,20 +359,28 @@ def test_a_state_dict_saved_after_a_clear_keeps_the_noise(capturable):
     assert _bitwise(_snapshot(model), _snapshot(resumed))
 
 
+@pytest.mark.parametrize("before_the_clear", ["nothing", "denoised()"])
+@pytest.mark.parametrize("samples", [True, False], ids=["samples", "previous format"])
 @pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("capturable", MODES, ids=["host", "capturable"])
-def test_a_state_cleared_right_after_a_load_keeps_the_noise(capturable, order):
+def test_a_state_cleared_right_after_a_load_keeps_the_noise(capturable, order, samples, before_the_clear):
     """Cleared before any step: the counters and samples of the load still tell the noise. The
     reference: the optimizer that was not saved, cleared at the same point."""
     model = _model()
     opt = _vsgd(model, capturable=capturable)
     _train(model, opt, 3)
     checkpoint = copy.deepcopy({"model": model.state_dict(), "optimizer": opt.state_dict()})
+    if not samples:
+        for state in checkpoint["optimizer"]["state"].values():
+            del state["weight_samples"]
     opt.state.clear()
     _train(model, opt, 2, first=3)
     resumed = _model(seed=5)
     resumed_opt = _vsgd(resumed, seed=99, capturable=capturable)
     _load(resumed, resumed_opt, checkpoint, order)
+    if before_the_clear == "denoised()":
+        with resumed_opt.denoised():
+            pass
     resumed_opt.state.clear()
     _train(resumed, resumed_opt, 2, first=3)
     assert _bitwise(_snapshot(model), _snapshot(resumed))
@@ -439,3 +447,22 @@ def test_a_state_cleared_while_the_noise_is_removed(capturable, then):
     _train(model, opt, 2, first=3)
     _train(twin, twin_opt, 2, first=3)
     assert _bitwise(_snapshot(model), _snapshot(twin))
+
+
+def test_weights_replaced_after_a_checked_load_and_a_clear_are_taken_as_they_are():
+    """Load, denoised() (the load is checked), other clean weights loaded, state cleared: a fresh
+    state on those weights, nothing subtracted from them."""
+    model = _model()
+    opt = _vsgd(model)
+    _train(model, opt, 3)
+    checkpoint = copy.deepcopy({"model": model.state_dict(), "optimizer": opt.state_dict()})
+    clean = opt.clean_state_dict(model)
+    resumed = _model(seed=5)
+    resumed_opt = _vsgd(resumed, seed=99)
+    _load(resumed, resumed_opt, checkpoint, "model-first")
+    with resumed_opt.denoised():
+        pass
+    resumed.load_state_dict(clean)
+    resumed_opt.state.clear()
+    with resumed_opt.denoised():
+        assert _bitwise(_snapshot(resumed), list(clean.values()))

@@ -418,13 +418,13 @@ class NeuralVariableOptimizer(Optimizer):
         """Give each noisy parameter's entry its weight samples (weights.SAMPLES_KEY): a loader
         can then tell the noisy weights from the clean ones and from others (weights.py).
         Loaded samples not checked yet are passed on as loaded."""
-        pending = {id(entry[2]): entry for entry in self._loaded}
+        pending = {id(entry.state): entry for entry in self._loaded if not entry.checked}
         noisy = []
         for key, p, state, noise in self._noisy_parameters():
             entry = pending.get(id(state))
             if entry is not None:  # the weights may not be loaded yet: pass the loaded samples on
-                if entry[5] is not None:
-                    states[key] = {**states[key], weights.SAMPLES_KEY: entry[5]}
+                if entry.samples is not None:
+                    states[key] = {**states[key], weights.SAMPLES_KEY: entry.samples}
             else:
                 noisy.append((key, p, state, noise))
         for key, samples in weights.state_dict_samples(self, noisy).items():
@@ -580,6 +580,8 @@ class NeuralVariableOptimizer(Optimizer):
             if not _capturing(bucket[0]):  # a replay cannot bump them: see bump_versions
                 plan.bump_versions()
                 plan.record_weights()
+        if self._loaded:
+            weights.forget_stepped(self)
 
     def _prepare_work(self):
         """The full path of a step: validate every gradient, bucket the parameters by (device,

@@ -16,6 +16,8 @@ where the weights are still what the optimizer left.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -67,7 +69,7 @@ def state_dict_samples(opt, noisy) -> dict:
         buckets.setdefault((t.device, t.dtype), []).append((key, left, compensation, positions, step, code, scale))
     out = {}
     for bucket, entries in buckets.items():
-        noisy_values = torch.cat([left for _, left, _, _, _, _, _ in entries]).clone()
+        noisy_values = torch.cat([left for _, left, _, _, _, _, _ in entries])  # a copy
         values = noisy_values.clone()
         compensated = bucket[1] in (torch.float16, torch.bfloat16)
         compensation = torch.cat([torch.zeros_like(left) if c is None else c.to(left.dtype)
@@ -147,14 +149,26 @@ def adopt_foreign_samples(opt) -> None:
         del opt.state[param_of[index]][SAMPLES_KEY]
     adopted = loaded_noise(opt, {i: param_of[i] for i in samples}, samples,
                            {i for i in samples if id(param_of[i]) in held})
-    known = {id(entry[2]) for entry in opt._loaded}
-    opt._loaded = opt._loaded + [entry for entry in adopted if id(entry[2]) not in known]
+    known = {id(entry.state) for entry in opt._loaded}
+    opt._loaded = opt._loaded + [entry for entry in adopted if id(entry.state) not in known]
+
+
+@dataclass
+class Loaded:
+    """What a load said is on one parameter, kept until a step's launch data knows it."""
+
+    index: int
+    param: torch.Tensor
+    state: dict  # the loaded state dict (an identity: a cleared or replaced state is another)
+    noise: tuple  # (noise step, type code, scale)
+    compensation: torch.Tensor | None
+    samples: torch.Tensor | None  # rows (noisy, clean) as saved; after the check, (the weights then,)
+    checked: bool = False
 
 
 def loaded_noise(opt, param_of: dict, samples: dict, held: set) -> list:
-    """What a load says is on each parameter: [(index, param, its loaded state dict, (noise
-    step, type code, scale), compensation buffer | None, samples | None)] for the loaded states
-    with noise, the held (removed-state) ones aside. check_loaded settles them."""
+    """What a load says is on each parameter, for the loaded states with noise (the held,
+    removed-state ones aside). check_loaded settles them."""
     from .base import _local, _number
 
     entries = []
@@ -169,7 +183,7 @@ def loaded_noise(opt, param_of: dict, samples: dict, held: set) -> list:
         sample = samples.get(index)
         if sample is not None:
             sample = sample.detach().to(device=_local(p).device, dtype=p.dtype)
-        entries.append((index, p, state, noise, state.get("compensation"), sample))
+        entries.append(Loaded(index, p, state, noise, state.get("compensation"), sample))
     return entries
 
 
@@ -180,39 +194,48 @@ def check_loaded(opt, *, resolve: bool = True) -> None:
     A loaded state still in place: weights equal to the noisy sample resume as saved; equal to
     the clean sample, they are clean weights (a deployment save, a model saved inside
     denoised()): their noise step becomes 0 and their compensation 0, as reset_noise() does for
-    them; neither: WeightsChangedError, nothing changed. A loaded state cleared since gets its
-    noise back where the weights are the noisy ones (or where no sample was saved: the state is
-    trusted, as every state without samples). `resolve=False`: no error, and what is not
-    decided stays pending."""
+    them; neither: WeightsChangedError, nothing changed. A state without samples is trusted.
+    A loaded state cleared since gets its noise back where the weights are still the noisy
+    ones (without samples: trusted). `resolve=False` (state_dict()): no error, and what is not
+    decided stays pending (the model file may not be loaded yet)."""
     from .base import _local, _samples_differ
 
-    entries = opt._loaded
-    intact, cleared, pending = [], [], []
-    for entry in entries:
-        _, p, state, _, _, sample = entry
-        now = opt.state.get(p)
-        if now is state:
-            (intact if sample is not None and resolve else pending).append(entry)
+    to_check, cleared, kept = [], [], []
+    for entry in opt._loaded:
+        now = opt.state.get(entry.param)
+        if now is entry.state:
+            (to_check if resolve and not entry.checked else kept).append(entry)
         elif not now:
             cleared.append(entry)
-    compared = intact + [e for e in cleared if e[5] is not None]
-    tensors = [_local(e[1]) for e in compared]
-    noisy_differs = _samples_differ(tensors, [e[5][0] for e in compared]) if compared else []
-    clean_differs = _samples_differ(tensors, [e[5][1] for e in compared]) if compared else []
-    verdict = {id(e): ("noisy" if not nd else "clean" if not cd else "neither")
+    compared = [e for e in to_check + cleared if e.samples is not None]
+    tensors = [_local(e.param) for e in compared]
+    noisy_differs = _samples_differ(tensors, [e.samples[0] for e in compared]) if compared else []
+    clean_differs = _samples_differ(tensors, [e.samples[-1] for e in compared]) if compared else []
+    verdict = {id(e): ("noisy" if not nd else "clean" if not cd and not e.checked else "neither")
                for e, nd, cd in zip(compared, noisy_differs, clean_differs)}
-    for entry in intact:
-        if verdict[id(entry)] == "neither":
+    for entry in to_check:
+        if entry.samples is not None and verdict[id(entry)] == "neither":
             _raise_unknown_weights(opt, entry)
-    for entry in intact:  # every check passed: change things now
-        if verdict[id(entry)] == "clean":
-            _declare_clean(entry[2])
+    for entry in to_check:  # every check passed: change things now
+        if entry.samples is not None and verdict[id(entry)] == "clean":
+            _declare_clean(entry.state)
+            continue
+        # noisy, or trusted: remember the weights as they are, for a clear before the next step
+        entry.samples = T.sample_view(_local(entry.param)).clone().unsqueeze(0)
+        entry.checked = True
+        kept.append(entry)
     for entry in cleared:
-        if entry[5] is None or verdict[id(entry)] == "noisy":
-            refill(opt, entry[1], entry[3], entry[4])
-        elif not resolve and verdict[id(entry)] == "neither":
-            pending.append(entry)  # the model may not be loaded yet
-    opt._loaded = pending
+        if entry.samples is None or verdict[id(entry)] == "noisy":
+            refill(opt, entry.param, entry.noise, entry.compensation)
+        elif not resolve and not entry.checked:
+            kept.append(entry)  # the model may not be loaded yet
+    opt._loaded = kept
+
+
+def forget_stepped(opt) -> None:
+    """After a step: the launch data knows the noise on the parameters it stepped."""
+    planned = {id(p) for plan in opt._plans.values() for p in plan.params}
+    opt._loaded = [entry for entry in opt._loaded if id(entry.param) not in planned]
 
 
 def _declare_clean(state: dict) -> None:
@@ -229,7 +252,7 @@ def _declare_clean(state: dict) -> None:
 def _raise_unknown_weights(opt, entry) -> None:
     from .base import WeightsChangedError
 
-    index, p, _, (step, _, _), _, _ = entry
+    index, p, (step, _, _) = entry.index, entry.param, entry.noise
     raise WeightsChangedError(
         f"{type(opt).__name__}: parameter {index} (shape {tuple(p.shape)}) holds neither the weights its "
         f"loaded optimizer state was saved with (noise step {step} on them) nor their clean form, so the "
