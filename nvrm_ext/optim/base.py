@@ -343,7 +343,9 @@ class NeuralVariableOptimizer(Optimizer):
         torch.distributed.checkpoint) resumes from the clean weights with fresh noise: not the
         same trajectory, never wrong weights. As extras (NOISY_KEYS) it holds each noisy
         parameter's exact noisy copy and its noise step, which our load_state_dict() turns back
-        into the removed state, so that path resumes bit for bit from a clean model file."""
+        into the removed state, so that path resumes bit for bit from a clean model file.
+        Otherwise each parameter with noise on it gets its weight samples (weights.SAMPLES_KEY),
+        from which a load tells a noisy model file from a clean or a foreign one."""
         seed = self._sync_seed()
         weights.reconcile(self, resolve=False)  # a cleared state still knows its noise
         sd = super().state_dict()
@@ -373,8 +375,9 @@ class NeuralVariableOptimizer(Optimizer):
         (torch.distributed.checkpoint), from the groups' SEED_KEY. A state_dict taken while the
         noise was removed leaves this optimizer in that state: restore_noise() then writes the
         saved noisy weights into the parameters (a plain state_dict discards noisy copies this
-        optimizer held). Weight records are dropped: the loaded state describes the weights
-        (see _check_weights)."""
+        optimizer held). Weight records are dropped: the loaded state describes the weights,
+        checked against the weight samples it was saved with at the first noise operation
+        (weights.check_loaded), when the model file has been loaded too, in either order."""
         seed = self._seed_of(state_dict)
         states, held, samples = {}, {}, {}
         for index, s in state_dict.get("state", {}).items():
@@ -954,8 +957,9 @@ class NeuralVariableOptimizer(Optimizer):
         noise was rewritten since our last operation on it.
 
         A parameter whose state dict is not the one recorded (load_state_dict, or
-        ZeroRedundancyOptimizer's own load, replaced it) or that has no record is trusted: the
-        state describes the weights as loaded. Otherwise a changed version counter or storage
+        ZeroRedundancyOptimizer's own load, replaced it) or that has no record is trusted here:
+        the state describes the weights as loaded (and weights.check_loaded has compared them
+        with the samples saved with it, where there are any). Otherwise a changed version counter or storage
         address makes us compare the recorded sample (one device sync, only then): equal values
         (a copy of the same weights, a broadcast) are accepted. In-place writes through `p.data`
         (`p.data.copy_(...)`) do not advance the version counter and are not seen; a new storage
