@@ -70,6 +70,27 @@ def test_a_clean_model_file_resumes_exactly_from_the_clean_weights(how, backend,
     assert _bitwise(_snapshot(model), _snapshot(resumed))
 
 
+@pytest.mark.parametrize("dtype, capturable", [(torch.float32, False), (torch.bfloat16, True)])
+def test_a_clean_model_file_resumes_exactly_on_triton(dtype, capturable):
+    """The Triton kernels (under the interpreter here): the same check, one order, a small model."""
+    def trained():
+        model = _small(dtype)
+        opt = _vsgd(model, "triton", capturable=capturable)
+        _train(model, opt, 2)
+        return model, opt
+
+    model, opt = trained()
+    checkpoint = copy.deepcopy({"model": opt.clean_state_dict(model), "optimizer": opt.state_dict()})
+    model.load_state_dict(checkpoint["model"])
+    opt.reset_noise()
+    _train(model, opt, 2, first=2)
+    resumed = _small(dtype, seed=5)
+    resumed_opt = _vsgd(resumed, "triton", seed=99, capturable=capturable)
+    _load(resumed, resumed_opt, checkpoint, "optimizer-first")
+    _train(resumed, resumed_opt, 2, first=2)
+    assert _bitwise(_snapshot(model), _snapshot(resumed))
+
+
 @pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 def test_the_first_step_after_a_clean_resume_is_torch_sgd_from_the_clean_weights(backend, order):
