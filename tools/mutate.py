@@ -78,7 +78,7 @@ MUTATIONS = [
        "                refill(opt, p, kept[:3], kept[3])\n", "                pass\n",
        ["tests/test_checkpoint_paths.py"]),
     _m("loaded_clean_weights_keep_the_saved_noise", "nvrm_ext/optim/weights.py",
-       "            _declare_clean(entry[2])\n", "            pass\n", ["tests/test_weight_samples.py"]),
+       "            _declare_clean(entry.state)\n", "            pass\n", ["tests/test_weight_samples.py"]),
     _m("loaded_foreign_weights_accepted", "nvrm_ext/optim/weights.py",
        "            _raise_unknown_weights(opt, entry)\n", "            pass\n", ["tests/test_weight_samples.py"]),
     _m("fused_launch_bumps_no_version", "nvrm_ext/optim/base.py",
