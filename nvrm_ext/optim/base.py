@@ -349,6 +349,7 @@ class NeuralVariableOptimizer(Optimizer):
         seed = self._sync_seed()
         weights.reconcile(self, resolve=False)  # a cleared state still knows its noise
         sd = super().state_dict()
+        rows = None
         if self._capturable:  # live counters -> plain numbers, the host-mode format
             rows = self._live_rows()
             sd["state"] = {index: _host_counters(state, rows.get(id(state)))
@@ -364,7 +365,7 @@ class NeuralVariableOptimizer(Optimizer):
                 if compensation is not None:
                     state[NOISY_COMPENSATION_KEY] = compensation
         else:
-            self._add_weight_samples(sd["state"])
+            self._add_weight_samples(sd["state"], rows)
         sd[STATE_DICT_KEY] = {"seed": seed, "format": 2, "optimizer": type(self).__name__}
         return sd
 
@@ -417,13 +418,13 @@ class NeuralVariableOptimizer(Optimizer):
                 self._held_noise.append((int(_number(s["noise_step"])), int(_number(s.get("noise_type", 0))),
                                          float(_number(s.get("noise_scale", 0.0)))))
 
-    def _add_weight_samples(self, states: dict) -> None:
+    def _add_weight_samples(self, states: dict, rows=None) -> None:
         """Give each noisy parameter's entry its weight samples (weights.SAMPLES_KEY): a loader
         can then tell the noisy weights from the clean ones and from others (weights.py).
-        Loaded samples not checked yet are passed on as loaded."""
+        Loaded samples not checked yet are passed on as loaded. `rows`: _live_rows(), if read."""
         pending = {id(entry.state): entry for entry in self._loaded if not entry.checked}
         noisy = []
-        for key, p, state, noise in self._noisy_parameters():
+        for key, p, state, noise in self._noisy_parameters(rows):
             entry = pending.get(id(state))
             if entry is not None:  # the weights may not be loaded yet: pass the loaded samples on
                 if entry.samples is not None:
@@ -880,10 +881,11 @@ class NeuralVariableOptimizer(Optimizer):
                 rows.update(zip(map(id, plan.states), plan.live.cpu().tolist()))
         return rows
 
-    def _noisy_parameters(self):
+    def _noisy_parameters(self, rows=None):
         """(key, param, state, (noise step, type code, scale)) of every parameter that has noise
-        on it now; in capturable mode read with one copy per bucket (_live_rows)."""
-        rows = self._live_rows()
+        on it now; in capturable mode read with one copy per bucket (_live_rows, unless `rows`
+        holds them already)."""
+        rows = self._live_rows() if rows is None else rows
         noisy = []
         key = 0
         for group in self.param_groups:

@@ -171,7 +171,7 @@ def adopt_foreign_samples(opt) -> None:
     opt._loaded = opt._loaded + [entry for entry in adopted if id(entry.state) not in known]
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity (it holds tensors)
 class Loaded:
     """What a load said is on one parameter, kept until a step's launch data knows it."""
 
