@@ -24,6 +24,7 @@ from torch.optim import Optimizer
 from torch.optim.optimizer import required
 
 from .. import _compiler, noise as spec
+from . import weights
 from ..backends import tables as T
 from ..backends.torch_ref import TORCH
 from . import validation as V
@@ -45,6 +46,7 @@ _SHAPE = operator.attrgetter("shape")
 _STRIDE = torch.Tensor.stride
 _DATA_PTR = torch.Tensor.data_ptr
 _PLAIN_TENSOR = {torch.Tensor}
+_increment_versions = torch._C._increment_version  # torch.autograd.graph.increment_version's C call: a list in one go
 _HOST_COUNTER_KEYS = T.LIVE_STATE_KEYS[:T.L_FRESH]  # what optimizer.state holds in host mode
 _REMOVALS = itertools.count(1)  # numbers every entry into the removed state (NeuralVariableOptimizer._removal_id)
 _DOUBLES = struct.Struct(f"{T.FLOAT_COLUMNS}d")  # a group's float row, compared bit for bit
@@ -192,8 +194,10 @@ class NeuralVariableOptimizer(Optimizer):
         self._plans: dict = {}
         self._retired_plans: list = []  # replaced plans a captured CUDA graph may still replay
         self._held = None  # while the noise is removed: [(param, noisy copy, compensation copy | None)]
+        self._held_noise: list = []  # the noise on each held copy (step, type code, scale), as _held
         self._removal_id = 0  # which entry into the removed state made _held (remove_noise or a load)
         self._records: dict = {}  # param -> weights record (see _record_weights)
+        self._loaded: list = []  # what the last load says is on the weights, until checked (weights.check_loaded)
         self._layout = None  # the last full step's participants (_StepLayout), for _steady_work
         self._group_watch = V.GroupWatch()  # re-validates the param groups when an entry changes
         self._hyperparameters = tuple(defaults)  # what a group must hold (torch adds keys of its own)
@@ -245,13 +249,15 @@ class NeuralVariableOptimizer(Optimizer):
         state = super().__getstate__()
         state.update(_seed=self._seed, _backend_name=self._backend_name, _denoise=self._denoise,
                      _hyperparameters=self._hyperparameters,
-                     _capturable=self._capturable, _held=self._held, _removal_id=self._removal_id)
+                     _capturable=self._capturable, _held=self._held, _removal_id=self._removal_id,
+                     _held_noise=self._held_noise)
         return state
 
     def __setstate__(self, state):
         # load_state_dict passes only state and param_groups: keep the mode this optimizer has
         state.setdefault("_capturable", getattr(self, "_capturable", False))
         state.setdefault("_held", None)
+        state.setdefault("_held_noise", getattr(self, "_held_noise", []))
         state.setdefault("_removal_id", 0)
         state.setdefault("_hyperparameters", getattr(self, "_hyperparameters", None) or tuple(
             name for name in state.get("defaults", {}) if name not in ("differentiable", "foreach", "fused", "maximize")))
@@ -265,6 +271,7 @@ class NeuralVariableOptimizer(Optimizer):
             if plan.live is not None and plan._graph_owned]
         self._plans = {}
         self._records = {}
+        self._loaded = []  # load_state_dict sets it after this
         self._layout = None
         self._group_watch = V.GroupWatch()
 
@@ -332,9 +339,13 @@ class NeuralVariableOptimizer(Optimizer):
         torch.distributed.checkpoint) resumes from the clean weights with fresh noise: not the
         same trajectory, never wrong weights. As extras (NOISY_KEYS) it holds each noisy
         parameter's exact noisy copy and its noise step, which our load_state_dict() turns back
-        into the removed state, so that path resumes bit for bit from a clean model file."""
+        into the removed state, so that path resumes bit for bit from a clean model file.
+        Otherwise each parameter with noise on it gets its weight samples (weights.SAMPLES_KEY),
+        from which a load tells a noisy model file from a clean or a foreign one."""
         seed = self._sync_seed()
+        weights.reconcile(self, resolve=False)  # a cleared state still knows its noise
         sd = super().state_dict()
+        rows = None
         if self._capturable:  # live counters -> plain numbers, the host-mode format
             rows = self._live_rows()
             sd["state"] = {index: _host_counters(state, rows.get(id(state)))
@@ -349,6 +360,8 @@ class NeuralVariableOptimizer(Optimizer):
                 state[NOISY_PARAM_KEY] = noisy
                 if compensation is not None:
                     state[NOISY_COMPENSATION_KEY] = compensation
+        else:
+            self._add_weight_samples(sd["state"], rows)
         sd[STATE_DICT_KEY] = {"seed": seed, "format": 2, "optimizer": type(self).__name__}
         return sd
 
@@ -359,20 +372,26 @@ class NeuralVariableOptimizer(Optimizer):
         (torch.distributed.checkpoint), from the groups' SEED_KEY. A state_dict taken while the
         noise was removed leaves this optimizer in that state: restore_noise() then writes the
         saved noisy weights into the parameters (a plain state_dict discards noisy copies this
-        optimizer held). Weight records are dropped: the loaded state describes the weights
-        (see _check_weights)."""
+        optimizer held). Weight records are dropped: the loaded state describes the weights,
+        checked against the weight samples it was saved with at the first noise operation
+        (weights.check_loaded), when the model file has been loaded too, in either order."""
         seed = self._seed_of(state_dict)
         self._check_loadable(state_dict)
-        states, held = {}, {}
+        states, held, samples = {}, {}, {}
         for index, s in state_dict.get("state", {}).items():
+            if weights.SAMPLES_KEY in s:
+                samples[index] = s[weights.SAMPLES_KEY]
             if NOISY_PARAM_KEY in s:
                 s = dict(s)
                 held[index] = (s.pop(NOISY_PARAM_KEY), s.pop(NOISY_COMPENSATION_KEY, None))
                 s["noise_step"] = s.pop(NOISY_STEP_KEY, s["noise_step"])  # on the held copies
+                s.pop(weights.SAMPLES_KEY, None)
             else:
-                s = {k: v for k, v in s.items() if k not in NOISY_KEYS}
+                s = {k: v for k, v in s.items() if k not in NOISY_KEYS and k != weights.SAMPLES_KEY}
             states[index] = s
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        param_of = dict(zip(saved_ids, self._flat_params()))
+        weights.check_samples_fit(samples, param_of, type(self).__name__)
         rest = {k: v for k, v in state_dict.items() if k != STATE_DICT_KEY}
         rest["state"] = states
         super().load_state_dict(rest)
@@ -380,21 +399,40 @@ class NeuralVariableOptimizer(Optimizer):
             group[SEED_KEY] = seed
         self._seed = seed  # the new state dicts make the launch data rebuild
         self._forget_weights()
-        param_of = dict(zip(saved_ids, self._flat_params()))
+        self._loaded = weights.loaded_noise(self, param_of, samples, set(held))
         self._held = None
         if held:
-            self._held = []
+            self._held, self._held_noise = [], []
             self._removal_id = next(_REMOVALS)
             for index, (noisy, compensation) in held.items():
                 p = param_of[index]
                 cast = {"device": p.device, "dtype": p.dtype}
                 self._held.append((p, noisy.to(**cast), None if compensation is None else compensation.to(**cast)))
+                s = states[index]
+                self._held_noise.append((int(_number(s["noise_step"])), int(_number(s.get("noise_type", 0))),
+                                         float(_number(s.get("noise_scale", 0.0)))))
         for p in self._flat_params():  # e.g. saved from a channels_last model: the kernels index state like p
             state = self.state.get(p)
             for key in V.STATE_TENSOR_KEYS if state else ():
                 t = state.get(key)
                 if isinstance(t, torch.Tensor) and not _is_dtensor(t) and t.stride() != p.stride():
                     state[key] = torch.empty_like(p, memory_format=torch.preserve_format).copy_(t)
+
+    def _add_weight_samples(self, states: dict, rows=None) -> None:
+        """Give each noisy parameter's entry its weight samples (weights.SAMPLES_KEY): a loader
+        can then tell the noisy weights from the clean ones and from others (weights.py).
+        Loaded samples not checked yet are passed on as loaded. `rows`: _live_rows(), if read."""
+        pending = {id(entry.state): entry for entry in self._loaded if not entry.checked}
+        noisy = []
+        for key, p, state, noise in self._noisy_parameters(rows):
+            entry = pending.get(id(state))
+            if entry is not None:  # the weights may not be loaded yet: pass the loaded samples on
+                if entry.samples is not None:
+                    states[key] = {**states[key], weights.SAMPLES_KEY: entry.samples}
+            else:
+                noisy.append((key, p, state, noise))
+        for key, samples in weights.state_dict_samples(self, noisy).items():
+            states[key] = {**states[key], weights.SAMPLES_KEY: samples}
 
     def _check_loadable(self, state_dict: dict) -> None:
         """Refuse, before anything is changed, a state_dict whose groups or per-parameter state
@@ -561,7 +599,8 @@ class NeuralVariableOptimizer(Optimizer):
         one bucket must not leave another stepped."""
         self._group_watch.validate(self.param_groups, self._validate_group)
         work = self._steady_work()
-        if work is None:
+        if work is None:  # the state or the layout changed (a load, a cleared state, ...)
+            weights.reconcile(self)
             work = self._prepare_work()
             if work is None:
                 return
@@ -577,8 +616,11 @@ class NeuralVariableOptimizer(Optimizer):
                 plan.host_launch(bucket, ints, floats)
             else:
                 self._launch_live(backend, bucket, plan, grads, ints, floats, grad_scale, found_inf)
-            if not _capturing(bucket[0]):
+            if not _capturing(bucket[0]):  # a replay cannot bump them: see bump_versions
+                plan.bump_versions()
                 plan.record_weights()
+        if self._loaded:
+            weights.forget_stepped(self)
 
     def _prepare_work(self):
         """The full path of a step: validate every gradient, bucket the parameters by (device,
@@ -678,6 +720,8 @@ class NeuralVariableOptimizer(Optimizer):
                            commit_rows=len(plan.params), grad_scale=scale, found_inf=skip, samples=plan.samples)
         if scale is not None:
             plan.write_back_converted(grads, skip)
+            if backend is not TORCH and not _capturing(device):  # it unscaled them in place
+                _increment_versions(plan._grads)
         plan.release_grads()
 
     def _bucket_plan(self, bucket, members, backend) -> "_BucketPlan":
@@ -696,12 +740,9 @@ class NeuralVariableOptimizer(Optimizer):
                 _warn_once("nvrm_ext: the launch data of a CUDA-graph-captured step was rebuilt (the "
                            "parameters, their state or their groups changed); graphs captured before "
                            "still update the old copy: capture them again")
-            on_weights = {}
-            if plan is not None:
+            if plan is not None:  # a reset state got its noise back before (weights.refill_cleared)
                 plan.spill_weights_record(self._records)
-                if not all(self.state.get(p) for _, _, p, _ in members):  # a state reset: what noise is on them?
-                    on_weights = self._still_on_weights(plan.noise_on_weights(), plan.params)
-            plan = self._plans[bucket] = _BucketPlan(self, members, backend, on_weights)
+            plan = self._plans[bucket] = _BucketPlan(self, members, backend)
             plan.signature = self._plan_signature(members)  # with the state dicts it created
         return plan
 
@@ -846,12 +887,14 @@ class NeuralVariableOptimizer(Optimizer):
         _refuse_capture(f"{type(self).__name__}.remove_noise(): it reads the noise bookkeeping on the host; "
                         "call it outside the captured region")
         self._sync_seed()
+        weights.reconcile(self)
         noisy = self._noisy_parameters()
         before = self._planned_layouts()
         for key, p, state, _ in noisy:
             self._check_layout(before, key, p, state)
         self._check_weights([p for _, p, _, _ in noisy], [s for _, _, s, _ in noisy])
         self._removal_id = next(_REMOVALS)
+        self._held_noise = [noise for _, _, _, noise in noisy]
         self._held = [(p, p.detach().clone(),
                        None if state.get("compensation") is None else state["compensation"].clone())
                       for _, p, state, _ in noisy]
@@ -871,6 +914,7 @@ class NeuralVariableOptimizer(Optimizer):
                         f"{p.device}, its held noisy copy {copy.dtype} {tuple(copy.shape)} on {copy.device} "
                         "(p.data was replaced since remove_noise()); nothing was changed: give it back its "
                         "layout, or call reset_noise() to drop the noisy copies and keep the weights as they are")
+        weights.refill_held(self)  # a state cleared meanwhile: the copies still carry their noise
         held, self._held = self._held, None
         states = []
         for p, noisy, compensation in held:
@@ -889,6 +933,7 @@ class NeuralVariableOptimizer(Optimizer):
         them afresh. The base optimizer's state (momentum, moments, steps) is kept."""
         _refuse_capture(f"{type(self).__name__}.reset_noise(): call it outside the captured region")
         self._held = None
+        self._loaded = []
         self._forget_weights()
         for plan in self._plans.values():
             plan._committed = None  # its copy of the counters says noise; the dicts now say none
@@ -914,6 +959,7 @@ class NeuralVariableOptimizer(Optimizer):
         if self._held is not None:  # the parameters are clean now; they will not stay so
             held = {id(p) for p, _, _ in self._held}
             return {name: t.detach().clone() if id(t) in held else t.detach() for name, t in state_dict.items()}
+        weights.reconcile(self)
         noisy = {id(p): (key, p, state, noise) for key, p, state, noise in self._noisy_parameters()}
         before = self._planned_layouts()
         for key, p, state, _ in noisy.values():
@@ -941,10 +987,11 @@ class NeuralVariableOptimizer(Optimizer):
                 rows.update(zip(map(id, plan.states), plan.live.cpu().tolist()))
         return rows
 
-    def _noisy_parameters(self):
+    def _noisy_parameters(self, rows=None):
         """(key, param, state, (noise step, type code, scale)) of every parameter that has noise
-        on it now; in capturable mode read with one copy per bucket (_live_rows)."""
-        rows = self._live_rows()
+        on it now; in capturable mode read with one copy per bucket (_live_rows, unless `rows`
+        holds them already)."""
+        rows = self._live_rows() if rows is None else rows
         noisy = []
         key = 0
         for group in self.param_groups:
@@ -980,7 +1027,10 @@ class NeuralVariableOptimizer(Optimizer):
         for bucket, plans in buckets.items():
             ints, floats = T.build_rows(plans)
             rows = [(plan.param, None, (), plan.compensation) for plan in plans]
-            self._launch(self._resolve_backend(*bucket), T.OP_NOISE, bucket, rows, ints, floats)
+            backend = self._resolve_backend(*bucket)
+            self._launch(backend, T.OP_NOISE, bucket, rows, ints, floats)
+            if backend is not TORCH:  # written through raw addresses (see _BucketPlan.bump_versions)
+                _increment_versions([t for param, _, _, comp in rows for t in (param, comp) if t is not None])
 
     # ------------------------------------------------------------------ weights changed outside
     # A step records its bucket's parameters in the plan (_BucketPlan.record_weights: the version
@@ -1019,8 +1069,9 @@ class NeuralVariableOptimizer(Optimizer):
         noise was rewritten since our last operation on it.
 
         A parameter whose state dict is not the one recorded (load_state_dict, or
-        ZeroRedundancyOptimizer's own load, replaced it) or that has no record is trusted: the
-        state describes the weights as loaded. Otherwise a changed version counter or storage
+        ZeroRedundancyOptimizer's own load, replaced it) or that has no record is trusted here:
+        the state describes the weights as loaded (and weights.check_loaded has compared them
+        with the samples saved with it, where there are any). Otherwise a changed version counter or storage
         address makes us compare the recorded sample (one device sync, only then): equal values
         (a copy of the same weights, a broadcast) are accepted. In-place writes through `p.data`
         (`p.data.copy_(...)`) do not advance the version counter and are not seen; a new storage
@@ -1177,9 +1228,7 @@ class _BucketPlan:
     which the weight records keep (record_weights).
     """
 
-    def __init__(self, opt: NeuralVariableOptimizer, members, backend, on_weights=None):
-        """`on_weights`: the noise the replaced plan left on its parameters (noise_on_weights()),
-        kept for parameters whose state is empty now."""
+    def __init__(self, opt: NeuralVariableOptimizer, members, backend):
         self.signature = None
         self.backend = backend
         self.params = [p for _, _, p, _ in members]
@@ -1195,14 +1244,6 @@ class _BucketPlan:
                 state["noise_step"] = 0
                 state["noise_type"] = spec.noise_type_code(group["noise_type"])
                 state["noise_scale"] = float(group["variability"])
-                kept = (on_weights or {}).get(id(p))
-                if kept is not None:
-                    # The state was reset (cleared, or replaced by an empty dict) while the weights
-                    # carry this optimizer's noise: that resets the base optimizer, not the noise
-                    # on the weights, which is kept so that the next step removes it.
-                    state["noise_step"], state["noise_type"], state["noise_scale"], compensation = kept
-                    if compensation is not None:
-                        state["compensation"] = compensation
             tensors, fresh_buffer = opt._state_tensors(group, p, state)
             compensation = _compensation(p, state)
             self.states.append(state)
@@ -1249,6 +1290,12 @@ class _BucketPlan:
             self._sample_starts = list(range(0, len(plans) * T.SAMPLE_SIZE, T.SAMPLE_SIZE))
         self._sample_counts = counts
         self.weights_record = None  # (version counters, flat samples) after our last step
+        # the parameters a fused launch writes through raw addresses, for bump_versions (the
+        # torch backend's in-place ops bump their own counters)
+        self._written = [] if backend is TORCH else list(self.param_tensors)
+        # whether bump_versions advances each parameter's counter by exactly one (views and
+        # detached aliases share a counter): found at the first record_weights, None until then
+        self._bumps_once = None
         # Host mode on the CPU (the compiled library, or Triton's interpreter): host memory is
         # the kernel's memory, so the kernel resolves and commits the counters itself (as in
         # capturable mode) from the plan's float64 mirror of the state dicts (_counters);
@@ -1397,12 +1444,29 @@ class _BucketPlan:
         self._versions_read = list(map(_VERSION, self.param_tensors))
         return self.weights_record is not None and self._versions_read == self.weights_record[0]
 
+    def bump_versions(self) -> None:
+        """Advance the version counters of the parameters a fused launch wrote, as an in-place
+        torch op would: autograd then refuses a backward through weights a step() changed after
+        the forward pass, and another owner of these parameters sees the change. One C call
+        (about 0.07 us per tensor). The state buffers and compensation, which autograd never
+        sees unless a user feeds them to a forward pass, are left as they are: bumping them too
+        would double or triple that cost at every step. Not inside a CUDA graph capture: a
+        replay runs the kernels only, so replays leave the counters as they are."""
+        if self._written:
+            _increment_versions(self._written)
+
     def record_weights(self) -> None:
-        """Remember how our step left the weights: version counters and samples. A fused launch
-        wrote the parameters through raw addresses only, which leaves the counters
-        weights_unchanged() read as they were, and copied the samples itself; the torch
-        backend's in-place ops advanced the counters, and its samples are gathered here."""
-        versions = self._versions_read if self.samples is not None else None
+        """Remember how our step left the weights: version counters (after bump_versions) and
+        samples. The counters of a fused launch are the ones weights_unchanged() read, plus
+        the one bump each, and it copied the samples itself; the torch backend's in-place ops
+        advanced the counters, and its samples are gathered here."""
+        versions = None
+        if self.samples is not None and self._versions_read is not None and self._bumps_once is not False:
+            versions = list(map(operator.add, self._versions_read, itertools.repeat(1)))
+            if self._bumps_once is None:  # the first time: see whether that is what the counters say
+                self._bumps_once = versions == list(map(_VERSION, self.param_tensors))
+                if not self._bumps_once:
+                    versions = None
         if versions is None:
             versions = list(map(_VERSION, self.param_tensors))
         self._versions_read = None
