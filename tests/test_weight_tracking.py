@@ -246,3 +246,38 @@ def test_checkpoint_taken_while_removed_resumes_exactly_from_a_clean_model_file(
     _train(resumed, resumed_opt, 4, first=3)
     assert _bitwise(_snapshot(model), _snapshot(resumed))
     assert all("noisy_param" not in s for s in resumed_opt.state_dict()["state"].values())
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_remove_noise_refused_in_a_later_bucket_changes_nothing(backend, monkeypatch):
+    """remove_noise() over two (device, dtype) buckets whose second launch is refused: the
+    first bucket's weights (and 16-bit compensation) are put back bit for bit and the optimizer
+    is not left believing the noise is removed. (Fault injection: the second launch raises.)"""
+    torch.manual_seed(0)
+    fp32, bf16 = torch.nn.Linear(20, 20), torch.nn.Linear(20, 20).to(torch.bfloat16)
+    params = list(fp32.parameters()) + list(bf16.parameters())
+    opt = nvrm_ext.FusedVSGD(params, lr=0.1, momentum=0.9, variability=0.05, backend=backend, seed=3)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    before = _snapshot(fp32) + _snapshot(bf16)
+    compensation = [opt.state[p]["compensation"].clone() for p in bf16.parameters()]
+    launches = []
+    real_launch = type(opt)._launch
+
+    def launch_then_refuse(self, *args, **kwargs):
+        launches.append(args[2])  # the bucket
+        if len(launches) == 2:
+            raise ValueError("refused (injected)")
+        return real_launch(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(opt), "_launch", launch_then_refuse)
+    with pytest.raises(ValueError, match="injected"):
+        opt.remove_noise()
+    monkeypatch.undo()
+    assert len(launches) == 2 and not opt.noise_removed
+    assert _bitwise(_snapshot(fp32) + _snapshot(bf16), before)
+    assert all(torch.equal(opt.state[p]["compensation"], c) for p, c in zip(bf16.parameters(), compensation))
+    with opt.denoised():  # still usable: the noise comes off and goes back
+        pass
+    assert _bitwise(_snapshot(fp32) + _snapshot(bf16), before)

@@ -893,12 +893,20 @@ class NeuralVariableOptimizer(Optimizer):
         for key, p, state, _ in noisy:
             self._check_layout(before, key, p, state)
         self._check_weights([p for _, p, _, _ in noisy], [s for _, _, s, _ in noisy])
+        held = [(p, p.detach().clone(),
+                 None if state.get("compensation") is None else state["compensation"].clone())
+                for _, p, state, _ in noisy]
+        try:
+            self._noise_launch(noisy)
+        except BaseException:  # a launch refused (say, in a later bucket): put back what earlier ones changed
+            for (p, copy, compensation), (_, _, state, _) in zip(held, noisy):
+                _local(p).copy_(_local(copy))
+                if compensation is not None:
+                    _local(state["compensation"]).copy_(_local(compensation))
+            raise
         self._removal_id = next(_REMOVALS)
         self._held_noise = [noise for _, _, _, noise in noisy]
-        self._held = [(p, p.detach().clone(),
-                       None if state.get("compensation") is None else state["compensation"].clone())
-                      for _, p, state, _ in noisy]
-        self._noise_launch(noisy)
+        self._held = held
 
     @torch.no_grad()
     def restore_noise(self) -> None:
