@@ -83,7 +83,7 @@ class ReferenceSGD:
         self.seed, self.variability, self.num_iters, self.noise_type = seed, variability, num_iters, noise_type
         self.steps = [0] * len(self.clean)
 
-    def step(self, grads, keys=None):
+    def step(self, grads):
         for p, g in zip(self.clean, grads):
             p.grad = None if g is None else g.detach().float().clone()
         self.torch_opt.step()

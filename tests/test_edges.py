@@ -445,10 +445,11 @@ def test_the_cases_that_killed_the_process_end_with_a_clear_error_in_a_fresh_scr
     assert "refused cleanly" in result.stdout
 
 
-@pytest.mark.parametrize("value", [torch.tensor([1.0, 2.0]), torch.tensor([]), "3", None])
+@pytest.mark.parametrize("value", [torch.tensor([1.0, 2.0]), torch.tensor([]), "3", None,
+                                   torch.tensor(float("nan"), dtype=torch.float64), torch.tensor(-1.0)])
 def test_a_capturable_counter_replaced_by_a_malformed_value_is_refused(value):
-    """Capturable counters are 0-dim tensors; a rebuild checks their shape and type without
-    reading them (no device sync)."""
+    """Capturable counters are 0-dim tensors; a rebuild checks their shape and type (and, on
+    the CPU, where reading them costs no sync, their values)."""
     params, opt = _stepped(capturable=True)
     opt.state[params[0]]["step"] = value
     opt.state[params[0]]["momentum_buffer"] = opt.state[params[0]]["momentum_buffer"].clone()  # forces a rebuild

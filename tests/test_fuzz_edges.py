@@ -42,9 +42,7 @@ VALUES = st.one_of(
 
 def build_value(spec):
     kind, value = spec
-    if kind == "tensor":
-        return torch.tensor(value, dtype=torch.float64)
-    if kind == "scalar_tensor":
+    if kind in ("tensor", "scalar_tensor"):
         return torch.tensor(value, dtype=torch.float64)
     return value
 

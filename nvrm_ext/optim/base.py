@@ -765,7 +765,8 @@ class NeuralVariableOptimizer(Optimizer):
             state = self.state.get(p)
             if not state:
                 continue
-            V.check_counters(f"{where}'s state", state, read=not self._capturable)
+            # capturable counters on a GPU are not read (a sync per value); on the CPU they are
+            V.check_counters(f"{where}'s state", state, read=not self._capturable or local.device.type == "cpu")
             if "noise_step" in state and not {"noise_type", "noise_scale"} <= set(state) \
                     and _number(state["noise_step"]):
                 raise ValueError(f"{where}'s state says noise step {state['noise_step']!r} is on the weights "

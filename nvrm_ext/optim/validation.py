@@ -131,9 +131,6 @@ class GroupWatch:
             fresh.append(snapshot)
         self._seen = fresh
 
-    def forget(self) -> None:
-        self._seen = None
-
 
 # ---------------------------------------------------------------------- per-parameter state
 def check_step(where: str, key: str, value, read: bool = True) -> None:
