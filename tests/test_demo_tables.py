@@ -13,6 +13,9 @@ from nvrm_ext.demo.reporting import table
 
 REPO = Path(__file__).resolve().parents[1]
 README, RESULTS, RESULTS_DIR = REPO / "README.md", REPO / "docs/demo/RESULTS.md", REPO / "docs/demo"
+if not (README.exists() and RESULTS.exists()):
+    pytest.skip("the checkout's README.md and docs/demo/ are not here (tests run against an installed wheel)",
+                allow_module_level=True)
 
 
 @pytest.mark.parametrize("path", [README, RESULTS], ids=["README", "RESULTS"])
