@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.disout_common import DISTORTION_STD_FACTOR, input_std
+
 BACKENDS = ("auto", "torch", "triton")
-DISTORTION_STD_FACTOR = 0.01  # the published code's fixed factor in alpha * 0.01 * std(x)
 
 
 # --- validation ----------------------------------------------------------------------------
@@ -82,11 +83,6 @@ def seed_rate(dist_prob: float, block_size: int, height: int, width: int) -> flo
     """
     valid_anchors = (height - block_size + 1) * (width - block_size + 1)
     return dist_prob / block_size**2 * (height * width) / valid_anchors
-
-
-def input_std(x: torch.Tensor) -> torch.Tensor:
-    """Unbiased std over the whole tensor (0 for a single element instead of NaN)."""
-    return x.var(correction=1 if x.numel() > 1 else 0).sqrt()
 
 
 def block_mask_from_anchors(anchors: torch.Tensor, block_size: int) -> torch.Tensor:

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ..backends.triton_support import device_guard
-from ..nn.disout import DISTORTION_STD_FACTOR, input_std
+from .disout_common import DISTORTION_STD_FACTOR, input_std
 
 ELEMENTS_PER_PROGRAM = 1024
 MASK_STREAM = tl.constexpr(0)  # third Philox counter word of the anchor draws
