@@ -328,6 +328,9 @@ class CompiledBackend:
     """FusedBackend over one of the compiled libraries ('cpu' or 'cuda')."""
 
     uses_alignment_flag = False  # the kernels test the addresses themselves
+    writes_through_addresses = True
+    host_tables = False
+    capturable = True
 
     def __init__(self, name: str, block_size: int):
         self.name = name
@@ -349,10 +352,10 @@ class CompiledBackend:
         return _device_reason(device.index if device.index is not None else torch.cuda.current_device())
 
     def launch(self, op: int, dtype: torch.dtype, ints: torch.Tensor, floats: torch.Tensor,
-               blocks: torch.Tensor, seed: int, *, commit_rows: int = 0,
+               blocks: torch.Tensor, seed: int, *, rows=None, live=None, commit_rows: int = 0,
                grad_scale: Optional[torch.Tensor] = None, found_inf: Optional[torch.Tensor] = None,
                samples: Optional[torch.Tensor] = None) -> None:
-        """One update launch over `blocks`; then the live counters of the first commit_rows rows
+        """One update launch over `blocks` (`rows`, `live`: for the torch reference only); then the live counters of the first commit_rows rows
         are advanced (capturable mode), and `samples` ([R, tables.SAMPLE_SIZE] in `dtype`)
         receives the weight samples of the first R rows (tables.sample_view).
 

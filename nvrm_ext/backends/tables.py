@@ -116,6 +116,16 @@ class TensorPlan:
     compensation: torch.Tensor | None = None  # see I_COMP
 
 
+def by_bucket(items, tensor_of=None) -> dict:
+    """(device, dtype) -> the items whose tensor is there, in their order: what one launch
+    (or one device-to-host read) covers. `tensor_of(item)`: its tensor (default: the item)."""
+    buckets: dict = {}
+    for item in items:
+        t = item if tensor_of is None else tensor_of(item)
+        buckets.setdefault((t.device, t.dtype), []).append(item)
+    return buckets
+
+
 def address(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 

@@ -103,7 +103,26 @@ class TorchBackend:
     """Per-tensor loop reading the same launch tables the fused kernels read."""
 
     name = "torch"
+    block_size = 0  # it loops over the rows: no block table
     uses_alignment_flag = False
+    writes_through_addresses = False  # in-place torch ops advance the version counters themselves
+    host_tables = True
+    capturable = False  # it reads the counters and the tables on the host
+
+    def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> str | None:
+        return None  # plain torch ops run wherever torch does
+
+    def launch(self, op: int, dtype: torch.dtype, ints, floats, blocks, seed: int, *, rows, live=None,
+               commit_rows: int = 0, grad_scale: torch.Tensor | None = None,
+               found_inf: torch.Tensor | None = None, samples: torch.Tensor | None = None) -> None:
+        """The Backend interface (nvrm_ext.backends): run() over `rows` (or what the function
+        `rows` makes). `blocks` is not read; the counters are committed into `live` when given
+        (commit_rows is what a fused kernel reads instead); `samples` must be None: the caller
+        gathers this backend's samples from the parameters (tables.sample_view)."""
+        if samples is not None:
+            raise ValueError("the torch backend copies no weight samples; gather them with tables.sample_view")
+        self.run(op, rows() if callable(rows) else rows, ints, floats, seed, live=live,
+                 grad_scale=grad_scale, found_inf=found_inf)
 
     @torch.no_grad()
     def run(self, op: int, rows: list, ints, floats, seed: int, *, live: torch.Tensor | None = None,

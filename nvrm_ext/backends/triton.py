@@ -550,15 +550,18 @@ class TritonBackend:
     name = "triton"
     block_size = BLOCK
     uses_alignment_flag = True  # FLAG_ALIGNED selects the vector path of a row
+    writes_through_addresses = True
+    host_tables = False
+    capturable = True
 
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> str | None:
         return unavailable_reason(device, dtype, "the Triton kernel")
 
     def launch(self, op: int, dtype: torch.dtype, ints: torch.Tensor, floats: torch.Tensor,
-               blocks: torch.Tensor, seed: int, *, commit_rows: int = 0,
+               blocks: torch.Tensor, seed: int, *, rows=None, live=None, commit_rows: int = 0,
                grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None,
                samples: torch.Tensor | None = None) -> None:
-        """One update launch over `blocks`, then (commit_rows > 0, capturable mode) one commit
+        """One update launch over `blocks` (`rows`, `live`: for the torch reference only), then (commit_rows > 0, capturable mode) one commit
         launch over the live counters of the first commit_rows rows, then (`samples` given) one
         launch that copies the weight samples of its rows (tables.SAMPLE_SIZE). All run on the
         tables' device and its current stream, whichever CUDA device is current.

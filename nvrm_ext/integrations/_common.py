@@ -51,7 +51,7 @@ class NoiseRemoval:
     weights already clean (removed by someone else, or by an earlier hook) leaves them so.
     The parameters' version counters at removal are remembered, to tell whether weights were
     loaded into the model meanwhile (then the held noisy copies are stale), and which removal it
-    was (the optimizer's _removal_id): a load_state_dict of a state saved while the noise was
+    was (the optimizer's removal_token): a load_state_dict of a state saved while the noise was
     removed brings its own noisy copies, which match the weights loaded with them.
     """
 
@@ -62,7 +62,7 @@ class NoiseRemoval:
         for optimizer in optimizers:
             if not optimizer.noise_removed:
                 optimizer.remove_noise()
-                _REMOVED_AT[optimizer] = (optimizer._removal_id, _versions(optimizer))
+                _REMOVED_AT[optimizer] = (optimizer.removal_token, _versions(optimizer))
                 self._removed.append(optimizer)
 
     @staticmethod
@@ -72,7 +72,7 @@ class NoiseRemoval:
         copies of that removal: they are stale then. Copies loaded since (load_state_dict of a
         state saved while removed) are not: they came with the weights."""
         removed = _REMOVED_AT.get(optimizer)
-        return (removed is not None and removed[0] == optimizer._removal_id
+        return (removed is not None and removed[0] == optimizer.removal_token
                 and removed[1] != _versions(optimizer))
 
     def restore(self) -> None:

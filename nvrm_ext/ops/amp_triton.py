@@ -111,6 +111,10 @@ class TritonAMPEngine:
     def __init__(self):
         self._block_tables: dict = {}
 
+    @staticmethod
+    def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+        return unavailable_reason(device, dtype)
+
     def _blocks(self, device: torch.device, numels: tuple) -> torch.Tensor:
         """Block table (tensor row, first element) for these sizes, cached per layout."""
         key = (device, numels)

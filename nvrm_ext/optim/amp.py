@@ -10,17 +10,20 @@ elsewhere). docs/amp.md describes the method and the few deliberate departures.
 from __future__ import annotations
 
 import numbers
+import operator
 
 import numpy as np
 import torch
 from torch.optim import Optimizer
 from torch.utils._pytree import tree_map
 
-from ..backends.tables import to_device
+from ..backends import select
+from ..backends.select import AMP_BACKENDS
+from ..backends.tables import by_bucket, to_device
 
-BACKENDS = ("auto", "torch", "triton")
 # The published code's guard against a zero norm in epsilon / (norm + tiny).
 NORM_TINY = 1e-12
+_ROW_PARAM = operator.itemgetter(1)  # the param of a (group, param, grad) row
 _UNPERTURBED = "unperturbed"  # per-parameter state: theta, saved while theta + delta is evaluated
 
 
@@ -71,6 +74,12 @@ class TorchAMPEngine:
 
 
 TORCH_AMP = TorchAMPEngine()
+
+
+def _load_engine(name: str):
+    """The fused perturbation engine called `name` (only 'triton'), imported lazily."""
+    from ..ops import amp_triton
+    return amp_triton.TRITON_AMP
 
 
 class FusedAMP(Optimizer):
@@ -138,11 +147,11 @@ class FusedAMP(Optimizer):
         _check_nonnegative("inner_lr", inner_lr)
         if isinstance(inner_iter, bool) or not isinstance(inner_iter, numbers.Integral) or inner_iter < 1:
             raise ValueError(f"Invalid inner_iter: {inner_iter!r} (expected an integer >= 1)")
-        if backend not in BACKENDS:
+        if backend not in AMP_BACKENDS:
             base = getattr(base_optimizer, "__name__", "the base optimizer")
             raise ValueError(
                 f"Invalid backend: {backend!r} (FusedAMP's backend= chooses its own perturbation engine, one "
-                f"of {', '.join(BACKENDS)}; to choose the backend of the base optimizer, pass it there: "
+                f"of {', '.join(AMP_BACKENDS)}; to choose the backend of the base optimizer, pass it there: "
                 f"base_optimizer=functools.partial({base}, backend={backend!r}))")
         if not callable(base_optimizer):
             raise TypeError(f"base_optimizer must be an optimizer class or factory, got {base_optimizer!r}")
@@ -202,33 +211,23 @@ class FusedAMP(Optimizer):
 
     # ------------------------------------------------------------------ backends
     def _engine(self, device: torch.device, dtype: torch.dtype, params):
-        """TORCH_AMP or the Triton engine for one (device, dtype) bucket."""
-        if self._backend_name == "torch":
-            return TORCH_AMP
+        """TORCH_AMP or the Triton engine for one (device, dtype) bucket (backends.select):
+        the Triton kernels need contiguous parameters on a GPU; 'auto' takes them where they run."""
         contiguous = all(p.is_contiguous() for p in params)
-        if self._backend_name == "auto":
-            if device.type != "cuda" or not contiguous:
-                return TORCH_AMP
-            try:
-                from ..ops import amp_triton
-            except ImportError:
-                return TORCH_AMP
-            return amp_triton.TRITON_AMP if amp_triton.unavailable_reason(device, dtype) is None else TORCH_AMP
-        try:
-            from ..ops import amp_triton
-        except ImportError as error:
-            raise RuntimeError(f"backend='triton' is not available: {error}") from error
-        reason = amp_triton.unavailable_reason(device, dtype)
-        if reason is None and not contiguous:
-            reason = "the Triton kernels need contiguous parameters"
-        if reason is not None:
-            raise RuntimeError(f"backend='triton' cannot run {dtype} parameters on {device}: {reason}")
-        return amp_triton.TRITON_AMP
+
+        def unavailable(engine) -> str | None:
+            reason = engine.unavailable_reason(device, dtype)
+            if reason is None and not contiguous:
+                reason = "the Triton kernels need contiguous parameters"
+            return reason
+
+        auto = ("triton",) if device.type == "cuda" and contiguous else ()
+        return select.resolve(self._backend_name, device, dtype, reference=TORCH_AMP, load=_load_engine,
+                              auto=auto, unavailable=unavailable)
 
     def _check_backend(self, params) -> None:
-        params = [p for p in params if isinstance(p, torch.Tensor)]
-        for device, dtype in {(p.device, p.dtype) for p in params}:
-            self._engine(device, dtype, [p for p in params if (p.device, p.dtype) == (device, dtype)])
+        for (device, dtype), bucket in by_bucket(p for p in params if isinstance(p, torch.Tensor)).items():
+            self._engine(device, dtype, bucket)
 
     # ------------------------------------------------------------------ the step
     def _evaluate(self, closure):
@@ -276,14 +275,6 @@ class FusedAMP(Optimizer):
             buffer = self.state[p][_UNPERTURBED] = torch.empty_like(p, memory_format=torch.preserve_format)
         return buffer
 
-    @staticmethod
-    def _buckets(rows):
-        buckets: dict = {}
-        for row in rows:
-            p = row[1]
-            buckets.setdefault((p.device, p.dtype), []).append(row)
-        return buckets
-
     @torch.no_grad()
     def step(self, closure=None):
         """One AMP step (see the class docstring). Returns what the closure returned at theta,
@@ -317,7 +308,7 @@ class FusedAMP(Optimizer):
 
         participants = self._participants()
         buckets = {key: (self._engine(*key, [p for _, p, _ in rows]), rows)
-                   for key, rows in self._buckets(participants).items()}
+                   for key, rows in by_bucket(participants, _ROW_PARAM).items()}
         unperturbed = {p: self._unperturbed(p) for _, p, _ in participants}
         perturbed = []  # buckets whose theta has been saved, hence must be restored
         try:

@@ -10,13 +10,11 @@ the new noise.
 from __future__ import annotations
 
 import contextlib
-import functools
 import itertools
 import math
 import numbers
 import operator
 import struct
-import warnings
 
 import numpy as np
 import torch
@@ -25,18 +23,18 @@ from torch.optim.optimizer import required
 
 from .. import _compiler, noise as spec
 from . import weights
-from ..backends import tables as T
+from ..backends import select, tables as T
+from ..backends.select import NVRM_BACKENDS
 from ..backends.torch_ref import TORCH
 from . import validation as V
 
-BACKENDS = ("auto", "torch", "triton", "cpu", "cuda")
+BACKENDS = NVRM_BACKENDS
 STATE_DICT_KEY = "nvrm"
 SEED_KEY = "nvrm_seed"          # param_groups entry: where every checkpoint path keeps groups
 NOISY_PARAM_KEY = "noisy_param"  # per-parameter state, only in a state_dict taken while the noise is removed
 NOISY_COMPENSATION_KEY = "noisy_compensation"
 NOISY_STEP_KEY = "noisy_noise_step"  # the noise step the held copies carry (noise_step itself says 0)
 NOISY_KEYS = (NOISY_PARAM_KEY, NOISY_COMPENSATION_KEY, NOISY_STEP_KEY)
-_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the fused kernels store
 _MAX_CACHED_LAYOUTS = 32  # block tables kept per optimizer (one per bucket in steady state)
 # C-level getters for the per-tensor scans of a steady step (a Python-level loop costs several times more)
 _GRAD = operator.attrgetter("grad")
@@ -45,6 +43,8 @@ _DTYPE = operator.attrgetter("dtype")
 _SHAPE = operator.attrgetter("shape")
 _STRIDE = torch.Tensor.stride
 _DATA_PTR = torch.Tensor.data_ptr
+_ROW_PARAM = operator.itemgetter(2)  # the param of a (key, group, param, grad) row
+_NOISY_PARAM = operator.itemgetter(1)  # the param of a (key, param, state, noise) row
 _PLAIN_TENSOR = {torch.Tensor}
 _increment_versions = torch._C._increment_version  # torch.autograd.graph.increment_version's C call: a list in one go
 _HOST_COUNTER_KEYS = T.LIVE_STATE_KEYS[:T.L_FRESH]  # what optimizer.state holds in host mode
@@ -81,9 +81,7 @@ def _is_seed(value) -> bool:
     return not isinstance(value, bool) and isinstance(value, numbers.Integral) and 0 <= value < 2**64
 
 
-@functools.lru_cache(maxsize=None)
-def _warn_once(message: str) -> None:
-    warnings.warn(message, RuntimeWarning, stacklevel=4)
+_warn_once = select.warn_once
 
 
 def draw_seed() -> int:
@@ -264,14 +262,20 @@ class NeuralVariableOptimizer(Optimizer):
         super().__setstate__(state)
         for group in self.param_groups:  # pickles of format 1 kept the seed only as an attribute
             group.setdefault(SEED_KEY, self._seed)
+        self._forget_launch_data()  # torch's load_state_dict comes here too
+
+    def _forget_launch_data(self) -> None:
+        """Drop everything built from the parameters, their state dicts and their groups -- the
+        launch plans, block tables, weight records, the last step's layout, the validated
+        groups -- when those are replaced wholesale (unpickling, load_state_dict). Plans a
+        captured CUDA graph still replays stay alive (_retired_plans)."""
         self._block_tables = {}
-        # load_state_dict comes here too: plans a captured CUDA graph still replays stay alive
         self._retired_plans = getattr(self, "_retired_plans", []) + [
             plan for plan in getattr(self, "_plans", {}).values()
             if plan.live is not None and plan._graph_owned]
         self._plans = {}
         self._records = {}
-        self._loaded = []  # load_state_dict sets it after this
+        self._loaded = []  # a load sets it after this
         self._layout = None
         self._group_watch = V.GroupWatch()
 
@@ -319,6 +323,14 @@ class NeuralVariableOptimizer(Optimizer):
         """True between remove_noise() and restore_noise() (or inside denoised()): the
         parameters hold the clean weights and the optimizer holds the noisy ones."""
         return self._held is not None
+
+    @property
+    def removal_token(self) -> int:
+        """Which removal the held noisy copies come from: a number that changes at every entry
+        into the removed state (remove_noise(), or load_state_dict() of a state saved while the
+        noise was removed; 0 before any). Whoever removed the noise can compare it later to tell
+        whether the copies held now are the ones that removal made, or came with a load."""
+        return self._removal_id
 
     @property
     def capturable(self) -> bool:
@@ -397,7 +409,8 @@ class NeuralVariableOptimizer(Optimizer):
         super().load_state_dict(rest)
         for group in self.param_groups:
             group[SEED_KEY] = seed
-        self._seed = seed  # the new state dicts make the launch data rebuild
+        self._seed = seed
+        self._forget_launch_data()  # done by torch's load (through __setstate__) too: not relied on
         self._forget_weights()
         self._loaded = weights.loaded_noise(self, param_of, samples, set(held))
         self._held = None
@@ -501,44 +514,12 @@ class NeuralVariableOptimizer(Optimizer):
 
     # ------------------------------------------------------------------ backends
     def _resolve_backend(self, device: torch.device, dtype: torch.dtype):
-        """The backend object for one bucket: TORCH or a FusedBackend; raises if the explicit
-        choice cannot run there."""
-        from ..backends import fused_backend
-
-        name = self._backend_name
-        if name == "torch":
-            return TORCH
-        if name == "auto":
-            candidates = ("cuda", "triton") if device.type == "cuda" else ("cpu",) if device.type == "cpu" else ()
-            reasons = []
-            for candidate in candidates:
-                try:
-                    backend = fused_backend(candidate)
-                except ImportError as error:
-                    reasons.append(f"{candidate}: {error}")
-                    continue
-                reason = backend.unavailable_reason(device, dtype)
-                if reason is None:
-                    if reasons:  # a faster backend could not run here: say why, and the fix
-                        _warn_once(f"nvrm_ext: backend='auto' uses '{candidate}' for {dtype} parameters "
-                                   f"on {device}, not {'; '.join(reasons)}")
-                    return backend
-                reasons.append(f"{candidate}: {reason}")
-            if reasons and dtype in _FUSED_DTYPES:
-                _warn_once(f"nvrm_ext: no fused backend for {dtype} parameters on {device.type} "
-                           f"({'; '.join(reasons)}); using the much slower 'torch' backend")
-            return TORCH
-        try:
-            backend = fused_backend(name)
-        except ImportError as error:
-            raise RuntimeError(f"backend={name!r} is not available: {error}") from error
-        reason = backend.unavailable_reason(device, dtype)
-        if reason is not None:
-            raise RuntimeError(f"backend={name!r} cannot run {dtype} parameters on {device}: {reason}")
-        return backend
+        """The backend object for one bucket (backends.select); raises if the explicit choice
+        cannot run there."""
+        return select.nvrm_backend(self._backend_name, device, dtype)
 
     def _check_backends(self, params) -> None:
-        for device, dtype in {(p.device, p.dtype) for p in params}:
+        for device, dtype in T.by_bucket(params):
             self._resolve_backend(device, dtype)
 
     # ------------------------------------------------------------------ the step
@@ -627,9 +608,7 @@ class NeuralVariableOptimizer(Optimizer):
         dtype) and (re)build their plans. Returns [(bucket, backend, plan, grads, None)], or None
         for a step that only creates the state (_is_state_init_step); remembers the layout so
         that the next steps can take _steady_work."""
-        members: dict = {}
-        for key, group, p, g in self._participants():
-            members.setdefault((p.device, p.dtype), []).append((key, group, p, g))
+        members = T.by_bucket(self._participants(), _ROW_PARAM)
         resolved = {bucket: self._resolve_backend(*bucket) for bucket in members}
         self._sync_seed()
         self._check_rows([row for bucket, rows in members.items() if self._plan_stale(bucket, rows, resolved[bucket])
@@ -705,22 +684,19 @@ class NeuralVariableOptimizer(Optimizer):
         resolves, updates and commits (the commit is a second small kernel on CUDA / Triton);
         nothing is read back to the host."""
         device, dtype = bucket
-        if backend is TORCH and _capturing(device):
+        if not backend.capturable and _capturing(device):
             raise RuntimeError(f"{type(self).__name__}: the 'torch' backend reads the counters on the host "
                                "and cannot be captured in a CUDA graph; use backend='cuda' or 'triton'")
         plan.upload(ints, floats)
         plan.refresh_tensor_lrs()
         scale, skip = (None if t is None else t.to(device=device, dtype=torch.float32, non_blocking=True)
                        for t in (grad_scale, found_inf))
-        if backend is TORCH:
-            TORCH.run(self._op, plan.rows(), plan.device_ints, plan.device_floats, self._seed,
-                      live=plan.live, grad_scale=scale, found_inf=skip)
-        else:
-            backend.launch(self._op, dtype, plan.device_ints, plan.device_floats, plan.blocks, self._seed,
-                           commit_rows=len(plan.params), grad_scale=scale, found_inf=skip, samples=plan.samples)
+        backend.launch(self._op, dtype, plan.device_ints, plan.device_floats, plan.blocks, self._seed,
+                       rows=plan.rows, live=plan.live, commit_rows=len(plan.params), grad_scale=scale,
+                       found_inf=skip, samples=plan.samples)
         if scale is not None:
             plan.write_back_converted(grads, skip)
-            if backend is not TORCH and not _capturing(device):  # it unscaled them in place
+            if backend.writes_through_addresses and not _capturing(device):  # it unscaled them in place
                 _increment_versions(plan._grads)
         plan.release_grads()
 
@@ -836,14 +812,13 @@ class NeuralVariableOptimizer(Optimizer):
         (fused backends only)."""
         if len(ints) == 0:
             return
-        if backend is TORCH:
-            TORCH.run(op, rows() if callable(rows) else rows, ints, floats, self._seed)
-            return
         device, dtype = bucket
-        if blocks is None:
+        if blocks is None and backend.block_size:
             blocks = self._block_table(backend, device, ints)
-        backend.launch(op, dtype, T.to_device(ints, device), T.to_device(floats, device), blocks, self._seed,
-                       commit_rows=commit_rows, samples=samples)
+        if not backend.host_tables:
+            ints, floats = T.to_device(ints, device), T.to_device(floats, device)
+        backend.launch(op, dtype, ints, floats, blocks, self._seed, rows=rows, commit_rows=commit_rows,
+                       samples=samples)
 
     def _block_table(self, backend, device: torch.device, ints: np.ndarray) -> torch.Tensor:
         """The block table of these rows' sizes and offsets on `device`, cached per layout."""
@@ -1025,20 +1000,17 @@ class NeuralVariableOptimizer(Optimizer):
     def _noise_launch(self, noisy) -> None:
         """Subtract the noise on the given (key, param, state, (noise step, type code, scale)):
         one OP_NOISE launch per bucket."""
-        buckets: dict = {}
-        for key, p, state, (s, code, scale) in noisy:
-            plan = T.TensorPlan(
-                param=_local(p), grad=None, states=(), key=key, offset=_global_offset(p),
-                compensation=_local(state.get("compensation")), old_step=s, new_step=0,
-                flags=(code << T.FLAG_OLD_TYPE_SHIFT) | (code << T.FLAG_NEW_TYPE_SHIFT),
-                floats=_fp32([0.0] * T.F_OLD_SCALE + [scale] * 2))
-            buckets.setdefault((p.device, p.dtype), []).append(plan)
-        for bucket, plans in buckets.items():
+        for bucket, members in T.by_bucket(noisy, _NOISY_PARAM).items():
+            plans = [T.TensorPlan(param=_local(p), grad=None, states=(), key=key, offset=_global_offset(p),
+                                  compensation=_local(state.get("compensation")), old_step=s, new_step=0,
+                                  flags=(code << T.FLAG_OLD_TYPE_SHIFT) | (code << T.FLAG_NEW_TYPE_SHIFT),
+                                  floats=_fp32([0.0] * T.F_OLD_SCALE + [scale] * 2))
+                     for key, p, state, (s, code, scale) in members]
             ints, floats = T.build_rows(plans)
             rows = [(plan.param, None, (), plan.compensation) for plan in plans]
             backend = self._resolve_backend(*bucket)
             self._launch(backend, T.OP_NOISE, bucket, rows, ints, floats)
-            if backend is not TORCH:  # written through raw addresses (see _BucketPlan.bump_versions)
+            if backend.writes_through_addresses:  # see _BucketPlan.bump_versions
                 _increment_versions([t for param, _, _, comp in rows for t in (param, comp) if t is not None])
 
     # ------------------------------------------------------------------ weights changed outside
@@ -1061,11 +1033,8 @@ class NeuralVariableOptimizer(Optimizer):
         self._spill_records()
         tensors = [_local(p) for p in params] if tensors is None else tensors
         views = [T.sample_view(t) for t in tensors]
-        by_bucket: dict = {}
-        for row, t in enumerate(tensors):
-            by_bucket.setdefault((t.device, t.dtype), []).append(row)
         records = self._records
-        for rows in by_bucket.values():
+        for rows in T.by_bucket(range(len(tensors)), tensors.__getitem__).values():
             samples = torch.cat([views[row] for row in rows]) if len(rows) > 1 else views[rows[0]].clone()
             start = 0
             for row in rows:
@@ -1129,13 +1098,13 @@ def _samples_differ(tensors, recorded) -> list:
     """Per tensor, whether its sample now differs bitwise from the recorded one; one
     device-to-host read per (device, dtype) for all of them."""
     out = [True] * len(tensors)
-    buckets: dict = {}
+    comparable = []
     for i, (t, r) in enumerate(zip(tensors, recorded)):
         if t.dtype == r.dtype and t.numel() and min(T.SAMPLE_SIZE, t.numel()) == r.numel():
-            buckets.setdefault((t.device, t.dtype), []).append(i)
+            comparable.append(i)
         elif not t.numel() and not r.numel():
             out[i] = False
-    for (device, _), rows in buckets.items():
+    for (device, _), rows in T.by_bucket(comparable, tensors.__getitem__).items():
         now = torch.cat([T.sample_view(tensors[i]) for i in rows])
         then = torch.cat([recorded[i].to(device) for i in rows])
         flags = (_bits(now) != _bits(then)).tolist()

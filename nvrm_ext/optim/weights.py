@@ -16,6 +16,7 @@ where the weights are still what the optimizer left.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +26,7 @@ from .. import noise as spec
 from ..backends import tables as T
 from ..backends.torch_ref import TORCH
 
+_LEFT = operator.itemgetter(1)  # an entry's noisy sample (the parameter's device and dtype)
 SAMPLES_KEY = "weight_samples"  # per-parameter state_dict entry: [2, count] tensor, rows (noisy, clean)
 
 
@@ -51,7 +53,7 @@ def state_dict_samples(opt, noisy) -> dict:
     from .base import _is_dtensor, _local
 
     opt._spill_records()
-    buckets: dict = {}
+    sampled = []
     for key, p, state, (step, code, scale) in noisy:
         t = _local(p)
         if _is_dtensor(p) or t.numel() == 0:
@@ -67,9 +69,9 @@ def state_dict_samples(opt, noisy) -> dict:
         compensation = (None if compensation is None or t.dtype not in (torch.float16, torch.bfloat16)
                         else T.sample_view(_local(compensation)))
         positions = np.arange(count, dtype=np.int64) * (t.numel() // count)
-        buckets.setdefault((t.device, t.dtype), []).append((key, left, compensation, positions, step, code, scale))
+        sampled.append((key, left, compensation, positions, step, code, scale))
     out = {}
-    for bucket, entries in buckets.items():
+    for bucket, entries in T.by_bucket(sampled, _LEFT).items():
         noisy_values = torch.cat([left for _, left, _, _, _, _, _ in entries])  # a copy
         values = noisy_values.clone()
         compensated = bucket[1] in (torch.float16, torch.bfloat16)
