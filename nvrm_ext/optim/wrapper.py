@@ -222,7 +222,7 @@ class NVRM(Optimizer):
     def removal_token(self) -> int:
         """Which entry into the removed state the noisy copies come from (0: none yet); see
         NeuralVariableOptimizer."""
-        return self._engine._removal_id
+        return self._engine.removal_token
 
     def denoised(self):
         """Context manager: the clean weights inside the block, the noisy ones back bit for bit on exit."""
