@@ -422,15 +422,15 @@ def test_a_cleared_state_whose_weights_were_rewritten_takes_them_as_they_are():
 def test_steady_steps_compare_no_samples(monkeypatch, aliased):
     """The optimizer's own bumps are recorded, so a steady step reads no weights back (a device
     sync on a GPU), also where parameters share one version counter (views of one buffer)."""
-    import nvrm_ext.optim.base as base
+    import nvrm_ext.optim.records as records
 
     buffer = torch.randn(40)
     params = ([buffer[:20].detach().requires_grad_(), buffer[20:].detach().requires_grad_()] if aliased
               else [torch.nn.Parameter(torch.randn(20)) for _ in range(2)])
     opt = nvrm_ext.FusedVSGD(params, lr=0.1, momentum=0.9, seed=1, backend="cpu")
     calls = []
-    original = base._samples_differ
-    monkeypatch.setattr(base, "_samples_differ", lambda *args: calls.append(1) or original(*args))
+    original = records._samples_differ
+    monkeypatch.setattr(records, "_samples_differ", lambda *args: calls.append(1) or original(*args))
     for _ in range(4):
         for p in params:
             p.grad = torch.ones(20)

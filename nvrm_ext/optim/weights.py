@@ -25,6 +25,8 @@ import torch
 from .. import noise as spec
 from ..backends import tables as T
 from ..backends.torch_ref import TORCH
+from .params import _is_dtensor, _local, _number
+from .records import WeightsChangedError, _samples_differ
 
 _LEFT = operator.itemgetter(1)  # an entry's noisy sample (the parameter's device and dtype)
 SAMPLES_KEY = "weight_samples"  # per-parameter state_dict entry: [2, count] tensor, rows (noisy, clean)
@@ -50,8 +52,6 @@ def state_dict_samples(opt, noisy) -> dict:
     those values with the noise removed by the launch denoised() runs, one element per row:
     bit for bit what clean_state_dict() gives at those positions. DTensor shards are left out
     (a resharded load could not compare them): they are trusted, as state without samples."""
-    from .base import _is_dtensor, _local
-
     opt._spill_records()
     sampled = []
     for key, p, state, (step, code, scale) in noisy:
@@ -189,8 +189,6 @@ class Loaded:
 def loaded_noise(opt, param_of: dict, samples: dict, held: set) -> list:
     """What a load says is on each parameter, for the loaded states with noise (the held,
     removed-state ones aside). check_loaded settles them."""
-    from .base import _local, _number
-
     entries = []
     for index, p in param_of.items():
         state = opt.state.get(p)
@@ -218,8 +216,6 @@ def check_loaded(opt, *, resolve: bool = True) -> None:
     A loaded state cleared since gets its noise back where the weights are still the noisy
     ones (without samples: trusted). `resolve=False` (state_dict()): no error, and what is not
     decided stays pending (the model file may not be loaded yet)."""
-    from .base import _local, _samples_differ
-
     to_check, cleared, kept = [], [], []
     for entry in opt._loaded:
         now = opt.state.get(entry.param)
@@ -270,8 +266,6 @@ def _declare_clean(state: dict) -> None:
 
 
 def _raise_unknown_weights(opt, entry) -> None:
-    from .base import WeightsChangedError
-
     index, p, (step, _, _) = entry.index, entry.param, entry.noise
     raise WeightsChangedError(
         f"{type(opt).__name__}: parameter {index} (shape {tuple(p.shape)}) holds neither the weights its "
