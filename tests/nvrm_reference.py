@@ -77,17 +77,24 @@ class LockstepReference:
     """
 
     def __init__(self, make_inner, groups: list, noise_defaults: dict, seed: int, denoise: bool = True):
-        self.params, self.copies, self.settings, inner_groups = [], [], [], []
-        for group in groups:
-            options = {k: v for k, v in group.items() if k != "params" and k not in NOISE_KEYS}
-            noise = {k: group.get(k, noise_defaults[k]) for k in NOISE_KEYS}
-            copies = [torch.nn.Parameter(same_layout_copy(p.detach())) for p in group["params"]]
-            self.params += list(group["params"])
-            self.copies += copies
-            self.settings += [(float(noise["variability"]), int(noise["num_iters"]), noise["noise_type"])] * len(copies)
-            inner_groups.append({"params": copies, **options})
-        self.inner = make_inner(inner_groups)
+        self.params, self.copies, self.settings = [], [], []
+        self.noise_defaults = noise_defaults
+        self.inner = make_inner([self._copy_group(group) for group in groups])
         self.book = NoiseBook(seed, denoise)
+
+    def _copy_group(self, group: dict) -> dict:
+        """The inner group over copies; the group's parameters and noise settings recorded."""
+        options = {k: v for k, v in group.items() if k != "params" and k not in NOISE_KEYS}
+        noise = {k: group.get(k, self.noise_defaults[k]) for k in NOISE_KEYS}
+        copies = [torch.nn.Parameter(same_layout_copy(p.detach())) for p in group["params"]]
+        self.params += list(group["params"])
+        self.copies += copies
+        self.settings += [(float(noise["variability"]), int(noise["num_iters"]), noise["noise_type"])] * len(copies)
+        return {"params": copies, **options}
+
+    def add_param_group(self, group: dict) -> None:
+        """As the optimizer under test's add_param_group: appended, so its keys follow the others."""
+        self.inner.add_param_group(self._copy_group(group))
 
     @torch.no_grad()
     def step(self) -> list:

@@ -61,6 +61,30 @@ def fused_vadam(backend="cpu", capturable=False, lr=ADAM_OPTIONS["lr"]):
 FUSED_CASES = [fused_vsgd(b) for b in FUSED_BACKENDS] + [fused_vadam(b) for b in FUSED_BACKENDS] \
     + [fused_vsgd("cpu", capturable=True), fused_vadam("cpu", capturable=True)]
 
+# inner optimizers of NVRM and the implementations torch offers for them on the CPU
+INNER = {
+    "SGD": (torch.optim.SGD, SGD_OPTIONS, ("forloop", "foreach", "fused")),
+    "Adam": (torch.optim.Adam, ADAM_OPTIONS, ("forloop", "foreach", "fused")),
+    "AdamW": (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1), ("forloop", "foreach", "fused")),
+    "Adagrad": (torch.optim.Adagrad, dict(lr=0.1, weight_decay=1e-2), ("forloop", "foreach", "fused")),
+    "RMSprop": (torch.optim.RMSprop, dict(lr=1e-2, momentum=0.5), ("forloop", "foreach")),
+    "RAdam": (torch.optim.RAdam, dict(lr=1e-2), ("forloop", "foreach")),
+}
+IMPLEMENTATION = {"forloop": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
+
+
+def nvrm(inner="SGD", implementation="forloop", backend="cpu", lr=None, denoise=True):
+    cls, options, _ = INNER[inner]
+    options = {**options, **IMPLEMENTATION[implementation], **({} if lr is None else {"lr": lr})}
+    return Case(f"NVRM({inner}[{implementation}])[{backend}]",
+                lambda groups: nvrm_ext.NVRM(cls(groups, **options), **NOISE, seed=SEED, backend=backend,
+                                             denoise=denoise),
+                lambda groups: cls(groups, **options), denoise=denoise)
+
+
+NVRM_CASES = [nvrm(name, implementation) for name, (_, _, implementations) in INNER.items()
+              for implementation in implementations] + [nvrm("Adam", "fused", "torch"), nvrm("SGD", "foreach", "torch")]
+
 
 # ---------------------------------------------------------------------- torch's parity protocol
 def protocol_model():
@@ -122,6 +146,36 @@ def test_fused_matches_reference_with_frozen_layers_none_grads_zero_size_and_tra
                 torch.testing.assert_close(opt.state[p][name], expected_state[name], rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("case", NVRM_CASES, ids=repr)
+def test_nvrm_matches_reference_with_frozen_layers_none_grads_zero_size_and_transposed_params(case):
+    params, opt, reference = run_protocol(case)
+    for index, p in enumerate(params):  # the inner optimizer's state is the plain optimizer's
+        expected_state = reference.inner_state(index)
+        assert set(opt.optimizer.state.get(p, {})) == set(expected_state), index
+        for name, value in expected_state.items():
+            torch.testing.assert_close(torch.as_tensor(opt.optimizer.state[p][name]), torch.as_tensor(value),
+                                       rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("inner", [name for name, (_, _, implementations) in INNER.items() if len(implementations) > 1])
+def test_nvrm_over_foreach_and_fused_inner_matches_forloop_inner(inner):
+    """torch's test_foreach_matches_forloop / test_fused_matches_forloop, through NVRM: the same
+    parameters and inner state (torch's tolerance for float32: its implementations round
+    differently), the noise counters identical."""
+    implementations = INNER[inner][2]
+    runs = {impl: run_protocol(nvrm(inner, impl), check=False)[:2] for impl in implementations}
+    forloop_params, forloop = runs["forloop"]
+    for impl in implementations[1:]:
+        params, opt = runs[impl]
+        for p, q in zip(forloop_params, params):
+            torch.testing.assert_close(q, p, rtol=1.3e-6, atol=1e-5)
+            mine, theirs = forloop.optimizer.state.get(p, {}), opt.optimizer.state.get(q, {})
+            assert set(mine) == set(theirs)
+            for key in mine:
+                torch.testing.assert_close(torch.as_tensor(theirs[key]).to(torch.float32),
+                                           torch.as_tensor(mine[key]).to(torch.float32), rtol=1.3e-6, atol=1e-5)
+
+
 @pytest.mark.parametrize("make", [fused_vsgd, fused_vadam], ids=["FusedVSGD", "FusedVAdam"])
 def test_fused_backends_and_capturable_give_the_same_parameters_and_state(make):
     """torch's foreach/fused-vs-forloop parity, for our implementations: the torch reference
@@ -153,6 +207,19 @@ def test_fused_tensor_lr_equals_float_lr(make, capturable):
     tensor_lr = run_protocol(make("cpu", capturable=capturable, lr=torch.tensor(lr)))[0]
     for p, q in zip(float_lr, tensor_lr):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("inner", ["SGD", "Adam"])
+@pytest.mark.parametrize("implementation", ["forloop", "fused"])
+def test_nvrm_tensor_lr_equals_float_lr(inner, implementation):
+    """torch's test_tensor_lr through NVRM: each run equals its reference at every step
+    (run_protocol); the two agree to torch's float32 tolerance (torch's own tensor-lr
+    arithmetic rounds differently from its float-lr arithmetic)."""
+    lr = INNER[inner][1]["lr"]
+    float_lr = run_protocol(nvrm(inner, implementation))[0]
+    tensor_lr = run_protocol(nvrm(inner, implementation, lr=torch.tensor(lr)))[0]
+    for p, q in zip(float_lr, tensor_lr):
+        torch.testing.assert_close(q, p)
 
 
 # ---------------------------------------------------------------------- GradScaler's found_inf
@@ -199,7 +266,8 @@ def step_with_inf_through_grad_scaler(opt, groups):
     assert scaler.get_scale() == 4.0  # the scaler saw the inf
 
 
-@pytest.mark.parametrize("case", FUSED_CASES, ids=repr)
+@pytest.mark.parametrize("case", FUSED_CASES + [nvrm("SGD"), nvrm("Adam", "foreach"), nvrm("AdamW", "fused"),
+                                                nvrm("Adam", "fused", "torch")], ids=repr)
 def test_found_inf_skips_the_step_and_the_swap(case):
     """torch.amp.GradScaler with an inf gradient: no update, no swap, no counter moves; the
     following steps equal the reference that never saw the skipped one."""
@@ -222,17 +290,36 @@ def test_found_inf_skips_the_step_and_the_swap(case):
 def test_fused_protocol_found_inf_attribute_skips_the_step(make):
     """torch's test_fused_does_not_step_if_foundinf: found_inf set on the optimizer (capturable
     mode takes GradScaler's fused protocol), with and without grad_scale."""
+    check_found_inf_attribute(make("cpu", capturable=True))
+
+
+@pytest.mark.parametrize("inner", ["Adam", "AdamW", "SGD"])
+def test_nvrm_over_a_fused_inner_found_inf_attribute_skips_the_step_or_is_refused(inner):
+    """The same through NVRM over a fused inner optimizer, the attributes set on the wrapper
+    (what GradScaler.step is handed): the step is skipped, or refused with nothing changed (as
+    FusedVSGD without capturable does) -- never taken with the inf gradients."""
+    check_found_inf_attribute(nvrm(inner, "fused"), may_refuse=True)
+
+
+def check_found_inf_attribute(case, may_refuse=False):
     for grad_scale in (None, torch.ones(())):
         groups = simple_groups()
         params = params_of(groups)
-        opt = make("cpu", capturable=True).make(groups)
+        opt = case.make(groups)
         set_grads(groups, 0)
         opt.step()
         before = snapshot(opt, params)
         set_grads(groups, 1)
+        params[1].grad[0] = float("inf")
         opt.grad_scale, opt.found_inf = grad_scale, torch.ones(())
-        opt.step()
-        del opt.grad_scale, opt.found_inf
+        try:
+            opt.step()
+        except RuntimeError as error:
+            if not may_refuse:
+                raise
+            assert "found_inf" in str(error), error
+        finally:
+            del opt.grad_scale, opt.found_inf
         assert_unchanged(opt, params, before)
 
 
@@ -318,10 +405,13 @@ def check_step_hooks(case):
     finally:
         for handle in handles:
             handle.remove()
-    assert [name for name, _ in calls] == ["global pre", "pre", "post", "global post"] * 2
-    assert all(o is opt for _, o in calls)
+    # a wrapper's inner optimizer steps too, and global hooks may see it: only the wrapper's own
+    # calls must follow torch's order
+    assert [name for name, o in calls if o is opt] == ["global pre", "pre", "post", "global post"] * 2
+    assert all(o is getattr(opt, "optimizer", None) and name.startswith("global") for name, o in calls if o is not opt)
+    count = len(calls)
     train(opt, groups, 1, first=2)
-    assert len(calls) == 8
+    assert len(calls) == count
 
 
 def check_load_state_dict_hooks(case):
@@ -352,8 +442,17 @@ def check_load_state_dict_hooks(case):
     train(opt, groups, 1, first=2)
 
 
+CHECKS = [check_state_dict_resume, check_deepcopy, check_step_hooks, check_load_state_dict_hooks]
+
+
 @pytest.mark.parametrize("case", [fused_vsgd(), fused_vadam(), fused_vadam(capturable=True)], ids=repr)
-@pytest.mark.parametrize("check", [check_state_dict_resume, check_deepcopy, check_step_hooks,
-                                   check_load_state_dict_hooks], ids=lambda f: f.__name__[6:])
+@pytest.mark.parametrize("check", CHECKS, ids=lambda f: f.__name__[6:])
 def test_fused_round_trips_and_hooks(case, check):
+    check(case)
+
+
+@pytest.mark.parametrize("case", [nvrm("SGD"), nvrm("Adam", "foreach"), nvrm("AdamW", "fused"), nvrm("RMSprop", "foreach"),
+                                  nvrm("Adam", "fused", "torch")], ids=repr)
+@pytest.mark.parametrize("check", CHECKS, ids=lambda f: f.__name__[6:])
+def test_nvrm_round_trips_and_hooks(case, check):
     check(case)
