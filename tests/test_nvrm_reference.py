@@ -236,3 +236,38 @@ def test_nvrm_refuses_lbfgs_with_a_clear_message_and_leaves_it_untouched():
     with pytest.raises(TypeError, match="LBFGS"):
         nvrm_ext.NVRM(inner, seed=SEED)
     assert [dict(g) for g in inner.param_groups] == groups_before  # no noise keys filled in
+
+
+def non_dense():
+    return torch.nn.Parameter(torch.randn(10, 5, 2)[..., 0])  # torch's non-contiguous case: gaps
+
+
+@pytest.mark.parametrize("how", ["NVRM(...)", "NVRM.add_param_group", "inner.add_param_group",
+                                 "float64 via inner.add_param_group"])
+def test_a_parameter_the_noise_cannot_follow_is_refused_before_anything_changes(how):
+    """A parameter with gaps (or a dtype the backend cannot run) is refused where it enters, or
+    at the next step -- but before the inner optimizer has moved any weight."""
+    kept = torch.nn.Parameter(torch.randn(4))
+    if how == "NVRM(...)":
+        inner = torch.optim.SGD([kept, non_dense()], lr=0.1)
+        with pytest.raises(ValueError, match="dense"):
+            nvrm_ext.NVRM(inner, seed=SEED, backend="cpu")
+        assert "variability" not in inner.param_groups[0]
+        return
+    opt = nvrm_ext.NVRM(torch.optim.SGD([kept], lr=0.1), seed=SEED, backend="cpu")
+    kept.grad = torch.ones(4)
+    opt.step()
+    bad = torch.nn.Parameter(torch.randn(3, dtype=torch.float64)) if how.startswith("float64") else non_dense()
+    try:
+        if how == "NVRM.add_param_group":
+            opt.add_param_group({"params": [bad]})
+        else:
+            opt.optimizer.add_param_group({"params": [bad]})
+    except (ValueError, RuntimeError):
+        assert len(opt.param_groups) == 1  # refused at the door, nothing added
+        return
+    before = [kept.detach().clone(), bad.detach().clone()]
+    kept.grad, bad.grad = torch.ones_like(kept), torch.ones_like(bad)
+    with pytest.raises((ValueError, RuntimeError)):
+        opt.step()
+    assert torch.equal(kept, before[0]) and torch.equal(bad, before[1]), "the inner step ran before the refusal"
