@@ -271,3 +271,85 @@ def test_a_parameter_the_noise_cannot_follow_is_refused_before_anything_changes(
     with pytest.raises((ValueError, RuntimeError)):
         opt.step()
     assert torch.equal(kept, before[0]) and torch.equal(bad, before[1]), "the inner step ran before the refusal"
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_nvrm_noise_api_against_the_reference(backend):
+    """remove_noise() leaves the reference's clean weights, a step then is refused before the
+    inner optimizer moves anything, restore_noise() gives the noisy weights back bit for bit;
+    clean_state_dict() is the clean weights, the live ones untouched; after reset_noise() the
+    weights count as clean: the next swap removes nothing, the step counters go on."""
+    params = make_params(SHAPES)
+    groups = make_groups(params)
+    make_inner = inner_factory("Adam")
+    opt = nvrm_ext.NVRM(make_inner(groups), **NOISE, seed=SEED, backend=backend)
+    reference = LockstepReference(make_inner, groups, NOISE, SEED)
+    ordered = reference.params
+    module = torch.nn.ParameterList(ordered)  # state_dict keys: the positions '0', '1', ...
+
+    def step(index):
+        set_grads(params, index)
+        expected = reference.step()
+        opt.step()
+        assert_weights_equal(ordered, expected, what=f"step {index}:")
+
+    for index in range(4):
+        step(index)
+    noisy = [p.detach().clone() for p in ordered]
+    saved = opt.clean_state_dict(module)
+    assert_weights_equal([saved[str(i)] for i in range(len(ordered))], reference.clean(), what="clean_state_dict:")
+    assert all(torch.equal(p, q) for p, q in zip(ordered, noisy))
+
+    opt.remove_noise()
+    assert opt.noise_removed
+    assert_weights_equal(ordered, reference.clean(), what="remove_noise():")
+    removed = [p.detach().clone() for p in ordered]
+    inner_state = {k: v.clone() for k, v in opt.optimizer.state[ordered[0]].items() if isinstance(v, torch.Tensor)}
+    set_grads(params, 4)
+    with pytest.raises(RuntimeError, match="restore_noise"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(ordered, removed)), "the inner step ran before the refusal"
+    assert all(torch.equal(opt.optimizer.state[ordered[0]][k], v) for k, v in inner_state.items())
+    opt.restore_noise()
+    assert not opt.noise_removed and all(torch.equal(p, q) for p, q in zip(ordered, noisy))
+
+    opt.reset_noise()
+    reference.book.on_weights.clear()
+    for index in range(4, 7):
+        step(index)
+
+
+def test_nvrm_closure_runs_on_the_perturbed_weights_and_its_loss_is_returned():
+    params = make_params(SHAPES)
+    groups = make_groups(params)
+    make_inner = inner_factory("RMSprop")
+    opt = nvrm_ext.NVRM(make_inner(groups), **NOISE, seed=SEED, backend="cpu")
+    reference = LockstepReference(make_inner, groups, NOISE, SEED)
+    for index in range(4):
+        seen = []
+
+        def closure():
+            seen.append([p.detach().clone() for p in params])
+            set_grads(params, index)
+            return torch.tensor(float(index))
+
+        set_grads(params, index)  # what the closure will set, for the reference
+        expected = reference.step()
+        before = [p.detach().clone() for p in params]
+        assert opt.step(closure).item() == index
+        assert len(seen) == 1 and all(torch.equal(p, q) for p, q in zip(seen[0], before))  # the perturbed weights
+        assert_weights_equal(reference.params, expected, what=f"step {index}:")
+
+
+def test_nvrm_weights_rewritten_between_steps_are_refused_before_the_inner_step():
+    params = make_params(SHAPES)
+    opt = nvrm_ext.NVRM(inner_factory("SGD-momentum-nesterov")(make_groups(params)), **NOISE, seed=SEED, backend="cpu")
+    set_grads(params, 0)
+    opt.step()
+    with torch.no_grad():
+        params[0].add_(1.0)
+    rewritten = [p.detach().clone() for p in params]
+    set_grads(params, 1)
+    with pytest.raises(nvrm_ext.WeightsChangedError):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, rewritten))
