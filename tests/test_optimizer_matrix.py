@@ -354,13 +354,14 @@ def weights_only_round_trip(state_dict):
     return torch.load(buffer, weights_only=True)
 
 
-def check_state_dict_resume(case):
-    """Saved after 4 steps, loaded with weights_only=True into a fresh optimizer over copies of
-    the weights: equal to what was saved, and the resumed run is the uninterrupted one, bit for bit."""
+def resume(case, edit=lambda state_dict: state_dict):
+    """Saved after 4 steps, through torch.save / torch.load(weights_only=True) (equal to what was
+    saved) and `edit`, loaded into a fresh optimizer over copies of the weights; both then run 4
+    more steps. Returns the two runs' parameters and optimizers."""
     groups = simple_groups()
     opt = case.make(groups)
     train(opt, groups, 4)
-    saved = opt.state_dict()
+    saved = opt.state_dict()  # holds the live state tensors: compared before training goes on
     loaded = weights_only_round_trip(saved)
     assert_same_structure(loaded, saved)
     resumed_groups = simple_groups()
@@ -368,10 +369,48 @@ def check_state_dict_resume(case):
         for p, q in zip(params_of(resumed_groups), params_of(groups)):
             p.copy_(q)
     resumed = case.make(resumed_groups)
-    resumed.load_state_dict(loaded)
+    resumed.load_state_dict(edit(copy.deepcopy(loaded)))
     train(opt, groups, 4, first=4)
     train(resumed, resumed_groups, 4, first=4)
-    for p, q in zip(params_of(groups), params_of(resumed_groups)):
+    return (params_of(groups), opt), (params_of(resumed_groups), resumed)
+
+
+def check_state_dict_resume(case):
+    """torch's test_save_load_equality_with_weights_only and test_state_dict_deterministic: what
+    torch.load(weights_only=True) gives back equals what was saved; the resumed run is the
+    uninterrupted one, bit for bit, and so are the two optimizers' state dicts then."""
+    (params, opt), (resumed_params, resumed) = resume(case)
+    for p, q in zip(params, resumed_params):
+        assert torch.equal(p, q)
+    assert_same_structure(resumed.state_dict(), opt.state_dict())
+
+
+def check_older_state_dict(case):
+    """torch's test_can_load_older_state_dict: a state dict without the flags later torch
+    versions added to the groups loads, and the resumed optimizer steps (torch's own optimizers
+    then take their defaults, so the trajectory may change: fused=True is dropped, for one)."""
+    def drop_flags(state_dict):
+        for group in state_dict["param_groups"]:
+            for flag in ("foreach", "fused", "maximize", "capturable", "differentiable", "decoupled_weight_decay"):
+                group.pop(flag, None)
+        return state_dict
+
+    (_, _), (resumed_params, _) = resume(case, drop_flags)
+    assert all(torch.isfinite(p).all() for p in resumed_params)
+
+
+def check_nontensor_step(case):
+    """torch's test_load_nontensor_step: the steps saved as plain numbers instead of tensors
+    load, and the resumed run is the uninterrupted one, bit for bit."""
+    def plain_steps(state_dict):
+        for state in state_dict["state"].values():
+            for key, value in state.items():
+                if key.endswith("step") and isinstance(value, torch.Tensor) and value.dim() == 0:
+                    state[key] = value.item()
+        return state_dict
+
+    (params, _), (resumed_params, _) = resume(case, plain_steps)
+    for p, q in zip(params, resumed_params):
         assert torch.equal(p, q)
 
 
@@ -442,7 +481,8 @@ def check_load_state_dict_hooks(case):
     train(opt, groups, 1, first=2)
 
 
-CHECKS = [check_state_dict_resume, check_deepcopy, check_step_hooks, check_load_state_dict_hooks]
+CHECKS = [check_state_dict_resume, check_older_state_dict, check_nontensor_step, check_deepcopy, check_step_hooks,
+          check_load_state_dict_hooks]
 
 
 @pytest.mark.parametrize("case", [fused_vsgd(), fused_vadam(), fused_vadam(capturable=True)], ids=repr)
