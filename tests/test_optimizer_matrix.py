@@ -496,3 +496,31 @@ def test_fused_round_trips_and_hooks(case, check):
 @pytest.mark.parametrize("check", CHECKS, ids=lambda f: f.__name__[6:])
 def test_nvrm_round_trips_and_hooks(case, check):
     check(case)
+
+
+@pytest.mark.parametrize("case", [fused_vsgd(), nvrm("Adam"), nvrm("SGD", "fused")], ids=repr)
+@pytest.mark.parametrize("named", [(True, True), (True, False), (False, True)], ids=["named", "named-to-plain",
+                                                                                    "plain-to-named"])
+def test_named_parameters_state_dict_round_trip(case, named):
+    """torch's test_can_load_from_to_named_state_dict: optimizers over named_parameters() save
+    the names; either way round, the load resumes the uninterrupted run bit for bit."""
+    def build(use_names):
+        params = params_of(simple_groups())
+        model = torch.nn.ParameterDict({name: p for name, p in zip("abc", params)})
+        source = list(model.named_parameters()) if use_names else list(model.parameters())
+        return params, case.make([{"params": source}])
+
+    params, opt = build(named[0])
+    train(opt, [{"params": params}], 3)
+    saved = weights_only_round_trip(opt.state_dict())
+    if named[0]:
+        assert saved["param_groups"][0]["param_names"] == ["a", "b", "c"]
+    resumed_params, resumed = build(named[1])
+    with torch.no_grad():
+        for p, q in zip(resumed_params, params):
+            p.copy_(q)
+    resumed.load_state_dict(saved)
+    train(opt, [{"params": params}], 3, first=3)
+    train(resumed, [{"params": resumed_params}], 3, first=3)
+    for p, q in zip(params, resumed_params):
+        assert torch.equal(p, q)
