@@ -77,7 +77,8 @@ class LockstepReference:
     """
 
     def __init__(self, make_inner, groups: list, noise_defaults: dict, seed: int, denoise: bool = True):
-        self.params, self.copies, self.settings = [], [], []
+        self.params, self.copies, self.settings, self.group_of = [], [], [], []
+        self.group_count = 0
         self.noise_defaults = noise_defaults
         self.inner = make_inner([self._copy_group(group) for group in groups])
         self.book = NoiseBook(seed, denoise)
@@ -90,7 +91,18 @@ class LockstepReference:
         self.params += list(group["params"])
         self.copies += copies
         self.settings += [(float(noise["variability"]), int(noise["num_iters"]), noise["noise_type"])] * len(copies)
+        self.group_of += [self.group_count] * len(copies)
+        self.group_count += 1
         return {"params": copies, **options}
+
+    def edit_group_noise(self, group_index: int, **noise) -> None:
+        """As editing a param group's noise values between steps: the noise on the weights stays
+        what it was (it is removed at the scale it was added with), the next one follows the edit."""
+        for index, group in enumerate(self.group_of):
+            if group == group_index:
+                old = dict(zip(NOISE_KEYS, self.settings[index]))
+                old.update(noise)
+                self.settings[index] = (float(old["variability"]), int(old["num_iters"]), old["noise_type"])
 
     def add_param_group(self, group: dict) -> None:
         """As the optimizer under test's add_param_group: appended, so its keys follow the others."""

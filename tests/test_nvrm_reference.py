@@ -353,3 +353,29 @@ def test_nvrm_weights_rewritten_between_steps_are_refused_before_the_inner_step(
     with pytest.raises(nvrm_ext.WeightsChangedError):
         opt.step()
     assert all(torch.equal(p, q) for p, q in zip(params, rewritten))
+
+
+@pytest.mark.parametrize("wrapped", [True, False], ids=["NVRM(SGD)", "FusedVSGD"])
+def test_noise_values_edited_between_steps(wrapped):
+    """Editing a group's variability, noise_type or num_iters between steps (a schedule of the
+    noise): the noise on the weights is removed as it was added, the next follows the edit;
+    variability 0 removes the noise and adds none."""
+    params = make_params(SHAPES)
+    groups = make_groups(params)
+    options = dict(lr=0.05, momentum=0.9)
+    if wrapped:
+        opt = nvrm_ext.NVRM(torch.optim.SGD(groups, **options), **NOISE, seed=SEED, backend="cpu")
+    else:
+        opt = nvrm_ext.FusedVSGD(groups, **options, **NOISE, seed=SEED, backend="cpu")
+    reference = LockstepReference(lambda g: torch.optim.SGD(g, **options), groups, NOISE, SEED)
+    edits = {2: (0, dict(variability=0.01)), 3: (1, dict(noise_type="Laplace", num_iters=5)),
+             5: (0, dict(variability=0.0)), 6: (0, dict(variability=0.03, noise_type="Uniform"))}
+    for step in range(STEPS):
+        if step in edits:
+            group_index, noise = edits[step]
+            opt.param_groups[group_index].update(noise)
+            reference.edit_group_noise(group_index, **noise)
+        set_grads(params, step)
+        expected = reference.step()
+        opt.step()
+        assert_weights_equal(reference.params, expected, what=f"step {step}:")
