@@ -179,11 +179,10 @@ class NVRM(Optimizer):
         """The inner optimizer's step on the perturbed weights, then the noise swap for every
         parameter with a gradient. Checks first (the groups' noise values, the seed, weights
         rewritten since the last step): an error there changes nothing."""
-        for name in ("grad_scale", "found_inf"):
-            if getattr(self, name, None) is not None:
-                raise RuntimeError(f"NVRM does not take {name} (GradScaler's fused protocol): GradScaler unscales "
-                                   "the gradients and skips inf steps itself for NVRM, which does not declare "
-                                   "_step_supports_amp_scaling; nothing was changed")
+        if getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None:
+            raise RuntimeError("NVRM does not take grad_scale / found_inf (GradScaler's fused protocol): "
+                               "GradScaler unscales the gradients and skips inf steps itself for NVRM, which "
+                               "does not declare _step_supports_amp_scaling; nothing was changed")
         engine = self._bound_engine()
         engine.check_weights_before_update()
         loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
