@@ -23,6 +23,7 @@ from . import weights
 from ..backends import select, tables as T
 from ..backends.select import NVRM_BACKENDS
 from ..backends.torch_ref import TORCH
+from . import relative
 from . import validation as V
 from .checkpoint import (NOISY_COMPENSATION_KEY, NOISY_KEYS, NOISY_PARAM_KEY, NOISY_STEP_KEY,  # noqa: F401
                          STATE_DICT_KEY, CheckpointMixin, _host_counters)
@@ -90,6 +91,8 @@ class NeuralVariableOptimizer(CheckpointMixin, DenoiseMixin, WeightRecordsMixin,
         self._records: dict = {}  # param -> weights record (see _record_weights)
         self._loaded: list = []  # what the last load says is on the weights, until checked (weights.check_loaded)
         self._layout = None  # the last full step's participants (_StepLayout), for _steady_work
+        self._spreads_before_update = None  # relative groups under NVRM: see check_weights_before_update
+        self._work_before_update = None  # the steady work check_weights_before_update found
         self._group_watch = V.GroupWatch()  # re-validates the param groups when an entry changes
         self._hyperparameters = tuple(defaults)  # what a group must hold (torch adds keys of its own)
         super().__init__(params, defaults)
@@ -126,7 +129,9 @@ class NeuralVariableOptimizer(CheckpointMixin, DenoiseMixin, WeightRecordsMixin,
     def _validate_group(self, group: dict) -> None:
         """Every hyperparameter the kernels read, checked wherever a group enters: construction,
         add_param_group, an edit between steps (step() re-validates changed groups) and a load."""
+        group.setdefault("relative", False)  # groups saved before relative variability existed
         V.check_group_keys(group, self._hyperparameters)
+        V.check_flag("relative", group["relative"])
         lr = group["lr"]
         V.check_lr(lr, read_tensor=not (isinstance(lr, torch.Tensor) and _capturing(lr.device)))
         V.check_number("Invalid variability", group["variability"])
@@ -188,10 +193,15 @@ class NeuralVariableOptimizer(CheckpointMixin, DenoiseMixin, WeightRecordsMixin,
                 key += 1
         return out
 
-    @torch.no_grad()
     def step(self, closure=None):
         """One step for every parameter with a gradient: remove the old noise, apply the base
         update at the perturbed weights, add fresh noise. Returns the closure's loss."""
+        return self._step(closure)
+
+    @torch.no_grad()
+    def _step(self, closure=None):
+        """step() without the hooks torch wraps around it (NVRM calls its engine's step here: the
+        hooks of the NVRM step the user called are the ones that run)."""
         if self._held is not None:
             raise RuntimeError(f"{type(self).__name__}.step() while the noise is removed (remove_noise(), or "
                                "inside denoised()): the forward pass must see the noisy weights; call "
@@ -226,7 +236,9 @@ class NeuralVariableOptimizer(CheckpointMixin, DenoiseMixin, WeightRecordsMixin,
         Every bucket is checked and its tables built before any is launched: an invalid value in
         one bucket must not leave another stepped."""
         self._group_watch.validate(self.param_groups, self._validate_group)
-        work = self._steady_work()
+        work, self._work_before_update = self._work_before_update, None
+        if work is None:
+            work = self._steady_work()
         if work is None:  # the state or the layout changed (a load, a cleared state, ...)
             weights.reconcile(self)
             work = self._prepare_work()
@@ -236,7 +248,8 @@ class NeuralVariableOptimizer(CheckpointMixin, DenoiseMixin, WeightRecordsMixin,
             # (weights_unchanged() also reads the version counters record_weights builds on)
             if not _capturing(bucket[0]) and not plan.weights_unchanged() and not self._checks_weights_first:
                 self._check_weights(plan.params, plan.states, plan.param_tensors)
-        tables = [plan.tables(grads, grad_pointers) for _, _, plan, grads, grad_pointers in work]
+        spreads, self._spreads_before_update = self._spreads_before_update, None
+        tables = [plan.tables(grads, grad_pointers, spreads) for _, _, plan, grads, grad_pointers in work]
         for (bucket, _, plan, _, _), (ints, _) in zip(work, tables):
             if plan.live is None:
                 plan.ready_host_launch(bucket, ints)
@@ -262,22 +275,35 @@ class NeuralVariableOptimizer(CheckpointMixin, DenoiseMixin, WeightRecordsMixin,
                                "restore_noise() (or leave the denoised() block) first")
         self._group_watch.validate(self.param_groups, self._validate_group)
         self._sync_seed()
-        if self._loaded or self._layout is None:
+        # The update in between changes values only, not what the steady path compares: the step
+        # takes this work as it is. Without it the step rebuilds launch data: check what it will read.
+        self._work_before_update = self._steady_work()
+        if self._work_before_update is None:
+            weights.reconcile(self)
+            self._checked_members()
+        elif self._loaded:
             weights.reconcile(self)
         for plan in self._plans.values():
             if plan.params and not _capturing(plan.params[0].device) and not plan.weights_unchanged():
                 self._check_weights(plan.params, plan.states, plan.param_tensors)
+        self._spreads_before_update = relative.measure_before_update(self.param_groups, self.state)
+
+    def _checked_members(self) -> tuple:
+        """The participants by (device, dtype) bucket and each bucket's backend, every value a
+        (re)built plan would take checked (raises before anything changes)."""
+        members = T.by_bucket(self._participants(), _ROW_PARAM)
+        resolved = {bucket: self._resolve_backend(*bucket) for bucket in members}
+        self._sync_seed()
+        self._check_rows([row for bucket, rows in members.items() if self._plan_stale(bucket, rows, resolved[bucket])
+                          for row in rows])
+        return members, resolved
 
     def _prepare_work(self):
         """The full path of a step: validate every gradient, bucket the parameters by (device,
         dtype) and (re)build their plans. Returns [(bucket, backend, plan, grads, None)], or None
         for a step that only creates the state (_is_state_init_step); remembers the layout so
         that the next steps can take _steady_work."""
-        members = T.by_bucket(self._participants(), _ROW_PARAM)
-        resolved = {bucket: self._resolve_backend(*bucket) for bucket in members}
-        self._sync_seed()
-        self._check_rows([row for bucket, rows in members.items() if self._plan_stale(bucket, rows, resolved[bucket])
-                          for row in rows])
+        members, resolved = self._checked_members()
         state_only = self._is_state_init_step(members)
         work = [(bucket, resolved[bucket], self._bucket_plan(bucket, bucket_members, resolved[bucket]),
                  [g for _, _, _, g in bucket_members], None)
@@ -617,6 +643,7 @@ class _BucketPlan:
         self._group_key = None     # the groups' hyperparameters behind self._group_tables
         # (ints, floats, (row scales, the types and scales the state dicts get)) before the per-step columns
         self._group_tables = None
+        self._relative = None      # relative.RelativeScales of the rows whose group has relative=True
         self._committed = None     # host mode: (counter columns written by commit(), their array)
         self._host_tables = None   # host mode: (the group tables they were made from, ints, floats)
         self._bound_live = None    # host mode on the CPU: the counter mirror whose rows I_LIVE points to
@@ -844,14 +871,15 @@ class _BucketPlan:
             return None
         return np.fromiter(map(_DATA_PTR, grads), np.int64, len(grads))
 
-    def tables(self, grads, grad_pointers=None):
+    def tables(self, grads, grad_pointers=None, spreads=None):
         """The int64 and float32 tables of this step (host numpy). Host mode: resolved from
         the counters in `optimizer.state` (by the kernel itself on the CPU), in two arrays kept
         for the plan's life and rewritten in place (a host-mode launch reads or copies them
         before it returns); capturable mode: fresh arrays, which upload() compares with the
         last ones, and the kernel resolves the counters. `grad_pointers`: the gradients'
         addresses where steady_grad_pointers vouched for them; otherwise gradients in another
-        dtype or layout than their parameter are converted."""
+        dtype or layout than their parameter are converted. `spreads`: relative rows' spreads
+        measured before another optimizer's update (relative.measure_before_update)."""
         if grad_pointers is None:
             self._grads = self._local_grads(grads)
             grad_pointers = [t.data_ptr() for t in self._grads]
@@ -871,6 +899,13 @@ class _BucketPlan:
             ints[:, T.I_FLAGS] = group_ints[:, T.I_FLAGS] | np.where(grad_pointers % 16 == 0, self._static_alignment, 0)
         if self.live is None:
             held, live = self._counters()
+            if self._relative is not None:  # this step's scales of the relative rows (relative.py)
+                rows = self._relative.rows
+                scales = self._relative.scales(ints, live, spreads)
+                floats[rows, T.F_NEW_SCALE] = scales
+                row_scales = new_scales[0].copy()
+                row_scales[rows] = scales
+                new_scales = (row_scales, new_scales[1], row_scales.tolist())
             if self._kernel_resolves:
                 if live is not self._bound_live:  # a new mirror (the state dicts were changed)
                     ints[:, T.I_LIVE] = live.ctypes.data + self._live_offsets
@@ -921,7 +956,7 @@ class _BucketPlan:
             rows.append(row)
             # variability 0: every step is a num_iters-th step (no new noise; old noise removed)
             key.append((flags, group["num_iters"] if variability else 1, group["noise_type"],
-                        _DOUBLES.pack(*row), _DOUBLE.pack(variability)))
+                        _DOUBLES.pack(*row), _DOUBLE.pack(variability), bool(group.get("relative", False))))
         if key != self._group_key:
             g = self.group_of
             ints = self.static_ints.copy()
@@ -935,6 +970,15 @@ class _BucketPlan:
             floats[:, T.F_NEW_SCALE] = row_scales
             self._group_key = key
             self._group_tables = (ints, floats, (row_scales, new_types.tolist(), row_scales.tolist()))
+            relative_rows = np.flatnonzero(np.asarray([k[5] for k in key[1:]], dtype=bool)[g] & (row_scales != 0))
+            self._relative = None
+            if len(relative_rows):
+                if self.live is not None:
+                    raise ValueError(f"{type(opt).__name__}: relative=True is not supported with capturable "
+                                     "counters yet (the spread would be measured on the device at every "
+                                     "step); use capturable=False for relative groups")
+                self._relative = relative.RelativeScales(relative_rows, row_scales[relative_rows], self.params,
+                                                         self.param_tensors, self.states)
         return self._group_tables
 
     def _counters(self) -> tuple:

@@ -57,6 +57,8 @@ class CheckpointMixin:
         self._loaded = []  # a load sets it after this
         self._layout = None
         self._group_watch = V.GroupWatch()
+        self._spreads_before_update = None
+        self._work_before_update = None
 
     @property
     def seed(self) -> int:
