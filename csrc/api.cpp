@@ -60,7 +60,6 @@ std::string invalid_arguments(int op, int dtype_code, const int64_t* ints, const
   if (num_blocks > 0 && num_rows == 0) return "blocks given for a table of no rows";
   if (num_rows > 0 && (ints == nullptr || floats == nullptr)) return "null table pointer";
   if (num_blocks > 0 && blocks == nullptr) return "null block table pointer";
-  if (commit_rows > 0 && op == nvrm::kOpNoise) return "OP_NOISE launches commit no counters";
   if (sample_rows > 0 && samples == nullptr) return "null sample pointer";
   return {};
 }

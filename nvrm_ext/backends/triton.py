@@ -569,8 +569,6 @@ class TritonBackend:
         per step: there the caller's host tables are what can be checked."""
         if op not in (T.OP_SGD, T.OP_ADAM, T.OP_NOISE):
             raise ValueError(f"unknown op {op}")
-        if op == T.OP_NOISE and commit_rows:
-            raise ValueError("OP_NOISE launches commit no counters")
         T.check_table_types(ints.device, ints, floats, blocks, commit_rows, samples, dtype)
         if ints.device.type == "cpu":
             T.check_table_contents(op, dtype, T.host_view(ints), T.host_view(floats), T.host_view(blocks),

@@ -2,5 +2,6 @@ from .amp import FusedAMP
 from .base import NeuralVariableOptimizer, WeightsChangedError
 from .vadam import FusedVAdam
 from .vsgd import FusedVSGD
+from .wrapper import NVRM
 
-__all__ = ["FusedVSGD", "FusedVAdam", "FusedAMP", "NeuralVariableOptimizer", "WeightsChangedError"]
+__all__ = ["FusedVSGD", "FusedVAdam", "FusedAMP", "NVRM", "NeuralVariableOptimizer", "WeightsChangedError"]

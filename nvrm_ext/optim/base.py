@@ -175,6 +175,9 @@ class NeuralVariableOptimizer(Optimizer):
     """
 
     _op: int
+    # True where another optimizer's update runs between check_weights_before_update() and the
+    # step (NVRM): the step then trusts the weights, which that update changed on purpose.
+    _checks_weights_first = False
 
     def __init__(self, params, defaults: dict, *, seed: int | None, backend: str, denoise: bool,
                  capturable: bool = False):
@@ -605,7 +608,8 @@ class NeuralVariableOptimizer(Optimizer):
             if work is None:
                 return
         for bucket, _, plan, _, _ in work:  # all before any launch: an error changes nothing
-            if not _capturing(bucket[0]) and not plan.weights_unchanged():
+            # (weights_unchanged() also reads the version counters record_weights builds on)
+            if not _capturing(bucket[0]) and not plan.weights_unchanged() and not self._checks_weights_first:
                 self._check_weights(plan.params, plan.states, plan.param_tensors)
         tables = [plan.tables(grads, grad_pointers) for _, _, plan, grads, grad_pointers in work]
         for (bucket, _, plan, _, _), (ints, _) in zip(work, tables):
@@ -621,6 +625,23 @@ class NeuralVariableOptimizer(Optimizer):
                 plan.record_weights()
         if self._loaded:
             weights.forget_stepped(self)
+
+    @_compiler.disable
+    def check_weights_before_update(self) -> None:
+        """What a step checks before it changes anything -- the param groups, the seed, a load's
+        samples, weights rewritten since our last operation -- for a caller (NVRM) that runs
+        another optimizer's update on the weights before this optimizer's step."""
+        if self._held is not None:
+            raise RuntimeError(f"{type(self).__name__}.step() while the noise is removed (remove_noise(), or "
+                               "inside denoised()): the forward pass must see the noisy weights; call "
+                               "restore_noise() (or leave the denoised() block) first")
+        self._group_watch.validate(self.param_groups, self._validate_group)
+        self._sync_seed()
+        if self._loaded or self._layout is None:
+            weights.reconcile(self)
+        for plan in self._plans.values():
+            if plan.params and not _capturing(plan.params[0].device) and not plan.weights_unchanged():
+                self._check_weights(plan.params, plan.states, plan.param_tensors)
 
     def _prepare_work(self):
         """The full path of a step: validate every gradient, bucket the parameters by (device,
@@ -690,7 +711,7 @@ class NeuralVariableOptimizer(Optimizer):
         if any(self.state.values()) or not members:
             return False
         for group in self.param_groups:
-            lr = group["lr"]
+            lr = group.get("lr", 1.0)  # an optimizer without an lr (NVRM's inner one) never has such a step
             if isinstance(lr, torch.Tensor):
                 if _capturing(lr.device):
                     return False
