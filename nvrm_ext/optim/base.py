@@ -9,6 +9,7 @@ the new noise.
 """
 from __future__ import annotations
 
+import collections
 import itertools
 import operator
 import struct
@@ -28,7 +29,7 @@ from . import validation as V
 from .checkpoint import (NOISY_COMPENSATION_KEY, NOISY_KEYS, NOISY_PARAM_KEY, NOISY_STEP_KEY,  # noqa: F401
                          STATE_DICT_KEY, CheckpointMixin, _host_counters)
 from .denoise import DenoiseMixin, _REMOVALS  # noqa: F401
-from .params import (_capturing, _compensation, _fp32, _global_offset, _is_dense, _is_dtensor,  # noqa: F401
+from .params import (_capture_underway, _capturing, _compensation, _fp32, _global_offset, _is_dense, _is_dtensor,  # noqa: F401
                      _local, _number, _pinned_like, _refuse_capture)
 from .records import WeightRecordsMixin, WeightsChangedError, _samples_differ  # noqa: F401
 from .seed import SEED_KEY, broadcast_seed, draw_seed, is_seed as _is_seed
@@ -37,15 +38,16 @@ BACKENDS = NVRM_BACKENDS
 _MAX_CACHED_LAYOUTS = 32  # block tables kept per optimizer (one per bucket in steady state)
 # C-level getters for the per-tensor scans of a steady step (a Python-level loop costs several times more)
 _GRAD = operator.attrgetter("grad")
+_PARAMS = operator.itemgetter("params")
 _VERSION = operator.attrgetter("_version")
 _DTYPE = operator.attrgetter("dtype")
 _SHAPE = operator.attrgetter("shape")
 _STRIDE = torch.Tensor.stride
 _DATA_PTR = torch.Tensor.data_ptr
 _ROW_PARAM = operator.itemgetter(2)  # the param of a (key, group, param, grad) row
-_PLAIN_TENSOR = {torch.Tensor}
 _increment_versions = torch._C._increment_version  # torch.autograd.graph.increment_version's C call: a list in one go
 _HOST_COUNTER_KEYS = T.LIVE_STATE_KEYS[:T.L_FRESH]  # what optimizer.state holds in host mode
+_exhaust = collections.deque(maxlen=0).extend  # runs an iterator to its end in C
 _DOUBLES = struct.Struct(f"{T.FLOAT_COLUMNS}d")  # a group's float row, compared bit for bit
 _DOUBLE = struct.Struct("d")
 
@@ -153,8 +155,8 @@ class NeuralVariableOptimizer(CheckpointMixin, DenoiseMixin, WeightRecordsMixin,
 
 
     def _flat_params(self) -> list:
-        """The parameters in state_dict index order."""
-        return [p for group in self.param_groups for p in group["params"]]
+        """The parameters in state_dict index order (flattened in C: a steady step lists them)."""
+        return list(itertools.chain.from_iterable(map(_PARAMS, self.param_groups)))
 
     def _host_lr(self, group: dict) -> float:
         """The lr a table row carries. A tensor lr is read on the host (a device sync) except
@@ -206,12 +208,14 @@ class NeuralVariableOptimizer(CheckpointMixin, DenoiseMixin, WeightRecordsMixin,
             raise RuntimeError(f"{type(self).__name__}.step() while the noise is removed (remove_noise(), or "
                                "inside denoised()): the forward pass must see the noisy weights; call "
                                "restore_noise() (or leave the denoised() block) first")
-        if not self._capturable:
+        if not self._capturable and _capture_underway():  # the message only then: a step's host time counts
             _refuse_capture(f"{type(self).__name__}.step() with capturable=False: its step counters "
                             "live on the host, so every replay would re-apply the captured step's "
                             "noise; construct the optimizer with capturable=True")
-        grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
+        # GradScaler's fused protocol sets these on the instance (and deletes them after the step):
+        # a dict lookup, not a getattr that raises AttributeError at every other step
+        grad_scale = self.__dict__.get("grad_scale")
+        found_inf = self.__dict__.get("found_inf")
         if (grad_scale is not None or found_inf is not None) and not self._capturable:
             raise RuntimeError(
                 f"{type(self).__name__}: grad_scale / found_inf need capturable=True (the step "
@@ -336,7 +340,7 @@ class NeuralVariableOptimizer(CheckpointMixin, DenoiseMixin, WeightRecordsMixin,
         if not all(map(operator.is_, params, layout.params)):
             return None
         grads = list(map(_GRAD, params))
-        if any(grads[i] is not None for i in layout.absent):
+        if layout.absent and any(grads[i] is not None for i in layout.absent):
             return None
         work = []
         for bucket, backend, plan, pick in layout.buckets:
@@ -636,9 +640,10 @@ class _BucketPlan:
         self.state_signatures = [opt._state_signature(group) for group in self.groups]
         # what steady_grad_pointers compares: the parameters' dtype, shapes, strides, addresses;
         # None for DTensor parameters, whose local shards take the full path at every step
+        # (lists compared whole: types and dtypes are singletons, so equal lists compare by identity)
         self._steady_meta = None if any(map(_is_dtensor, self.params)) else (
-            {dtype}, list(map(_SHAPE, self.param_tensors)), list(map(_STRIDE, self.param_tensors)),
-            self.static_ints[:, T.I_PARAM].tolist())
+            [torch.Tensor] * len(plans), [dtype] * len(plans), list(map(_SHAPE, self.param_tensors)),
+            list(map(_STRIDE, self.param_tensors)), self.static_ints[:, T.I_PARAM].tolist())
         self._static_alignment = T.alignment_flags(self.static_ints)  # the gradient address (0) aside
         self._group_key = None     # the groups' hyperparameters behind self._group_tables
         # (ints, floats, (row scales, the types and scales the state dicts get)) before the per-step columns
@@ -647,6 +652,7 @@ class _BucketPlan:
         self._committed = None     # host mode: (counter columns written by commit(), their array)
         self._host_tables = None   # host mode: (the group tables they were made from, ints, floats)
         self._bound_live = None    # host mode on the CPU: the counter mirror whose rows I_LIVE points to
+        self._tabled_pointers = None  # host mode on the CPU: the gradient addresses in the host tables
         self._prepared = None      # host mode on the CPU: (the host tables, seed, their prepared launch)
         self._fresh = bool(self.momentum_init.any())  # some momentum buffer not used yet
         self.live = None
@@ -847,9 +853,9 @@ class _BucketPlan:
         tensors must be the ones the rows point at (a momentum buffer replaced in the dict)."""
         if self._steady_meta is None:
             return None
-        dtypes, shapes, strides, addresses = self._steady_meta
+        types, dtypes, shapes, strides, addresses = self._steady_meta
         try:
-            if (set(map(type, grads)) != _PLAIN_TENSOR or set(map(_DTYPE, grads)) != dtypes
+            if (list(map(type, grads)) != types or list(map(_DTYPE, grads)) != dtypes
                     or list(map(_SHAPE, grads)) != shapes or list(map(_STRIDE, grads)) != strides):
                 return None
         except RuntimeError:  # sparse gradients have no strides
@@ -859,7 +865,7 @@ class _BucketPlan:
                 or [self.opt._state_signature(group) for group in self.groups] != self.state_signatures):
             return None
         if self.backend is TORCH and (list(map(_SHAPE, params)) != shapes or list(map(_STRIDE, params)) != strides
-                                      or set(map(_DTYPE, params)) != dtypes):
+                                      or list(map(_DTYPE, params)) != dtypes):
             return None  # its torch ops read the parameters as they are now, not the storage the plan kept
         states = self.states
         try:
@@ -869,7 +875,7 @@ class _BucketPlan:
                     return None
         except KeyError:  # a state tensor deleted from its dict
             return None
-        return np.fromiter(map(_DATA_PTR, grads), np.int64, len(grads))
+        return list(map(_DATA_PTR, grads))
 
     def tables(self, grads, grad_pointers=None, spreads=None):
         """The int64 and float32 tables of this step (host numpy). Host mode: resolved from
@@ -886,17 +892,23 @@ class _BucketPlan:
         else:
             self._grads = grads
         group_ints, group_floats, new_scales = self._group_columns()
-        grad_pointers = np.asarray(grad_pointers, dtype=np.int64)
         if self.live is None:
             if self._host_tables is None or self._host_tables[0] is not group_ints:
                 self._host_tables = (group_ints, group_ints.copy(), group_floats.copy())
                 self._bound_live = None
+                self._tabled_pointers = None
             _, ints, floats = self._host_tables
         else:
             ints, floats = group_ints.copy(), group_floats.copy()
-        ints[:, T.I_GRAD] = grad_pointers
-        if self.backend.uses_alignment_flag:  # tables.alignment_flags(ints): only the gradients' addresses change
-            ints[:, T.I_FLAGS] = group_ints[:, T.I_FLAGS] | np.where(grad_pointers % 16 == 0, self._static_alignment, 0)
+        # Where the kernel resolves the counters, nothing but this writes the host tables' gradient
+        # and flag columns: with the same addresses as at the last step (the same gradient tensors)
+        # they hold them already. Elsewhere resolve_rows rewrites the flags; capturable tables are new.
+        if not (self._kernel_resolves and grad_pointers == self._tabled_pointers):
+            addresses = np.asarray(grad_pointers, dtype=np.int64)
+            ints[:, T.I_GRAD] = addresses
+            if self.backend.uses_alignment_flag:  # tables.alignment_flags(ints): only the gradients' addresses change
+                ints[:, T.I_FLAGS] = group_ints[:, T.I_FLAGS] | np.where(addresses % 16 == 0, self._static_alignment, 0)
+            self._tabled_pointers = grad_pointers if self._kernel_resolves else None
         if self.live is None:
             held, live = self._counters()
             if self._relative is not None:  # this step's scales of the relative rows (relative.py)
@@ -1023,8 +1035,7 @@ class _BucketPlan:
         columns = live[:, :T.L_NOISE_TYPE].astype(np.int64).T.tolist() + [new_types, scale_values]
         for key, values, before in zip(_HOST_COUNTER_KEYS, columns, held or [None] * len(columns)):
             if values != before:  # steps always; noise type and scale only when a group changed them
-                for _ in map(operator.setitem, self.states, itertools.repeat(key), values):
-                    pass  # one write per state, looped in C
+                _exhaust(map(operator.setitem, self.states, itertools.repeat(key), values))  # looped in C
         self._committed = (columns, live)
         if self._fresh:
             self.momentum_init[:] = False

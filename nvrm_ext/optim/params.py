@@ -84,12 +84,16 @@ def _global_offset(p) -> int:
     return int(offset[0]) * math.prod(p.shape[1:]) if p.dim() else 0
 
 
+def _capture_underway() -> bool:
+    """Whether a CUDA graph is being captured on the current stream (the check of torch.optim's
+    _cuda_graph_capture_health_check)."""
+    return (torch.backends.cuda.is_built() and torch.cuda.is_available() and not _compiler.is_compiling()
+            and torch.cuda.is_current_stream_capturing())
+
+
 def _refuse_capture(why: str) -> None:
-    """Raise before anything changes if a CUDA graph is being captured on the current stream
-    (the check of torch.optim's _cuda_graph_capture_health_check)."""
-    if (torch.backends.cuda.is_built() and torch.cuda.is_available()
-            and not _compiler.is_compiling()
-            and torch.cuda.is_current_stream_capturing()):
+    """Raise before anything changes if a CUDA graph is being captured on the current stream."""
+    if _capture_underway():
         raise RuntimeError(f"CUDA graph capture of {why}")
 
 
