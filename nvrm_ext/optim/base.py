@@ -33,6 +33,10 @@ from .params import (_capture_underway, _capturing, _compensation, _fp32, _globa
                      _local, _number, _pinned_like, _refuse_capture)
 from .records import WeightRecordsMixin, WeightsChangedError, _samples_differ  # noqa: F401
 from .seed import SEED_KEY, broadcast_seed, draw_seed, is_seed as _is_seed
+from .launch.bucket import BlockTables, launch
+from .launch.capturable import launch_capturable
+from .launch.plan import UpdateRule, _BucketPlan
+from .launch.steady import _StepLayout, steady_work
 
 BACKENDS = NVRM_BACKENDS
 _MAX_CACHED_LAYOUTS = 32  # block tables kept per optimizer (one per bucket in steady state)
@@ -84,7 +88,7 @@ class NeuralVariableOptimizer(CheckpointMixin, DenoiseMixin, WeightRecordsMixin,
         if not isinstance(capturable, bool):
             raise ValueError(f"Invalid capturable: {capturable!r} (expected True or False)")
         self._capturable = capturable
-        self._block_tables: dict = {}
+        self._block_tables = BlockTables()
         self._plans: dict = {}
         self._retired_plans: list = []  # replaced plans a captured CUDA graph may still replay
         self._held = None  # while the noise is removed: [(param, noisy copy, compensation copy | None)]
@@ -256,12 +260,13 @@ class NeuralVariableOptimizer(CheckpointMixin, DenoiseMixin, WeightRecordsMixin,
         tables = [plan.tables(grads, grad_pointers, spreads) for _, _, plan, grads, grad_pointers in work]
         for (bucket, _, plan, _, _), (ints, _) in zip(work, tables):
             if plan.live is None:
-                plan.ready_host_launch(bucket, ints)
+                plan.ready_host_launch(bucket, ints, self._seed)
         for (bucket, backend, plan, grads, _), (ints, floats) in zip(work, tables):
             if plan.live is None:
-                plan.host_launch(bucket, ints, floats)
+                plan.host_launch(bucket, ints, floats, self._seed)
             else:
-                self._launch_live(backend, bucket, plan, grads, ints, floats, grad_scale, found_inf)
+                launch_capturable(plan, backend, bucket, grads, ints, floats, self._seed, grad_scale, found_inf,
+                                  owner=type(self).__name__)
             if not _capturing(bucket[0]):  # a replay cannot bump them: see bump_versions
                 plan.bump_versions()
                 plan.record_weights()
@@ -315,46 +320,19 @@ class NeuralVariableOptimizer(CheckpointMixin, DenoiseMixin, WeightRecordsMixin,
         if state_only:
             self._layout = None
             return None
-        self._layout = _StepLayout(self, [[key for key, _, _, _ in rows] for rows in members.values()], work)
+        self._layout = _StepLayout(self.state, self.param_groups, self._flat_params(), [[key for key, _, _, _ in rows] for rows in members.values()], work)
         return work
 
+
     def _steady_work(self):
-        """The work of a step laid out like the last full one -- the same groups, the same
-        parameters with gradients, in the same buckets and plans -- found with a few C-level
-        scans instead of the full path's per-tensor validation (issue 11: a step's host time
-        must not exceed torch's fused step). The buckets keep the backends the full path
-        resolved (what can run where does not change within a process). Returns [(bucket,
-        backend, plan, grads, grad addresses)], or None: then _prepare_work validates (raising
-        its errors) and rebuilds."""
-        layout = self._layout
-        state = self.state
-        if (layout is None or state is not layout.state or len(state) != len(layout.state_keys)
-                or not all(map(operator.is_, state, layout.state_keys))
-                or not all(map(operator.is_, state.values(), layout.state_values))):
-            return None
-        groups = self.param_groups
-        if (len(groups) != len(layout.groups) or not all(map(operator.is_, groups, layout.groups))
-                or [len(group["params"]) for group in groups] != layout.lengths):
-            return None
-        params = self._flat_params()
-        if not all(map(operator.is_, params, layout.params)):
-            return None
-        grads = list(map(_GRAD, params))
-        if layout.absent and any(grads[i] is not None for i in layout.absent):
-            return None
-        work = []
-        for bucket, backend, plan, pick in layout.buckets:
-            if not (plan.refs_see_cleared_states or all(plan.states)):  # a dict cleared in place: rebuild
-                return None
-            bucket_grads = grads if pick is None else pick(grads)
-            grad_pointers = plan.steady_grad_pointers(bucket_grads)
-            if grad_pointers is None:
-                return None
-            work.append((bucket, backend, plan, bucket_grads, grad_pointers))
-        seed = self._seed  # the groups' (_sync_seed); any other value takes the full path
-        if not all(group.get(SEED_KEY) == seed for group in groups):
-            return None
-        return work
+        """The work of a step laid out like the last full one (launch/steady.py), or None."""
+        return steady_work(self._layout, self.state, self.param_groups, self._flat_params, self._seed)
+
+    def _launch(self, backend, op: int, bucket, rows, ints: np.ndarray, floats: np.ndarray,
+                blocks=None, *, commit_rows: int = 0, samples=None) -> None:
+        """One launch over the rows of one bucket with this optimizer's seed (launch/plan.py)."""
+        launch(backend, op, bucket, rows, ints, floats, self._seed, blocks, self._block_tables,
+               commit_rows=commit_rows, samples=samples)
 
     def _is_state_init_step(self, members: dict) -> bool:
         """torch.distributed.checkpoint's _init_optim_state (get_/set_optimizer_state_dict on a
@@ -374,26 +352,6 @@ class NeuralVariableOptimizer(CheckpointMixin, DenoiseMixin, WeightRecordsMixin,
         return not any(bool(torch.any(_local(g) != 0)) for bucket_members in members.values()
                        for _, _, _, g in bucket_members)
 
-    def _launch_live(self, backend, bucket, plan: "_BucketPlan", grads, ints, floats, grad_scale, found_inf):
-        """Capturable mode: bring the persistent device tables up to date, then one launch that
-        resolves, updates and commits (the commit is a second small kernel on CUDA / Triton);
-        nothing is read back to the host."""
-        device, dtype = bucket
-        if not backend.capturable and _capturing(device):
-            raise RuntimeError(f"{type(self).__name__}: the 'torch' backend reads the counters on the host "
-                               "and cannot be captured in a CUDA graph; use backend='cuda' or 'triton'")
-        plan.upload(ints, floats)
-        plan.refresh_tensor_lrs()
-        scale, skip = (None if t is None else t.to(device=device, dtype=torch.float32, non_blocking=True)
-                       for t in (grad_scale, found_inf))
-        backend.launch(self._op, dtype, plan.device_ints, plan.device_floats, plan.blocks, self._seed,
-                       rows=plan.rows, live=plan.live, commit_rows=len(plan.params), grad_scale=scale,
-                       found_inf=skip, samples=plan.samples)
-        if scale is not None:
-            plan.write_back_converted(grads, skip)
-            if backend.writes_through_addresses and not _capturing(device):  # it unscaled them in place
-                _increment_versions(plan._grads)
-        plan.release_grads()
 
     def _bucket_plan(self, bucket, members, backend) -> "_BucketPlan":
         """The cached launch data of a bucket, rebuilt when anything it holds an address of or
@@ -413,7 +371,10 @@ class NeuralVariableOptimizer(CheckpointMixin, DenoiseMixin, WeightRecordsMixin,
                            "still update the old copy: capture them again")
             if plan is not None:  # a reset state got its noise back before (weights.refill_cleared)
                 plan.spill_weights_record(self._records)
-            plan = self._plans[bucket] = _BucketPlan(self, members, backend)
+            plan = self._plans[bucket] = _BucketPlan(
+                UpdateRule(self._op, self._state_signature, self._state_tensors, self._group_row), members,
+                backend, states=self.state, denoise=self._denoise, capturable=self._capturable,
+                block_tables=self._block_tables, owner=type(self).__name__)
             plan.signature = self._plan_signature(members)  # with the state dicts it created
         return plan
 
@@ -484,561 +445,3 @@ class NeuralVariableOptimizer(CheckpointMixin, DenoiseMixin, WeightRecordsMixin,
                       for (key, group, p, _), t in zip(members, tensors)),
                 tuple((gid, self._state_signature(group)) for gid, group in groups.items()))
 
-    def _launch(self, backend, op: int, bucket, rows, ints: np.ndarray, floats: np.ndarray,
-                blocks=None, *, commit_rows: int = 0, samples=None) -> None:
-        """One launch over the rows of one bucket. `rows`: what the torch backend reads per row,
-        or a function that makes them (the fused backends never need them); `blocks`: the block
-        table, where the caller keeps it; `commit_rows`, `samples`: see CompiledBackend.launch
-        (fused backends only)."""
-        if len(ints) == 0:
-            return
-        device, dtype = bucket
-        if blocks is None and backend.block_size:
-            blocks = self._block_table(backend, device, ints)
-        if not backend.host_tables:
-            ints, floats = T.to_device(ints, device), T.to_device(floats, device)
-        backend.launch(op, dtype, ints, floats, blocks, self._seed, rows=rows, commit_rows=commit_rows,
-                       samples=samples)
-
-    def _block_table(self, backend, device: torch.device, ints: np.ndarray) -> torch.Tensor:
-        """The block table of these rows' sizes and offsets on `device`, cached per layout."""
-        numels = tuple(ints[:, T.I_NUMEL].tolist())
-        offsets = tuple(ints[:, T.I_OFFSET].tolist())
-        layout = (device, backend.name, numels, offsets)
-        blocks = self._block_tables.get(layout)
-        if blocks is None:
-            if len(self._block_tables) >= _MAX_CACHED_LAYOUTS:  # layouts that keep changing
-                self._block_tables.clear()
-            array = T.build_block_table(numels, offsets, backend.block_size)
-            blocks = self._block_tables[layout] = T.to_device(array, device)
-        return blocks
-
-
-class _StepLayout:
-    """Who took part in the last full step: the groups and parameters (by identity), which
-    parameters had no gradient, and each bucket's plan with the positions of its rows among the
-    parameters. _steady_work compares a step with it; the plans vouch for the rest
-    (_BucketPlan.steady_grad_pointers)."""
-
-    def __init__(self, opt: NeuralVariableOptimizer, bucket_rows: list, work: list):
-        self.state = opt.state
-        # which state dict each parameter has (the plans hold the dicts), read without hashing a tensor
-        self.state_keys = list(opt.state)
-        self.state_values = list(opt.state.values())
-        self.groups = list(opt.param_groups)
-        self.lengths = [len(group["params"]) for group in self.groups]
-        self.params = opt._flat_params()  # a row's key is its position here
-        present = {key for rows in bucket_rows for key in rows}
-        self.absent = [key for key in range(len(self.params)) if key not in present]
-        everything = list(range(len(self.params)))
-        self.buckets = [(bucket, backend, plan, None if rows == everything else _picker(rows))
-                        for rows, (bucket, backend, plan, _, _) in zip(bucket_rows, work)]
-
-
-def _picker(rows: list):
-    """A function taking the items at positions `rows` out of a list, in C (itemgetter)."""
-    getter = operator.itemgetter(*rows)
-    return (lambda items: (getter(items),)) if len(rows) == 1 else getter
-
-
-class _BucketPlan:
-    """Launch data of one (device, dtype) bucket, built once while its parameters and their
-    state tensors stay the same. Per step only a few columns change -- gradient addresses,
-    step counters, flags, hyperparameters -- and they are written with numpy into tables kept
-    for the plan's life, so the host cost of a step is about a microsecond per tensor
-    (bench/test_host_overhead.py).
-
-    Host mode: the counters live in `optimizer.state`; each step reads them (a float64 mirror,
-    reused while the dicts hold what the last step wrote), resolves them into the tables
-    (tables.resolve_rows; on the CPU the kernel does it from the mirror) and commits them
-    after the launch. Capturable mode: they live in `self.live` on the device (the state holds
-    views of it), the tables stay on the device and the kernel resolves and commits the
-    counters itself, so a step needs nothing from the host and can be captured in a CUDA graph.
-    Either way the launch also copies a few elements of every parameter (tables.SAMPLE_SIZE),
-    which the weight records keep (record_weights).
-    """
-
-    def __init__(self, opt: NeuralVariableOptimizer, members, backend):
-        self.signature = None
-        self.backend = backend
-        self.params = [p for _, _, p, _ in members]
-        self.states = []
-        group_ids: dict = {}
-        group_of, momentum_init, plans = [], [], []
-        for key, group, p, _ in members:
-            state = opt.state[p]
-            for extra in NOISY_KEYS:  # put in by a loader other than ours (ZeRO): its noise_step says 0
-                state.pop(extra, None)
-            if len(state) == 0:
-                state["step"] = 0
-                state["noise_step"] = 0
-                state["noise_type"] = spec.noise_type_code(group["noise_type"])
-                state["noise_scale"] = float(group["variability"])
-            tensors, fresh_buffer = opt._state_tensors(group, p, state)
-            compensation = _compensation(p, state)
-            self.states.append(state)
-            group_of.append(group_ids.setdefault(id(group), len(group_ids)))
-            momentum_init.append(fresh_buffer)
-            plans.append(T.TensorPlan(param=_local(p), grad=None, states=tuple(_local(t) for t in tensors),
-                                      key=key, old_step=0, new_step=0, flags=0,
-                                      floats=(0.0,) * T.FLOAT_COLUMNS, offset=_global_offset(p),
-                                      compensation=_local(compensation)))
-        self.opt = opt
-        self.groups = [None] * len(group_ids)
-        for _, group, _, _ in members:
-            self.groups[group_ids[id(group)]] = group
-        self.group_of = np.asarray(group_of, dtype=np.int64)
-        self.momentum_init = np.asarray(momentum_init, dtype=bool)
-        self.static_ints, _ = T.build_rows(plans)
-        self.row_tensors = [(plan.param, plan.states, plan.compensation) for plan in plans]
-        self.param_tensors = [plan.param for plan in plans]  # the local tensors (DTensor shards)
-        self.layouts = [(t.dtype, tuple(t.shape), t.stride()) for t in self.param_tensors]
-        # the storages the rows point at, alive as long as the plan: no other tensor can be allocated
-        # at a row's address while the plan may still launch on it (steady_grad_pointers)
-        self._kept_storages = [t.detach() for t in self.param_tensors]
-        # the state tensors the rows point at, per key any row has: replaced ones make the plan stale.
-        # (getter, key, tensors): an itemgetter where every row has the key, else None (dict.get)
-        self._state_refs = [
-            (operator.itemgetter(key) if all(key in state for state in self.states) else None, key,
-             [state.get(key) for state in self.states])
-            for key in V.STATE_TENSOR_KEYS if any(key in state for state in self.states)]
-        # a key every row has: a dict cleared in place fails its scan (KeyError), no emptiness scan needed
-        self.refs_see_cleared_states = any(getter is not None for getter, _, _ in self._state_refs)
-        device, dtype = plans[0].param.device, plans[0].param.dtype
-        # weight samples after each step (tables.SAMPLE_SIZE): a fused launch copies them into
-        # self.samples itself (kept for the plan's life, so a captured graph's replays refresh
-        # them too); the torch backend gathers views. Row r's sample starts at _sample_starts[r].
-        counts = [min(T.SAMPLE_SIZE, t.numel()) for t in self.param_tensors]
-        if backend is TORCH:
-            self.samples = None
-            self._sample_views = [T.sample_view(t) for t in self.param_tensors]
-            self._sample_starts = np.cumsum([0] + counts[:-1]).tolist()
-        else:
-            self.samples = torch.zeros((len(plans), T.SAMPLE_SIZE), dtype=dtype, device=device)
-            self._flat_samples = self.samples.view(-1)
-            self._sample_views = None
-            self._sample_starts = list(range(0, len(plans) * T.SAMPLE_SIZE, T.SAMPLE_SIZE))
-        self._sample_counts = counts
-        self.weights_record = None  # (version counters, flat samples) after our last step
-        # the parameters a fused launch writes through raw addresses, for bump_versions (the
-        # torch backend's in-place ops bump their own counters)
-        self._written = [] if backend is TORCH else list(self.param_tensors)
-        # whether bump_versions advances each parameter's counter by exactly one (views and
-        # detached aliases share a counter): found at the first record_weights, None until then
-        self._bumps_once = None
-        # Host mode on the CPU (the compiled library, or Triton's interpreter): host memory is
-        # the kernel's memory, so the kernel resolves and commits the counters itself (as in
-        # capturable mode) from the plan's float64 mirror of the state dicts (_counters);
-        # elsewhere tables.resolve_rows / commit_rows do it here.
-        self._kernel_resolves = not opt._capturable and backend is not TORCH and device.type == "cpu"
-        self._live_offsets = np.arange(len(plans), dtype=np.int64) * (T.LIVE_COLUMNS * np.dtype(np.float64).itemsize)
-        self._versions_read = None  # the counters weights_unchanged() read during this step
-        self._converted = [None] * len(plans)  # gradients in another dtype or layout, converted
-        self._grads = None
-        self._pending = None
-        self.host_blocks = None  # host mode: the block table of the fused launch (sizes are fixed)
-        self.state_signatures = [opt._state_signature(group) for group in self.groups]
-        # what steady_grad_pointers compares: the parameters' dtype, shapes, strides, addresses;
-        # None for DTensor parameters, whose local shards take the full path at every step
-        # (lists compared whole: types and dtypes are singletons, so equal lists compare by identity)
-        self._steady_meta = None if any(map(_is_dtensor, self.params)) else (
-            [torch.Tensor] * len(plans), [dtype] * len(plans), list(map(_SHAPE, self.param_tensors)),
-            list(map(_STRIDE, self.param_tensors)), self.static_ints[:, T.I_PARAM].tolist())
-        self._static_alignment = T.alignment_flags(self.static_ints)  # the gradient address (0) aside
-        self._group_key = None     # the groups' hyperparameters behind self._group_tables
-        # (ints, floats, (row scales, the types and scales the state dicts get)) before the per-step columns
-        self._group_tables = None
-        self._relative = None      # relative.RelativeScales of the rows whose group has relative=True
-        self._committed = None     # host mode: (counter columns written by commit(), their array)
-        self._host_tables = None   # host mode: (the group tables they were made from, ints, floats)
-        self._bound_live = None    # host mode on the CPU: the counter mirror whose rows I_LIVE points to
-        self._tabled_pointers = None  # host mode on the CPU: the gradient addresses in the host tables
-        self._prepared = None      # host mode on the CPU: (the host tables, seed, their prepared launch)
-        self._fresh = bool(self.momentum_init.any())  # some momentum buffer not used yet
-        self.live = None
-        if opt._capturable:
-            self._init_live(plans[0].param.device)
-
-    def noise_on_weights(self) -> dict:
-        """id(param) -> (noise step, type code, scale, 16-bit compensation buffer | None) of the
-        noise this plan's last step left on its parameters, from its own copy of the counters
-        (the state dicts may have been cleared since); empty when it has none."""
-        if self.live is not None:
-            rows = self.live.cpu().tolist()
-        elif self._committed is not None:
-            rows = self._committed[1].tolist()
-        else:
-            return {}
-        return {id(p): (int(row[T.L_NOISE_STEP]), int(row[T.L_NOISE_TYPE]), row[T.L_NOISE_SCALE], compensation)
-                for p, row, (_, _, compensation) in zip(self.params, rows, self.row_tensors) if row[T.L_NOISE_STEP]}
-
-    # ------------------------------------------------------------------ capturable mode
-    def _init_live(self, device: torch.device) -> None:
-        """Move the counters to the device: `self.live` [T, LIVE_COLUMNS] float64, the state
-        entries become views of it, and the tables get persistent device copies."""
-        n = len(self.params)
-        host = np.zeros((n, T.LIVE_COLUMNS), dtype=np.float64)
-        carried = []  # (row, column, tensor): counters already on the device (an earlier plan)
-        for row, (state, fresh) in enumerate(zip(self.states, self.momentum_init)):
-            if "momentum_buffer" in state:
-                state.setdefault("momentum_fresh", bool(fresh))
-            for column, key in enumerate(T.LIVE_STATE_KEYS):
-                value = state.get(key, 0)
-                if isinstance(value, torch.Tensor):
-                    carried.append((row, column, value))
-                else:
-                    host[row, column] = value
-        self.live = torch.tensor(host, dtype=torch.float64, device=device)
-        if carried:
-            rows, columns, values = zip(*carried)
-            index = (torch.tensor(rows, device=device), torch.tensor(columns, device=device))
-            self.live.index_put_(index, torch.stack([v.to(device, torch.float64) for v in values]))
-        for row, state in enumerate(self.states):
-            for column, key in enumerate(T.LIVE_STATE_KEYS):
-                if key in state:
-                    state[key] = self.live[row, column]
-        self.static_ints[:, T.I_LIVE] = (self.live.data_ptr()
-                                         + np.arange(n, dtype=np.int64) * T.LIVE_COLUMNS * self.live.element_size())
-        self.device_ints = torch.zeros((n, T.INT_COLUMNS), dtype=torch.int64, device=device)
-        self.device_floats = torch.zeros((n, T.FLOAT_COLUMNS), dtype=torch.float32, device=device)
-        self.blocks = None
-        if self.backend is not TORCH:
-            numels = self.static_ints[:, T.I_NUMEL].tolist()
-            offsets = self.static_ints[:, T.I_OFFSET].tolist()
-            self.blocks = T.to_device(T.build_block_table(numels, offsets, self.backend.block_size), device)
-        self._group_rows = [torch.as_tensor(np.flatnonzero(self.group_of == g), device=device)
-                            for g in range(len(self.groups))]
-        self._uploaded = None     # the host tables last copied to the device
-        self._spare_staging = None if device.type == "cpu" else _pinned_like(
-            torch.from_numpy(self.static_ints), torch.from_numpy(np.zeros((n, T.FLOAT_COLUMNS), np.float32)))
-        self._graph_staging = []  # pinned copies captured in CUDA graphs: kept for their replays
-        # the storages a captured graph writes, kept even if a parameter gets another (p.data = ...)
-        self._param_storages = [param.detach() for param, _, _ in self.row_tensors]
-        self._graph_owned = False  # a captured upload may have run since: upload on every eager step
-
-    def upload(self, ints: np.ndarray, floats: np.ndarray) -> None:
-        """Copy changed host tables into the persistent device tables (same addresses, so
-        captured graphs keep reading them). Inside a capture the copy becomes part of the
-        graph -- from pinned buffers allocated beforehand and kept as long as the optimizer --
-        so each replay restores the tables it was captured with (e.g. the addresses of
-        gradients allocated in the graph's pool); eager steps then always upload."""
-        device = self.live.device
-        capturing = _capturing(device)
-        if (not capturing and not self._graph_owned and self._uploaded is not None
-                and np.array_equal(ints, self._uploaded[0]) and np.array_equal(floats, self._uploaded[1])):
-            return
-        host_ints, host_floats = torch.from_numpy(ints), torch.from_numpy(floats)
-        if device.type == "cpu":
-            self.device_ints.copy_(host_ints)
-            self.device_floats.copy_(host_floats)
-        elif capturing:
-            if self._spare_staging is None:
-                raise RuntimeError("nvrm_ext: no spare pinned buffer for a table upload inside this CUDA "
-                                   "graph capture (one step() per capture); run one step() eagerly "
-                                   "before each capture")
-            staging, self._spare_staging = self._spare_staging, None
-            staging[0].copy_(host_ints)  # host to pinned host: no device work
-            staging[1].copy_(host_floats)
-            self.device_ints.copy_(staging[0], non_blocking=True)
-            self.device_floats.copy_(staging[1], non_blocking=True)
-            self._graph_staging.append(staging)
-        else:
-            self.device_ints.copy_(host_ints.pin_memory(), non_blocking=True)
-            self.device_floats.copy_(host_floats.pin_memory(), non_blocking=True)
-            if self._spare_staging is None:
-                self._spare_staging = _pinned_like(host_ints, host_floats)
-        self._graph_owned = self._graph_owned or capturing
-        self._uploaded = None if capturing else (ints, floats)
-
-    def refresh_tensor_lrs(self) -> None:
-        """Groups whose lr is a tensor: copy it into their rows on the device, so a graph
-        replay (or an LR scheduler's in-place fill_) sees the current value."""
-        for group, rows in zip(self.groups, self._group_rows):
-            lr = group["lr"]
-            if isinstance(lr, torch.Tensor):
-                self.device_floats[rows, T.F_LR] = lr.to(self.live.device, torch.float32)
-
-    def write_back_converted(self, grads, found_inf) -> None:
-        """Gradients the kernel read through a conversion buffer (another dtype or layout than
-        the parameter): give them the unscaled values it wrote there, unless the step was skipped."""
-        for g, buffer in zip(grads, self._grads):
-            g = _local(g)
-            if g.data_ptr() != buffer.data_ptr():
-                unscaled = buffer.to(g.dtype)
-                g.copy_(unscaled if found_inf is None else torch.where(found_inf != 0, g, unscaled))
-
-    def release_grads(self) -> None:
-        self._grads = None
-
-    def weights_unchanged(self) -> bool:
-        """No parameter's version counter moved since our last step (state dicts and storage
-        addresses are fixed for the plan's life by its signature). Keeps the counters read
-        for record_weights."""
-        self._versions_read = list(map(_VERSION, self.param_tensors))
-        return self.weights_record is not None and self._versions_read == self.weights_record[0]
-
-    def bump_versions(self) -> None:
-        """Advance the version counters of the parameters a fused launch wrote, as an in-place
-        torch op would: autograd then refuses a backward through weights a step() changed after
-        the forward pass, and another owner of these parameters sees the change. One C call
-        (about 0.07 us per tensor). The state buffers and compensation, which autograd never
-        sees unless a user feeds them to a forward pass, are left as they are: bumping them too
-        would double or triple that cost at every step. Not inside a CUDA graph capture: a
-        replay runs the kernels only, so replays leave the counters as they are."""
-        if self._written:
-            _increment_versions(self._written)
-
-    def record_weights(self) -> None:
-        """Remember how our step left the weights: version counters (after bump_versions) and
-        samples. The counters of a fused launch are the ones weights_unchanged() read, plus
-        the one bump each, and it copied the samples itself; the torch backend's in-place ops
-        advanced the counters, and its samples are gathered here."""
-        versions = None
-        if self.samples is not None and self._versions_read is not None and self._bumps_once is not False:
-            versions = list(map(operator.add, self._versions_read, itertools.repeat(1)))
-            if self._bumps_once is None:  # the first time: see whether that is what the counters say
-                self._bumps_once = versions == list(map(_VERSION, self.param_tensors))
-                if not self._bumps_once:
-                    versions = None
-        if versions is None:
-            versions = list(map(_VERSION, self.param_tensors))
-        self._versions_read = None
-        samples = torch.cat(self._sample_views) if self.samples is None else self._flat_samples
-        self.weights_record = (versions, samples)
-
-    def spill_weights_record(self, records: dict) -> None:
-        """Move the plan's record into per-parameter records (NeuralVariableOptimizer._check_weights)."""
-        if self.weights_record is None:
-            return
-        versions, samples = self.weights_record
-        for p, state, start, count, version, address in zip(
-                self.params, self.states, self._sample_starts, self._sample_counts, versions,
-                self.static_ints[:, T.I_PARAM].tolist()):
-            records[id(p)] = ((id(state), version, address), samples, start, count)
-        self.weights_record = None
-
-    # ------------------------------------------------------------------ every step
-    def rows(self) -> list:
-        """(param, grad, states, compensation) per row, as the torch backend reads them (after tables())."""
-        return [(param, grad, states, comp) for (param, states, comp), grad in zip(self.row_tensors, self._grads)]
-
-    def _local_grads(self, grads) -> list:
-        """The gradients as the kernels read them: in the parameter's dtype and memory order."""
-        out = []
-        for row, ((param, _, _), g) in enumerate(zip(self.row_tensors, grads)):
-            g = _local(g)
-            if g.dtype != param.dtype or g.stride() != param.stride():
-                buffer = self._converted[row]
-                if buffer is None:
-                    buffer = self._converted[row] = torch.empty_like(param)
-                g = buffer.copy_(g)
-            out.append(g)
-        return out
-
-    def steady_grad_pointers(self, grads) -> list | None:
-        """The gradients' addresses if this plan fits the step as it is: every gradient a plain
-        tensor with exactly the dtype, shape and strides its parameter had when the plan was
-        built (read in place, nothing to convert), every parameter still at its address, every
-        group with the state needs the plan was built for -- with _steady_work's check of the
-        state dicts, what the full path's validation and plan signature check, compared as
-        whole lists. None otherwise (the full path then raises its errors, converts or rebuilds).
-
-        A parameter at the same address is taken as the storage the plan was built for: the
-        plan keeps every parameter's storage alive (_kept_storages), so no other allocation can
-        take that address, and `p.data = x` with `x` a view at p's own address (`p.data[:3]`,
-        other strides) leaves the kernel inside that storage, updating it as before -- the
-        gradient must keep the old layout to pass the check above; a gradient of the new
-        layout takes the full path, which refuses or rebuilds (_check_rows). (The torch backend
-        reads the parameters as they are now: there the layouts are compared.) And the state
-        tensors must be the ones the rows point at (a momentum buffer replaced in the dict)."""
-        if self._steady_meta is None:
-            return None
-        types, dtypes, shapes, strides, addresses = self._steady_meta
-        try:
-            if (list(map(type, grads)) != types or list(map(_DTYPE, grads)) != dtypes
-                    or list(map(_SHAPE, grads)) != shapes or list(map(_STRIDE, grads)) != strides):
-                return None
-        except RuntimeError:  # sparse gradients have no strides
-            return None
-        params = self.param_tensors
-        if (list(map(_DATA_PTR, params)) != addresses
-                or [self.opt._state_signature(group) for group in self.groups] != self.state_signatures):
-            return None
-        if self.backend is TORCH and (list(map(_SHAPE, params)) != shapes or list(map(_STRIDE, params)) != strides
-                                      or list(map(_DTYPE, params)) != dtypes):
-            return None  # its torch ops read the parameters as they are now, not the storage the plan kept
-        states = self.states
-        try:
-            for getter, key, tensors in self._state_refs:
-                now = map(getter, states) if getter is not None else map(dict.get, states, itertools.repeat(key))
-                if not all(map(operator.is_, now, tensors)):
-                    return None
-        except KeyError:  # a state tensor deleted from its dict
-            return None
-        return list(map(_DATA_PTR, grads))
-
-    def tables(self, grads, grad_pointers=None, spreads=None):
-        """The int64 and float32 tables of this step (host numpy). Host mode: resolved from
-        the counters in `optimizer.state` (by the kernel itself on the CPU), in two arrays kept
-        for the plan's life and rewritten in place (a host-mode launch reads or copies them
-        before it returns); capturable mode: fresh arrays, which upload() compares with the
-        last ones, and the kernel resolves the counters. `grad_pointers`: the gradients'
-        addresses where steady_grad_pointers vouched for them; otherwise gradients in another
-        dtype or layout than their parameter are converted. `spreads`: relative rows' spreads
-        measured before another optimizer's update (relative.measure_before_update)."""
-        if grad_pointers is None:
-            self._grads = self._local_grads(grads)
-            grad_pointers = [t.data_ptr() for t in self._grads]
-        else:
-            self._grads = grads
-        group_ints, group_floats, new_scales = self._group_columns()
-        if self.live is None:
-            if self._host_tables is None or self._host_tables[0] is not group_ints:
-                self._host_tables = (group_ints, group_ints.copy(), group_floats.copy())
-                self._bound_live = None
-                self._tabled_pointers = None
-            _, ints, floats = self._host_tables
-        else:
-            ints, floats = group_ints.copy(), group_floats.copy()
-        # Where the kernel resolves the counters, nothing but this writes the host tables' gradient
-        # and flag columns: with the same addresses as at the last step (the same gradient tensors)
-        # they hold them already. Elsewhere resolve_rows rewrites the flags; capturable tables are new.
-        if not (self._kernel_resolves and grad_pointers == self._tabled_pointers):
-            addresses = np.asarray(grad_pointers, dtype=np.int64)
-            ints[:, T.I_GRAD] = addresses
-            if self.backend.uses_alignment_flag:  # tables.alignment_flags(ints): only the gradients' addresses change
-                ints[:, T.I_FLAGS] = group_ints[:, T.I_FLAGS] | np.where(addresses % 16 == 0, self._static_alignment, 0)
-            self._tabled_pointers = grad_pointers if self._kernel_resolves else None
-        if self.live is None:
-            held, live = self._counters()
-            if self._relative is not None:  # this step's scales of the relative rows (relative.py)
-                rows = self._relative.rows
-                scales = self._relative.scales(ints, live, spreads)
-                floats[rows, T.F_NEW_SCALE] = scales
-                row_scales = new_scales[0].copy()
-                row_scales[rows] = scales
-                new_scales = (row_scales, new_scales[1], row_scales.tolist())
-            if self._kernel_resolves:
-                if live is not self._bound_live:  # a new mirror (the state dicts were changed)
-                    ints[:, T.I_LIVE] = live.ctypes.data + self._live_offsets
-                    self._bound_live = live
-            else:
-                T.resolve_rows(self.opt._op, ints, floats, live)
-            self._pending = (ints, floats, live, new_scales, held)
-        return ints, floats
-
-    def ready_host_launch(self, bucket, ints: np.ndarray) -> None:
-        """Host mode: what can still fail before this step's launch (the block table; on the
-        CPU the launch prepared once per table set and seed, CompiledBackend.prepare, which
-        checks its arguments), done for every bucket before any launches."""
-        opt, backend = self.opt, self.backend
-        if backend is not TORCH and self.host_blocks is None:
-            self.host_blocks = opt._block_table(backend, bucket[0], ints)
-        if self._kernel_resolves and backend.name == "cpu":
-            prepared = self._prepared
-            if prepared is None or prepared[0] is not self._host_tables or prepared[1] != opt._seed:
-                _, ints, floats = self._host_tables
-                self._prepared = (self._host_tables, opt._seed, backend.prepare(
-                    opt._op, bucket[1], torch.from_numpy(ints), torch.from_numpy(floats), self.host_blocks,
-                    opt._seed, commit_rows=len(ints), samples=self.samples))
-
-    def host_launch(self, bucket, ints: np.ndarray, floats: np.ndarray) -> None:
-        """Host mode: the launch of this step's tables (from tables(), readied by
-        ready_host_launch()), then commit(). On the CPU the prepared launch is one library call:
-        the tables stay at their addresses."""
-        opt, backend = self.opt, self.backend
-        if self._kernel_resolves and backend.name == "cpu":
-            self._prepared[2]()
-        else:
-            opt._launch(backend, opt._op, bucket, self.rows, ints, floats, self.host_blocks,
-                        commit_rows=len(ints) if self._kernel_resolves else 0, samples=self.samples)
-        self.commit()
-
-    def _group_columns(self) -> tuple:
-        """The static columns with the rows' hyperparameters filled in -- flags, num_iters, the
-        float row, the new noise scale -- from each group's values, and the rows' new noise
-        types and scales as the state dicts will hold them. Spread over the rows only when a
-        group's values change (compared bit for bit), not at every step."""
-        opt = self.opt
-        key = [opt._denoise]
-        rows = []
-        for group in self.groups:
-            flags, row = opt._group_row(group)
-            variability = group["variability"]
-            rows.append(row)
-            # variability 0: every step is a num_iters-th step (no new noise; old noise removed)
-            key.append((flags, group["num_iters"] if variability else 1, group["noise_type"],
-                        _DOUBLES.pack(*row), _DOUBLE.pack(variability), bool(group.get("relative", False))))
-        if key != self._group_key:
-            g = self.group_of
-            ints = self.static_ints.copy()
-            ints[:, T.I_NUM_ITERS] = np.asarray([k[1] for k in key[1:]], dtype=np.int64)[g]
-            new_types = np.asarray([spec.noise_type_code(k[2]) for k in key[1:]], dtype=np.int64)[g]
-            ints[:, T.I_FLAGS] = (np.asarray([k[0] for k in key[1:]], dtype=np.int64)[g]
-                                  | (new_types << T.FLAG_NEW_TYPE_SHIFT)
-                                  | (0 if opt._denoise else T.FLAG_KEEP_NOISE))  # | alignment, per step
-            floats = np.asarray(rows, dtype=np.float64)[g].astype(np.float32)  # rounded once
-            row_scales = np.asarray([float(group["variability"]) for group in self.groups], dtype=np.float64)[g]
-            floats[:, T.F_NEW_SCALE] = row_scales
-            self._group_key = key
-            self._group_tables = (ints, floats, (row_scales, new_types.tolist(), row_scales.tolist()))
-            relative_rows = np.flatnonzero(np.asarray([k[5] for k in key[1:]], dtype=bool)[g] & (row_scales != 0))
-            self._relative = None
-            if len(relative_rows):
-                if self.live is not None:
-                    raise ValueError(f"{type(opt).__name__}: relative=True is not supported with capturable "
-                                     "counters yet (the spread would be measured on the device at every "
-                                     "step); use capturable=False for relative groups")
-                self._relative = relative.RelativeScales(relative_rows, row_scales[relative_rows], self.params,
-                                                         self.param_tensors, self.states)
-        return self._group_tables
-
-    def _counters(self) -> tuple:
-        """Host mode: the rows' counters as float64 [T, LIVE_COLUMNS] from the state dicts.
-        When the dicts hold what the last commit() wrote (nobody changed them since), its array
-        is reused instead of converting every value again, and those columns are returned too
-        (commit() then rewrites only the keys whose values change); else None and a new array."""
-        states = self.states
-        try:
-            columns = [list(map(operator.itemgetter(key), states)) for key in _HOST_COUNTER_KEYS]
-        except KeyError as error:
-            columns = None
-            missing = error
-        try:
-            same = columns is not None and self._committed is not None and columns == self._committed[0]
-        except RuntimeError:  # a tensor edited into a counter compares elementwise: checked below
-            same = False
-        if same:
-            return columns, self._committed[1]  # its L_FRESH column is 0, as momentum_init after commit()
-        name = type(self.opt).__name__
-        for key, state in zip(self.static_ints[:, T.I_KEY].tolist(), states):  # edited or new: check them
-            where = f"{name}: parameter {key}'s state"
-            if columns is None and not set(_HOST_COUNTER_KEYS) <= set(state):
-                raise ValueError(f"{where} lacks {missing}; drop the state (del optimizer.state[p]) to start "
-                                 "the parameter afresh, or load a complete one")
-            V.check_counters(where, state)
-        n = len(states)
-        live = np.empty((n, T.LIVE_COLUMNS), dtype=np.float64)
-        for column, values in enumerate(columns):
-            live[:, column] = np.fromiter(values, np.float64, n)
-        live[:, T.L_FRESH] = self.momentum_init
-        return None, live
-
-    def commit(self) -> None:
-        """Host mode: record the launched step in the per-parameter state. The noise type and
-        scale each row now carries are its group's (from _group_columns); the steps come from
-        the committed counters."""
-        ints, floats, live, (new_scales, new_types, scale_values), held = self._pending
-        if not self._kernel_resolves:  # else the launch committed them into `live`
-            T.commit_rows(ints, floats, live)
-        live[:, T.L_NOISE_SCALE] = new_scales  # as the state holds it (the kernels: the float32 value)
-        columns = live[:, :T.L_NOISE_TYPE].astype(np.int64).T.tolist() + [new_types, scale_values]
-        for key, values, before in zip(_HOST_COUNTER_KEYS, columns, held or [None] * len(columns)):
-            if values != before:  # steps always; noise type and scale only when a group changed them
-                _exhaust(map(operator.setitem, self.states, itertools.repeat(key), values))  # looped in C
-        self._committed = (columns, live)
-        if self._fresh:
-            self.momentum_init[:] = False
-            self._fresh = False
-        self._pending = None
-        self._grads = None

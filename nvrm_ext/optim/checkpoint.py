@@ -8,6 +8,7 @@ import torch
 from ..backends import tables as T
 from . import validation as V, weights
 from .denoise import _REMOVALS
+from .launch.bucket import BlockTables
 from .params import _is_dtensor, _number
 from .seed import SEED_KEY, is_seed
 
@@ -48,7 +49,7 @@ class CheckpointMixin:
         launch plans, block tables, weight records, the last step's layout, the validated
         groups -- when those are replaced wholesale (unpickling, load_state_dict). Plans a
         captured CUDA graph still replays stay alive (_retired_plans)."""
-        self._block_tables = {}
+        self._block_tables = BlockTables()
         self._retired_plans = getattr(self, "_retired_plans", []) + [
             plan for plan in getattr(self, "_plans", {}).values()
             if plan.live is not None and plan._graph_owned]
