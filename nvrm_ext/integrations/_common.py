@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import weakref
 
-from ..optim.base import NeuralVariableOptimizer
+from ..optim.engine import NoiseEngine
 
 # Attributes under which wrappers keep the optimizer they wrap: Lightning's LightningOptimizer
 # (_optimizer), accelerate's AcceleratedOptimizer (optimizer), FusedAMP (base_optimizer).
@@ -13,7 +13,7 @@ _WRAPPED = ("_optimizer", "optimizer", "base_optimizer")
 
 def unwrap(optimizer):
     """The nvrm_ext optimizer behind `optimizer` (through any chain of wrappers), else None."""
-    return unwrap_to(optimizer, NeuralVariableOptimizer)
+    return unwrap_to(optimizer, NoiseEngine)
 
 
 def unwrap_to(optimizer, kind):

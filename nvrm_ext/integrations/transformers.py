@@ -31,7 +31,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from ..optim.amp import FusedAMP
-from ..optim.base import WeightsChangedError
+from ..optim.records import WeightsChangedError
 from ._common import NoiseRemoval, nvrm_optimizers, unwrap_to
 
 __all__ = ["DenoisedEvaluation", "AMPTrainer", "optimizer_steps_per_epoch"]

@@ -1,7 +1,8 @@
 from .amp import FusedAMP
-from .base import NeuralVariableOptimizer, WeightsChangedError
+from .engine import NeuralVariableOptimizer, NoiseEngine
+from .records import WeightsChangedError
 from .vadam import FusedVAdam
 from .vsgd import FusedVSGD
 from .wrapper import NVRM
 
-__all__ = ["FusedVSGD", "FusedVAdam", "FusedAMP", "NVRM", "NeuralVariableOptimizer", "WeightsChangedError"]
+__all__ = ["FusedVSGD", "FusedVAdam", "FusedAMP", "NVRM", "NeuralVariableOptimizer", "NoiseEngine", "WeightsChangedError"]

@@ -10,13 +10,9 @@ from . import validation as V, weights
 from .denoise import _REMOVALS
 from .launch.bucket import BlockTables
 from .params import _is_dtensor, _number
-from .seed import SEED_KEY, is_seed
+from .keys import NOISY_COMPENSATION_KEY, NOISY_KEYS, NOISY_PARAM_KEY, NOISY_STEP_KEY, SEED_KEY, STATE_DICT_KEY
+from .seed import is_seed
 
-STATE_DICT_KEY = "nvrm"
-NOISY_PARAM_KEY = "noisy_param"  # per-parameter state, only in a state_dict taken while the noise is removed
-NOISY_COMPENSATION_KEY = "noisy_compensation"
-NOISY_STEP_KEY = "noisy_noise_step"  # the noise step the noisy copies carry (noise_step itself says 0)
-NOISY_KEYS = (NOISY_PARAM_KEY, NOISY_COMPENSATION_KEY, NOISY_STEP_KEY)
 
 
 class CheckpointMixin:

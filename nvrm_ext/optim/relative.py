@@ -25,7 +25,7 @@ STATE_KEY = "weight_std"  # per-parameter state: the spread of the current perio
 
 
 def _is_dtensor(t) -> bool:
-    from .base import _is_dtensor as is_dtensor
+    from .params import _is_dtensor as is_dtensor
 
     return is_dtensor(t)
 
@@ -127,7 +127,7 @@ def measure_before_update(groups: list, states) -> dict | None:
                 params.append(p)
     if not params:
         return None
-    from .base import _local
+    from .params import _local
 
     return {id(p): float(value) for p, value in zip(params, spreads(params, [_local(p) for p in params]))}
 

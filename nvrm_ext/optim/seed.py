@@ -6,7 +6,7 @@ import numbers
 
 import torch
 
-SEED_KEY = "nvrm_seed"  # param_groups entry: where every checkpoint path keeps groups
+from .keys import SEED_KEY  # noqa: F401  (the seed's place in the param groups)
 
 
 def is_seed(value) -> bool:

@@ -5,10 +5,10 @@ import torch
 
 from ..backends import tables as T
 from . import validation as V
-from .base import NeuralVariableOptimizer
+from .engine import NoiseEngine
 
 
-class FusedVAdam(NeuralVariableOptimizer):
+class FusedVAdam(NoiseEngine):
     r"""Neural-variable Adam (VAdam / NVRM-Adam, Xie et al., Neural Computation 2021), fused.
 
     Drop-in for the original ``variable_optim.VAdam``: Adam with bias correction (``eps`` added

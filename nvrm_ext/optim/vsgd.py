@@ -6,10 +6,10 @@ from torch.optim.optimizer import required
 
 from ..backends import tables as T
 from . import validation as V
-from .base import NeuralVariableOptimizer
+from .engine import NoiseEngine
 
 
-class FusedVSGD(NeuralVariableOptimizer):
+class FusedVSGD(NoiseEngine):
     r"""Neural-variable SGD (VSGD / NVRM-SGD, Xie et al., Neural Computation 2021), fused.
 
     Drop-in for the original ``variable_optim.VSGD`` (same arguments, same math given the same

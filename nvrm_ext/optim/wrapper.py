@@ -15,14 +15,16 @@ from torch.optim import Optimizer
 
 from ..backends import tables as T
 from . import validation as V
-from .base import SEED_KEY, STATE_DICT_KEY, NeuralVariableOptimizer, _global_offset, _is_dense, _local
+from .engine import NoiseEngine
+from .keys import SEED_KEY, STATE_DICT_KEY
+from .params import _global_offset, _is_dense, _local
 
 NOISE_DEFAULTS = ("variability", "num_iters", "noise_type", "relative")
 STATE_PREFIX = "nvrm_"  # the engine's per-parameter entries inside the wrapper's state_dict
 _FORMAT = 1
 
 
-class NoiseSwap(NeuralVariableOptimizer):
+class NoiseSwap(NoiseEngine):
     """The noise engine with no update of its own: its step is the swap alone. Its param groups
     are the inner optimizer's (NVRM keeps them the same list); its state is its own: the noise
     counters (step, noise_step, noise_type, noise_scale) and 16-bit compensation buffers."""
@@ -84,7 +86,7 @@ class NVRM(Optimizer):
                  relative=False, seed=None, backend="auto", denoise=True):
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"NVRM wraps a torch.optim.Optimizer instance, got {type(optimizer).__name__}")
-        if isinstance(optimizer, (NVRM, NeuralVariableOptimizer)):
+        if isinstance(optimizer, (NVRM, NoiseEngine)):
             raise TypeError(f"NVRM cannot wrap {type(optimizer).__name__}: it already puts noise on the weights "
                             "(stacking two noise rules would remove each other's noise)")
         if type(optimizer).__name__ == "LBFGS":
@@ -230,7 +232,7 @@ class NVRM(Optimizer):
     @property
     def removal_token(self) -> int:
         """Which entry into the removed state the noisy copies come from (0: none yet); see
-        NeuralVariableOptimizer."""
+        NoiseEngine."""
         return self._engine.removal_token
 
     def denoised(self):

@@ -2,12 +2,25 @@
 backend -- and the block tables it needs."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 
 from ...backends import tables as T
 
 _MAX_CACHED_LAYOUTS = 32  # block tables kept per optimizer (one per bucket in steady state)
+
+
+class BucketWork(NamedTuple):
+    """One bucket's part of a step, as the full path (engine._prepare_work) and the steady path
+    (steady.steady_work) hand it to the launches."""
+
+    bucket: tuple  # (device, dtype)
+    backend: object  # backends.Backend
+    plan: object  # plan._BucketPlan
+    grads: list  # the bucket's gradients, in its rows' order
+    grad_pointers: np.ndarray | None  # their addresses, where the steady path vouched for them
 
 
 class BlockTables:

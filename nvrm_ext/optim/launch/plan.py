@@ -18,7 +18,7 @@ import torch
 from ... import noise as spec
 from ...backends import tables as T
 from .. import relative, validation as V
-from ..checkpoint import NOISY_KEYS
+from ..keys import NOISY_KEYS
 from ..params import _compensation, _global_offset, _is_dtensor, _local
 from . import scan
 from .bucket import BlockTables
@@ -214,7 +214,7 @@ class _BucketPlan(HostLaunch, CapturableLaunch, SteadyCheck):
         self.weights_record = (versions, samples)
 
     def spill_weights_record(self, records: dict) -> None:
-        """Move the plan's record into per-parameter records (NeuralVariableOptimizer._check_weights)."""
+        """Move the plan's record into per-parameter records (records.WeightRecordsMixin._check_weights)."""
         if self.weights_record is None:
             return
         versions, samples = self.weights_record

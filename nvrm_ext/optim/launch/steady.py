@@ -9,8 +9,9 @@ import operator
 
 import numpy as np
 
-from ..seed import SEED_KEY
+from ..keys import SEED_KEY
 from . import scan
+from .bucket import BucketWork
 
 
 def steady_work(layout, state, groups, flat_params, seed: int):
@@ -18,8 +19,8 @@ def steady_work(layout, state, groups, flat_params, seed: int):
     parameters with gradients, in the same buckets and plans -- found with a few C-level
     scans instead of the full path's per-tensor validation (issue 11: a step's host time
     must not exceed torch's fused step). The buckets keep the backends the full path
-    resolved (what can run where does not change within a process). Returns [(bucket,
-    backend, plan, grads, grad addresses)], or None: then _prepare_work validates (raising
+    resolved (what can run where does not change within a process). Returns [BucketWork],
+    or None: then _prepare_work validates (raising
     its errors) and rebuilds."""
     if (layout is None or state is not layout.state or len(state) != len(layout.state_keys)
             or not all(map(operator.is_, state, layout.state_keys))
@@ -42,7 +43,7 @@ def steady_work(layout, state, groups, flat_params, seed: int):
         grad_pointers = plan.steady_grad_pointers(bucket_grads)
         if grad_pointers is None:
             return None
-        work.append((bucket, backend, plan, bucket_grads, grad_pointers))
+        work.append(BucketWork(bucket, backend, plan, bucket_grads, grad_pointers))
     # seed: the groups' (_sync_seed); any other value takes the full path
     if not all(group.get(SEED_KEY) == seed for group in groups):
         return None
