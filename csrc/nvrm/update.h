@@ -98,7 +98,7 @@ NVRM_HD void commit_live(const int64_t* ints, const float* floats) {
   live[kLiveFresh] = 0.0;
 }
 
-// Weight records (nvrm_ext/optim/base.py): up to kSampleSize elements spread evenly over a row's
+// Weight records (nvrm_ext/optim/records.py): up to kSampleSize elements spread evenly over a row's
 // parameter -- element j * (numel / count) for j < count = min(numel, kSampleSize) -- copied
 // after a launch into slot j of the row's kSampleSize slots, so that the host can tell a rewrite
 // of the weights from a copy of the same values without reading the tensors one by one.

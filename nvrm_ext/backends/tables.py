@@ -91,7 +91,7 @@ LIVE_STATE_KEYS = ("step", "noise_step", "noise_type", "noise_scale", "momentum_
 # [rows, SAMPLE_SIZE] tensor of the storage dtype (csrc/nvrm/update.h copy_sample): slot j < count
 # = min(numel, SAMPLE_SIZE) holds element j * (numel // count), the other slots are left as they
 # were. The optimizer keeps them to tell a rewrite of its weights from a copy of the same values
-# (optim/base.py _check_weights) without reading the tensors one by one after every step.
+# (optim/records.py _check_weights) without reading the tensors one by one after every step.
 SAMPLE_SIZE = 8
 
 # --- operations (one launch runs one of them on every row) ----------------------------------

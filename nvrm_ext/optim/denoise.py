@@ -123,7 +123,7 @@ class DenoiseMixin:
         self._loaded = []
         self._forget_weights()
         for plan in self._plans.values():
-            plan._committed = None  # its copy of the counters says noise; the dicts now say none
+            plan.forget_committed()  # its copy of the counters says noise; the dicts now say none
         for state in self.state.values():
             noise_step = state.get("noise_step")
             if isinstance(noise_step, torch.Tensor):

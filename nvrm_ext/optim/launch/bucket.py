@@ -20,7 +20,7 @@ class BucketWork(NamedTuple):
     backend: object  # backends.Backend
     plan: object  # plan._BucketPlan
     grads: list  # the bucket's gradients, in its rows' order
-    grad_pointers: np.ndarray | None  # their addresses, where the steady path vouched for them
+    grad_pointers: list | None  # their addresses, where the steady path vouched for them
 
 
 class BlockTables:

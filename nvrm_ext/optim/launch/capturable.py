@@ -37,7 +37,6 @@ class CapturableLaunch:
     """The capturable-mode tables of a _BucketPlan (plan.py). `self.live`: the device counters
     (None in host mode)."""
 
-    # ------------------------------------------------------------------ capturable mode
     def _init_live(self, device: torch.device) -> None:
         """Move the counters to the device: `self.live` [T, LIVE_COLUMNS] float64, the state
         entries become views of it, and the tables get persistent device copies."""

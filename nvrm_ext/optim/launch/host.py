@@ -8,6 +8,8 @@ import collections
 import itertools
 import operator
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 
@@ -17,6 +19,14 @@ from .bucket import launch
 
 _HOST_COUNTER_KEYS = T.LIVE_STATE_KEYS[:T.L_FRESH]  # what optimizer.state holds in host mode
 _exhaust = collections.deque(maxlen=0).extend  # runs an iterator to its end in C
+
+
+class PreparedLaunch(NamedTuple):
+    """Host mode on the CPU: the launch CompiledBackend.prepare checked once for these tables."""
+
+    host_tables: object  # the plan's HostTables it was prepared for (compared by identity)
+    seed: int
+    call: object  # PreparedCpuLaunch: one library call
 
 
 class HostLaunch:
@@ -31,9 +41,9 @@ class HostLaunch:
             self.host_blocks = self.block_tables.get(backend, bucket[0], ints)
         if self._kernel_resolves and backend.name == "cpu":
             prepared = self._prepared
-            if prepared is None or prepared[0] is not self._host_tables or prepared[1] != seed:
+            if prepared is None or prepared.host_tables is not self._host_tables or prepared.seed != seed:
                 _, ints, floats = self._host_tables
-                self._prepared = (self._host_tables, seed, backend.prepare(
+                self._prepared = PreparedLaunch(self._host_tables, seed, backend.prepare(
                     self.rule.op, bucket[1], torch.from_numpy(ints), torch.from_numpy(floats), self.host_blocks,
                     seed, commit_rows=len(ints), samples=self.samples))
 
@@ -43,10 +53,10 @@ class HostLaunch:
         the tables stay at their addresses."""
         backend = self.backend
         if self._kernel_resolves and backend.name == "cpu":
-            self._prepared[2]()
+            self._prepared.call()
         else:
             launch(backend, self.rule.op, bucket, self.rows, ints, floats, seed, self.host_blocks, self.block_tables,
-                        commit_rows=len(ints) if self._kernel_resolves else 0, samples=self.samples)
+                   commit_rows=len(ints) if self._kernel_resolves else 0, samples=self.samples)
         self.commit()
 
     def _counters(self) -> tuple:
@@ -74,25 +84,32 @@ class HostLaunch:
                                  "the parameter afresh, or load a complete one")
             V.check_counters(where, state)
         n = len(states)
-        live = np.empty((n, T.LIVE_COLUMNS), dtype=np.float64)
+        counters = np.empty((n, T.LIVE_COLUMNS), dtype=np.float64)
         for column, values in enumerate(columns):
-            live[:, column] = np.fromiter(values, np.float64, n)
-        live[:, T.L_FRESH] = self.momentum_init
-        return None, live
+            counters[:, column] = np.fromiter(values, np.float64, n)
+        counters[:, T.L_FRESH] = self.momentum_init
+        return None, counters
+
+    def forget_committed(self) -> None:
+        """The state dicts were declared clean (reset_noise()): the counters the last commit()
+        wrote say noise is on the weights, so they must not be reused or refilled from."""
+        self._committed = None
 
     def commit(self) -> None:
         """Host mode: record the launched step in the per-parameter state. The noise type and
         scale each row now carries are its group's (from _group_columns); the steps come from
         the committed counters."""
-        ints, floats, live, (new_scales, new_types, scale_values), committed_columns = self._pending
-        if not self._kernel_resolves:  # else the launch committed them into `live`
-            T.commit_rows(ints, floats, live)
-        live[:, T.L_NOISE_SCALE] = new_scales  # as the state holds it (the kernels: the float32 value)
-        columns = live[:, :T.L_NOISE_TYPE].astype(np.int64).T.tolist() + [new_types, scale_values]
+        ints, floats, counters, group_tables, committed_columns = self._pending
+        new_scales, new_types = group_tables.new_scales, group_tables.new_types
+        scale_values = group_tables.new_scale_values
+        if not self._kernel_resolves:  # else the launch committed them into `counters`
+            T.commit_rows(ints, floats, counters)
+        counters[:, T.L_NOISE_SCALE] = new_scales  # as the state holds it (the kernels: the float32 value)
+        columns = counters[:, :T.L_NOISE_TYPE].astype(np.int64).T.tolist() + [new_types, scale_values]
         for key, values, before in zip(_HOST_COUNTER_KEYS, columns, committed_columns or [None] * len(columns)):
             if values != before:  # steps always; noise type and scale only when a group changed them
                 _exhaust(map(operator.setitem, self.states, itertools.repeat(key), values))  # looped in C
-        self._committed = (columns, live)
+        self._committed = (columns, counters)
         if self._fresh:
             self.momentum_init[:] = False
             self._fresh = False

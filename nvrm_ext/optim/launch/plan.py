@@ -42,6 +42,47 @@ class UpdateRule(NamedTuple):
     group_row: Callable  # group -> (static flags, float64 row; step-dependent columns: tables.resolve_rows)
 
 
+class GroupTables(NamedTuple):
+    """The static columns with each group's hyperparameters spread over its rows (before the
+    per-step columns), and the noise each row's state dict says it carries after a step."""
+
+    ints: np.ndarray
+    floats: np.ndarray
+    new_scales: np.ndarray  # float64 per row: the new noise's scale (its group's variability)
+    new_types: list  # per row: the new noise's type code
+    new_scale_values: list  # new_scales as Python floats, as the state dicts hold them
+
+
+class _GroupValues(NamedTuple):
+    """What one group puts into the group tables, compared bit for bit between steps."""
+
+    flags: int
+    num_iters: int  # 1 for variability 0: every step is a num_iters-th step (no new noise)
+    noise_type: str
+    row: bytes  # the float64 row, packed
+    variability: bytes  # packed
+    relative: bool  # the scale is variability x the spread of the weights (relative.py)
+
+
+class HostTables(NamedTuple):
+    """Host mode: the tables a step writes its columns into, kept while the group tables
+    they were copied from stay the same."""
+
+    group_ints: np.ndarray  # GroupTables.ints they were made from (compared by identity)
+    ints: np.ndarray
+    floats: np.ndarray
+
+
+class PendingCommit(NamedTuple):
+    """Host mode: what commit() needs of the step whose tables were just built."""
+
+    ints: np.ndarray
+    floats: np.ndarray
+    counters: np.ndarray  # float64 [rows, LIVE_COLUMNS]: the counters before the step (after it, once committed)
+    group_tables: GroupTables
+    committed_columns: list | None  # the state dicts' counter columns as the last commit() wrote them, if unchanged
+
+
 class _BucketPlan(HostLaunch, CapturableLaunch, SteadyCheck):
     """Launch data of one (device, dtype) bucket, built once while its parameters and their
     state tensors stay the same. Per step only a few columns change -- gradient addresses,
@@ -140,7 +181,7 @@ class _BucketPlan(HostLaunch, CapturableLaunch, SteadyCheck):
         self._versions_read = None  # the counters weights_unchanged() read during this step
         self._converted = [None] * len(plans)  # gradients in another dtype or layout, converted
         self._grads = None
-        self._pending = None
+        self._pending = None  # host mode: a PendingCommit between tables() and commit()
         self.host_blocks = None  # host mode: the block table of the fused launch (sizes are fixed)
         self.state_signatures = [rule.state_signature(group) for group in self.groups]
         # what steady_grad_pointers compares: the parameters' dtype, shapes, strides, addresses;
@@ -150,16 +191,18 @@ class _BucketPlan(HostLaunch, CapturableLaunch, SteadyCheck):
             [torch.Tensor] * len(plans), [dtype] * len(plans), list(map(scan.SHAPE, self.param_tensors)),
             list(map(scan.STRIDE, self.param_tensors)), self.static_ints[:, T.I_PARAM].tolist())
         self._static_alignment = T.alignment_flags(self.static_ints)  # the gradient address (0) aside
-        self._group_key = None     # the groups' hyperparameters behind self._group_tables
+        self._group_key = None     # [denoise, a _GroupValues tuple per group] behind self._group_tables
         # (ints, floats, (row scales, the types and scales the state dicts get)) before the per-step columns
         self._group_tables = None
         self._relative = None      # relative.RelativeScales of the rows whose group has relative=True
         self._committed = None     # host mode: (counter columns written by commit(), their array)
-        self._host_tables = None   # host mode: (the group tables they were made from, ints, floats)
+        self._host_tables = None   # host mode: HostTables
         self._bound_live = None    # host mode on the CPU: the counter mirror whose rows I_LIVE points to
         self._tabled_pointers = None  # host mode on the CPU: the gradient addresses in the host tables
-        self._prepared = None      # host mode on the CPU: (the host tables, seed, their prepared launch)
+        self._prepared = None      # host mode on the CPU: PreparedLaunch (host.py)
         self._fresh = bool(self.momentum_init.any())  # some momentum buffer not used yet
+        # capturable mode: the live counters, [rows, tables.LIVE_COLUMNS] float64 on the device (the
+        # state dicts hold views of it; capturable.py); None in host mode
         self.live = None
         if capturable:
             self._init_live(plans[0].param.device)
@@ -256,10 +299,11 @@ class _BucketPlan(HostLaunch, CapturableLaunch, SteadyCheck):
             grad_pointers = [t.data_ptr() for t in self._grads]
         else:
             self._grads = grads
-        group_ints, group_floats, new_scales = self._group_columns()
+        group_tables = self._group_columns()
+        group_ints, group_floats = group_tables.ints, group_tables.floats
         if self.live is None:
-            if self._host_tables is None or self._host_tables[0] is not group_ints:
-                self._host_tables = (group_ints, group_ints.copy(), group_floats.copy())
+            if self._host_tables is None or self._host_tables.group_ints is not group_ints:
+                self._host_tables = HostTables(group_ints, group_ints.copy(), group_floats.copy())
                 self._bound_live = None
                 self._tabled_pointers = None
             _, ints, floats = self._host_tables
@@ -275,24 +319,24 @@ class _BucketPlan(HostLaunch, CapturableLaunch, SteadyCheck):
                 ints[:, T.I_FLAGS] = group_ints[:, T.I_FLAGS] | np.where(addresses % 16 == 0, self._static_alignment, 0)
             self._tabled_pointers = grad_pointers if self._kernel_resolves else None
         if self.live is None:
-            committed_columns, live = self._counters()
+            committed_columns, counters = self._counters()
             if self._relative is not None:  # this step's scales of the relative rows (relative.py)
                 rows = self._relative.rows
-                scales = self._relative.scales(ints, live, spreads)
+                scales = self._relative.scales(ints, counters, spreads)
                 floats[rows, T.F_NEW_SCALE] = scales
-                row_scales = new_scales[0].copy()
+                row_scales = group_tables.new_scales.copy()
                 row_scales[rows] = scales
-                new_scales = (row_scales, new_scales[1], row_scales.tolist())
+                group_tables = group_tables._replace(new_scales=row_scales, new_scale_values=row_scales.tolist())
             if self._kernel_resolves:
-                if live is not self._bound_live:  # a new mirror (the state dicts were changed)
-                    ints[:, T.I_LIVE] = live.ctypes.data + self._live_offsets
-                    self._bound_live = live
+                if counters is not self._bound_live:  # a new mirror (the state dicts were changed)
+                    ints[:, T.I_LIVE] = counters.ctypes.data + self._live_offsets
+                    self._bound_live = counters
             else:
-                T.resolve_rows(self.rule.op, ints, floats, live)
-            self._pending = (ints, floats, live, new_scales, committed_columns)
+                T.resolve_rows(self.rule.op, ints, floats, counters)
+            self._pending = PendingCommit(ints, floats, counters, group_tables, committed_columns)
         return ints, floats
 
-    def _group_columns(self) -> tuple:
+    def _group_columns(self) -> GroupTables:
         """The static columns with the rows' hyperparameters filled in -- flags, num_iters, the
         float row, the new noise scale -- from each group's values, and the rows' new noise
         types and scales as the state dicts will hold them. Spread over the rows only when a
@@ -303,23 +347,25 @@ class _BucketPlan(HostLaunch, CapturableLaunch, SteadyCheck):
             flags, row = self.rule.group_row(group)
             variability = group["variability"]
             rows.append(row)
-            # variability 0: every step is a num_iters-th step (no new noise; old noise removed)
+            # a _GroupValues as a plain tuple (built at every step); variability 0: every step is
+            # a num_iters-th step (no new noise; old noise removed)
             key.append((flags, group["num_iters"] if variability else 1, group["noise_type"],
                         _DOUBLES.pack(*row), _DOUBLE.pack(variability), bool(group.get("relative", False))))
         if key != self._group_key:
             g = self.group_of
             ints = self.static_ints.copy()
-            ints[:, T.I_NUM_ITERS] = np.asarray([k[1] for k in key[1:]], dtype=np.int64)[g]
-            new_types = np.asarray([spec.noise_type_code(k[2]) for k in key[1:]], dtype=np.int64)[g]
-            ints[:, T.I_FLAGS] = (np.asarray([k[0] for k in key[1:]], dtype=np.int64)[g]
+            values = [_GroupValues._make(k) for k in key[1:]]
+            ints[:, T.I_NUM_ITERS] = np.asarray([v.num_iters for v in values], dtype=np.int64)[g]
+            new_types = np.asarray([spec.noise_type_code(v.noise_type) for v in values], dtype=np.int64)[g]
+            ints[:, T.I_FLAGS] = (np.asarray([v.flags for v in values], dtype=np.int64)[g]
                                   | (new_types << T.FLAG_NEW_TYPE_SHIFT)
                                   | (0 if self.denoise else T.FLAG_KEEP_NOISE))  # | alignment, per step
             floats = np.asarray(rows, dtype=np.float64)[g].astype(np.float32)  # rounded once
             row_scales = np.asarray([float(group["variability"]) for group in self.groups], dtype=np.float64)[g]
             floats[:, T.F_NEW_SCALE] = row_scales
             self._group_key = key
-            self._group_tables = (ints, floats, (row_scales, new_types.tolist(), row_scales.tolist()))
-            relative_rows = np.flatnonzero(np.asarray([k[5] for k in key[1:]], dtype=bool)[g] & (row_scales != 0))
+            self._group_tables = GroupTables(ints, floats, row_scales, new_types.tolist(), row_scales.tolist())
+            relative_rows = np.flatnonzero(np.asarray([v.relative for v in values], dtype=bool)[g] & (row_scales != 0))
             self._relative = None
             if len(relative_rows):
                 if self.live is not None:

@@ -7,8 +7,6 @@ from __future__ import annotations
 import itertools
 import operator
 
-import numpy as np
-
 from ..keys import SEED_KEY
 from . import scan
 from .bucket import BucketWork
@@ -17,8 +15,8 @@ from .bucket import BucketWork
 def steady_work(layout, state, groups, flat_params, seed: int):
     """The work of a step laid out like the last full one -- the same groups, the same
     parameters with gradients, in the same buckets and plans -- found with a few C-level
-    scans instead of the full path's per-tensor validation (issue 11: a step's host time
-    must not exceed torch's fused step). The buckets keep the backends the full path
+    scans instead of the full path's per-tensor validation, which would cost more host time
+    than torch's fused step. The buckets keep the backends the full path
     resolved (what can run where does not change within a process). Returns [BucketWork],
     or None: then _prepare_work validates (raising
     its errors) and rebuilds."""
@@ -53,7 +51,7 @@ def steady_work(layout, state, groups, flat_params, seed: int):
 class _StepLayout:
     """Who took part in the last full step: the groups and parameters (by identity), which
     parameters had no gradient, and each bucket's plan with the positions of its rows among the
-    parameters. _steady_work compares a step with it; the plans vouch for the rest
+    parameters. steady_work compares a step with it; the plans vouch for the rest
     (_BucketPlan.steady_grad_pointers)."""
 
     def __init__(self, state, groups, params: list, bucket_rows: list, work: list):
@@ -84,7 +82,7 @@ class SteadyCheck:
         """The gradients' addresses if this plan fits the step as it is: every gradient a plain
         tensor with exactly the dtype, shape and strides its parameter had when the plan was
         built (read in place, nothing to convert), every parameter still at its address, every
-        group with the state needs the plan was built for -- with _steady_work's check of the
+        group with the state needs the plan was built for -- with steady_work's check of the
         state dicts, what the full path's validation and plan signature check, compared as
         whole lists. None otherwise (the full path then raises its errors, converts or rebuilds).
 
