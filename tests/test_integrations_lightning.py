@@ -8,7 +8,7 @@ import torch
 
 L = pytest.importorskip("lightning.pytorch")
 
-from nvrm_ext import FusedAMP, FusedVAdam, FusedVSGD  # noqa: E402
+from nvrm_ext import NVRM, FusedAMP, FusedVAdam, FusedVSGD  # noqa: E402
 from nvrm_ext.integrations.lightning import DenoisedEvaluation, load_clean_weights  # noqa: E402
 from test_integrations_reference import assert_close_to_clean, clean_reference  # noqa: E402
 
@@ -32,7 +32,8 @@ def loss_fn(net, batch):
 
 class TinyModule:
     """An MLP; `kind`: 'vsgd' (automatic optimization), 'two' (manual, FusedVSGD + FusedVAdam on
-    the two layers), 'amp' (FusedAMP around FusedVSGD, automatic: a bare-loss closure)."""
+    the two layers), 'amp' (FusedAMP around FusedVSGD, automatic: a bare-loss closure), 'nvrm'
+    (NVRM around torch's AdamW, automatic)."""
 
     def __init__(self, kind="vsgd", seed=3, init_seed=0):
         super().__init__()
@@ -77,6 +78,8 @@ class TinyModule:
         if self.kind == "amp":
             return FusedAMP(self.parameters(), lr=0.05, epsilon=0.1, momentum=0.9,
                             base_optimizer=functools.partial(FusedVSGD, **common))
+        if self.kind == "nvrm":
+            return NVRM(torch.optim.AdamW(self.parameters(), lr=0.01), **common)
         return FusedVSGD(self.parameters(), lr=0.05, momentum=0.9, **common)
 
 
@@ -145,7 +148,7 @@ def _nvrm_optimizers(model):
     return [getattr(o, "base_optimizer", o) for o in model.trainer.optimizers]
 
 
-@pytest.mark.parametrize("kind", ["vsgd", "two", "amp"])
+@pytest.mark.parametrize("kind", ["vsgd", "two", "amp", "nvrm"])
 def test_validation_test_predict_see_clean_weights_and_training_gets_its_noise_back(tmp_path, kind):
     model = Tiny(kind)
     before, after = Expected(), Expected(after=True)
@@ -319,7 +322,7 @@ def reference_clean_weights(full_checkpoint, kind):
     return {names[id(p)]: c for p, c in clean.items()}, saved["state_dict"], optimizers[0]
 
 
-@pytest.mark.parametrize("kind", ["vsgd", "two"])
+@pytest.mark.parametrize("kind", ["vsgd", "two", "nvrm"])
 def test_weights_only_checkpoint_holds_the_clean_weights_and_training_is_unchanged(tmp_path, kind):
     """ModelCheckpoint(save_weights_only=True) saves the clean weights its metric was computed on
     (both optimizers cleaning their own parameters), beside a full checkpoint of the same moment

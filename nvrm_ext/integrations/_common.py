@@ -1,35 +1,45 @@
-"""What the integrations share: finding the nvrm_ext optimizers behind framework wrappers, and
-removing / restoring their noise as one unit."""
+"""What the integrations share: finding the noisy optimizers (nvrm_ext.optim.NoisyOptimizer)
+behind framework wrappers, and removing / restoring their noise as one unit. Only the protocol's
+members are used, so FusedVSGD, FusedVAdam and NVRM(optimizer) are handled alike."""
 from __future__ import annotations
 
 import weakref
 
-from ..optim.base import NeuralVariableOptimizer
+from ..optim.protocol import is_noisy_optimizer
 
 # Attributes under which wrappers keep the optimizer they wrap: Lightning's LightningOptimizer
-# (_optimizer), accelerate's AcceleratedOptimizer (optimizer), FusedAMP (base_optimizer).
+# (_optimizer), accelerate's AcceleratedOptimizer and NVRM (optimizer), FusedAMP (base_optimizer).
 _WRAPPED = ("_optimizer", "optimizer", "base_optimizer")
 
 
 def unwrap(optimizer):
-    """The nvrm_ext optimizer behind `optimizer` (through any chain of wrappers), else None."""
-    return unwrap_to(optimizer, NeuralVariableOptimizer)
+    """The optimizer that carries the noise (a NoisyOptimizer: FusedVSGD, FusedVAdam, NVRM)
+    behind `optimizer`, through any chain of wrappers, else None. The innermost one: a wrapper
+    that imitates the class of what it wraps (LightningOptimizer) is seen through."""
+    found = None
+    for link in _chain(optimizer):
+        if is_noisy_optimizer(link):
+            found = link
+    return found
 
 
 def unwrap_to(optimizer, kind):
     """The first optimizer of class `kind` in `optimizer`'s chain of wrappers, else None."""
+    return next((link for link in _chain(optimizer) if isinstance(link, kind)), None)
+
+
+def _chain(optimizer):
+    """`optimizer`, then what it wraps, then what that wraps, ... (each once)."""
     seen = set()
     while optimizer is not None and id(optimizer) not in seen:
-        if isinstance(optimizer, kind):
-            return optimizer
+        yield optimizer
         seen.add(id(optimizer))
         optimizer = next((getattr(optimizer, name) for name in _WRAPPED
                           if getattr(optimizer, name, None) is not None), None)
-    return None
 
 
 def nvrm_optimizers(optimizers) -> list:
-    """Every distinct nvrm_ext optimizer among `optimizers` (wrapped or not), in order."""
+    """Every distinct noisy optimizer among `optimizers` (wrapped or not), in order."""
     found = []
     for optimizer in optimizers or ():
         inner = unwrap(optimizer)
@@ -51,7 +61,7 @@ class NoiseRemoval:
     weights already clean (removed by someone else, or by an earlier hook) leaves them so.
     The parameters' version counters at removal are remembered, to tell whether weights were
     loaded into the model meanwhile (then the held noisy copies are stale), and which removal it
-    was (the optimizer's _removal_id): a load_state_dict of a state saved while the noise was
+    was (the optimizer's removal_token): a load_state_dict of a state saved while the noise was
     removed brings its own noisy copies, which match the weights loaded with them.
     """
 
@@ -62,7 +72,7 @@ class NoiseRemoval:
         for optimizer in optimizers:
             if not optimizer.noise_removed:
                 optimizer.remove_noise()
-                _REMOVED_AT[optimizer] = (optimizer._removal_id, _versions(optimizer))
+                _REMOVED_AT[optimizer] = (optimizer.removal_token, _versions(optimizer))
                 self._removed.append(optimizer)
 
     @staticmethod
@@ -72,7 +82,7 @@ class NoiseRemoval:
         copies of that removal: they are stale then. Copies loaded since (load_state_dict of a
         state saved while removed) are not: they came with the weights."""
         removed = _REMOVED_AT.get(optimizer)
-        return (removed is not None and removed[0] == optimizer._removal_id
+        return (removed is not None and removed[0] == optimizer.removal_token
                 and removed[1] != _versions(optimizer))
 
     def restore(self) -> None:

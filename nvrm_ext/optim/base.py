@@ -324,9 +324,21 @@ class NeuralVariableOptimizer(Optimizer):
         return self._held is not None
 
     @property
+    def removal_token(self) -> int:
+        """Which entry into the removed state (remove_noise(), or a load of a state saved while
+        removed) the held noisy copies come from; 0 before any."""
+        return self._removal_id
+
+    @property
     def capturable(self) -> bool:
         """Whether the per-parameter counters live on the device (see the class docstring)."""
         return self._capturable
+
+    @property
+    def carries_noise(self) -> bool:
+        """Whether some parameter holds noise now: stepped since it was last clean, and the
+        noise not removed. Reads the counters (a sync where they live on a device)."""
+        return self._held is None and any(_number(state.get("noise_step", 0)) for state in self.state.values())
 
     @property
     def _step_supports_amp_scaling(self) -> bool:

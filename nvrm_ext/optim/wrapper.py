@@ -222,7 +222,12 @@ class NVRM(Optimizer):
     def removal_token(self) -> int:
         """Which entry into the removed state the noisy copies come from (0: none yet); see
         NeuralVariableOptimizer."""
-        return self._engine._removal_id
+        return self._engine.removal_token
+
+    @property
+    def carries_noise(self) -> bool:
+        """Whether some parameter holds noise now (see NoisyOptimizer)."""
+        return self._engine.carries_noise
 
     def denoised(self):
         """Context manager: the clean weights inside the block, the noisy ones back bit for bit on exit."""
