@@ -15,9 +15,18 @@ from ranks import WORLD, spawn
 
 FIRST, THEN = 4, 5  # steps before and after the checkpoint
 BATCH = 16
+
+
+def nvrm_adamw(params, *, seed, lr, variability, num_iters, weight_decay):
+    """NVRM around torch's AdamW, built like the fused optimizers (also as ZeRO's optimizer_class)."""
+    return nvrm_ext.NVRM(torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay), variability=variability,
+                         num_iters=num_iters, seed=seed)
+
+
 KINDS = {
     "vsgd": (nvrm_ext.FusedVSGD, dict(lr=0.05, momentum=0.9, dampening=0.1, variability=0.05, num_iters=7)),
     "vadam": (nvrm_ext.FusedVAdam, dict(lr=1e-2, variability=0.05, num_iters=7, weight_decay=1e-2)),
+    "nvrm-adamw": (nvrm_adamw, dict(lr=1e-2, variability=0.05, num_iters=7, weight_decay=1e-2)),
 }
 
 
@@ -79,7 +88,7 @@ def _zero_rank(rank, out_dir, kind):
     return {"reference": reference, "resumed": _full(resumed), "seed": opt.optim.seed}
 
 
-@pytest.mark.parametrize("kind", sorted(KINDS))
+@pytest.mark.parametrize("kind", ["vadam", "vsgd"])  # NVRM wraps the ZeRO instead: see test_nvrm_around_zero_*
 def test_zero_redundancy_optimizer_resume_continues_bit_for_bit(kind, tmp_path):
     results = spawn(_zero_rank, (kind,), tmp_path)
     for result in results:
@@ -260,6 +269,34 @@ def test_distributed_checkpoint_state_init_step_leaves_the_weights_alone():
     twin_opt = _optimizer("vsgd", twin.parameters(), 5)
     _train(twin, twin_opt, 0, 1)
     assert _bitwise(_full(model), _full(twin))
+
+
+def test_distributed_checkpoint_state_init_step_leaves_the_weights_alone_with_nvrm():
+    """The same for NVRM(AdamW): the init step runs the inner AdamW at lr 0 (torch's own doing:
+    its step count becomes 1, as for a plain AdamW) and puts no noise on the weights; the first
+    real step is plain AdamW's step from there plus the specified noise."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    from test_integrations_reference import clean_reference
+
+    model = _model(0)
+    before = _full(model)
+    opt = _optimizer("nvrm-adamw", model.parameters(), 5)
+    state = get_optimizer_state_dict(model, opt)
+    assert _bitwise(_full(model), before)
+    assert all(s["nvrm_noise_step"] == 0 for s in state["state"].values()) and len(state["state"]) == 4
+    assert all(group["nvrm_seed"] == 5 and group["lr"] == 1e-2 for group in state["param_groups"])
+
+    plain = _model(0)
+    _, kwargs = KINDS["nvrm-adamw"]
+    plain_opt = torch.optim.AdamW(plain.parameters(), lr=kwargs["lr"], weight_decay=kwargs["weight_decay"])
+    get_optimizer_state_dict(plain, plain_opt)  # the same init step for the plain AdamW
+    _train(model, opt, 0, 1)
+    _train(plain, plain_opt, 0, 1)
+    clean = clean_reference(opt)
+    for p, q in zip(model.parameters(), plain.parameters()):
+        torch.testing.assert_close(clean[p], q.detach(), rtol=0, atol=1e-7)
+        assert (p.detach() - q.detach()).abs().max() > 1e-3  # and the noise is on
 
 
 def _fsdp2_rank(rank, out_dir, kind):
