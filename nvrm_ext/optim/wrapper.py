@@ -154,11 +154,15 @@ class NVRM(Optimizer):
                 f"num_iters={self._noise_defaults['num_iters']}, noise_type={self._noise_defaults['noise_type']!r},\n"
                 f"{inner}\n)")
 
-    def _bound_engine(self) -> NoiseSwap:
+    def _bound_engine(self, check_inner_state: bool = True) -> NoiseSwap:
         """The engine, looking at the inner optimizer's groups as they are now: a load (the inner
         optimizer's own, too) replaces the list, add_param_group on the inner optimizer appends
         groups without noise hyperparameters (they get the defaults here)."""
         engine = self._engine
+        if check_inner_state:
+            inner_states = self.optimizer.state
+            if inner_states and (not engine.state or _NOISE_STEP_ENTRY in _first_dict(inner_states)):
+                _refuse_entries_loaded_past_nvrm(inner_states)
         groups = self.optimizer.param_groups
         if engine.param_groups is not groups:
             engine.param_groups = groups
@@ -278,7 +282,7 @@ class NVRM(Optimizer):
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        engine = self._bound_engine()
+        engine = self._bound_engine(check_inner_state=False)  # a load through here is the remedy
         if not isinstance(state_dict, dict):
             raise TypeError(f"NVRM.load_state_dict expects a dict, got {type(state_dict).__name__}")
         extra = state_dict.get(STATE_DICT_KEY)
@@ -315,6 +319,33 @@ class NVRM(Optimizer):
             engine.load_state_dict(noise_sd)
         finally:
             engine.param_groups = self.optimizer.param_groups
-            self._bound_engine()
+            self._bound_engine(check_inner_state=False)
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
+
+
+_NOISE_STEP_ENTRY = STATE_PREFIX + "noise_step"
+
+
+def _first_dict(states) -> dict:
+    """The first per-parameter state, or {} (ZeroRedundancyOptimizer keeps None for the
+    parameters other ranks own)."""
+    first = next(iter(states.values()), None)
+    return first if isinstance(first, dict) else {}
+
+
+def _refuse_entries_loaded_past_nvrm(inner_states) -> None:
+    """NVRM's own entries in the inner optimizer's state mean that an NVRM state_dict was written
+    into the inner optimizer directly, not through NVRM.load_state_dict: ZeroRedundancyOptimizer's
+    load does that to its local optimizer, ZeroRedundancyOptimizer(optimizer_class=<an NVRM
+    factory>). The noise bookkeeping stayed behind, so the noise on the weights is unknown: every
+    use of the noise is refused (checked in full only while the engine has no state, and on the
+    first parameter's state otherwise, so that a step pays no per-parameter scan)."""
+    for state in inner_states.values():
+        if isinstance(state, dict) and any(isinstance(key, str) and key.startswith(STATE_PREFIX) for key in state):
+            raise RuntimeError(
+                "NVRM: the inner optimizer's state holds NVRM's own entries (nvrm_noise_step, ...): a state_dict "
+                "saved by NVRM was loaded into the inner optimizer directly, not through NVRM.load_state_dict "
+                "(ZeroRedundancyOptimizer(optimizer_class=<NVRM>).load_state_dict does that), so the noise on "
+                "the weights is unknown; nothing was changed. Load it with NVRM.load_state_dict, or wrap the other "
+                "way round: NVRM(ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, ...))")
