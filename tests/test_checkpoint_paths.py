@@ -146,6 +146,85 @@ def test_zero_resumes_a_checkpoint_saved_while_clean_from_the_clean_weights(tmp_
         assert result["max_error"] < 1e-6, result
 
 
+def _nvrm_around_zero_rank(rank, out_dir):
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel
+
+    _, kwargs = KINDS["nvrm-adamw"]
+
+    def nvrm_around_zero(model, seed):
+        zero = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.AdamW, lr=kwargs["lr"],
+                                       weight_decay=kwargs["weight_decay"])
+        return nvrm_ext.NVRM(zero, variability=kwargs["variability"], num_iters=kwargs["num_iters"], seed=seed)
+
+    model = _model(0)
+    ddp = DistributedDataParallel(model)
+    opt = nvrm_around_zero(ddp, 1234)
+    _train(ddp, opt, 0, FIRST, rank, WORLD)
+    before = _full(model)
+    with pytest.raises(RuntimeError, match="consolidate_state_dict"):  # ZeRO's own requirement, kept
+        opt.state_dict()
+    assert _bitwise(_full(model), before) and not opt.noise_removed
+    opt.optimizer.consolidate_state_dict(to=0)
+    path = os.path.join(out_dir, "checkpoint.pt")
+    if rank == 0:
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, path)
+    _train(ddp, opt, FIRST, THEN, rank, WORLD)  # the uninterrupted run
+    reference = _full(model)
+    dist.barrier()
+    checkpoint = torch.load(path, weights_only=True)
+    resumed = _model(7)
+    ddp = DistributedDataParallel(resumed)
+    opt = nvrm_around_zero(ddp, 999)  # another seed: the checkpoint's must win
+    resumed.load_state_dict(checkpoint["model"])
+    opt.load_state_dict(checkpoint["optimizer"])
+    _train(ddp, opt, FIRST, THEN, rank, WORLD)
+    result = {"reference": reference, "resumed": _full(resumed), "seed": opt.seed}
+
+    # NVRM inside the ZeRO instead: ZeRO's load writes the local NVRM's inner state directly and
+    # the noise bookkeeping stays behind, so every use of the noise is refused, nothing changed
+    def zero_around_nvrm(model, seed):
+        return ZeroRedundancyOptimizer(model.parameters(), optimizer_class=nvrm_adamw, seed=seed, **kwargs)
+
+    model = _model(0)
+    ddp = DistributedDataParallel(model)
+    opt = zero_around_nvrm(ddp, 1234)
+    _train(ddp, opt, 0, FIRST, rank, WORLD)
+    opt.consolidate_state_dict(to=0)
+    if rank == 0:
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, path)
+    dist.barrier()
+    checkpoint = torch.load(path, weights_only=True)
+    resumed = _model(7)
+    ddp = DistributedDataParallel(resumed)
+    opt = zero_around_nvrm(ddp, 999)
+    resumed.load_state_dict(checkpoint["model"])
+    opt.load_state_dict(checkpoint["optimizer"])
+    loaded = _full(resumed)
+    refused = []
+    for attempt in (lambda: _train(ddp, opt, FIRST, 1, rank, WORLD), opt.optim.remove_noise,
+                    lambda: opt.optim.clean_state_dict(resumed)):
+        with pytest.raises(RuntimeError, match="loaded into the inner optimizer directly") as error:
+            attempt()
+        refused.append(str(error.value))
+    assert _bitwise(_full(resumed), loaded) and not opt.optim.noise_removed
+    result["refused"] = refused
+    return result
+
+
+def test_nvrm_around_zero_resume_continues_bit_for_bit_and_zero_around_nvrm_is_refused(tmp_path):
+    """NVRM(ZeroRedundancyOptimizer(...)): its state_dict needs ZeRO's consolidate_state_dict
+    first (ZeRO's error otherwise); saved on rank 0 and loaded on every rank with another seed and
+    init, training continues the uninterrupted run bit for bit. The other nesting,
+    ZeroRedundancyOptimizer(optimizer_class=<NVRM>), cannot resume through ZeRO's load and says so."""
+    results = spawn(_nvrm_around_zero_rank, (), tmp_path)
+    for result in results:
+        assert result["seed"] == 1234
+        assert _bitwise(result["resumed"], result["reference"])
+        assert len(result["refused"]) == 3
+    assert _bitwise(results[0]["reference"], results[1]["reference"])
+
+
 @pytest.mark.parametrize("capturable", [False, True], ids=["host", "capturable"])
 @pytest.mark.parametrize("how", ["state.clear()", "a new defaultdict", "one dict cleared"])
 def test_resetting_the_optimizer_state_resets_the_base_optimizer_not_the_noise_on_the_weights(how, capturable):
