@@ -178,6 +178,15 @@ def _nvrm_around_zero_worker(rank, out_dir):
     twin, _, _ = make_nvrm(8)  # the same run without any denoised block or averaging
     assert all(torch.equal(p, q) for p, q in zip(params, twin.parameters()))
 
+    # a ZeRO whose local optimizer already puts noise on the weights: two noise rules, refused
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    from nvrm_ext import NVRM
+
+    zero = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=FusedVSGD, lr=0.1, seed=3)
+    with pytest.raises(TypeError, match="the FusedVSGD inside it already puts noise on the weights"):
+        NVRM(zero)
+
 
 def test_nvrm_around_zero_agrees_on_every_rank_equals_one_process_and_cleans_without_communication(tmp_path):
     spawn(_nvrm_around_zero_worker, (), tmp_path)

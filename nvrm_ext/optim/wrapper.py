@@ -16,6 +16,7 @@ from torch.optim import Optimizer
 from ..backends import tables as T
 from . import validation as V
 from .base import SEED_KEY, STATE_DICT_KEY, NeuralVariableOptimizer
+from .protocol import is_noisy_optimizer
 
 NOISE_DEFAULTS = ("variability", "num_iters", "noise_type")
 STATE_PREFIX = "nvrm_"  # the engine's per-parameter entries inside the wrapper's state_dict
@@ -82,8 +83,10 @@ class NVRM(Optimizer):
                  seed=None, backend="auto", denoise=True):
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"NVRM wraps a torch.optim.Optimizer instance, got {type(optimizer).__name__}")
-        if isinstance(optimizer, (NVRM, NeuralVariableOptimizer)):
-            raise TypeError(f"NVRM cannot wrap {type(optimizer).__name__}: it already puts noise on the weights "
+        carrier = _noise_carrier_in(optimizer)
+        if carrier is not None:
+            which = "it" if carrier is optimizer else f"the {type(carrier).__name__} inside it"
+            raise TypeError(f"NVRM cannot wrap {type(optimizer).__name__}: {which} already puts noise on the weights "
                             "(stacking two noise rules would remove each other's noise)")
         if type(optimizer).__name__ == "LBFGS":
             raise TypeError("NVRM does not wrap LBFGS: its line search re-evaluates the closure at weights it "
@@ -325,6 +328,22 @@ class NVRM(Optimizer):
 
 
 _NOISE_STEP_ENTRY = STATE_PREFIX + "noise_step"
+# Where wrappers keep the optimizer they wrap: Lightning (_optimizer), accelerate (optimizer),
+# FusedAMP (base_optimizer), ZeroRedundancyOptimizer (optim: the local optimizer).
+_WRAPPED = ("_optimizer", "optimizer", "base_optimizer", "optim")
+
+
+def _noise_carrier_in(optimizer):
+    """The optimizer in `optimizer`'s chain of wrappers that already puts noise on the weights
+    (a NoisyOptimizer: say ZeroRedundancyOptimizer(optimizer_class=FusedVSGD)), else None."""
+    seen = set()
+    while optimizer is not None and id(optimizer) not in seen:
+        if is_noisy_optimizer(optimizer):
+            return optimizer
+        seen.add(id(optimizer))
+        optimizer = next((getattr(optimizer, name) for name in _WRAPPED if getattr(optimizer, name, None) is not None),
+                         None)
+    return None
 
 
 def _first_dict(states) -> dict:
