@@ -278,3 +278,31 @@ def test_a_closure_is_evaluated_at_the_perturbed_weights():
     loss = opt.step(closure)
     assert isinstance(loss, torch.Tensor)
     assert all(torch.equal(a, b) for a, b in zip(seen[0], perturbed))
+
+
+class _CapturableSGD(torch.optim.SGD):
+    """torch's capturable optimizers need a GPU; on the CPU an SGD whose groups say capturable
+    stands in for one (NVRM reads only the flag)."""
+
+    def __init__(self, params, **kwargs):
+        super().__init__(params, **kwargs)
+        for group in self.param_groups:
+            group["capturable"] = True
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_capturable_inner_optimizer_gets_device_counters_and_the_same_trajectory(backend):
+    runs = []
+    for inner in (torch.optim.SGD, _CapturableSGD):
+        model = _model()
+        opt = nvrm_ext.NVRM(inner(model.parameters(), lr=0.1, momentum=0.9), variability=0.05, num_iters=3,
+                            seed=SEED, backend=backend)
+        assert opt._engine.capturable == (inner is _CapturableSGD)
+        _train(model, opt, 5)
+        with opt.denoised():
+            clean = _params(model)
+        runs.append((_params(model), clean, opt.state_dict()))
+    (noisy, clean, saved), (noisy2, clean2, saved2) = runs
+    for a, b in zip(noisy + clean, noisy2 + clean2):
+        assert torch.equal(a, b)
+    assert saved["state"][0]["nvrm_noise_step"] == saved2["state"][0]["nvrm_noise_step"] == 5
