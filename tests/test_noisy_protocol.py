@@ -96,3 +96,24 @@ def test_nvrm_refuses_an_optimizer_that_carries_noise_inside_a_wrapper():
     amp = FusedAMP(params, lr=0.1, epsilon=0.1, base_optimizer=lambda groups, lr, **kwargs: FusedVSGD(groups, lr=lr))
     with pytest.raises(TypeError, match="NVRM cannot wrap FusedAMP: the FusedVSGD inside it already puts noise"):
         NVRM(amp)
+
+
+def test_isinstance_looks_at_the_class_only():
+    """An optimizer of another package takes part without inheriting; isinstance evaluates no
+    property (they may read device counters) and does not ask the instance's __getattr__."""
+    class Elsewhere(torch.optim.SGD):
+        noise_removed = removal_token = seed = False
+
+        @property
+        def carries_noise(self):
+            raise AssertionError("isinstance evaluated a property")
+
+        def remove_noise(self): ...
+        restore_noise = reset_noise = denoised = clean_state_dict = remove_noise
+
+    other = Elsewhere([torch.zeros(1, requires_grad=True)], lr=1)
+    assert isinstance(other, NoisyOptimizer) and unwrap(Forwarding(other)) is other
+    _, opt, _ = problem("nvrm-adamw")
+    assert not isinstance(Forwarding(opt), NoisyOptimizer) and not isinstance(opt.optimizer, NoisyOptimizer)
+    incomplete = type("Incomplete", (torch.optim.SGD,), {"remove_noise": Elsewhere.remove_noise})
+    assert not isinstance(incomplete([torch.zeros(1, requires_grad=True)], lr=1), NoisyOptimizer)

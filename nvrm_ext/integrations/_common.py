@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import weakref
 
-from ..optim.protocol import is_noisy_optimizer
+from ..optim.protocol import NoisyOptimizer
 
 # Attributes under which wrappers keep the optimizer they wrap: Lightning's LightningOptimizer
 # (_optimizer), accelerate's AcceleratedOptimizer and NVRM (optimizer), FusedAMP (base_optimizer).
@@ -18,7 +18,7 @@ def unwrap(optimizer):
     that imitates the class of what it wraps (LightningOptimizer) is seen through."""
     found = None
     for link in _chain(optimizer):
-        if is_noisy_optimizer(link):
+        if isinstance(link, NoisyOptimizer):
             found = link
     return found
 

@@ -3,25 +3,30 @@
 FusedVSGD, FusedVAdam (NeuralVariableOptimizer) and NVRM(optimizer) all satisfy it, and the
 integrations (Lightning's and transformers' DenoisedEvaluation, update_averaged, zero.denoised)
 use nothing else: no private attribute, no knowledge of which of them they hold. An optimizer of
-another package can take part by offering the same members with the same meaning.
+another package takes part by offering the same members with the same meaning; it need not
+inherit from this class (isinstance looks the members up on its class).
 """
 from __future__ import annotations
 
+import abc
 import contextlib
-from typing import Protocol, runtime_checkable
 
 import torch
 
-# The members that make an optimizer a NoisyOptimizer (param_groups, as on any torch optimizer,
-# may be an instance attribute and is not looked up on the class).
+# The members that make a class a NoisyOptimizer (param_groups, as on any torch optimizer, is an
+# instance attribute and is not looked up on the class).
 NOISE_MEMBERS = ("noise_removed", "removal_token", "carries_noise", "seed", "remove_noise", "restore_noise",
                  "reset_noise", "denoised", "clean_state_dict")
 
 
-@runtime_checkable
-class NoisyOptimizer(Protocol):
+class NoisyOptimizer(abc.ABC):
     """An optimizer whose parameters hold noisy weights between steps, and that can give the
     clean ones back exactly (the noise is regenerated from the seed, never stored).
+
+    ``isinstance(x, NoisyOptimizer)`` is True when x's class has every member below. It looks at
+    the class only, never evaluating a property (some read device counters) and never asking the
+    instance: a wrapper that forwards unknown attributes to the optimizer it wraps
+    (``__getattr__``) is a wrapper, to be seen through, not the optimizer.
 
     Contract (what callers may rely on):
 
@@ -45,34 +50,42 @@ class NoisyOptimizer(Protocol):
       group, so every rank regenerates the same noise without communication.
     """
 
-    param_groups: list
+    __slots__ = ()
+
+    @classmethod
+    def __subclasshook__(cls, subclass):
+        if cls is NoisyOptimizer and all(any(name in vars(base) for base in subclass.__mro__)
+                                         for name in NOISE_MEMBERS):
+            return True
+        return NotImplemented
 
     @property
+    @abc.abstractmethod
     def noise_removed(self) -> bool: ...
 
     @property
+    @abc.abstractmethod
     def removal_token(self) -> int: ...
 
     @property
+    @abc.abstractmethod
     def carries_noise(self) -> bool: ...
 
     @property
+    @abc.abstractmethod
     def seed(self) -> int: ...
 
+    @abc.abstractmethod
     def remove_noise(self) -> None: ...
 
+    @abc.abstractmethod
     def restore_noise(self) -> None: ...
 
+    @abc.abstractmethod
     def reset_noise(self) -> None: ...
 
+    @abc.abstractmethod
     def denoised(self) -> contextlib.AbstractContextManager: ...
 
+    @abc.abstractmethod
     def clean_state_dict(self, module: torch.nn.Module) -> dict: ...
-
-
-def is_noisy_optimizer(obj) -> bool:
-    """Whether `obj`'s class offers every NoisyOptimizer member. Looked up on the class, not the
-    instance: a wrapper that forwards unknown attributes to the optimizer it wraps (``__getattr__``)
-    is a wrapper, not the optimizer, and must be seen through instead."""
-    kind = type(obj)
-    return all(hasattr(kind, name) for name in NOISE_MEMBERS)

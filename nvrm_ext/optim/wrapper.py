@@ -16,7 +16,7 @@ from torch.optim import Optimizer
 from ..backends import tables as T
 from . import validation as V
 from .base import SEED_KEY, STATE_DICT_KEY, NeuralVariableOptimizer
-from .protocol import is_noisy_optimizer
+from .protocol import NoisyOptimizer
 
 NOISE_DEFAULTS = ("variability", "num_iters", "noise_type")
 STATE_PREFIX = "nvrm_"  # the engine's per-parameter entries inside the wrapper's state_dict
@@ -338,7 +338,7 @@ def _noise_carrier_in(optimizer):
     (a NoisyOptimizer: say ZeroRedundancyOptimizer(optimizer_class=FusedVSGD)), else None."""
     seen = set()
     while optimizer is not None and id(optimizer) not in seen:
-        if is_noisy_optimizer(optimizer):
+        if isinstance(optimizer, NoisyOptimizer):
             return optimizer
         seen.add(id(optimizer))
         optimizer = next((getattr(optimizer, name) for name in _WRAPPED if getattr(optimizer, name, None) is not None),
