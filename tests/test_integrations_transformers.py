@@ -312,11 +312,12 @@ class Trigger(transformers.TrainerCallback):
             setattr(control, f"should_{self.what}", True)
 
 
+@pytest.mark.parametrize("kind", list(OPTIMIZERS))
 @pytest.mark.parametrize("what", ["evaluate", "save"])
 @pytest.mark.parametrize("order", ["trigger first", "trigger last"])
-def test_evaluation_or_save_asked_by_any_callback_in_any_order_sees_clean_weights(tmp_path, what, order):
+def test_evaluation_or_save_asked_by_any_callback_in_any_order_sees_clean_weights(tmp_path, what, order, kind):
     model = TinyRegressor()
-    opt = nvrm(model)
+    opt = nvrm(model, kind=kind)
     trigger, recorder, next_step = Trigger(what), Recorder(), NextStep()
     denoised = DenoisedEvaluation()
     callbacks = [trigger, recorder, denoised, next_step] if order == "trigger first" else \
@@ -339,7 +340,7 @@ def test_evaluation_or_save_asked_by_any_callback_in_any_order_sees_clean_weight
     # the run itself is the one without any evaluation or save, bit for bit
     plain = TinyRegressor()
     transformers.Trainer(model=plain, args=args(tmp_path / "plain", max_steps=6), train_dataset=TRAIN,
-                         optimizers=(nvrm(plain), None), callbacks=[DenoisedEvaluation()]).train()
+                         optimizers=(nvrm(plain, kind=kind), None), callbacks=[DenoisedEvaluation()]).train()
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), plain.parameters()))
 
 
@@ -362,7 +363,8 @@ def test_a_late_evaluation_under_data_parallel_replicas_is_refused(tmp_path, kin
         trainer.train()
 
 
-def test_a_read_between_accumulated_batches_sees_clean_weights_and_training_is_unchanged(tmp_path):
+@pytest.mark.parametrize("kind", list(OPTIMIZERS))
+def test_a_read_between_accumulated_batches_sees_clean_weights_and_training_is_unchanged(tmp_path, kind):
     """model.state_dict() and a no-grad forward between two micro-batches of one accumulation
     (on_substep_end) get the clean weights; the next micro-batch's training forward puts the noise
     back, so the run is the one without the reads, bit for bit."""
@@ -380,7 +382,7 @@ def test_a_read_between_accumulated_batches_sees_clean_weights_and_training_is_u
 
     def run(out, callbacks):
         model = TinyRegressor()
-        opt = nvrm(model)
+        opt = nvrm(model, kind=kind)
         transformers.Trainer(model=model, args=args(out, per_device_train_batch_size=2, gradient_accumulation_steps=2),
                              train_dataset=TRAIN, optimizers=(opt, None), callbacks=callbacks).train()
         return model, opt
