@@ -310,7 +310,8 @@ setup(
     extras_require={
         "triton": ["triton"],
         "test": ["pytest", "pytest-timeout", "pytest-benchmark", "scipy", "hypothesis", "triton",
-                 "scikit-learn", "tqdm", "matplotlib"],
+                 "scikit-learn", "tqdm", "matplotlib",
+                 "lion-pytorch"],  # an optimizer from another package, wrapped by NVRM in the tests
         "demo": ["scikit-learn", "tqdm", "matplotlib"],
     },
     # The entry point checks for the demo extra's packages before importing the demo.

@@ -58,6 +58,70 @@ def load(paths: list[Path]) -> list[dict]:
     return records
 
 
+def load_nvrm(paths: list[Path]) -> list[dict]:
+    """One record per bench/test_nvrm_step.py benchmark (NVRM vs its inner optimizer vs
+    FusedVAdam), with the run's machine info."""
+    records = []
+    for path in paths:
+        run = json.loads(Path(path).read_text())
+        for bench in run["benchmarks"]:
+            if bench["extra_info"].get("nvrm_step") and "nvrm_over_fused_vadam" in bench["extra_info"]:
+                records.append(dict(bench["extra_info"], rounds=bench["stats"]["rounds"],
+                                    machine=run.get("machine_info", {})))
+    return records
+
+
+NVRM_GOAL_OVER_FUSED_VADAM_CPU = 1.25
+
+
+def nvrm_section(records: list[dict]) -> list[str]:
+    """NVRM(torch AdamW fused) against torch's fused AdamW and FusedVAdam(decoupled), measured
+    side by side (one row per run and workload), and the CPU goal against every run."""
+    out = ["## NVRM(optimizer): the swap's cost over its inner optimizer", "",
+           "From `bench/test_nvrm_step.py`: `NVRM(torch.optim.AdamW(fused=True))`, `torch.optim.AdamW(fused=True)` "
+           "alone and `FusedVAdam(decoupled=True)` over the same parameters and gradients (AdamW lr 1e-3, "
+           "weight decay 1e-2; noise Gaussian, variability 0.01, compiled backend of the device), one step of each "
+           "per round, interleaved so that all three see the same load. On CPU torch runs one intra-op thread: "
+           "**CPU ms** is the median CPU time of the stepping thread (all the work, and the figure least "
+           "disturbed by other processes); the wall-time ratios are of the fastest rounds and of the medians.", ""]
+    header = ["workload", "params / tensors", "run (load avg start/end)", "rounds", "torch AdamW(fused) CPU ms",
+              "FusedVAdam CPU ms", "NVRM(AdamW fused) CPU ms", "NVRM ÷ FusedVAdam: CPU / wall min / wall median",
+              "NVRM ÷ torch fused (CPU)", "FusedVAdam ÷ torch fused (CPU)"]
+    out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    ordered = sorted(records, key=lambda r: (r["numel"], r["machine"].get("bench_date", "")))
+    for r in ordered:
+        load = r["machine"].get("load_average_1min") or {}
+        out.append("| " + " | ".join([
+            r["workload_label"], f"{r['numel'] / 1e6:.1f}M / {r['num_tensors']}",
+            f"{r['machine'].get('bench_date', '?')} ({_fmt(load.get('start'), '.1f')}/{_fmt(load.get('end'), '.1f')})",
+            str(r["rounds"]), _ms(r["torch_fused_cpu_median_s"]), _ms(r["fused_vadam_cpu_median_s"]),
+            _ms(r["nvrm_cpu_median_s"]),
+            f"{r['nvrm_over_fused_vadam_cpu_time']:.2f}× / {r['nvrm_over_fused_vadam']:.2f}× / "
+            f"{r['nvrm_over_fused_vadam_median']:.2f}×",
+            f"{r['nvrm_over_torch_fused_cpu_time']:.2f}×", f"{r['fused_vadam_over_torch_fused_cpu_time']:.2f}×"]) + " |")
+    out.append("")
+    for device in sorted({r["device"] for r in records}):
+        of_device = [r for r in ordered if r["device"] == device]
+        machine = of_device[-1]["machine"]
+        out += [f"Machine ({device}): {machine.get('cpu_model', '?')}, {machine.get('cpu_count', '?')} logical CPUs, "
+                f"{machine.get('memory_gib', '?')} GiB RAM; torch {machine.get('torch_version', '?')}; torch threads "
+                f"in the timed steps: {of_device[-1].get('torch_num_threads', '?')}"
+                + ("; cuda: " + machine["cuda_device"] if machine.get("cuda_device") else ""), ""]
+        loads = [max((r["machine"].get("load_average_1min") or {}).get(k) or 0 for k in ("start", "end"))
+                 for r in of_device]
+        if max(loads) > 0.5 * (machine.get("usable_cpus") or 1):
+            out += [f"Other processes were running (1-minute load average up to {max(loads):.1f} on "
+                    f"{machine.get('usable_cpus', '?')} usable CPUs): wall times are inflated and noisy; the "
+                    "CPU-time ratios are the ones to read.", ""]
+        if device == "cpu":
+            ratios = [r["nvrm_over_fused_vadam_cpu_time"] for r in of_device]
+            met = all(ratio <= NVRM_GOAL_OVER_FUSED_VADAM_CPU for ratio in ratios)
+            out += [f"- Goal on CPU, NVRM(AdamW fused) within {NVRM_GOAL_OVER_FUSED_VADAM_CPU}× FusedVAdam's step "
+                    f"(CPU time): {min(ratios):.2f}× to {max(ratios):.2f}× over {len(ratios)} measurements (runs × workloads): "
+                    + ("met" if met else "**not met**"), ""]
+    return out
+
+
 def by_device(records: list[dict]) -> dict[str, list[dict]]:
     devices: dict[str, list[dict]] = defaultdict(list)
     for record in records:
@@ -192,7 +256,7 @@ def goal_lines(records: list[dict]) -> list[str]:
     return lines
 
 
-def markdown(records: list[dict]) -> str:
+def markdown(records: list[dict], nvrm_records: list[dict] | None = None) -> str:
     out = ["# nvrm_ext benchmark results", "",
            "Generated by `python -m bench.report` from the pytest-benchmark JSON in `bench/results/`; "
            "reproduce with `python -m pytest bench/ --benchmark-json=bench/results/<device>.json`.", "",
@@ -229,6 +293,8 @@ def markdown(records: list[dict]) -> str:
                 reasons[s["reason"].removeprefix("Skipped: ")] += 1
             out += ["Not measured on this device:", ""]
             out += [f"- {reason} ({count} case{'s' if count != 1 else ''})" for reason, count in reasons.items()] + [""]
+    if nvrm_records:
+        out += nvrm_section(nvrm_records)
     out += ["![step time vs parameter count](step_time.png)", ""]
     return "\n".join(out)
 
@@ -296,7 +362,7 @@ def main(argv: list[str] | None = None) -> None:
     records = load(args.inputs)
     if not records:
         parser.error("the JSON files hold no benchmarks (was --benchmark-disable set?)")
-    args.markdown.write_text(markdown(records) + kept_sections(args.markdown))
+    args.markdown.write_text(markdown(records, load_nvrm(args.inputs)) + kept_sections(args.markdown))
     plot(records, args.plot)
     print(f"wrote {args.markdown} and {args.plot} from {len(records)} benchmarks")
 

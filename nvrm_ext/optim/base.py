@@ -9,6 +9,7 @@ the new noise.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import itertools
@@ -27,6 +28,7 @@ from .. import _compiler, noise as spec
 from . import weights
 from ..backends import tables as T
 from ..backends.torch_ref import TORCH
+from . import relative
 from . import validation as V
 
 BACKENDS = ("auto", "torch", "triton", "cpu", "cuda")
@@ -40,14 +42,15 @@ _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the fused
 _MAX_CACHED_LAYOUTS = 32  # block tables kept per optimizer (one per bucket in steady state)
 # C-level getters for the per-tensor scans of a steady step (a Python-level loop costs several times more)
 _GRAD = operator.attrgetter("grad")
+_PARAMS = operator.itemgetter("params")
 _VERSION = operator.attrgetter("_version")
 _DTYPE = operator.attrgetter("dtype")
 _SHAPE = operator.attrgetter("shape")
 _STRIDE = torch.Tensor.stride
 _DATA_PTR = torch.Tensor.data_ptr
-_PLAIN_TENSOR = {torch.Tensor}
 _increment_versions = torch._C._increment_version  # torch.autograd.graph.increment_version's C call: a list in one go
 _HOST_COUNTER_KEYS = T.LIVE_STATE_KEYS[:T.L_FRESH]  # what optimizer.state holds in host mode
+_exhaust = collections.deque(maxlen=0).extend  # runs an iterator to its end in C
 _REMOVALS = itertools.count(1)  # numbers every entry into the removed state (NeuralVariableOptimizer._removal_id)
 _DOUBLES = struct.Struct(f"{T.FLOAT_COLUMNS}d")  # a group's float row, compared bit for bit
 _DOUBLE = struct.Struct("d")
@@ -202,6 +205,8 @@ class NeuralVariableOptimizer(Optimizer):
         self._records: dict = {}  # param -> weights record (see _record_weights)
         self._loaded: list = []  # what the last load says is on the weights, until checked (weights.check_loaded)
         self._layout = None  # the last full step's participants (_StepLayout), for _steady_work
+        self._spreads_before_update = None  # relative groups under NVRM: see check_weights_before_update
+        self._work_before_update = None  # the steady work check_weights_before_update found
         self._group_watch = V.GroupWatch()  # re-validates the param groups when an entry changes
         self._hyperparameters = tuple(defaults)  # what a group must hold (torch adds keys of its own)
         super().__init__(params, defaults)
@@ -238,7 +243,9 @@ class NeuralVariableOptimizer(Optimizer):
     def _validate_group(self, group: dict) -> None:
         """Every hyperparameter the kernels read, checked wherever a group enters: construction,
         add_param_group, an edit between steps (step() re-validates changed groups) and a load."""
+        group.setdefault("relative", False)  # groups saved before relative variability existed
         V.check_group_keys(group, self._hyperparameters)
+        V.check_flag("relative", group["relative"])
         lr = group["lr"]
         V.check_lr(lr, read_tensor=not (isinstance(lr, torch.Tensor) and _capturing(lr.device)))
         V.check_number("Invalid variability", group["variability"])
@@ -277,6 +284,8 @@ class NeuralVariableOptimizer(Optimizer):
         self._loaded = []  # load_state_dict sets it after this
         self._layout = None
         self._group_watch = V.GroupWatch()
+        self._spreads_before_update = None
+        self._work_before_update = None
 
     @property
     def seed(self) -> int:
@@ -503,8 +512,8 @@ class NeuralVariableOptimizer(Optimizer):
         return int(seed)
 
     def _flat_params(self) -> list:
-        """The parameters in state_dict index order."""
-        return [p for group in self.param_groups for p in group["params"]]
+        """The parameters in state_dict index order (flattened in C: a steady step lists them)."""
+        return list(itertools.chain.from_iterable(map(_PARAMS, self.param_groups)))
 
     def _host_lr(self, group: dict) -> float:
         """The lr a table row carries. A tensor lr is read on the host (a device sync) except
@@ -575,20 +584,27 @@ class NeuralVariableOptimizer(Optimizer):
                 key += 1
         return out
 
-    @torch.no_grad()
     def step(self, closure=None):
         """One step for every parameter with a gradient: remove the old noise, apply the base
         update at the perturbed weights, add fresh noise. Returns the closure's loss."""
+        return self._step(closure)
+
+    @torch.no_grad()
+    def _step(self, closure=None):
+        """step() without the hooks torch wraps around it (NVRM calls its engine's step here: the
+        hooks of the NVRM step the user called are the ones that run)."""
         if self._held is not None:
             raise RuntimeError(f"{type(self).__name__}.step() while the noise is removed (remove_noise(), or "
                                "inside denoised()): the forward pass must see the noisy weights; call "
                                "restore_noise() (or leave the denoised() block) first")
-        if not self._capturable:
+        if not self._capturable and _capture_underway():  # the message only then: a step's host time counts
             _refuse_capture(f"{type(self).__name__}.step() with capturable=False: its step counters "
                             "live on the host, so every replay would re-apply the captured step's "
                             "noise; construct the optimizer with capturable=True")
-        grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
+        # GradScaler's fused protocol sets these on the instance (and deletes them after the step):
+        # a dict lookup, not a getattr that raises AttributeError at every other step
+        grad_scale = self.__dict__.get("grad_scale")
+        found_inf = self.__dict__.get("found_inf")
         if (grad_scale is not None or found_inf is not None) and not self._capturable:
             raise RuntimeError(
                 f"{type(self).__name__}: grad_scale / found_inf need capturable=True (the step "
@@ -613,7 +629,9 @@ class NeuralVariableOptimizer(Optimizer):
         Every bucket is checked and its tables built before any is launched: an invalid value in
         one bucket must not leave another stepped."""
         self._group_watch.validate(self.param_groups, self._validate_group)
-        work = self._steady_work()
+        work, self._work_before_update = self._work_before_update, None
+        if work is None:
+            work = self._steady_work()
         if work is None:  # the state or the layout changed (a load, a cleared state, ...)
             weights.reconcile(self)
             work = self._prepare_work()
@@ -623,7 +641,8 @@ class NeuralVariableOptimizer(Optimizer):
             # (weights_unchanged() also reads the version counters record_weights builds on)
             if not _capturing(bucket[0]) and not plan.weights_unchanged() and not self._checks_weights_first:
                 self._check_weights(plan.params, plan.states, plan.param_tensors)
-        tables = [plan.tables(grads, grad_pointers) for _, _, plan, grads, grad_pointers in work]
+        spreads, self._spreads_before_update = self._spreads_before_update, None
+        tables = [plan.tables(grads, grad_pointers, spreads) for _, _, plan, grads, grad_pointers in work]
         for (bucket, _, plan, _, _), (ints, _) in zip(work, tables):
             if plan.live is None:
                 plan.ready_host_launch(bucket, ints)
@@ -649,17 +668,22 @@ class NeuralVariableOptimizer(Optimizer):
                                "restore_noise() (or leave the denoised() block) first")
         self._group_watch.validate(self.param_groups, self._validate_group)
         self._sync_seed()
-        if self._loaded or self._layout is None:
+        # The update in between changes values only, not what the steady path compares: the step
+        # takes this work as it is. Without it the step rebuilds launch data: check what it will read.
+        self._work_before_update = self._steady_work()
+        if self._work_before_update is None:
+            weights.reconcile(self)
+            self._checked_members()
+        elif self._loaded:
             weights.reconcile(self)
         for plan in self._plans.values():
             if plan.params and not _capturing(plan.params[0].device) and not plan.weights_unchanged():
                 self._check_weights(plan.params, plan.states, plan.param_tensors)
+        self._spreads_before_update = relative.measure_before_update(self.param_groups, self.state)
 
-    def _prepare_work(self):
-        """The full path of a step: validate every gradient, bucket the parameters by (device,
-        dtype) and (re)build their plans. Returns [(bucket, backend, plan, grads, None)], or None
-        for a step that only creates the state (_is_state_init_step); remembers the layout so
-        that the next steps can take _steady_work."""
+    def _checked_members(self) -> tuple:
+        """The participants by (device, dtype) bucket and each bucket's backend, every value a
+        (re)built plan would take checked (raises before anything changes)."""
         members: dict = {}
         for key, group, p, g in self._participants():
             members.setdefault((p.device, p.dtype), []).append((key, group, p, g))
@@ -667,6 +691,14 @@ class NeuralVariableOptimizer(Optimizer):
         self._sync_seed()
         self._check_rows([row for bucket, rows in members.items() if self._plan_stale(bucket, rows, resolved[bucket])
                           for row in rows])
+        return members, resolved
+
+    def _prepare_work(self):
+        """The full path of a step: validate every gradient, bucket the parameters by (device,
+        dtype) and (re)build their plans. Returns [(bucket, backend, plan, grads, None)], or None
+        for a step that only creates the state (_is_state_init_step); remembers the layout so
+        that the next steps can take _steady_work."""
+        members, resolved = self._checked_members()
         state_only = self._is_state_init_step(members)
         work = [(bucket, resolved[bucket], self._bucket_plan(bucket, bucket_members, resolved[bucket]),
                  [g for _, _, _, g in bucket_members], None)
@@ -699,7 +731,7 @@ class NeuralVariableOptimizer(Optimizer):
         if not all(map(operator.is_, params, layout.params)):
             return None
         grads = list(map(_GRAD, params))
-        if any(grads[i] is not None for i in layout.absent):
+        if layout.absent and any(grads[i] is not None for i in layout.absent):
             return None
         work = []
         for bucket, backend, plan, pick in layout.buckets:
@@ -1180,12 +1212,16 @@ def _samples_differ(tensors, recorded) -> list:
     return out
 
 
+def _capture_underway() -> bool:
+    """Whether a CUDA graph is being captured on the current stream (the check of torch.optim's
+    _cuda_graph_capture_health_check)."""
+    return (torch.backends.cuda.is_built() and torch.cuda.is_available() and not _compiler.is_compiling()
+            and torch.cuda.is_current_stream_capturing())
+
+
 def _refuse_capture(why: str) -> None:
-    """Raise before anything changes if a CUDA graph is being captured on the current stream
-    (the check of torch.optim's _cuda_graph_capture_health_check)."""
-    if (torch.backends.cuda.is_built() and torch.cuda.is_available()
-            and not _compiler.is_compiling()
-            and torch.cuda.is_current_stream_capturing()):
+    """Raise before anything changes if a CUDA graph is being captured on the current stream."""
+    if _capture_underway():
         raise RuntimeError(f"CUDA graph capture of {why}")
 
 
@@ -1352,16 +1388,19 @@ class _BucketPlan:
         self.state_signatures = [opt._state_signature(group) for group in self.groups]
         # what steady_grad_pointers compares: the parameters' dtype, shapes, strides, addresses;
         # None for DTensor parameters, whose local shards take the full path at every step
+        # (lists compared whole: types and dtypes are singletons, so equal lists compare by identity)
         self._steady_meta = None if any(map(_is_dtensor, self.params)) else (
-            {dtype}, list(map(_SHAPE, self.param_tensors)), list(map(_STRIDE, self.param_tensors)),
-            self.static_ints[:, T.I_PARAM].tolist())
+            [torch.Tensor] * len(plans), [dtype] * len(plans), list(map(_SHAPE, self.param_tensors)),
+            list(map(_STRIDE, self.param_tensors)), self.static_ints[:, T.I_PARAM].tolist())
         self._static_alignment = T.alignment_flags(self.static_ints)  # the gradient address (0) aside
         self._group_key = None     # the groups' hyperparameters behind self._group_tables
         # (ints, floats, (row scales, the types and scales the state dicts get)) before the per-step columns
         self._group_tables = None
+        self._relative = None      # relative.RelativeScales of the rows whose group has relative=True
         self._committed = None     # host mode: (counter columns written by commit(), their array)
         self._host_tables = None   # host mode: (the group tables they were made from, ints, floats)
         self._bound_live = None    # host mode on the CPU: the counter mirror whose rows I_LIVE points to
+        self._tabled_pointers = None  # host mode on the CPU: the gradient addresses in the host tables
         self._prepared = None      # host mode on the CPU: (the host tables, seed, their prepared launch)
         self._fresh = bool(self.momentum_init.any())  # some momentum buffer not used yet
         self.live = None
@@ -1562,9 +1601,9 @@ class _BucketPlan:
         tensors must be the ones the rows point at (a momentum buffer replaced in the dict)."""
         if self._steady_meta is None:
             return None
-        dtypes, shapes, strides, addresses = self._steady_meta
+        types, dtypes, shapes, strides, addresses = self._steady_meta
         try:
-            if (set(map(type, grads)) != _PLAIN_TENSOR or set(map(_DTYPE, grads)) != dtypes
+            if (list(map(type, grads)) != types or list(map(_DTYPE, grads)) != dtypes
                     or list(map(_SHAPE, grads)) != shapes or list(map(_STRIDE, grads)) != strides):
                 return None
         except RuntimeError:  # sparse gradients have no strides
@@ -1574,7 +1613,7 @@ class _BucketPlan:
                 or [self.opt._state_signature(group) for group in self.groups] != self.state_signatures):
             return None
         if self.backend is TORCH and (list(map(_SHAPE, params)) != shapes or list(map(_STRIDE, params)) != strides
-                                      or set(map(_DTYPE, params)) != dtypes):
+                                      or list(map(_DTYPE, params)) != dtypes):
             return None  # its torch ops read the parameters as they are now, not the storage the plan kept
         states = self.states
         try:
@@ -1584,35 +1623,49 @@ class _BucketPlan:
                     return None
         except KeyError:  # a state tensor deleted from its dict
             return None
-        return np.fromiter(map(_DATA_PTR, grads), np.int64, len(grads))
+        return list(map(_DATA_PTR, grads))
 
-    def tables(self, grads, grad_pointers=None):
+    def tables(self, grads, grad_pointers=None, spreads=None):
         """The int64 and float32 tables of this step (host numpy). Host mode: resolved from
         the counters in `optimizer.state` (by the kernel itself on the CPU), in two arrays kept
         for the plan's life and rewritten in place (a host-mode launch reads or copies them
         before it returns); capturable mode: fresh arrays, which upload() compares with the
         last ones, and the kernel resolves the counters. `grad_pointers`: the gradients'
         addresses where steady_grad_pointers vouched for them; otherwise gradients in another
-        dtype or layout than their parameter are converted."""
+        dtype or layout than their parameter are converted. `spreads`: relative rows' spreads
+        measured before another optimizer's update (relative.measure_before_update)."""
         if grad_pointers is None:
             self._grads = self._local_grads(grads)
             grad_pointers = [t.data_ptr() for t in self._grads]
         else:
             self._grads = grads
         group_ints, group_floats, new_scales = self._group_columns()
-        grad_pointers = np.asarray(grad_pointers, dtype=np.int64)
         if self.live is None:
             if self._host_tables is None or self._host_tables[0] is not group_ints:
                 self._host_tables = (group_ints, group_ints.copy(), group_floats.copy())
                 self._bound_live = None
+                self._tabled_pointers = None
             _, ints, floats = self._host_tables
         else:
             ints, floats = group_ints.copy(), group_floats.copy()
-        ints[:, T.I_GRAD] = grad_pointers
-        if self.backend.uses_alignment_flag:  # tables.alignment_flags(ints): only the gradients' addresses change
-            ints[:, T.I_FLAGS] = group_ints[:, T.I_FLAGS] | np.where(grad_pointers % 16 == 0, self._static_alignment, 0)
+        # Where the kernel resolves the counters, nothing but this writes the host tables' gradient
+        # and flag columns: with the same addresses as at the last step (the same gradient tensors)
+        # they hold them already. Elsewhere resolve_rows rewrites the flags; capturable tables are new.
+        if not (self._kernel_resolves and grad_pointers == self._tabled_pointers):
+            addresses = np.asarray(grad_pointers, dtype=np.int64)
+            ints[:, T.I_GRAD] = addresses
+            if self.backend.uses_alignment_flag:  # tables.alignment_flags(ints): only the gradients' addresses change
+                ints[:, T.I_FLAGS] = group_ints[:, T.I_FLAGS] | np.where(addresses % 16 == 0, self._static_alignment, 0)
+            self._tabled_pointers = grad_pointers if self._kernel_resolves else None
         if self.live is None:
             held, live = self._counters()
+            if self._relative is not None:  # this step's scales of the relative rows (relative.py)
+                rows = self._relative.rows
+                scales = self._relative.scales(ints, live, spreads)
+                floats[rows, T.F_NEW_SCALE] = scales
+                row_scales = new_scales[0].copy()
+                row_scales[rows] = scales
+                new_scales = (row_scales, new_scales[1], row_scales.tolist())
             if self._kernel_resolves:
                 if live is not self._bound_live:  # a new mirror (the state dicts were changed)
                     ints[:, T.I_LIVE] = live.ctypes.data + self._live_offsets
@@ -1663,7 +1716,7 @@ class _BucketPlan:
             rows.append(row)
             # variability 0: every step is a num_iters-th step (no new noise; old noise removed)
             key.append((flags, group["num_iters"] if variability else 1, group["noise_type"],
-                        _DOUBLES.pack(*row), _DOUBLE.pack(variability)))
+                        _DOUBLES.pack(*row), _DOUBLE.pack(variability), bool(group.get("relative", False))))
         if key != self._group_key:
             g = self.group_of
             ints = self.static_ints.copy()
@@ -1677,6 +1730,15 @@ class _BucketPlan:
             floats[:, T.F_NEW_SCALE] = row_scales
             self._group_key = key
             self._group_tables = (ints, floats, (row_scales, new_types.tolist(), row_scales.tolist()))
+            relative_rows = np.flatnonzero(np.asarray([k[5] for k in key[1:]], dtype=bool)[g] & (row_scales != 0))
+            self._relative = None
+            if len(relative_rows):
+                if self.live is not None:
+                    raise ValueError(f"{type(opt).__name__}: relative=True is not supported with capturable "
+                                     "counters yet (the spread would be measured on the device at every "
+                                     "step); use capturable=False for relative groups")
+                self._relative = relative.RelativeScales(relative_rows, row_scales[relative_rows], self.params,
+                                                         self.param_tensors, self.states)
         return self._group_tables
 
     def _counters(self) -> tuple:
@@ -1721,8 +1783,7 @@ class _BucketPlan:
         columns = live[:, :T.L_NOISE_TYPE].astype(np.int64).T.tolist() + [new_types, scale_values]
         for key, values, before in zip(_HOST_COUNTER_KEYS, columns, held or [None] * len(columns)):
             if values != before:  # steps always; noise type and scale only when a group changed them
-                for _ in map(operator.setitem, self.states, itertools.repeat(key), values):
-                    pass  # one write per state, looped in C
+                _exhaust(map(operator.setitem, self.states, itertools.repeat(key), values))  # looped in C
         self._committed = (columns, live)
         if self._fresh:
             self.momentum_init[:] = False

@@ -24,10 +24,10 @@ class FusedVAdam(NeuralVariableOptimizer):
 
     def __init__(self, params, lr=1e-3, variability=0.01, num_iters=1000, betas=(0.9, 0.999),
                  eps=1e-8, weight_decay=0, noise_type="Gaussian", amsgrad=False, decoupled=False,
-                 *, seed=None, backend="auto", denoise=True, capturable=False):
+                 *, relative=False, seed=None, backend="auto", denoise=True, capturable=False):
         defaults = dict(lr=lr, variability=variability, num_iters=num_iters, betas=betas, eps=eps,
                         weight_decay=weight_decay, noise_type=noise_type, amsgrad=amsgrad,
-                        decoupled=decoupled)
+                        decoupled=decoupled, relative=relative)
         super().__init__(params, defaults, seed=seed, backend=backend, denoise=denoise,
                          capturable=capturable)
 

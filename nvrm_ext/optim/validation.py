@@ -191,6 +191,10 @@ def check_counters(where: str, state: dict, read: bool = True) -> None:
         check_noise_code(where, state["noise_type"], read)
     if "noise_scale" in state:
         check_noise_scale(where, state["noise_scale"], read)
+    if "weight_std" in state:
+        from .relative import check_spread
+
+        check_spread(where, state)
     if "momentum_fresh" in state:
         fresh = _scalar(where, "momentum_fresh", state["momentum_fresh"], read)
         if fresh is not _UNREAD and (not isinstance(fresh, (numbers.Real, bool)) or fresh not in (0, 1)):

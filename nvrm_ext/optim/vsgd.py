@@ -36,6 +36,9 @@ class FusedVSGD(NeuralVariableOptimizer):
         num_iters: steps per epoch; every num_iters-th step leaves the weights clean.
         momentum, dampening, weight_decay, nesterov: as in torch.optim.SGD.
         noise_type: 'Gaussian', 'Laplace' or 'Uniform'.
+        relative: False: ``variability`` is the noise scale itself; True: the scale of tensor k is
+            ``variability`` times the standard deviation of its weights, measured at the first
+            step of each ``num_iters`` period (docs/noise.md §5.1). Per group.
         seed: 64-bit noise seed; None draws it from torch's default generator.
         backend: 'auto', 'torch', 'triton', 'cpu' or 'cuda'.
         denoise: False gives PSGD (noise added each step, never removed), the paper's
@@ -52,11 +55,11 @@ class FusedVSGD(NeuralVariableOptimizer):
     _op = T.OP_SGD
 
     def __init__(self, params, lr=required, variability=0.01, num_iters=1000, momentum=0, dampening=0,
-                 weight_decay=0, noise_type="Gaussian", nesterov=False, *, seed=None,
+                 weight_decay=0, noise_type="Gaussian", nesterov=False, *, relative=False, seed=None,
                  backend="auto", denoise=True, capturable=False):
         defaults = dict(lr=lr, variability=variability, num_iters=num_iters, momentum=momentum,
                         dampening=dampening, weight_decay=weight_decay, noise_type=noise_type,
-                        nesterov=nesterov)
+                        nesterov=nesterov, relative=relative)
         super().__init__(params, defaults, seed=seed, backend=backend, denoise=denoise,
                          capturable=capturable)
 

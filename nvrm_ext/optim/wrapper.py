@@ -15,10 +15,10 @@ from torch.optim import Optimizer
 
 from ..backends import tables as T
 from . import validation as V
-from .base import SEED_KEY, STATE_DICT_KEY, NeuralVariableOptimizer
+from .base import SEED_KEY, STATE_DICT_KEY, NeuralVariableOptimizer, _global_offset, _is_dense, _local
 from .protocol import NoisyOptimizer
 
-NOISE_DEFAULTS = ("variability", "num_iters", "noise_type")
+NOISE_DEFAULTS = ("variability", "num_iters", "noise_type", "relative")
 STATE_PREFIX = "nvrm_"  # the engine's per-parameter entries inside the wrapper's state_dict
 _FORMAT = 1
 
@@ -32,7 +32,9 @@ class NoiseSwap(NeuralVariableOptimizer):
     _checks_weights_first = True  # NVRM checks before the inner update, which changes the weights
 
     def _validate_group(self, group: dict) -> None:
+        group.setdefault("relative", False)
         V.check_group_keys(group, NOISE_DEFAULTS)
+        V.check_flag("relative", group["relative"])
         V.check_number("Invalid variability", group["variability"])
         group["num_iters"] = V.check_num_iters(group["num_iters"])
         V.check_noise_type(group["noise_type"])
@@ -73,14 +75,14 @@ class NVRM(Optimizer):
     Args:
         optimizer: the inner optimizer (any ``torch.optim.Optimizer`` over floating-point
             parameters; not itself an NVRM or fused NVRM optimizer).
-        variability, num_iters, noise_type: as in FusedVSGD; defaults of the groups.
+        variability, num_iters, noise_type, relative: as in FusedVSGD; defaults of the groups.
         seed: 64-bit noise seed; None draws it from torch's default generator.
         backend: where the swap runs: 'auto', 'torch', 'triton', 'cpu' or 'cuda'.
         denoise: False gives PSGD (noise added each step, never removed).
     """
 
     def __init__(self, optimizer: Optimizer, variability=0.01, num_iters=1000, noise_type="Gaussian", *,
-                 seed=None, backend="auto", denoise=True):
+                 relative=False, seed=None, backend="auto", denoise=True):
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"NVRM wraps a torch.optim.Optimizer instance, got {type(optimizer).__name__}")
         carrier = _noise_carrier_in(optimizer)
@@ -92,7 +94,8 @@ class NVRM(Optimizer):
             raise TypeError("NVRM does not wrap LBFGS: its line search re-evaluates the closure at weights it "
                             "moves itself, over a history of directions that the swapped noise would corrupt; "
                             "use a first-order optimizer")
-        noise_defaults = {"variability": variability, "num_iters": num_iters, "noise_type": noise_type}
+        noise_defaults = {"variability": variability, "num_iters": num_iters, "noise_type": noise_type,
+                          "relative": relative}
         groups = optimizer.param_groups
         for index, group in enumerate(groups):
             probe = {**noise_defaults, **{k: group[k] for k in NOISE_DEFAULTS if k in group}}
@@ -183,10 +186,14 @@ class NVRM(Optimizer):
         """The inner optimizer's step on the perturbed weights, then the noise swap for every
         parameter with a gradient. Checks first (the groups' noise values, the seed, weights
         rewritten since the last step): an error there changes nothing."""
+        if getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None:
+            raise RuntimeError("NVRM does not take grad_scale / found_inf (GradScaler's fused protocol): "
+                               "GradScaler unscales the gradients and skips inf steps itself for NVRM, which "
+                               "does not declare _step_supports_amp_scaling; nothing was changed")
         engine = self._bound_engine()
         engine.check_weights_before_update()
         loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
-        engine.step()
+        engine._step()  # not engine.step(): torch's global step hooks see the NVRM step only
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -208,6 +215,8 @@ class NVRM(Optimizer):
                     if not p.is_floating_point():
                         raise ValueError(f"NVRM supports real floating-point parameters only, got a parameter "
                                          f"of dtype {p.dtype}")
+                    V.check_parameter("NVRM: a parameter", _local(p), _is_dense)
+                    _global_offset(p)  # raises for shardings the noise cannot follow
                 engine._check_backends(group["params"])
         except BaseException:
             del groups[count:]

@@ -1,0 +1,142 @@
+"""Relative variability: a noise scale proportional to each tensor's own spread.
+
+σ only matters relative to the weights (a variability of 0.01 is tiny for one layer and large
+for another), so a group with ``relative=True`` gives tensor k the scale
+``variability × spread_k``, where spread_k is the standard deviation of tensor k's weights
+(docs/noise.md §5.1 says exactly which statistic, when and in which precision).
+
+The statistic is taken at the first step of each ``num_iters`` period -- a parameter's step t
+with ``(t - 1) % num_iters == 0``, from the weights before that step's update, which are the
+clean weights then (the step before removed the noise; at t = 1 nothing was added yet) -- and
+kept for the period in the parameter's state (``weight_std``), so the scale is fixed while noise
+of that period is on the weights, a checkpoint resumes with it, and removal stays exact: the
+counters record the scale each noise was added with, as for absolute variability.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from ..backends import tables as T
+
+STATE_KEY = "weight_std"  # per-parameter state: the spread of the current period (float)
+
+
+def _is_dtensor(t) -> bool:
+    from .base import _is_dtensor as is_dtensor
+
+    return is_dtensor(t)
+
+
+@torch.no_grad()
+def spreads(params: list, tensors: list) -> list[float]:
+    """The population standard deviation (correction 0) of each parameter's elements, computed
+    in float64 by torch (two passes: mean, then the mean squared deviation); 0.0 for tensors
+    of fewer than two elements. A DTensor's statistic is the whole tensor's, from sums
+    all-reduced over its mesh, so every rank gets the same value. One device-to-host read per
+    device for the plain tensors."""
+    out: list = [None] * len(params)
+    by_device: dict = {}
+    for i, (p, t) in enumerate(zip(params, tensors)):
+        if _is_dtensor(p):
+            out[i] = _dtensor_spread(p)
+        elif t.numel() < 2:
+            out[i] = 0.0
+        else:
+            by_device.setdefault(t.device, []).append(i)
+    for rows in by_device.values():
+        values = torch.stack([torch.std(tensors[i].detach().double(), correction=0) for i in rows]).tolist()
+        for i, value in zip(rows, values):
+            out[i] = value
+    return out
+
+
+def _dtensor_spread(p) -> float:
+    import torch.distributed as dist
+
+    local = p.to_local().detach().double()
+    group = p.device_mesh.get_group() if p.device_mesh.ndim == 1 else None
+    if group is None:
+        raise ValueError("relative=True supports DTensor parameters on a one-dimensional device mesh only "
+                         f"(this one has {p.device_mesh.ndim} dimensions)")
+    count = p.numel()
+    if count < 2:
+        return 0.0
+    total = local.sum().reshape(1)
+    dist.all_reduce(total, group=group)
+    mean = total / count
+    squares = (local - mean).square().sum().reshape(1)
+    dist.all_reduce(squares, group=group)
+    return math.sqrt(squares.item() / count)
+
+
+class RelativeScales:
+    """The rows of one bucket's launch whose group has ``relative=True``: which of them start a
+    period at this step, their spreads (measured then, kept in the state dicts otherwise), and
+    the new-noise scale column they give the launch tables."""
+
+    def __init__(self, rows: np.ndarray, variability: np.ndarray, params: list, tensors: list, states: list):
+        self.rows = rows
+        self.variability = variability  # float64, per relative row
+        self.params = [params[r] for r in rows]
+        self.tensors = [tensors[r] for r in rows]
+        self.states = [states[r] for r in rows]
+
+    def scales(self, ints: np.ndarray, live: np.ndarray, measured: dict | None = None) -> np.ndarray:
+        """Host mode, before a step: the float64 scales (variability × spread) of the relative
+        rows, measuring the spread of those that start a period (or have none recorded) now.
+        `live`: the rows' counters before the step (tables.LIVE_COLUMNS); `measured`: id(param)
+        -> spread taken before another optimizer's update of this step (NVRM), used instead."""
+        rows = self.rows
+        steps = live[rows, T.L_STEP].astype(np.int64)
+        starting = steps % ints[rows, T.I_NUM_ITERS] == 0
+        known = np.array([isinstance(s.get(STATE_KEY), (int, float)) for s in self.states], dtype=bool)
+        measure = np.flatnonzero(starting | ~known)
+        measured = measured or {}
+        measure = [i for i in measure.tolist() if id(self.params[i]) not in measured]
+        for i in np.flatnonzero(starting | ~known).tolist():
+            if id(self.params[i]) in measured:
+                self.states[i][STATE_KEY] = measured[id(self.params[i])]
+        if measure:
+            values = spreads([self.params[i] for i in measure], [self.tensors[i] for i in measure])
+            for i, value in zip(measure, values):
+                self.states[i][STATE_KEY] = float(value)
+        spread = np.fromiter((s[STATE_KEY] for s in self.states), np.float64, len(self.states))
+        return self.variability * spread
+
+
+def measure_before_update(groups: list, states) -> dict | None:
+    """NVRM runs its inner optimizer's update before the noise step, so the spread of a period's
+    first step is measured here, from the weights before that update (id(param) -> spread),
+    for the parameters with a gradient in relative groups; None when there are none."""
+    params = []
+    for group in groups:
+        if not group.get("relative") or not group["variability"]:
+            continue
+        num_iters = group["num_iters"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = states.get(p) or {}
+            step = state.get("step", 0)
+            if isinstance(step, torch.Tensor):  # capturable counters: refused when the plan is built
+                continue
+            if int(step) % num_iters == 0 or not isinstance(state.get(STATE_KEY), (int, float)):
+                params.append(p)
+    if not params:
+        return None
+    from .base import _local
+
+    return {id(p): float(value) for p, value in zip(params, spreads(params, [_local(p) for p in params]))}
+
+
+def check_spread(where: str, state: dict) -> None:
+    """A loaded or edited ``weight_std``: a finite number >= 0."""
+    value = state.get(STATE_KEY)
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{where}: invalid {STATE_KEY} {value!r} (expected a finite number >= 0, the spread "
+                         "of the weights that sets a relative noise scale)")
