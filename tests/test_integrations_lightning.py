@@ -240,7 +240,7 @@ def test_second_fit_with_the_same_optimizer_puts_the_noise_back_or_keeps_loaded_
         model.load_state_dict(Tiny(kind, init_seed=9).state_dict())
     elif between == "clean checkpoint":
         first_fit.save_checkpoint(tmp_path / "clean.ckpt")
-        model.load_state_dict(Tiny(kind, init_seed=9).state_dict())  # whatever the model holds: the checkpoint's come back
+        model.load_state_dict(Tiny(kind, init_seed=9).state_dict())  # the checkpoint's weights come back
         fit_options = dict(ckpt_path=tmp_path / "clean.ckpt")
     start = [p.detach().clone() for p in model.parameters()]
     first = FirstBatch()
