@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from nvrm_ext import FusedVSGD
+from nvrm_ext import NVRM, FusedVSGD
+from nvrm_ext.optim import NoisyOptimizer
 from ranks import WORLD, spawn
 from test_integrations_reference import clean_reference
 
@@ -100,14 +101,15 @@ def test_denoised_gives_clean_weights_on_every_rank_and_training_continues_bit_f
 
 @pytest.mark.parametrize("make_optimizer", [
     lambda params: FusedVSGD(params, lr=0.1, variability=0.05, num_iters=1000, seed=1),
-    lambda params: torch.optim.SGD(params, lr=0.1)], ids=["FusedVSGD", "SGD"])
+    lambda params: NVRM(torch.optim.AdamW(params), seed=1),
+    lambda params: torch.optim.SGD(params, lr=0.1)], ids=["FusedVSGD", "NVRM", "SGD"])
 def test_denoised_of_an_optimizer_that_is_not_zero_says_what_it_takes(make_optimizer):
     from nvrm_ext.integrations.zero import denoised
 
     model = torch.nn.Linear(3, 2)
     optimizer = make_optimizer(model.parameters())
     match = "takes a ZeroRedundancyOptimizer.*, got " + type(optimizer).__name__
-    if isinstance(optimizer, FusedVSGD):
+    if isinstance(optimizer, NoisyOptimizer):
         match += ".*optimizer.denoised"
     with pytest.raises(TypeError, match=match):
         with denoised(optimizer):
@@ -119,8 +121,6 @@ def make_nvrm(steps, around_zero=True):
     """A model trained `steps` steps by NVRM(ZeRO(AdamW)) (or, around_zero=False, by NVRM(AdamW) in
     one process) on the same data on every rank."""
     from torch.distributed.optim import ZeroRedundancyOptimizer
-
-    from nvrm_ext import NVRM
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.Tanh(), torch.nn.Linear(10, 3))
@@ -180,8 +180,6 @@ def _nvrm_around_zero_worker(rank, out_dir):
 
     # a ZeRO whose local optimizer already puts noise on the weights: two noise rules, refused
     from torch.distributed.optim import ZeroRedundancyOptimizer
-
-    from nvrm_ext import NVRM
 
     zero = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=FusedVSGD, lr=0.1, seed=3)
     with pytest.raises(TypeError, match="the FusedVSGD inside it already puts noise on the weights"):
