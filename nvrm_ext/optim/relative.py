@@ -35,41 +35,68 @@ def spreads(params: list, tensors: list) -> list[float]:
     """The population standard deviation (correction 0) of each parameter's elements, computed
     in float64 by torch (two passes: mean, then the mean squared deviation); 0.0 for tensors
     of fewer than two elements. A DTensor's statistic is the whole tensor's, from sums
-    all-reduced over its mesh, so every rank gets the same value. One device-to-host read per
-    device for the plain tensors."""
+    all-reduced over the mesh dimensions it is sharded on, so every rank gets the same value.
+    One device-to-host read per device for the plain tensors."""
     out: list = [None] * len(params)
     by_device: dict = {}
+    sharded = []
     for i, (p, t) in enumerate(zip(params, tensors)):
-        if _is_dtensor(p):
-            out[i] = _dtensor_spread(p)
-        elif t.numel() < 2:
+        if p.numel() < 2:  # a DTensor's numel() is the whole tensor's: the same on every rank
             out[i] = 0.0
+        elif _is_dtensor(p):
+            sharded.append(i)
         else:
             by_device.setdefault(t.device, []).append(i)
     for rows in by_device.values():
         values = torch.stack([torch.std(tensors[i].detach().double(), correction=0) for i in rows]).tolist()
         for i, value in zip(rows, values):
             out[i] = value
+    if sharded:
+        for i, value in zip(sharded, _dtensor_spreads([params[i] for i in sharded])):
+            out[i] = value
     return out
 
 
-def _dtensor_spread(p) -> float:
+def _reduction_groups(p) -> tuple:
+    """The process groups over which a DTensor's local shards add up to the whole tensor: one
+    per mesh dimension it is sharded on (a replicated dimension already holds all of it)."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    groups = []
+    for dim, placement in enumerate(p.placements):
+        if isinstance(placement, Shard):
+            groups.append(p.device_mesh.get_group(dim))
+        elif not isinstance(placement, Replicate):
+            raise ValueError(f"relative=True supports DTensor parameters that are sharded or replicated; this "
+                             f"one has placements {p.placements} (a partial sum is not the parameter's value)")
+    return tuple(groups)
+
+
+def _dtensor_spreads(params: list) -> list[float]:
+    """The whole-tensor spreads of DTensor parameters: the float64 sums of the local shards
+    all-reduced (one collective per process group for all of them), the mean, then the sums of
+    squared deviations from it all-reduced the same way. Every rank runs the same collectives in
+    the same order: the parameters and their step counters are the same on every rank."""
     import torch.distributed as dist
 
-    local = p.to_local().detach().double()
-    group = p.device_mesh.get_group() if p.device_mesh.ndim == 1 else None
-    if group is None:
-        raise ValueError("relative=True supports DTensor parameters on a one-dimensional device mesh only "
-                         f"(this one has {p.device_mesh.ndim} dimensions)")
-    count = p.numel()
-    if count < 2:
-        return 0.0
-    total = local.sum().reshape(1)
-    dist.all_reduce(total, group=group)
-    mean = total / count
-    squares = (local - mean).square().sum().reshape(1)
-    dist.all_reduce(squares, group=group)
-    return math.sqrt(squares.item() / count)
+    by_groups: dict = {}
+    for i, p in enumerate(params):
+        groups = _reduction_groups(p)
+        by_groups.setdefault(tuple(map(id, groups)), (groups, []))[1].append(i)
+    out: list = [None] * len(params)
+    for groups, rows in by_groups.values():
+        local = [params[i].to_local().detach().double() for i in rows]
+        counts = torch.tensor([params[i].numel() for i in rows], dtype=torch.float64, device=local[0].device)
+        sums = torch.stack([t.sum() for t in local])
+        for group in groups:
+            dist.all_reduce(sums, group=group)
+        means = sums / counts
+        squares = torch.stack([(t - mean).square().sum() for t, mean in zip(local, means)])
+        for group in groups:
+            dist.all_reduce(squares, group=group)
+        for i, value in zip(rows, (squares / counts).sqrt().tolist()):
+            out[i] = value
+    return out
 
 
 class RelativeScales:
