@@ -102,6 +102,32 @@ def test_relative_noise_follows_the_specification(name, backend):
             torch.testing.assert_close(a, b, rtol=0, atol=2e-6, msg=f"step {step}, parameter {k}")
 
 
+ADAM_VARIANTS = {  # FusedVAdam's flags and the torch.optim update each one is
+    "amsgrad-L2": (dict(amsgrad=True, weight_decay=0.05), "Gaussian",
+                   lambda params: torch.optim.Adam(params, lr=0.01, amsgrad=True, weight_decay=0.05)),
+    "amsgrad-decoupled": (dict(amsgrad=True, weight_decay=0.05, decoupled=True), "Laplace",
+                          lambda params: torch.optim.AdamW(params, lr=0.01, amsgrad=True, weight_decay=0.05)),
+    "decoupled": (dict(weight_decay=0.05, decoupled=True), "Uniform",
+                  lambda params: torch.optim.AdamW(params, lr=0.01, weight_decay=0.05)),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(ADAM_VARIANTS))
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+def test_relative_fused_adam_variants_follow_the_specification(variant, backend):
+    """The spread sets the scale on the host, whatever update the kernel fuses with the swap:
+    FusedVAdam with amsgrad and L2 / decoupled weight decay against torch's Adam / AdamW."""
+    flags, noise_type, make_inner = ADAM_VARIANTS[variant]
+    make = lambda params, b: nvrm_ext.FusedVAdam(params, lr=0.01, variability=VARIABILITY, num_iters=NUM_ITERS,
+                                                 noise_type=noise_type, relative=True, seed=SEED, backend=b, **flags)
+    steps = 4 if backend == "triton" else 7  # the interpreter is slow; 4 steps still cross a period
+    _, _, history = _run(steps, make, backend)
+    reference = _reference_run(steps, make_inner, noise_type)
+    for step, (got, expected) in enumerate(zip(history, reference), 1):
+        for k, (a, b) in enumerate(zip(got, expected)):
+            torch.testing.assert_close(a, b, rtol=0, atol=2e-6, msg=f"step {step}, parameter {k}")
+
+
 def test_the_state_keeps_the_period_spread_and_the_scale_the_noise_was_added_with():
     model = _model()
     params = list(model.parameters())
