@@ -199,6 +199,35 @@ def test_an_invalid_loaded_spread_is_refused_with_nothing_loaded(bad):
     assert len(fresh.state) == 0
 
 
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf"), "0.1", True, torch.tensor([0.1, 0.2])])
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_a_spread_edited_mid_period_is_checked_before_anything_changes(name, bad):
+    """The steady step reuses the scales of the step before while the states hold the same
+    spreads; an edited one is taken if valid, refused (weights and state as they were) if not."""
+    make = FACTORIES[name][0]
+    model, opt, _ = _run(1, make, "cpu")
+    engine = getattr(opt, "_engine", opt)  # NVRM keeps the noise state in its engine
+    params = list(model.parameters())
+    engine.state[params[0]]["weight_std"] = bad
+    _loss(model, 2).backward()
+    before = [p.detach().clone() for p in params]
+    def snapshot():  # the noise state and the inner optimizer's (the same dicts for FusedVSGD)
+        return [copy.deepcopy({k: v for k, v in {**state.state[p]}.items() if k != "weight_std"})
+                for state in (engine, opt) for p in params]
+
+    states = snapshot()
+    with pytest.raises(ValueError, match="parameter 0's state: invalid weight_std"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    for now, saved in zip(snapshot(), states):
+        assert now.keys() == saved.keys()
+        assert all(torch.equal(now[k], v) if isinstance(v, torch.Tensor) else now[k] == v for k, v in saved.items())
+    engine.state[params[0]]["weight_std"] = 0.5  # a valid edit is taken at the next step
+    opt.step()
+    assert engine.state[params[0]]["noise_scale"] == VARIABILITY * 0.5
+    assert engine.state[params[1]]["noise_scale"] == pytest.approx(VARIABILITY * _spread(_model()[0].bias), rel=1e-12)
+
+
 def test_capturable_relative_groups_are_refused_before_anything_changes():
     model = _model()
     opt = nvrm_ext.FusedVSGD(model.parameters(), lr=0.1, relative=True, backend="cpu", capturable=True)

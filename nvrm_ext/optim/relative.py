@@ -14,6 +14,7 @@ counters record the scale each noise was added with, as for absolute variability
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -104,54 +105,73 @@ class RelativeScales:
     period at this step, their spreads (measured then, kept in the state dicts otherwise), and
     the new-noise scale column they give the launch tables."""
 
-    def __init__(self, rows: np.ndarray, variability: np.ndarray, params: list, tensors: list, states: list):
+    def __init__(self, rows: np.ndarray, variability: np.ndarray, params: list, tensors: list, states: list,
+                 name: str, keys: np.ndarray):
         self.rows = rows
         self.variability = variability  # float64, per relative row
         self.params = [params[r] for r in rows]
         self.tensors = [tensors[r] for r in rows]
         self.states = [states[r] for r in rows]
+        self.name = name  # the optimizer's, and the rows' parameter keys: how an error names a row
+        self.keys = keys[rows].tolist()
+        self._last = None  # (the spreads the states held after the last call, the scales it returned)
 
     def scales(self, ints: np.ndarray, live: np.ndarray, measured: dict | None = None) -> np.ndarray:
         """Host mode, before a step: the float64 scales (variability × spread) of the relative
         rows, measuring the spread of those that start a period (or have none recorded) now.
         `live`: the rows' counters before the step (tables.LIVE_COLUMNS); `measured`: id(param)
-        -> spread taken before another optimizer's update of this step (NVRM), used instead."""
+        -> spread taken before another optimizer's update of this step (NVRM), used instead.
+        A steady step (no row starts a period, the states hold the spreads the last call left)
+        reuses the last scales: no per-row Python work. A spread edited into a state is checked
+        (a finite number >= 0) before it is used."""
         rows = self.rows
-        steps = live[rows, T.L_STEP].astype(np.int64)
-        starting = steps % ints[rows, T.I_NUM_ITERS] == 0
-        known = np.array([isinstance(s.get(STATE_KEY), (int, float)) for s in self.states], dtype=bool)
-        measure = np.flatnonzero(starting | ~known)
+        starting = live[rows, T.L_STEP].astype(np.int64) % ints[rows, T.I_NUM_ITERS] == 0
+        held = list(map(dict.get, self.states, itertools.repeat(STATE_KEY)))
+        if not measured and self._last is not None and not starting.any():
+            try:
+                if held == self._last[0]:
+                    return self._last[1]
+            except RuntimeError:  # a tensor edited in compares elementwise: checked below
+                pass
+        known = np.fromiter((v is not None for v in held), bool, len(held))  # None: measured now
+        for i in np.flatnonzero(known & ~starting).tolist():  # kept for this step: edited since?
+            check_spread(f"{self.name}: parameter {self.keys[i]}'s state", self.states[i])
+        measure = np.flatnonzero(starting | ~known).tolist()
         measured = measured or {}
-        measure = [i for i in measure.tolist() if id(self.params[i]) not in measured]
-        for i in np.flatnonzero(starting | ~known).tolist():
-            if id(self.params[i]) in measured:
-                self.states[i][STATE_KEY] = measured[id(self.params[i])]
-        if measure:
-            values = spreads([self.params[i] for i in measure], [self.tensors[i] for i in measure])
-            for i, value in zip(measure, values):
-                self.states[i][STATE_KEY] = float(value)
-        spread = np.fromiter((s[STATE_KEY] for s in self.states), np.float64, len(self.states))
-        return self.variability * spread
+        taken = [i for i in measure if id(self.params[i]) in measured]
+        measure = [i for i in measure if id(self.params[i]) not in measured]
+        values = spreads([self.params[i] for i in measure], [self.tensors[i] for i in measure]) if measure else []
+        for i in taken:
+            self.states[i][STATE_KEY] = measured[id(self.params[i])]
+        for i, value in zip(measure, values):
+            self.states[i][STATE_KEY] = float(value)
+        held = [s[STATE_KEY] for s in self.states]
+        result = self.variability * np.asarray(held, dtype=np.float64)
+        self._last = (held, result)
+        return result
 
 
-def measure_before_update(groups: list, states) -> dict | None:
+def measure_before_update(groups: list, states, name: str = "NVRM") -> dict | None:
     """NVRM runs its inner optimizer's update before the noise step, so the spread of a period's
     first step is measured here, from the weights before that update (id(param) -> spread),
-    for the parameters with a gradient in relative groups; None when there are none."""
+    for the parameters with a gradient in relative groups; None when there are none. A spread
+    kept for this step is checked here too, before that update changes anything."""
     params = []
+    key = -1
     for group in groups:
-        if not group.get("relative") or not group["variability"]:
-            continue
-        num_iters = group["num_iters"]
+        relative = group.get("relative") and group["variability"]
         for p in group["params"]:
-            if p.grad is None:
+            key += 1
+            if not relative or p.grad is None:
                 continue
             state = states.get(p) or {}
             step = state.get("step", 0)
             if isinstance(step, torch.Tensor):  # capturable counters: refused when the plan is built
                 continue
-            if int(step) % num_iters == 0 or not isinstance(state.get(STATE_KEY), (int, float)):
+            if int(step) % group["num_iters"] == 0 or state.get(STATE_KEY) is None:
                 params.append(p)
+            else:
+                check_spread(f"{name}: parameter {key}'s state", state)
     if not params:
         return None
     from .base import _local
