@@ -91,6 +91,32 @@ FACTORIES = {
 }
 
 
+def test_the_spread_is_the_population_std_whatever_the_thread_count():
+    """docs/noise.md §5.1's statistic against torch.std, for sizes around the summation chunk,
+    several dtypes and a non-contiguous tensor, the same bits on 1 and 2 threads (torch.std's
+    own last bits depend on the thread count above 32k elements), the tensors left as they were."""
+    from nvrm_ext.optim.relative import CHUNK, spreads
+
+    g = torch.Generator().manual_seed(5)
+    tensors = [0.1 * torch.randn(n, generator=g) + 0.5 for n in (2, 999, 999, CHUNK, CHUNK + 1, 3 * CHUNK + 7, 400_000)]
+    tensors += [tensors[2].double(), tensors[4].double(), tensors[1].bfloat16(), torch.randn(300, 70, generator=g).t()]
+    tensors += [torch.full((50,), 0.3)]
+    before = [t.clone() for t in tensors]
+    threads = torch.get_num_threads()
+    try:
+        by_threads = []
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            by_threads.append(spreads(tensors, tensors))
+    finally:
+        torch.set_num_threads(threads)
+    assert by_threads[0] == by_threads[1]
+    expected = [torch.std(t.double(), correction=0).item() for t in tensors]
+    assert by_threads[0][:-1] == pytest.approx(expected[:-1], rel=1e-13, abs=0)
+    assert by_threads[0][-1] == pytest.approx(0.0, abs=1e-16)  # a constant: 0 up to the mean's rounding
+    assert all(torch.equal(t, b) for t, b in zip(tensors, before))
+
+
 @pytest.mark.parametrize("name", sorted(FACTORIES))
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 def test_relative_noise_follows_the_specification(name, backend):

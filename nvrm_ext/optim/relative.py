@@ -31,13 +31,52 @@ def _is_dtensor(t) -> bool:
     return is_dtensor(t)
 
 
+CHUNK = 1 << 14  # a torch sum of at most this many elements runs on one thread, in one order
+
+
+def _sum(flat: torch.Tensor) -> torch.Tensor:
+    """The sum of a 1-D float64 tensor in an order that does not depend on torch's thread count
+    (a plain sum of a long tensor splits it by thread): the sums of its CHUNK-element pieces,
+    one per output row, then the sums of those the same way, down to one."""
+    while flat.numel() > CHUNK:
+        whole = flat.numel() // CHUNK * CHUNK
+        flat = torch.cat([flat[:whole].view(-1, CHUNK).sum(1), flat[whole:].sum().reshape(1)])
+    return flat.sum()
+
+
+def _plain_spreads(tensors: list) -> list[float]:
+    """The spreads of tensors on one device (at least two elements each): two passes in float64,
+    each sum in _sum's order. Tensors of the same size up to CHUNK elements are stacked and
+    reduced one per row (each row the same sum as the tensor's own): one op for many small
+    tensors instead of one each. One device-to-host read."""
+    by_size: dict = {}
+    for i, t in enumerate(tensors):
+        by_size.setdefault(t.numel() if t.numel() <= CHUNK else -1 - i, []).append(i)
+    order, values = [], []
+    for size, rows in by_size.items():
+        if size > 0:
+            stacked = torch.stack([tensors[i].detach().reshape(-1) for i in rows]).double()
+            means = stacked.sum(1) / size
+            values.append((stacked.sub_(means[:, None]).square_().sum(1) / size).sqrt())
+        else:
+            flat = tensors[rows[0]].detach().reshape(-1).to(torch.float64, copy=True)  # changed in place
+            mean = _sum(flat) / flat.numel()
+            values.append((_sum(flat.sub_(mean).square_()) / flat.numel()).sqrt().reshape(1))
+        order += rows
+    out: list = [None] * len(tensors)
+    for i, value in zip(order, torch.cat(values).tolist()):
+        out[i] = value
+    return out
+
+
 @torch.no_grad()
 def spreads(params: list, tensors: list) -> list[float]:
     """The population standard deviation (correction 0) of each parameter's elements, computed
-    in float64 by torch (two passes: mean, then the mean squared deviation); 0.0 for tensors
-    of fewer than two elements. A DTensor's statistic is the whole tensor's, from sums
-    all-reduced over the mesh dimensions it is sharded on, so every rank gets the same value.
-    One device-to-host read per device for the plain tensors."""
+    in float64 in two passes (the mean, then the mean squared deviation), each sum in an order
+    that does not depend on torch's thread count (_sum; docs/noise.md §5.1); 0.0 for tensors of
+    fewer than two elements. A DTensor's statistic is the whole tensor's, from sums all-reduced
+    over the mesh dimensions it is sharded on, so every rank gets the same value. One
+    device-to-host read per device for the plain tensors."""
     out: list = [None] * len(params)
     by_device: dict = {}
     sharded = []
@@ -49,8 +88,7 @@ def spreads(params: list, tensors: list) -> list[float]:
         else:
             by_device.setdefault(t.device, []).append(i)
     for rows in by_device.values():
-        values = torch.stack([torch.std(tensors[i].detach().double(), correction=0) for i in rows]).tolist()
-        for i, value in zip(rows, values):
+        for i, value in zip(rows, _plain_spreads([tensors[i] for i in rows])):
             out[i] = value
     if sharded:
         for i, value in zip(sharded, _dtensor_spreads([params[i] for i in sharded])):
@@ -88,11 +126,11 @@ def _dtensor_spreads(params: list) -> list[float]:
     for groups, rows in by_groups.values():
         local = [params[i].to_local().detach().double() for i in rows]
         counts = torch.tensor([params[i].numel() for i in rows], dtype=torch.float64, device=local[0].device)
-        sums = torch.stack([t.sum() for t in local])
+        sums = torch.stack([_sum(t.reshape(-1)) for t in local])
         for group in groups:
             dist.all_reduce(sums, group=group)
         means = sums / counts
-        squares = torch.stack([(t - mean).square().sum() for t, mean in zip(local, means)])
+        squares = torch.stack([_sum((t - mean).square().reshape(-1)) for t, mean in zip(local, means)])
         for group in groups:
             dist.all_reduce(squares, group=group)
         for i, value in zip(rows, (squares / counts).sqrt().tolist()):
