@@ -100,6 +100,8 @@ def test_the_spread_is_the_population_std_whatever_the_thread_count():
     g = torch.Generator().manual_seed(5)
     tensors = [0.1 * torch.randn(n, generator=g) + 0.5 for n in (2, 999, 999, CHUNK, CHUNK + 1, 3 * CHUNK + 7, 400_000)]
     tensors += [tensors[2].double(), tensors[4].double(), tensors[1].bfloat16(), torch.randn(300, 70, generator=g).t()]
+    tensors += [torch.randn(40, 30, generator=g).t(), torch.randn(20, 60, generator=g).t()]  # same shape, strided
+    tensors += [torch.randn(2, 3, 4, 5, generator=g).to(memory_format=torch.channels_last) for _ in range(2)]
     tensors += [torch.full((50,), 0.3)]
     before = [t.clone() for t in tensors]
     threads = torch.get_num_threads()
@@ -115,6 +117,7 @@ def test_the_spread_is_the_population_std_whatever_the_thread_count():
     assert by_threads[0][:-1] == pytest.approx(expected[:-1], rel=1e-13, abs=0)
     assert by_threads[0][-1] == pytest.approx(0.0, abs=1e-16)  # a constant: 0 up to the mean's rounding
     assert all(torch.equal(t, b) for t, b in zip(tensors, before))
+    assert [spreads([t], [t])[0] for t in tensors] == by_threads[0]  # alone as in a group of its shape
 
 
 @pytest.mark.parametrize("name", sorted(FACTORIES))

@@ -46,20 +46,22 @@ def _sum(flat: torch.Tensor) -> torch.Tensor:
 
 def _plain_spreads(tensors: list) -> list[float]:
     """The spreads of tensors on one device (at least two elements each): two passes in float64,
-    each sum in _sum's order. Tensors of the same size up to CHUNK elements are stacked and
-    reduced one per row (each row the same sum as the tensor's own): one op for many small
-    tensors instead of one each. One device-to-host read."""
-    by_size: dict = {}
+    each sum in _sum's order over the elements in their logical (row-major) order. Tensors of
+    the same shape up to CHUNK elements are concatenated and reduced one per row (each row the
+    same sum as the tensor's own): a few ops for many small tensors instead of a few each. One
+    device-to-host read."""
+    by_shape: dict = {}
     for i, t in enumerate(tensors):
-        by_size.setdefault(t.numel() if t.numel() <= CHUNK else -1 - i, []).append(i)
+        by_shape.setdefault(t.shape if t.numel() <= CHUNK else i, []).append(i)
     order, values = [], []
-    for size, rows in by_size.items():
-        if size > 0:
-            stacked = torch.stack([tensors[i].detach().reshape(-1) for i in rows]).double()
+    for shape, rows in by_shape.items():
+        if isinstance(shape, torch.Size):  # cat always copies: the in-place ops below are on the copy
+            stacked = torch.cat([tensors[i] for i in rows]).double().reshape(len(rows), -1)
+            size = stacked.shape[1]
             means = stacked.sum(1) / size
             values.append((stacked.sub_(means[:, None]).square_().sum(1) / size).sqrt())
         else:
-            flat = tensors[rows[0]].detach().reshape(-1).to(torch.float64, copy=True)  # changed in place
+            flat = tensors[rows[0]].reshape(-1).to(torch.float64, copy=True)  # changed in place below
             mean = _sum(flat) / flat.numel()
             values.append((_sum(flat.sub_(mean).square_()) / flat.numel()).sqrt().reshape(1))
         order += rows
@@ -88,7 +90,7 @@ def spreads(params: list, tensors: list) -> list[float]:
         else:
             by_device.setdefault(t.device, []).append(i)
     for rows in by_device.values():
-        for i, value in zip(rows, _plain_spreads([tensors[i] for i in rows])):
+        for i, value in zip(rows, _plain_spreads([tensors[i].detach() for i in rows])):
             out[i] = value
     if sharded:
         for i, value in zip(sharded, _dtensor_spreads([params[i] for i in sharded])):
