@@ -25,12 +25,6 @@ from ..backends import tables as T
 STATE_KEY = "weight_std"  # per-parameter state: the spread of the current period (float)
 
 
-def _is_dtensor(t) -> bool:
-    from .base import _is_dtensor as is_dtensor
-
-    return is_dtensor(t)
-
-
 CHUNK = 1 << 14  # a torch sum of at most this many elements runs on one thread, in one order
 
 
@@ -79,6 +73,8 @@ def spreads(params: list, tensors: list) -> list[float]:
     fewer than two elements. A DTensor's statistic is the whole tensor's, from sums all-reduced
     over the mesh dimensions it is sharded on, so every rank gets the same value. One
     device-to-host read per device for the plain tensors."""
+    from .base import _is_dtensor  # base imports this module
+
     out: list = [None] * len(params)
     by_device: dict = {}
     sharded = []
@@ -90,7 +86,7 @@ def spreads(params: list, tensors: list) -> list[float]:
         else:
             by_device.setdefault(t.device, []).append(i)
     for rows in by_device.values():
-        for i, value in zip(rows, _plain_spreads([tensors[i].detach() for i in rows])):
+        for i, value in zip(rows, _plain_spreads([tensors[i] for i in rows])):  # no_grad: no detach needed
             out[i] = value
     if sharded:
         for i, value in zip(sharded, _dtensor_spreads([params[i] for i in sharded])):
