@@ -1738,7 +1738,8 @@ class _BucketPlan:
                                      "counters yet (the spread would be measured on the device at every "
                                      "step); use capturable=False for relative groups")
                 self._relative = relative.RelativeScales(relative_rows, row_scales[relative_rows], self.params,
-                                                         self.param_tensors, self.states)
+                                                         self.param_tensors, self.states, type(opt).__name__,
+                                                         self.static_ints[:, T.I_KEY])
         return self._group_tables
 
     def _counters(self) -> tuple:
