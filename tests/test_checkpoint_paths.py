@@ -15,9 +15,18 @@ from ranks import WORLD, spawn
 
 FIRST, THEN = 4, 5  # steps before and after the checkpoint
 BATCH = 16
+
+
+def nvrm_adamw(params, *, seed, lr, variability, num_iters, weight_decay):
+    """NVRM around torch's AdamW, built like the fused optimizers (also as ZeRO's optimizer_class)."""
+    return nvrm_ext.NVRM(torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay), variability=variability,
+                         num_iters=num_iters, seed=seed)
+
+
 KINDS = {
     "vsgd": (nvrm_ext.FusedVSGD, dict(lr=0.05, momentum=0.9, dampening=0.1, variability=0.05, num_iters=7)),
     "vadam": (nvrm_ext.FusedVAdam, dict(lr=1e-2, variability=0.05, num_iters=7, weight_decay=1e-2)),
+    "nvrm-adamw": (nvrm_adamw, dict(lr=1e-2, variability=0.05, num_iters=7, weight_decay=1e-2)),
 }
 
 
@@ -79,7 +88,7 @@ def _zero_rank(rank, out_dir, kind):
     return {"reference": reference, "resumed": _full(resumed), "seed": opt.optim.seed}
 
 
-@pytest.mark.parametrize("kind", sorted(KINDS))
+@pytest.mark.parametrize("kind", ["vadam", "vsgd"])  # NVRM wraps the ZeRO instead: see test_nvrm_around_zero_*
 def test_zero_redundancy_optimizer_resume_continues_bit_for_bit(kind, tmp_path):
     results = spawn(_zero_rank, (kind,), tmp_path)
     for result in results:
@@ -135,6 +144,85 @@ def test_zero_resumes_a_checkpoint_saved_while_clean_from_the_clean_weights(tmp_
         assert result["seed"] == 1234 and result["owned"] > 0
         assert result["noise_steps"] == [0] * result["owned"]
         assert result["max_error"] < 1e-6, result
+
+
+def _nvrm_around_zero_rank(rank, out_dir):
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel
+
+    _, kwargs = KINDS["nvrm-adamw"]
+
+    def nvrm_around_zero(model, seed):
+        zero = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.AdamW, lr=kwargs["lr"],
+                                       weight_decay=kwargs["weight_decay"])
+        return nvrm_ext.NVRM(zero, variability=kwargs["variability"], num_iters=kwargs["num_iters"], seed=seed)
+
+    model = _model(0)
+    ddp = DistributedDataParallel(model)
+    opt = nvrm_around_zero(ddp, 1234)
+    _train(ddp, opt, 0, FIRST, rank, WORLD)
+    before = _full(model)
+    with pytest.raises(RuntimeError, match="consolidate_state_dict"):  # ZeRO's own requirement, kept
+        opt.state_dict()
+    assert _bitwise(_full(model), before) and not opt.noise_removed
+    opt.optimizer.consolidate_state_dict(to=0)
+    path = os.path.join(out_dir, "checkpoint.pt")
+    if rank == 0:
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, path)
+    _train(ddp, opt, FIRST, THEN, rank, WORLD)  # the uninterrupted run
+    reference = _full(model)
+    dist.barrier()
+    checkpoint = torch.load(path, weights_only=True)
+    resumed = _model(7)
+    ddp = DistributedDataParallel(resumed)
+    opt = nvrm_around_zero(ddp, 999)  # another seed: the checkpoint's must win
+    resumed.load_state_dict(checkpoint["model"])
+    opt.load_state_dict(checkpoint["optimizer"])
+    _train(ddp, opt, FIRST, THEN, rank, WORLD)
+    result = {"reference": reference, "resumed": _full(resumed), "seed": opt.seed}
+
+    # NVRM inside the ZeRO instead: ZeRO's load writes the local NVRM's inner state directly and
+    # the noise bookkeeping stays behind, so every use of the noise is refused, nothing changed
+    def zero_around_nvrm(model, seed):
+        return ZeroRedundancyOptimizer(model.parameters(), optimizer_class=nvrm_adamw, seed=seed, **kwargs)
+
+    model = _model(0)
+    ddp = DistributedDataParallel(model)
+    opt = zero_around_nvrm(ddp, 1234)
+    _train(ddp, opt, 0, FIRST, rank, WORLD)
+    opt.consolidate_state_dict(to=0)
+    if rank == 0:
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, path)
+    dist.barrier()
+    checkpoint = torch.load(path, weights_only=True)
+    resumed = _model(7)
+    ddp = DistributedDataParallel(resumed)
+    opt = zero_around_nvrm(ddp, 999)
+    resumed.load_state_dict(checkpoint["model"])
+    opt.load_state_dict(checkpoint["optimizer"])
+    loaded = _full(resumed)
+    refused = []
+    for attempt in (lambda: _train(ddp, opt, FIRST, 1, rank, WORLD), opt.optim.remove_noise,
+                    lambda: opt.optim.clean_state_dict(resumed)):
+        with pytest.raises(RuntimeError, match="loaded into the inner optimizer directly") as error:
+            attempt()
+        refused.append(str(error.value))
+    assert _bitwise(_full(resumed), loaded) and not opt.optim.noise_removed
+    result["refused"] = refused
+    return result
+
+
+def test_nvrm_around_zero_resume_continues_bit_for_bit_and_zero_around_nvrm_is_refused(tmp_path):
+    """NVRM(ZeroRedundancyOptimizer(...)): its state_dict needs ZeRO's consolidate_state_dict
+    first (ZeRO's error otherwise); saved on rank 0 and loaded on every rank with another seed and
+    init, training continues the uninterrupted run bit for bit. The other nesting,
+    ZeroRedundancyOptimizer(optimizer_class=<NVRM>), cannot resume through ZeRO's load and says so."""
+    results = spawn(_nvrm_around_zero_rank, (), tmp_path)
+    for result in results:
+        assert result["seed"] == 1234
+        assert _bitwise(result["resumed"], result["reference"])
+        assert len(result["refused"]) == 3
+    assert _bitwise(results[0]["reference"], results[1]["reference"])
 
 
 @pytest.mark.parametrize("capturable", [False, True], ids=["host", "capturable"])
@@ -260,6 +348,34 @@ def test_distributed_checkpoint_state_init_step_leaves_the_weights_alone():
     twin_opt = _optimizer("vsgd", twin.parameters(), 5)
     _train(twin, twin_opt, 0, 1)
     assert _bitwise(_full(model), _full(twin))
+
+
+def test_distributed_checkpoint_state_init_step_leaves_the_weights_alone_with_nvrm():
+    """The same for NVRM(AdamW): the init step runs the inner AdamW at lr 0 (torch's own doing:
+    its step count becomes 1, as for a plain AdamW) and puts no noise on the weights; the first
+    real step is plain AdamW's step from there plus the specified noise."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    from test_integrations_reference import clean_reference
+
+    model = _model(0)
+    before = _full(model)
+    opt = _optimizer("nvrm-adamw", model.parameters(), 5)
+    state = get_optimizer_state_dict(model, opt)
+    assert _bitwise(_full(model), before)
+    assert all(s["nvrm_noise_step"] == 0 for s in state["state"].values()) and len(state["state"]) == 4
+    assert all(group["nvrm_seed"] == 5 and group["lr"] == 1e-2 for group in state["param_groups"])
+
+    plain = _model(0)
+    _, kwargs = KINDS["nvrm-adamw"]
+    plain_opt = torch.optim.AdamW(plain.parameters(), lr=kwargs["lr"], weight_decay=kwargs["weight_decay"])
+    get_optimizer_state_dict(plain, plain_opt)  # the same init step for the plain AdamW
+    _train(model, opt, 0, 1)
+    _train(plain, plain_opt, 0, 1)
+    clean = clean_reference(opt)
+    for p, q in zip(model.parameters(), plain.parameters()):
+        torch.testing.assert_close(clean[p], q.detach(), rtol=0, atol=1e-7)
+        assert (p.detach() - q.detach()).abs().max() > 1e-3  # and the noise is on
 
 
 def _fsdp2_rank(rank, out_dir, kind):

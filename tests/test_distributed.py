@@ -26,7 +26,11 @@ def _batch(step):
 
 
 def _optimizer(kind, params, seed):
-    """kind: 'vsgd' or 'vadam', '-capturable' for device-side counters (same trajectory)."""
+    """kind: 'vsgd' or 'vadam', '-capturable' for device-side counters (same trajectory), or
+    'nvrm-adamw': NVRM around torch's AdamW."""
+    if kind == "nvrm-adamw":
+        return nvrm_ext.NVRM(torch.optim.AdamW(params, lr=1e-2, weight_decay=1e-2), variability=0.02, num_iters=7,
+                             seed=seed)
     capturable = kind.endswith("-capturable")
     if kind.startswith("vsgd"):
         return nvrm_ext.FusedVSGD(params, lr=0.05, momentum=0.9, variability=0.02, num_iters=7, seed=seed,
@@ -78,7 +82,7 @@ def _run(mode, kind, tmp_path):
     return spawn(_train_rank, (mode, kind), tmp_path, world=WORLD)
 
 
-@pytest.mark.parametrize("kind", ["vsgd", "vadam", "vsgd-capturable"])
+@pytest.mark.parametrize("kind", ["vsgd", "vadam", "vsgd-capturable", "nvrm-adamw"])
 def test_ddp_replicas_agree_and_match_single_process(kind, tmp_path):
     results = _run("ddp", kind, tmp_path)
     assert results[0]["seed"] == results[1]["seed"] == 1234
@@ -91,7 +95,7 @@ def test_ddp_replicas_agree_and_match_single_process(kind, tmp_path):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["vsgd", "vadam", "vadam-capturable"])
+@pytest.mark.parametrize("kind", ["vsgd", "vadam", "vadam-capturable", "nvrm-adamw"])
 def test_fsdp2_sharded_run_equals_unsharded_run(kind, tmp_path):
     pytest.importorskip("torch.distributed.fsdp")
     results = _run("fsdp", kind, tmp_path)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from nvrm_ext import FusedVAdam, FusedVSGD
+from nvrm_ext import NVRM, FusedVAdam, FusedVSGD
 from nvrm_ext.integrations.averaging import update_averaged
 from test_integrations_reference import clean_reference
 
@@ -42,6 +42,8 @@ def train(make_opt, averager_factory=None, update=None):
 OPTIMIZERS = {
     "vsgd": lambda m: FusedVSGD(m.parameters(), lr=0.1, variability=0.05, num_iters=1000, momentum=0.9, seed=4),
     "vadam": lambda m: FusedVAdam(m.parameters(), lr=0.01, variability=0.05, num_iters=1000, seed=4),
+    "nvrm-adamw": lambda m: NVRM(torch.optim.AdamW(m.parameters(), lr=0.01), variability=0.05, num_iters=1000,
+                                 seed=4),
 }
 
 

@@ -8,7 +8,7 @@ import torch
 
 L = pytest.importorskip("lightning.pytorch")
 
-from nvrm_ext import FusedAMP, FusedVAdam, FusedVSGD  # noqa: E402
+from nvrm_ext import NVRM, FusedAMP, FusedVAdam, FusedVSGD  # noqa: E402
 from nvrm_ext.integrations.lightning import DenoisedEvaluation, load_clean_weights  # noqa: E402
 from test_integrations_reference import assert_close_to_clean, clean_reference  # noqa: E402
 
@@ -32,7 +32,8 @@ def loss_fn(net, batch):
 
 class TinyModule:
     """An MLP; `kind`: 'vsgd' (automatic optimization), 'two' (manual, FusedVSGD + FusedVAdam on
-    the two layers), 'amp' (FusedAMP around FusedVSGD, automatic: a bare-loss closure)."""
+    the two layers), 'amp' (FusedAMP around FusedVSGD, automatic: a bare-loss closure), 'nvrm'
+    (NVRM around torch's AdamW, automatic)."""
 
     def __init__(self, kind="vsgd", seed=3, init_seed=0):
         super().__init__()
@@ -77,6 +78,8 @@ class TinyModule:
         if self.kind == "amp":
             return FusedAMP(self.parameters(), lr=0.05, epsilon=0.1, momentum=0.9,
                             base_optimizer=functools.partial(FusedVSGD, **common))
+        if self.kind == "nvrm":
+            return NVRM(torch.optim.AdamW(self.parameters(), lr=0.01), **common)
         return FusedVSGD(self.parameters(), lr=0.05, momentum=0.9, **common)
 
 
@@ -145,7 +148,7 @@ def _nvrm_optimizers(model):
     return [getattr(o, "base_optimizer", o) for o in model.trainer.optimizers]
 
 
-@pytest.mark.parametrize("kind", ["vsgd", "two", "amp"])
+@pytest.mark.parametrize("kind", ["vsgd", "two", "amp", "nvrm"])
 def test_validation_test_predict_see_clean_weights_and_training_gets_its_noise_back(tmp_path, kind):
     model = Tiny(kind)
     before, after = Expected(), Expected(after=True)
@@ -210,24 +213,34 @@ class FirstBatch(L.Callback):
             self.weights = [p.detach().clone() for p in pl_module.parameters()]
 
 
+class AtTrainEnd(L.Callback):
+    """The weights when training ends, before on_fit_end cleans them: the noisy training weights."""
+
+    def on_train_end(self, trainer, pl_module):
+        self.weights = [p.detach().clone() for p in pl_module.parameters()]
+
+
+@pytest.mark.parametrize("kind", ["vsgd", "nvrm"])
 @pytest.mark.parametrize("between", ["nothing", "other weights", "clean checkpoint"])
-def test_second_fit_with_the_same_optimizer_puts_the_noise_back_or_keeps_loaded_weights(tmp_path, between):
+def test_second_fit_with_the_same_optimizer_puts_the_noise_back_or_keeps_loaded_weights(tmp_path, between, kind):
     """After a fit the model is clean and the optimizer holds the noisy weights. The next fit
     starts from them; from weights loaded into the model meanwhile (kept: declared clean); and,
     resumed from a checkpoint saved while clean (the model file clean, the optimizer state with
     the noisy copies), from the checkpoint's noisy weights."""
-    model = Tiny()
+    model = Tiny(kind)
     model.reused_optimizer = model.configure_optimizers()
-    first_fit = trainer(tmp_path / "a", [DenoisedEvaluation()], max_epochs=1, limit_val_batches=0)
+    at_train_end = AtTrainEnd()
+    first_fit = trainer(tmp_path / "a", [at_train_end, DenoisedEvaluation()], max_epochs=1, limit_val_batches=0)
     first_fit.fit(model, loader())
     assert model.reused_optimizer.noise_removed  # left clean after fit
-    noisy = [h.clone() for _, h, _ in model.reused_optimizer._held]
+    noisy = at_train_end.weights
+    assert not all(torch.equal(w, p) for w, p in zip(noisy, model.parameters()))
     fit_options = {}
     if between == "other weights":  # e.g. the weights of another run: they must not be overwritten
-        model.load_state_dict(Tiny(init_seed=9).state_dict())
+        model.load_state_dict(Tiny(kind, init_seed=9).state_dict())
     elif between == "clean checkpoint":
         first_fit.save_checkpoint(tmp_path / "clean.ckpt")
-        model.load_state_dict(Tiny(init_seed=9).state_dict())  # whatever the model holds: the checkpoint's come back
+        model.load_state_dict(Tiny(kind, init_seed=9).state_dict())  # the checkpoint's weights come back
         fit_options = dict(ckpt_path=tmp_path / "clean.ckpt")
     start = [p.detach().clone() for p in model.parameters()]
     first = FirstBatch()
@@ -237,16 +250,17 @@ def test_second_fit_with_the_same_optimizer_puts_the_noise_back_or_keeps_loaded_
     assert all(torch.equal(w, e) for w, e in zip(first.weights, expected))
 
 
-def test_resume_from_model_checkpoint_is_bit_exact_and_checkpoint_gives_clean_weights(tmp_path):
-    uninterrupted = Tiny()
+@pytest.mark.parametrize("kind", ["vsgd", "nvrm"])
+def test_resume_from_model_checkpoint_is_bit_exact_and_checkpoint_gives_clean_weights(tmp_path, kind):
+    uninterrupted = Tiny(kind)
     trainer(tmp_path / "a", [DenoisedEvaluation()], max_epochs=4).fit(uninterrupted, loader(), loader(8, seed=1))
 
-    first = Tiny()
+    first = Tiny(kind)
     checkpoint = L.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
     trainer(tmp_path / "b", [DenoisedEvaluation(), checkpoint], max_epochs=2,
             enable_checkpointing=True).fit(first, loader(), loader(8, seed=1))
     path = tmp_path / "ckpt" / "last.ckpt"
-    resumed = Tiny(seed=99, init_seed=5)  # another seed and init: both come from the checkpoint
+    resumed = Tiny(kind, seed=99, init_seed=5)  # another seed and init: both come from the checkpoint
     trainer(tmp_path / "c", [DenoisedEvaluation()], max_epochs=4).fit(
         resumed, loader(), loader(8, seed=1), ckpt_path=path)
     for p, q in zip(uninterrupted.parameters(), resumed.parameters()):
@@ -254,7 +268,7 @@ def test_resume_from_model_checkpoint_is_bit_exact_and_checkpoint_gives_clean_we
 
     # the checkpoint holds the noisy training weights; load_clean_weights removes the noise
     saved = torch.load(path, map_location="cpu", weights_only=False)
-    reference_model = Tiny(init_seed=7)
+    reference_model = Tiny(kind, init_seed=7)
     reference_model.load_state_dict(saved["state_dict"])
     reference_opt = reference_model.configure_optimizers()
     reference_opt.load_state_dict(saved["optimizer_states"][0])
@@ -262,7 +276,7 @@ def test_resume_from_model_checkpoint_is_bit_exact_and_checkpoint_gives_clean_we
     clean = clean_reference(reference_opt)
     noisy = [p.detach().clone() for p in params]
     assert max((n - clean[p]).abs().max().item() for n, p in zip(noisy, params)) > 1e-3
-    deployed = load_clean_weights(Tiny(init_seed=8), path)
+    deployed = load_clean_weights(Tiny(kind, init_seed=8), path)
     assert_close_to_clean([p.detach() for p in deployed.parameters()], reference_opt, clean, params)
 
 
@@ -319,7 +333,7 @@ def reference_clean_weights(full_checkpoint, kind):
     return {names[id(p)]: c for p, c in clean.items()}, saved["state_dict"], optimizers[0]
 
 
-@pytest.mark.parametrize("kind", ["vsgd", "two"])
+@pytest.mark.parametrize("kind", ["vsgd", "two", "nvrm"])
 def test_weights_only_checkpoint_holds_the_clean_weights_and_training_is_unchanged(tmp_path, kind):
     """ModelCheckpoint(save_weights_only=True) saves the clean weights its metric was computed on
     (both optimizers cleaning their own parameters), beside a full checkpoint of the same moment

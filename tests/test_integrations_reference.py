@@ -7,6 +7,7 @@ import sys
 
 import torch
 
+from nvrm_ext import NVRM
 from nvrm_ext import noise as spec
 
 
@@ -17,15 +18,28 @@ def clean_reference(optimizer) -> dict:
     tolerance of about 1e-6 of the noise scale."""
     clean = {}
     key = 0
+    counters = noise_counters(optimizer)
     for group in optimizer.param_groups:
         for p in group["params"]:
-            state = optimizer.state.get(p, {})
+            state = counters.get(key, {})
             step = int(state.get("noise_step", 0))
             n = spec.noise(spec.NOISE_TYPES[int(state["noise_type"])], float(state["noise_scale"]),
                            optimizer.seed, key, step, p.numel()) if step else torch.zeros(p.numel())
             clean[p] = p.detach() - spec.from_memory_order(n.to(p.dtype), p)
             key += 1
     return clean
+
+
+def noise_counters(optimizer) -> dict:
+    """{flat parameter index: its noise counters (noise_step, noise_type, noise_scale)}. The
+    fused optimizers keep them in their per-parameter state; NVRM(optimizer)'s state is the inner
+    optimizer's, and its state_dict carries the counters prefixed ``nvrm_``."""
+    if isinstance(optimizer, NVRM):
+        prefix = "nvrm_"
+        return {index: {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+                for index, state in optimizer.state_dict()["state"].items()}
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return {index: optimizer.state.get(p, {}) for index, p in enumerate(params)}
 
 
 def assert_close_to_clean(tensors, optimizer, expected_clean: dict, params) -> None:

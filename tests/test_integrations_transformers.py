@@ -10,9 +10,9 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-from nvrm_ext import FusedAMP, FusedVSGD  # noqa: E402
+from nvrm_ext import NVRM, FusedAMP, FusedVSGD  # noqa: E402
 from nvrm_ext.integrations.transformers import AMPTrainer, DenoisedEvaluation  # noqa: E402
-from test_integrations_reference import assert_close_to_clean, clean_reference  # noqa: E402
+from test_integrations_reference import assert_close_to_clean, clean_reference, noise_counters  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -47,8 +47,16 @@ def eval_tensors():
     return torch.stack([e["x"] for e in EVAL]), torch.stack([e["labels"] for e in EVAL])
 
 
-def nvrm(model, seed=3):
-    return FusedVSGD(model.parameters(), lr=0.05, variability=0.05, num_iters=1000, momentum=0.9, seed=seed)
+OPTIMIZERS = {
+    "vsgd": lambda model, seed: FusedVSGD(model.parameters(), lr=0.05, variability=0.05, num_iters=1000,
+                                          momentum=0.9, seed=seed),
+    "nvrm-adamw": lambda model, seed: NVRM(torch.optim.AdamW(model.parameters(), lr=0.1), variability=0.05,
+                                           num_iters=1000, seed=seed),
+}
+
+
+def nvrm(model, seed=3, kind="vsgd"):
+    return OPTIMIZERS[kind](model, seed)
 
 
 def args(tmp_path, **kwargs):
@@ -97,10 +105,11 @@ def loss_at(model, weights):
     return torch.nn.functional.mse_loss(out["logits"], y).item()
 
 
+@pytest.mark.parametrize("kind", list(OPTIMIZERS))
 @pytest.mark.parametrize("strategy", ["steps", "epoch"])  # decided at on_step_end / on_epoch_end
-def test_evaluation_predictions_and_saved_model_see_clean_weights(tmp_path, strategy):
+def test_evaluation_predictions_and_saved_model_see_clean_weights(tmp_path, strategy, kind):
     model = TinyRegressor()
-    opt = nvrm(model)
+    opt = nvrm(model, kind=kind)
     recorder, next_step = Recorder(), NextStep()
     max_steps, evaluated_at = (6, [2, 4, 6]) if strategy == "steps" else (10, [4, 8, 10])  # 4 steps per epoch
     trainer = transformers.Trainer(model=model, args=args(tmp_path, eval_strategy=strategy, eval_steps=2,
@@ -146,27 +155,29 @@ def test_without_the_callback_evaluation_sees_noisy_weights(tmp_path):
     assert eval_loss != pytest.approx(loss_at(model, clean), rel=1e-4)
 
 
-def test_resume_from_checkpoint_is_bit_exact(tmp_path):
+@pytest.mark.parametrize("kind", list(OPTIMIZERS))
+def test_resume_from_checkpoint_is_bit_exact(tmp_path, kind):
     """Checkpoints hold the clean model and the optimizer's exact noisy copies: resuming from one
     (mid-epoch, another init and seed) continues the uninterrupted run bit for bit."""
     common = dict(max_steps=8, save_strategy="steps", save_steps=3, eval_strategy="steps", eval_steps=3)
     uninterrupted = TinyRegressor()
     transformers.Trainer(model=uninterrupted, args=args(tmp_path / "a", **common), train_dataset=TRAIN,
-                         eval_dataset=EVAL, optimizers=(nvrm(uninterrupted), None),
+                         eval_dataset=EVAL, optimizers=(nvrm(uninterrupted, kind=kind), None),
                          callbacks=[DenoisedEvaluation()]).train()
     checkpoint = tmp_path / "a" / "checkpoint-3"
     resumed = TinyRegressor(init_seed=5)
     transformers.Trainer(model=resumed, args=args(tmp_path / "b", **common), train_dataset=TRAIN,
-                         eval_dataset=EVAL, optimizers=(nvrm(resumed, seed=99), None),
+                         eval_dataset=EVAL, optimizers=(nvrm(resumed, seed=99, kind=kind), None),
                          callbacks=[DenoisedEvaluation()]).train(resume_from_checkpoint=str(checkpoint))
     for p, q in zip(uninterrupted.parameters(), resumed.parameters()):
         assert torch.equal(p, q)
 
 
+@pytest.mark.parametrize("kind", list(OPTIMIZERS))
 @pytest.mark.parametrize("max_steps", [8, 9])  # the last step saves (noise removed) / does not (noise on)
-def test_load_best_model_at_end_gives_the_best_checkpoints_clean_weights(tmp_path, max_steps):
+def test_load_best_model_at_end_gives_the_best_checkpoints_clean_weights(tmp_path, max_steps, kind):
     model = TinyRegressor()
-    opt = nvrm(model)
+    opt = nvrm(model, kind=kind)
     recorder = Recorder()
     trainer = transformers.Trainer(
         model=model, args=args(tmp_path, max_steps=max_steps, save_strategy="steps", save_steps=2,
@@ -187,7 +198,7 @@ def test_load_best_model_at_end_gives_the_best_checkpoints_clean_weights(tmp_pat
     final = safetensors_torch.load_file(str(tmp_path / "final" / "model.safetensors"))
     assert all(torch.equal(final[name], saved[name]) for name in saved)
     # the optimizer now treats the loaded weights as clean: training on perturbs them afresh
-    assert all(int(s.get("noise_step", 0)) == 0 for s in opt.state.values())
+    assert all(int(s.get("noise_step", 0)) == 0 for s in noise_counters(opt).values())
 
 
 def test_amp_trainer_matches_a_hand_written_loop(tmp_path):
@@ -301,11 +312,12 @@ class Trigger(transformers.TrainerCallback):
             setattr(control, f"should_{self.what}", True)
 
 
+@pytest.mark.parametrize("kind", list(OPTIMIZERS))
 @pytest.mark.parametrize("what", ["evaluate", "save"])
 @pytest.mark.parametrize("order", ["trigger first", "trigger last"])
-def test_evaluation_or_save_asked_by_any_callback_in_any_order_sees_clean_weights(tmp_path, what, order):
+def test_evaluation_or_save_asked_by_any_callback_in_any_order_sees_clean_weights(tmp_path, what, order, kind):
     model = TinyRegressor()
-    opt = nvrm(model)
+    opt = nvrm(model, kind=kind)
     trigger, recorder, next_step = Trigger(what), Recorder(), NextStep()
     denoised = DenoisedEvaluation()
     callbacks = [trigger, recorder, denoised, next_step] if order == "trigger first" else \
@@ -328,11 +340,12 @@ def test_evaluation_or_save_asked_by_any_callback_in_any_order_sees_clean_weight
     # the run itself is the one without any evaluation or save, bit for bit
     plain = TinyRegressor()
     transformers.Trainer(model=plain, args=args(tmp_path / "plain", max_steps=6), train_dataset=TRAIN,
-                         optimizers=(nvrm(plain), None), callbacks=[DenoisedEvaluation()]).train()
+                         optimizers=(nvrm(plain, kind=kind), None), callbacks=[DenoisedEvaluation()]).train()
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), plain.parameters()))
 
 
-def test_a_late_evaluation_under_data_parallel_replicas_is_refused(tmp_path):
+@pytest.mark.parametrize("kind", list(OPTIMIZERS))
+def test_a_late_evaluation_under_data_parallel_replicas_is_refused(tmp_path, kind):
     """nn.DataParallel's replicas copy the weights before any hook runs: an evaluation asked
     after DenoisedEvaluation decided would run on the noisy copies, so it is an error. (The
     replica is made by hand: DataParallel replicates only on several GPUs.)"""
@@ -344,13 +357,14 @@ def test_a_late_evaluation_under_data_parallel_replicas_is_refused(tmp_path):
 
     model = TinyRegressor()
     trainer = transformers.Trainer(model=model, args=args(tmp_path, max_steps=6), train_dataset=TRAIN,
-                                   optimizers=(nvrm(model), None),
+                                   optimizers=(nvrm(model, kind=kind), None),
                                    callbacks=[DenoisedEvaluation(), ReplicaEvaluation()])
     with pytest.raises(RuntimeError, match="under nn.DataParallel started on the noisy weights"):
         trainer.train()
 
 
-def test_a_read_between_accumulated_batches_sees_clean_weights_and_training_is_unchanged(tmp_path):
+@pytest.mark.parametrize("kind", list(OPTIMIZERS))
+def test_a_read_between_accumulated_batches_sees_clean_weights_and_training_is_unchanged(tmp_path, kind):
     """model.state_dict() and a no-grad forward between two micro-batches of one accumulation
     (on_substep_end) get the clean weights; the next micro-batch's training forward puts the noise
     back, so the run is the one without the reads, bit for bit."""
@@ -368,7 +382,7 @@ def test_a_read_between_accumulated_batches_sees_clean_weights_and_training_is_u
 
     def run(out, callbacks):
         model = TinyRegressor()
-        opt = nvrm(model)
+        opt = nvrm(model, kind=kind)
         transformers.Trainer(model=model, args=args(out, per_device_train_batch_size=2, gradient_accumulation_steps=2),
                              train_dataset=TRAIN, optimizers=(opt, None), callbacks=callbacks).train()
         return model, opt

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from nvrm_ext import FusedVSGD
+from nvrm_ext import NVRM, FusedVSGD
+from nvrm_ext.optim import NoisyOptimizer
 from ranks import WORLD, spawn
 from test_integrations_reference import clean_reference
 
@@ -100,15 +101,90 @@ def test_denoised_gives_clean_weights_on_every_rank_and_training_continues_bit_f
 
 @pytest.mark.parametrize("make_optimizer", [
     lambda params: FusedVSGD(params, lr=0.1, variability=0.05, num_iters=1000, seed=1),
-    lambda params: torch.optim.SGD(params, lr=0.1)], ids=["FusedVSGD", "SGD"])
+    lambda params: NVRM(torch.optim.AdamW(params), seed=1),
+    lambda params: torch.optim.SGD(params, lr=0.1)], ids=["FusedVSGD", "NVRM", "SGD"])
 def test_denoised_of_an_optimizer_that_is_not_zero_says_what_it_takes(make_optimizer):
     from nvrm_ext.integrations.zero import denoised
 
     model = torch.nn.Linear(3, 2)
     optimizer = make_optimizer(model.parameters())
     match = "takes a ZeroRedundancyOptimizer.*, got " + type(optimizer).__name__
-    if isinstance(optimizer, FusedVSGD):
+    if isinstance(optimizer, NoisyOptimizer):
         match += ".*optimizer.denoised"
     with pytest.raises(TypeError, match=match):
         with denoised(optimizer):
             pass
+
+
+# ---------------------------------------------------------------------- NVRM around a ZeRO
+def make_nvrm(steps, around_zero=True):
+    """A model trained `steps` steps by NVRM(ZeRO(AdamW)) (or, around_zero=False, by NVRM(AdamW) in
+    one process) on the same data on every rank."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.Tanh(), torch.nn.Linear(10, 3))
+    inner = (ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.AdamW, lr=0.01)
+             if around_zero else torch.optim.AdamW(model.parameters(), lr=0.01))
+    opt = NVRM(inner, variability=0.05, num_iters=4, seed=11 if torch.distributed.get_rank() == 0 else None)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 6, generator=g), torch.randn(8, 3, generator=g)
+
+    def step():
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+
+    for _ in range(steps):
+        step()
+    return model, opt, step
+
+
+def _nvrm_around_zero_worker(rank, out_dir):
+    """Every rank regenerates the same noise for every parameter after ZeRO's step has broadcast
+    the updated shards: the replicas agree bit for bit with no communication for the swap, equal
+    the single-process NVRM(AdamW) run, and clean themselves without communication."""
+    from torch.optim.swa_utils import AveragedModel
+
+    from nvrm_ext.integrations.averaging import update_averaged
+    from nvrm_ext.integrations.zero import denoised
+
+    torch.set_num_threads(1)
+    model, opt, step = make_nvrm(6)  # past num_iters = 4: a swap-only step included
+    params = list(model.parameters())
+    noisy = [p.detach().clone() for p in params]
+    assert opt.seed == 11 and same_on_every_rank(noisy)
+    reference, reference_opt, _ = make_nvrm(6, around_zero=False)
+    assert all(torch.equal(p, q) for p, q in zip(params, reference.parameters()))
+    expected = clean_reference(reference_opt)  # by the noise specification
+    expected = [expected[q] for q in reference.parameters()]
+    assert all((n - c).abs().max() > 1e-3 for n, c in zip(noisy, expected))  # the noise is on
+
+    with denoised(opt):
+        inside = [p.detach().clone() for p in params]
+        assert opt.noise_removed and same_on_every_rank(inside)
+        for got, want in zip(inside, expected):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-7)
+    assert all(torch.equal(p, q) for p, q in zip(params, noisy))  # the noisy weights, bit for bit
+
+    swa = AveragedModel(model)
+    update_averaged(swa, model, opt)  # not refused: this NVRM cleans every parameter itself
+    for got, want in zip(swa.module.parameters(), expected):
+        torch.testing.assert_close(got.detach(), want, rtol=0, atol=1e-7)
+    assert all(torch.equal(p, q) for p, q in zip(params, noisy))
+
+    for _ in range(2):
+        step()
+    twin, _, _ = make_nvrm(8)  # the same run without any denoised block or averaging
+    assert all(torch.equal(p, q) for p, q in zip(params, twin.parameters()))
+
+    # a ZeRO whose local optimizer already puts noise on the weights: two noise rules, refused
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    zero = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=FusedVSGD, lr=0.1, seed=3)
+    with pytest.raises(TypeError, match="the FusedVSGD inside it already puts noise on the weights"):
+        NVRM(zero)
+
+
+def test_nvrm_around_zero_agrees_on_every_rank_equals_one_process_and_cleans_without_communication(tmp_path):
+    spawn(_nvrm_around_zero_worker, (), tmp_path)

@@ -91,12 +91,67 @@ FACTORIES = {
 }
 
 
+def test_the_spread_is_the_population_std_whatever_the_thread_count():
+    """docs/noise.md §5.1's statistic against torch.std, for sizes around the summation chunk,
+    several dtypes and a non-contiguous tensor, the same bits on 1 and 2 threads (torch.std's
+    own last bits depend on the thread count above 32k elements), the tensors left as they were."""
+    from nvrm_ext.optim.relative import CHUNK, spreads
+
+    g = torch.Generator().manual_seed(5)
+    tensors = [0.1 * torch.randn(n, generator=g) + 0.5 for n in (2, 999, 999, CHUNK, CHUNK + 1, 3 * CHUNK + 7, 400_000)]
+    tensors += [tensors[2].double(), tensors[4].double(), tensors[1].bfloat16(), torch.randn(300, 70, generator=g).t()]
+    tensors += [torch.randn(40, 30, generator=g).t(), torch.randn(20, 60, generator=g).t()]  # same shape, strided
+    tensors += [torch.randn(2, 3, 4, 5, generator=g).to(memory_format=torch.channels_last) for _ in range(2)]
+    tensors += [torch.full((50,), 0.3)]
+    before = [t.clone() for t in tensors]
+    threads = torch.get_num_threads()
+    try:
+        by_threads = []
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            by_threads.append(spreads(tensors, tensors))
+    finally:
+        torch.set_num_threads(threads)
+    assert by_threads[0] == by_threads[1]
+    expected = [torch.std(t.double(), correction=0).item() for t in tensors]
+    assert by_threads[0][:-1] == pytest.approx(expected[:-1], rel=1e-13, abs=0)
+    assert by_threads[0][-1] == pytest.approx(0.0, abs=1e-16)  # a constant: 0 up to the mean's rounding
+    assert all(torch.equal(t, b) for t, b in zip(tensors, before))
+    assert [spreads([t], [t])[0] for t in tensors] == by_threads[0]  # alone as in a group of its shape
+
+
 @pytest.mark.parametrize("name", sorted(FACTORIES))
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 def test_relative_noise_follows_the_specification(name, backend):
     make, make_inner = FACTORIES[name]
     _, _, history = _run(7, make, backend)
     reference = _reference_run(7, make_inner)
+    for step, (got, expected) in enumerate(zip(history, reference), 1):
+        for k, (a, b) in enumerate(zip(got, expected)):
+            torch.testing.assert_close(a, b, rtol=0, atol=2e-6, msg=f"step {step}, parameter {k}")
+
+
+ADAM_VARIANTS = {  # FusedVAdam's flags and the torch.optim update each one is
+    "amsgrad-L2": (dict(amsgrad=True, weight_decay=0.05), "Gaussian",
+                   lambda params: torch.optim.Adam(params, lr=0.01, amsgrad=True, weight_decay=0.05)),
+    "amsgrad-decoupled": (dict(amsgrad=True, weight_decay=0.05, decoupled=True), "Laplace",
+                          lambda params: torch.optim.AdamW(params, lr=0.01, amsgrad=True, weight_decay=0.05)),
+    "decoupled": (dict(weight_decay=0.05, decoupled=True), "Uniform",
+                  lambda params: torch.optim.AdamW(params, lr=0.01, weight_decay=0.05)),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(ADAM_VARIANTS))
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+def test_relative_fused_adam_variants_follow_the_specification(variant, backend):
+    """The spread sets the scale on the host, whatever update the kernel fuses with the swap:
+    FusedVAdam with amsgrad and L2 / decoupled weight decay against torch's Adam / AdamW."""
+    flags, noise_type, make_inner = ADAM_VARIANTS[variant]
+    make = lambda params, b: nvrm_ext.FusedVAdam(params, lr=0.01, variability=VARIABILITY, num_iters=NUM_ITERS,
+                                                 noise_type=noise_type, relative=True, seed=SEED, backend=b, **flags)
+    steps = 4 if backend == "triton" else 7  # the interpreter is slow; 4 steps still cross a period
+    _, _, history = _run(steps, make, backend)
+    reference = _reference_run(steps, make_inner, noise_type)
     for step, (got, expected) in enumerate(zip(history, reference), 1):
         for k, (a, b) in enumerate(zip(got, expected)):
             torch.testing.assert_close(a, b, rtol=0, atol=2e-6, msg=f"step {step}, parameter {k}")
@@ -171,6 +226,35 @@ def test_an_invalid_loaded_spread_is_refused_with_nothing_loaded(bad):
     with pytest.raises(ValueError, match="weight_std"):
         fresh.load_state_dict(state)
     assert len(fresh.state) == 0
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf"), "0.1", True, torch.tensor([0.1, 0.2])])
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_a_spread_edited_mid_period_is_checked_before_anything_changes(name, bad):
+    """The steady step reuses the scales of the step before while the states hold the same
+    spreads; an edited one is taken if valid, refused (weights and state as they were) if not."""
+    make = FACTORIES[name][0]
+    model, opt, _ = _run(1, make, "cpu")
+    engine = getattr(opt, "_engine", opt)  # NVRM keeps the noise state in its engine
+    params = list(model.parameters())
+    engine.state[params[0]]["weight_std"] = bad
+    _loss(model, 2).backward()
+    before = [p.detach().clone() for p in params]
+    def snapshot():  # the noise state and the inner optimizer's (the same dicts for FusedVSGD)
+        return [copy.deepcopy({k: v for k, v in {**state.state[p]}.items() if k != "weight_std"})
+                for state in (engine, opt) for p in params]
+
+    states = snapshot()
+    with pytest.raises(ValueError, match="parameter 0's state: invalid weight_std"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    for now, saved in zip(snapshot(), states):
+        assert now.keys() == saved.keys()
+        assert all(torch.equal(now[k], v) if isinstance(v, torch.Tensor) else now[k] == v for k, v in saved.items())
+    engine.state[params[0]]["weight_std"] = 0.5  # a valid edit is taken at the next step
+    opt.step()
+    assert engine.state[params[0]]["noise_scale"] == VARIABILITY * 0.5
+    assert engine.state[params[1]]["noise_scale"] == pytest.approx(VARIABILITY * _spread(_model()[0].bias), rel=1e-12)
 
 
 def test_capturable_relative_groups_are_refused_before_anything_changes():

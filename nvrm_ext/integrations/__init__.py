@@ -7,4 +7,8 @@ imports none of them. Import the one you use:
   AMPTrainer, optimizer_steps_per_epoch;
 * ``nvrm_ext.integrations.averaging``: update_averaged (EMA / SWA of the clean weights);
 * ``nvrm_ext.integrations.zero``: denoised(ZeroRedundancyOptimizer) on every rank.
+
+They work with any optimizer that satisfies nvrm_ext.optim.NoisyOptimizer (FusedVSGD, FusedVAdam,
+NVRM(optimizer)) and use only that protocol's members, found through the usual wrappers
+(LightningOptimizer, accelerate's AcceleratedOptimizer, FusedAMP).
 """

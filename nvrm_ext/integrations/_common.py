@@ -1,35 +1,45 @@
-"""What the integrations share: finding the nvrm_ext optimizers behind framework wrappers, and
-removing / restoring their noise as one unit."""
+"""What the integrations share: finding the noisy optimizers (nvrm_ext.optim.NoisyOptimizer)
+behind framework wrappers, and removing / restoring their noise as one unit. Only the protocol's
+members are used, so FusedVSGD, FusedVAdam and NVRM(optimizer) are handled alike."""
 from __future__ import annotations
 
 import weakref
 
-from ..optim.engine import NoiseEngine
+from ..optim.protocol import NoisyOptimizer
 
 # Attributes under which wrappers keep the optimizer they wrap: Lightning's LightningOptimizer
-# (_optimizer), accelerate's AcceleratedOptimizer (optimizer), FusedAMP (base_optimizer).
+# (_optimizer), accelerate's AcceleratedOptimizer and NVRM (optimizer), FusedAMP (base_optimizer).
 _WRAPPED = ("_optimizer", "optimizer", "base_optimizer")
 
 
 def unwrap(optimizer):
-    """The nvrm_ext optimizer behind `optimizer` (through any chain of wrappers), else None."""
-    return unwrap_to(optimizer, NoiseEngine)
+    """The optimizer that carries the noise (a NoisyOptimizer: FusedVSGD, FusedVAdam, NVRM)
+    behind `optimizer`, through any chain of wrappers, else None. The innermost one: a wrapper
+    that imitates the class of what it wraps (LightningOptimizer) is seen through."""
+    found = None
+    for link in _chain(optimizer):
+        if isinstance(link, NoisyOptimizer):
+            found = link
+    return found
 
 
 def unwrap_to(optimizer, kind):
     """The first optimizer of class `kind` in `optimizer`'s chain of wrappers, else None."""
+    return next((link for link in _chain(optimizer) if isinstance(link, kind)), None)
+
+
+def _chain(optimizer):
+    """`optimizer`, then what it wraps, then what that wraps, ... (each once)."""
     seen = set()
     while optimizer is not None and id(optimizer) not in seen:
-        if isinstance(optimizer, kind):
-            return optimizer
+        yield optimizer
         seen.add(id(optimizer))
         optimizer = next((getattr(optimizer, name) for name in _WRAPPED
                           if getattr(optimizer, name, None) is not None), None)
-    return None
 
 
 def nvrm_optimizers(optimizers) -> list:
-    """Every distinct nvrm_ext optimizer among `optimizers` (wrapped or not), in order."""
+    """Every distinct noisy optimizer among `optimizers` (wrapped or not), in order."""
     found = []
     for optimizer in optimizers or ():
         inner = unwrap(optimizer)

@@ -59,7 +59,8 @@ def _nvrm_optimizers_among(optimizers) -> list:
     there to prevent."""
     listed = list(optimizers) if isinstance(optimizers, (list, tuple)) else [optimizers]
     expected = ("update_averaged: `optimizers` must be the nvrm_ext optimizer that trains the model "
-                "(FusedVSGD, FusedVAdam, or a wrapper of one such as FusedAMP, Lightning's or accelerate's), "
+                "(FusedVSGD, FusedVAdam, NVRM(...), or a wrapper of one such as FusedAMP, Lightning's or "
+                "accelerate's), "
                 "or a list of optimizers with at least one of them")
     for optimizer in listed:
         if isinstance(optimizer, _SCHEDULERS):  # it has .optimizer, but it is not one

@@ -110,7 +110,7 @@ class DenoisedEvaluation(TrainerCallback):
                 self._removal.resume_training(self._optimizers)
             return
         if getattr(module, "_is_replica", False):  # nn.DataParallel copied the weights already
-            if any(not optimizer.noise_removed and _carries_noise(optimizer) for optimizer in self._optimizers):
+            if any(optimizer.carries_noise for optimizer in self._optimizers):
                 raise RuntimeError(
                     "DenoisedEvaluation: an evaluation under nn.DataParallel started on the noisy weights (its "
                     "replicas copy the weights before any hook can clean them); a callback listed after "
@@ -126,10 +126,6 @@ class DenoisedEvaluation(TrainerCallback):
         for handle in self._model_hooks:
             handle.remove()
         self._model_hooks = []
-
-
-def _carries_noise(optimizer) -> bool:
-    return any(int(state.get("noise_step", 0)) for state in optimizer.state.values())
 
 
 def _set_num_iters(optimizers, steps: int) -> None:

@@ -9,6 +9,11 @@ cleans only the local shard. `denoised(zero)` cleans all of them on every rank:
         if rank == 0: torch.save(model.state_dict(), path)
 
 It is collective: every rank of the optimizer's process group must enter it together.
+
+``NVRM(ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, ...))`` puts the noise
+on all parameters on every rank instead (after ZeRO's step has broadcast the updated shards, every
+rank regenerates the same noise from the same seed): its own ``denoised()`` cleans everything
+without communication, and `denoised(nvrm)` is that.
 """
 from __future__ import annotations
 
@@ -26,12 +31,23 @@ __all__ = ["denoised"]
 def denoised(zero):
     """Clean weights on every rank inside the block, each rank's noisy weights back bit for bit
     on exit. Every rank holds a copy of all parameters meanwhile (one model's worth of memory);
-    the owner of each parameter removes its noise and broadcasts the clean values."""
+    the owner of each parameter removes its noise and broadcasts the clean values. Around
+    NVRM(ZeroRedundancyOptimizer(...)) every rank removes the noise of all parameters itself."""
+    outer = unwrap(zero)
     zero = _zero_of(zero)
     local = unwrap(zero.optim)
+    if local is None and outer is not None:  # NVRM(ZeRO(...)): the noise is on every parameter, every rank
+        removal = NoiseRemoval()
+        try:
+            removal.remove([outer])
+            yield zero
+        finally:
+            removal.restore()
+        return
     if local is None:
         raise TypeError(f"denoised(zero): the local optimizer is a {type(zero.optim).__name__}, not an "
-                        "nvrm_ext optimizer (ZeroRedundancyOptimizer(..., optimizer_class=FusedVSGD))")
+                        "nvrm_ext optimizer (ZeroRedundancyOptimizer(..., optimizer_class=FusedVSGD), or "
+                        "NVRM(ZeroRedundancyOptimizer(...)) around it)")
     group = zero.process_group
     owner_of = zero._param_to_rank  # ZeroRedundancyOptimizer's own partition (rank in `group`)
     params = [p for g in zero.param_groups for p in g["params"]]

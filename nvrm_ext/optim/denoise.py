@@ -30,6 +30,12 @@ class DenoiseMixin:
         return self._held is not None
 
     @property
+    def carries_noise(self) -> bool:
+        """Whether some parameter holds noise now: stepped since it was last clean, and the
+        noise not removed. Reads the counters (a sync where they live on a device)."""
+        return self._held is None and any(_number(state.get("noise_step", 0)) for state in self.state.values())
+
+    @property
     def removal_token(self) -> int:
         """Which removal the held noisy copies come from: a number that changes at every entry
         into the removed state (remove_noise(), or load_state_dict() of a state saved while the

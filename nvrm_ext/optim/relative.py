@@ -14,6 +14,7 @@ counters record the scale each noise was added with, as for absolute variability
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -24,52 +25,115 @@ from ..backends import tables as T
 STATE_KEY = "weight_std"  # per-parameter state: the spread of the current period (float)
 
 
-def _is_dtensor(t) -> bool:
-    from .params import _is_dtensor as is_dtensor
+CHUNK = 1 << 14  # a torch sum of at most this many elements runs on one thread, in one order
 
-    return is_dtensor(t)
+
+def _sum(flat: torch.Tensor) -> torch.Tensor:
+    """The sum of a 1-D float64 tensor in an order that does not depend on torch's thread count
+    (a plain sum of a long tensor splits it by thread): the sums of its CHUNK-element pieces,
+    one per output row, then the sums of those the same way, down to one."""
+    while flat.numel() > CHUNK:
+        whole = flat.numel() // CHUNK * CHUNK
+        flat = torch.cat([flat[:whole].view(-1, CHUNK).sum(1), flat[whole:].sum().reshape(1)])
+    return flat.sum()
+
+
+def _plain_spreads(tensors: list) -> list[float]:
+    """The spreads of tensors on one device (at least two elements each): two passes in float64,
+    each sum in _sum's order over the elements in their logical (row-major) order. Tensors of
+    the same shape up to CHUNK elements are concatenated and reduced one per row (each row the
+    same sum as the tensor's own): a few ops for many small tensors instead of a few each. One
+    device-to-host read."""
+    by_shape: dict = {}
+    for i, t in enumerate(tensors):
+        by_shape.setdefault(t.shape if t.numel() <= CHUNK else i, []).append(i)
+    order, values = [], []
+    for shape, rows in by_shape.items():
+        if isinstance(shape, torch.Size):  # cat always copies: the in-place ops below are on the copy
+            stacked = torch.cat([tensors[i] for i in rows]).double().reshape(len(rows), -1)
+            size = stacked.shape[1]
+            means = stacked.sum(1) / size
+            values.append((stacked.sub_(means[:, None]).square_().sum(1) / size).sqrt())
+        else:
+            flat = tensors[rows[0]].reshape(-1).to(torch.float64, copy=True)  # changed in place below
+            mean = _sum(flat) / flat.numel()
+            values.append((_sum(flat.sub_(mean).square_()) / flat.numel()).sqrt().reshape(1))
+        order += rows
+    out: list = [None] * len(tensors)
+    for i, value in zip(order, torch.cat(values).tolist()):
+        out[i] = value
+    return out
 
 
 @torch.no_grad()
 def spreads(params: list, tensors: list) -> list[float]:
     """The population standard deviation (correction 0) of each parameter's elements, computed
-    in float64 by torch (two passes: mean, then the mean squared deviation); 0.0 for tensors
-    of fewer than two elements. A DTensor's statistic is the whole tensor's, from sums
-    all-reduced over its mesh, so every rank gets the same value. One device-to-host read per
-    device for the plain tensors."""
+    in float64 in two passes (the mean, then the mean squared deviation), each sum in an order
+    that does not depend on torch's thread count (_sum; docs/noise.md §5.1); 0.0 for tensors of
+    fewer than two elements. A DTensor's statistic is the whole tensor's, from sums all-reduced
+    over the mesh dimensions it is sharded on, so every rank gets the same value. One
+    device-to-host read per device for the plain tensors."""
+    from .params import _is_dtensor
+
     out: list = [None] * len(params)
     by_device: dict = {}
+    sharded = []
     for i, (p, t) in enumerate(zip(params, tensors)):
-        if _is_dtensor(p):
-            out[i] = _dtensor_spread(p)
-        elif t.numel() < 2:
+        if p.numel() < 2:  # a DTensor's numel() is the whole tensor's: the same on every rank
             out[i] = 0.0
+        elif _is_dtensor(p):
+            sharded.append(i)
         else:
             by_device.setdefault(t.device, []).append(i)
     for rows in by_device.values():
-        values = torch.stack([torch.std(tensors[i].detach().double(), correction=0) for i in rows]).tolist()
-        for i, value in zip(rows, values):
+        for i, value in zip(rows, _plain_spreads([tensors[i] for i in rows])):  # no_grad: no detach needed
+            out[i] = value
+    if sharded:
+        for i, value in zip(sharded, _dtensor_spreads([params[i] for i in sharded])):
             out[i] = value
     return out
 
 
-def _dtensor_spread(p) -> float:
+def _reduction_groups(p) -> tuple:
+    """The process groups over which a DTensor's local shards add up to the whole tensor: one
+    per mesh dimension it is sharded on (a replicated dimension already holds all of it)."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    groups = []
+    for dim, placement in enumerate(p.placements):
+        if isinstance(placement, Shard):
+            groups.append(p.device_mesh.get_group(dim))
+        elif not isinstance(placement, Replicate):
+            raise ValueError(f"relative=True supports DTensor parameters that are sharded or replicated; this "
+                             f"one has placements {p.placements} (a partial sum is not the parameter's value)")
+    return tuple(groups)
+
+
+def _dtensor_spreads(params: list) -> list[float]:
+    """The whole-tensor spreads of DTensor parameters: the float64 sums of the local shards
+    all-reduced (one collective per process group for all of them), the mean, then the sums of
+    squared deviations from it all-reduced the same way. Every rank runs the same collectives in
+    the same order: the parameters and their step counters are the same on every rank."""
     import torch.distributed as dist
 
-    local = p.to_local().detach().double()
-    group = p.device_mesh.get_group() if p.device_mesh.ndim == 1 else None
-    if group is None:
-        raise ValueError("relative=True supports DTensor parameters on a one-dimensional device mesh only "
-                         f"(this one has {p.device_mesh.ndim} dimensions)")
-    count = p.numel()
-    if count < 2:
-        return 0.0
-    total = local.sum().reshape(1)
-    dist.all_reduce(total, group=group)
-    mean = total / count
-    squares = (local - mean).square().sum().reshape(1)
-    dist.all_reduce(squares, group=group)
-    return math.sqrt(squares.item() / count)
+    by_groups: dict = {}
+    for i, p in enumerate(params):
+        groups = _reduction_groups(p)
+        by_groups.setdefault(tuple(map(id, groups)), (groups, []))[1].append(i)
+    out: list = [None] * len(params)
+    for groups, rows in by_groups.values():
+        local = [params[i].to_local().detach().double() for i in rows]
+        counts = torch.tensor([params[i].numel() for i in rows], dtype=torch.float64, device=local[0].device)
+        sums = torch.stack([_sum(t.reshape(-1)) for t in local])
+        for group in groups:
+            dist.all_reduce(sums, group=group)
+        means = sums / counts
+        squares = torch.stack([_sum((t - mean).square().reshape(-1)) for t, mean in zip(local, means)])
+        for group in groups:
+            dist.all_reduce(squares, group=group)
+        for i, value in zip(rows, (squares / counts).sqrt().tolist()):
+            out[i] = value
+    return out
 
 
 class RelativeScales:
@@ -77,54 +141,73 @@ class RelativeScales:
     period at this step, their spreads (measured then, kept in the state dicts otherwise), and
     the new-noise scale column they give the launch tables."""
 
-    def __init__(self, rows: np.ndarray, variability: np.ndarray, params: list, tensors: list, states: list):
+    def __init__(self, rows: np.ndarray, variability: np.ndarray, params: list, tensors: list, states: list,
+                 name: str, keys: np.ndarray):
         self.rows = rows
         self.variability = variability  # float64, per relative row
         self.params = [params[r] for r in rows]
         self.tensors = [tensors[r] for r in rows]
         self.states = [states[r] for r in rows]
+        self.name = name  # the optimizer's, and the rows' parameter keys: how an error names a row
+        self.keys = keys[rows].tolist()
+        self._last = None  # (the spreads the states held after the last call, the scales it returned)
 
     def scales(self, ints: np.ndarray, live: np.ndarray, measured: dict | None = None) -> np.ndarray:
         """Host mode, before a step: the float64 scales (variability × spread) of the relative
         rows, measuring the spread of those that start a period (or have none recorded) now.
         `live`: the rows' counters before the step (tables.LIVE_COLUMNS); `measured`: id(param)
-        -> spread taken before another optimizer's update of this step (NVRM), used instead."""
+        -> spread taken before another optimizer's update of this step (NVRM), used instead.
+        A steady step (no row starts a period, the states hold the spreads the last call left)
+        reuses the last scales: no per-row Python work. A spread edited into a state is checked
+        (a finite number >= 0) before it is used."""
         rows = self.rows
-        steps = live[rows, T.L_STEP].astype(np.int64)
-        starting = steps % ints[rows, T.I_NUM_ITERS] == 0
-        known = np.array([isinstance(s.get(STATE_KEY), (int, float)) for s in self.states], dtype=bool)
-        measure = np.flatnonzero(starting | ~known)
+        starting = live[rows, T.L_STEP].astype(np.int64) % ints[rows, T.I_NUM_ITERS] == 0
+        held = list(map(dict.get, self.states, itertools.repeat(STATE_KEY)))
+        if not measured and self._last is not None and not starting.any():
+            try:
+                if held == self._last[0]:
+                    return self._last[1]
+            except RuntimeError:  # a tensor edited in compares elementwise: checked below
+                pass
+        known = np.fromiter((v is not None for v in held), bool, len(held))  # None: measured now
+        for i in np.flatnonzero(known & ~starting).tolist():  # kept for this step: edited since?
+            check_spread(f"{self.name}: parameter {self.keys[i]}'s state", self.states[i])
+        measure = np.flatnonzero(starting | ~known).tolist()
         measured = measured or {}
-        measure = [i for i in measure.tolist() if id(self.params[i]) not in measured]
-        for i in np.flatnonzero(starting | ~known).tolist():
-            if id(self.params[i]) in measured:
-                self.states[i][STATE_KEY] = measured[id(self.params[i])]
-        if measure:
-            values = spreads([self.params[i] for i in measure], [self.tensors[i] for i in measure])
-            for i, value in zip(measure, values):
-                self.states[i][STATE_KEY] = float(value)
-        spread = np.fromiter((s[STATE_KEY] for s in self.states), np.float64, len(self.states))
-        return self.variability * spread
+        taken = [i for i in measure if id(self.params[i]) in measured]
+        measure = [i for i in measure if id(self.params[i]) not in measured]
+        values = spreads([self.params[i] for i in measure], [self.tensors[i] for i in measure]) if measure else []
+        for i in taken:
+            self.states[i][STATE_KEY] = measured[id(self.params[i])]
+        for i, value in zip(measure, values):
+            self.states[i][STATE_KEY] = float(value)
+        held = [s[STATE_KEY] for s in self.states]
+        result = self.variability * np.asarray(held, dtype=np.float64)
+        self._last = (held, result)
+        return result
 
 
-def measure_before_update(groups: list, states) -> dict | None:
+def measure_before_update(groups: list, states, name: str = "NVRM") -> dict | None:
     """NVRM runs its inner optimizer's update before the noise step, so the spread of a period's
     first step is measured here, from the weights before that update (id(param) -> spread),
-    for the parameters with a gradient in relative groups; None when there are none."""
+    for the parameters with a gradient in relative groups; None when there are none. A spread
+    kept for this step is checked here too, before that update changes anything."""
     params = []
+    key = -1
     for group in groups:
-        if not group.get("relative") or not group["variability"]:
-            continue
-        num_iters = group["num_iters"]
+        relative = group.get("relative") and group["variability"]
         for p in group["params"]:
-            if p.grad is None:
+            key += 1
+            if not relative or p.grad is None:
                 continue
             state = states.get(p) or {}
             step = state.get("step", 0)
             if isinstance(step, torch.Tensor):  # capturable counters: refused when the plan is built
                 continue
-            if int(step) % num_iters == 0 or not isinstance(state.get(STATE_KEY), (int, float)):
+            if int(step) % group["num_iters"] == 0 or state.get(STATE_KEY) is None:
                 params.append(p)
+            else:
+                check_spread(f"{name}: parameter {key}'s state", state)
     if not params:
         return None
     from .params import _local

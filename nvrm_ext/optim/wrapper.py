@@ -18,6 +18,7 @@ from . import validation as V
 from .engine import NoiseEngine
 from .keys import SEED_KEY, STATE_DICT_KEY
 from .params import _global_offset, _is_dense, _local
+from .protocol import NoisyOptimizer
 
 NOISE_DEFAULTS = ("variability", "num_iters", "noise_type", "relative")
 STATE_PREFIX = "nvrm_"  # the engine's per-parameter entries inside the wrapper's state_dict
@@ -86,8 +87,10 @@ class NVRM(Optimizer):
                  relative=False, seed=None, backend="auto", denoise=True):
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"NVRM wraps a torch.optim.Optimizer instance, got {type(optimizer).__name__}")
-        if isinstance(optimizer, (NVRM, NoiseEngine)):
-            raise TypeError(f"NVRM cannot wrap {type(optimizer).__name__}: it already puts noise on the weights "
+        carrier = _noise_carrier_in(optimizer)
+        if carrier is not None:
+            which = "it" if carrier is optimizer else f"the {type(carrier).__name__} inside it"
+            raise TypeError(f"NVRM cannot wrap {type(optimizer).__name__}: {which} already puts noise on the weights "
                             "(stacking two noise rules would remove each other's noise)")
         if type(optimizer).__name__ == "LBFGS":
             raise TypeError("NVRM does not wrap LBFGS: its line search re-evaluates the closure at weights it "
@@ -159,11 +162,15 @@ class NVRM(Optimizer):
                 f"num_iters={self._noise_defaults['num_iters']}, noise_type={self._noise_defaults['noise_type']!r},\n"
                 f"{inner}\n)")
 
-    def _bound_engine(self) -> NoiseSwap:
+    def _bound_engine(self, check_inner_state: bool = True) -> NoiseSwap:
         """The engine, looking at the inner optimizer's groups as they are now: a load (the inner
         optimizer's own, too) replaces the list, add_param_group on the inner optimizer appends
         groups without noise hyperparameters (they get the defaults here)."""
         engine = self._engine
+        if check_inner_state:
+            inner_states = self.optimizer.state
+            if inner_states and (not engine.state or _NOISE_STEP_ENTRY in _first_dict(inner_states)):
+                _refuse_entries_loaded_past_nvrm(inner_states)
         groups = self.optimizer.param_groups
         if engine.param_groups is not groups:
             engine.param_groups = groups
@@ -235,6 +242,11 @@ class NVRM(Optimizer):
         NoiseEngine."""
         return self._engine.removal_token
 
+    @property
+    def carries_noise(self) -> bool:
+        """Whether some parameter holds noise now (see NoisyOptimizer)."""
+        return self._engine.carries_noise
+
     def denoised(self):
         """Context manager: the clean weights inside the block, the noisy ones back bit for bit on exit."""
         return self._bound_engine().denoised()
@@ -284,7 +296,7 @@ class NVRM(Optimizer):
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        engine = self._bound_engine()
+        engine = self._bound_engine(check_inner_state=False)  # a load through here is the remedy
         if not isinstance(state_dict, dict):
             raise TypeError(f"NVRM.load_state_dict expects a dict, got {type(state_dict).__name__}")
         extra = state_dict.get(STATE_DICT_KEY)
@@ -321,6 +333,49 @@ class NVRM(Optimizer):
             engine.load_state_dict(noise_sd)
         finally:
             engine.param_groups = self.optimizer.param_groups
-            self._bound_engine()
+            self._bound_engine(check_inner_state=False)
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
+
+
+_NOISE_STEP_ENTRY = STATE_PREFIX + "noise_step"
+# Where wrappers keep the optimizer they wrap: Lightning (_optimizer), accelerate (optimizer),
+# FusedAMP (base_optimizer), ZeroRedundancyOptimizer (optim: the local optimizer).
+_WRAPPED = ("_optimizer", "optimizer", "base_optimizer", "optim")
+
+
+def _noise_carrier_in(optimizer):
+    """The optimizer in `optimizer`'s chain of wrappers that already puts noise on the weights
+    (a NoisyOptimizer: say ZeroRedundancyOptimizer(optimizer_class=FusedVSGD)), else None."""
+    seen = set()
+    while optimizer is not None and id(optimizer) not in seen:
+        if isinstance(optimizer, NoisyOptimizer):
+            return optimizer
+        seen.add(id(optimizer))
+        optimizer = next((getattr(optimizer, name) for name in _WRAPPED if getattr(optimizer, name, None) is not None),
+                         None)
+    return None
+
+
+def _first_dict(states) -> dict:
+    """The first per-parameter state, or {} (ZeroRedundancyOptimizer keeps None for the
+    parameters other ranks own)."""
+    first = next(iter(states.values()), None)
+    return first if isinstance(first, dict) else {}
+
+
+def _refuse_entries_loaded_past_nvrm(inner_states) -> None:
+    """NVRM's own entries in the inner optimizer's state mean that an NVRM state_dict was written
+    into the inner optimizer directly, not through NVRM.load_state_dict: ZeroRedundancyOptimizer's
+    load does that to its local optimizer, ZeroRedundancyOptimizer(optimizer_class=<an NVRM
+    factory>). The noise bookkeeping stayed behind, so the noise on the weights is unknown: every
+    use of the noise is refused (checked in full only while the engine has no state, and on the
+    first parameter's state otherwise, so that a step pays no per-parameter scan)."""
+    for state in inner_states.values():
+        if isinstance(state, dict) and any(isinstance(key, str) and key.startswith(STATE_PREFIX) for key in state):
+            raise RuntimeError(
+                "NVRM: the inner optimizer's state holds NVRM's own entries (nvrm_noise_step, ...): a state_dict "
+                "saved by NVRM was loaded into the inner optimizer directly, not through NVRM.load_state_dict "
+                "(ZeroRedundancyOptimizer(optimizer_class=<NVRM>).load_state_dict does that), so the noise on "
+                "the weights is unknown; nothing was changed. Load it with NVRM.load_state_dict, or wrap the other "
+                "way round: NVRM(ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, ...))")

@@ -373,5 +373,6 @@ class _BucketPlan(HostLaunch, CapturableLaunch, SteadyCheck):
                                      "counters yet (the spread would be measured on the device at every "
                                      "step); use capturable=False for relative groups")
                 self._relative = relative.RelativeScales(relative_rows, row_scales[relative_rows], self.params,
-                                                         self.param_tensors, self.states)
+                                                         self.param_tensors, self.states, self.owner,
+                                                         self.static_ints[:, T.I_KEY])
         return self._group_tables
