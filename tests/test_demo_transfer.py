@@ -129,8 +129,19 @@ def test_transfer_subcommand_runs_and_its_table_is_paired(tmp_path, capsys):
             if math.isfinite(interval.low):  # two identical-difference seeds would give nan
                 assert d["low"] == pytest.approx(interval.low) and d["high"] == pytest.approx(interval.high)
             assert d["n"] == 3 and d["wins"] == sum(v > s for v, s in zip(values, sgd))
+    assert not (tmp_path / "transfer.partial.jsonl").exists()  # kept only while runs are missing
     printed = capsys.readouterr().out
     assert f"relative {transfer.DEFAULT_RELATIVE:g}" in printed and "absolute 0.03" in printed and "mlp x0.5" in printed
+
+
+def test_worker_processes_give_the_numbers_of_one_process():
+    """--jobs only decides where the runs train: each run seeds its own model, data and noise."""
+    settings = dict(seeds=2, epochs=1, models=("mlp x0.5",))
+    kept = []
+    alone = transfer.transfer(**settings, jobs=1)
+    pooled = transfer.transfer(**settings, jobs=2, on_result=lambda seed, key, numbers: kept.append(seed))
+    assert pooled["runs"] == alone["runs"] and pooled["summary"] == alone["summary"]
+    assert sorted(kept) == [0, 1]
 
 
 @pytest.mark.parametrize("argv, message", [

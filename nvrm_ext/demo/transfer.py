@@ -21,7 +21,7 @@ import json
 import math
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -137,14 +137,19 @@ def run_model(seed: int, key: str, epochs: int, absolute: float, relative: float
 
 def transfer(seeds: int = 10, epochs: int = 30, models=DEFAULT_MODELS, absolute: float = DEFAULT_ABSOLUTE,
              relative: float = DEFAULT_RELATIVE, noise: str = "pair", rate: float = 0.4, jobs: int = 1,
-             log=None) -> dict:
+             log=None, on_result=None) -> dict:
     """Every (seed, model) pair, `jobs` at a time in worker processes (jobs=1: in this process;
-    the numbers do not depend on it); `log(line)` gets one line per finished pair."""
-    tasks = [(seed, key) for seed in range(seeds) for key in models]
+    the numbers do not depend on it); `log(line)` gets one line per finished pair, and
+    `on_result(seed, model, result)` its numbers (so that a long run interrupted keeps them).
+    The CNN's pairs, several times slower, go first, so the last ones finish together."""
+    tasks = sorted(((seed, key) for seed in range(seeds) for key in models),
+                   key=lambda task: (parse_model(task[1])[0] != "cnn", task[0]))
     results, start = {}, time.perf_counter()
 
     def finished(task, result):
         results[task] = result
+        if on_result is not None:
+            on_result(*task, result)
         if log is not None:
             log(f"[{len(results)}/{len(tasks)}] {task[1]} seed {task[0]} "
                 f"({time.perf_counter() - start:.0f} s)")
@@ -156,7 +161,7 @@ def transfer(seeds: int = 10, epochs: int = 30, models=DEFAULT_MODELS, absolute:
     else:
         with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
             futures = {pool.submit(run_model, *arguments(*task)): task for task in tasks}
-            for future in futures:  # in submission order; a failure raises here
+            for future in as_completed(futures):  # a failure raises here
                 finished(futures[future], future.result())
     runs = {key: {arm: [results[(seed, key)][arm] for seed in range(seeds)] for arm in ARMS} for key in models}
     spreads = {key: [results[(seed, key)]["weight_spreads"] for seed in range(seeds)] for key in models}
@@ -274,13 +279,20 @@ def main(argv: list[str] | None = None, prog: str = "nvrm-demo transfer") -> int
     args = parser.parse_args(command_line(argv))
     if len(set(args.models)) != len(args.models):
         parser.error("argument --models: each model once")
-    problem = writable_directory(args.out, ["transfer.json", "transfer.png"])
+    problem = writable_directory(args.out, ["transfer.json", "transfer.png", "transfer.partial.jsonl"])
     if problem:
         fail(prog, problem)
     start = time.perf_counter()
+    partial = args.out / "transfer.partial.jsonl"  # each finished run's numbers; removed once all are saved
+    partial.write_text("")
+
+    def keep(seed, key, numbers):
+        with partial.open("a") as lines:
+            lines.write(json.dumps({"seed": seed, "model": key, **numbers}) + "\n")
+
     result = transfer(args.seeds, args.epochs, tuple(args.models), args.absolute, args.relative, args.noise,
                       args.rate, jobs=min(args.jobs, args.seeds * len(args.models)),
-                      log=lambda line: print(line, file=sys.stderr, flush=True))
+                      log=lambda line: print(line, file=sys.stderr, flush=True), on_result=keep)
     result["seconds"] = round(time.perf_counter() - start, 1)
     result["command"] = " ".join([prog, *command_line(argv)])
     result["environment"] = {"torch": torch.__version__, "threads_per_run": 1, "jobs": args.jobs}
@@ -291,6 +303,7 @@ def main(argv: list[str] | None = None, prog: str = "nvrm-demo transfer") -> int
         plot(result, args.out / "transfer.png")
     except OSError as error:
         fail(prog, f"the results above were not saved to {str(args.out)!r}: {error}", status=1)
+    partial.unlink(missing_ok=True)
     print(f"\n{result['seconds']:.0f} s; wrote {args.out / 'transfer.png'} and {args.out / 'transfer.json'}")
     return 0
 
