@@ -129,6 +129,10 @@ def test_transfer_subcommand_runs_and_its_table_is_paired(tmp_path, capsys):
             if math.isfinite(interval.low):  # two identical-difference seeds would give nan
                 assert d["low"] == pytest.approx(interval.low) and d["high"] == pytest.approx(interval.high)
             assert d["n"] == 3 and d["wins"] == sum(v > s for v, s in zip(values, sgd))
+        fits = {arm: [r["noisy_train"][-1] for r in runs[arm]] for arm in ("absolute", "relative")}
+        d = entry["relative_vs_absolute"]["noisy_train"]
+        assert d["mean"] == pytest.approx(np.mean(np.subtract(fits["relative"], fits["absolute"])))
+        assert d["wins"] == sum(r < a for r, a in zip(fits["relative"], fits["absolute"]))  # lower fit wins
     assert not (tmp_path / "transfer.partial.jsonl").exists()  # kept only while runs are missing
     printed = capsys.readouterr().out
     assert f"relative {transfer.DEFAULT_RELATIVE:g}" in printed and "absolute 0.03" in printed and "mlp x0.5" in printed

@@ -175,7 +175,8 @@ def transfer(seeds: int = 10, epochs: int = 30, models=DEFAULT_MODELS, absolute:
 
 def summarize(runs: dict, spreads: dict, absolute: float) -> dict:
     """Per model: each arm's final mean ± std, each NVRM arm's paired difference to SGD per
-    metric, and how large the absolute σ is next to the initial weight spreads."""
+    metric, the relative arm's to the absolute one, and how large the absolute σ is next to the
+    initial weight spreads."""
     summary = {}
     for key, arms in runs.items():
         final = {arm: {m: [run[m][-1] for run in arm_runs] for m in METRICS} for arm, arm_runs in arms.items()}
@@ -184,6 +185,8 @@ def summarize(runs: dict, spreads: dict, absolute: float) -> dict:
             "final": {arm: {m: experiments.mean_std(v) for m, v in metrics.items()} for arm, metrics in final.items()},
             "paired_to_sgd": {arm: {m: paired_difference(final[arm][m], final["sgd"][m], better)
                                     for m, better in METRICS.items()} for arm in ("absolute", "relative")},
+            "relative_vs_absolute": {m: paired_difference(final["relative"][m], final["absolute"][m], better)
+                                     for m, better in METRICS.items()},
             "absolute_over_weight_std": {"min": float(absolute / first_seed.max()),
                                          "median": float(absolute / np.median(first_seed)),
                                          "max": float(absolute / first_seed.min())}}
@@ -195,8 +198,7 @@ def table(result: dict) -> str:
     config = result["config"]
     labels = {"sgd": "SGD", "absolute": f"absolute {config['absolute_variability']:g}",
               "relative": f"relative {config['relative_variability']:g}"}
-    header = ("model", "arm", "noisy fit %", "Δ fit vs SGD (lower wins)", "wins",
-              "clean test %", "Δ test vs SGD", "wins")
+    header = ("model", "arm", "noisy fit %", "Δ fit (lower wins)", "wins", "clean test %", "Δ test", "wins")
     rows = [header]
     for key, entry in result["summary"].items():
         for arm in ARMS:
@@ -210,19 +212,34 @@ def table(result: dict) -> str:
                     difference = entry["paired_to_sgd"][arm][metric]
                     row += [verdict(difference), f"{difference['wins']}/{difference['n']}"]
             rows.append(row)
+        row = [key, "relative − absolute"]
+        for metric in METRICS:
+            difference = entry["relative_vs_absolute"][metric]
+            row += ["", verdict(difference), f"{difference['wins']}/{difference['n']}"]
+        rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     ratios = "; ".join(f"{key} {e['absolute_over_weight_std']['min']:.2g}-{e['absolute_over_weight_std']['max']:.2g}"
                        for key, e in result["summary"].items())
     lines.append(f"\nabsolute σ / initial weight std, over tensors: {ratios}")
-    lines.append(f"Δ: paired per seed, mean [{100 * CONFIDENCE:.0f}% t-interval], in points; "
-                 "'not shown' where the interval includes 0")
+    lines.append(f"Δ: the arm minus SGD (last rows: relative minus absolute), paired per seed, mean "
+                 f"[{100 * CONFIDENCE:.0f}% t-interval], in points; 'not shown' where the interval includes 0")
     return "\n".join(lines)
 
 
+def _marker(axis, x: float, difference: dict, color: str, marker: str, label) -> None:
+    """One paired difference in points with its interval; hollow where the interval includes 0."""
+    mean = 100 * difference["mean"]
+    low, high = ((100 * difference["low"], 100 * difference["high"]) if difference["low"] is not None
+                 else (mean, mean))
+    axis.errorbar(x, mean, yerr=[[mean - low], [high - mean]], color=color, marker=marker, capsize=4,
+                  linestyle="none", markerfacecolor=color if difference["shown"] else "white", label=label)
+
+
 def plot(result: dict, path: Path) -> None:
-    """The paired differences to SGD with their intervals, per model, one panel per metric."""
+    """The paired differences (each NVRM arm to SGD, relative to absolute) with their intervals,
+    per model, one panel per metric."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -235,19 +252,20 @@ def plot(result: dict, path: Path) -> None:
     for axis, metric in zip(axes, METRICS):
         for offset, (arm, (color, marker, label)) in zip((-0.12, 0.12), styles.items()):
             for i, key in enumerate(models):
-                d = summary[key]["paired_to_sgd"][arm][metric]
-                low, high = (d["low"], d["high"]) if d["low"] is not None else (d["mean"], d["mean"])
-                axis.errorbar(i + offset, 100 * d["mean"], yerr=[[100 * (d["mean"] - low)], [100 * (high - d["mean"])]],
-                              color=color, marker=marker, capsize=4, linestyle="none",
-                              markerfacecolor=color if d["shown"] else "white", label=label if i == 0 else None)
+                _marker(axis, i + offset, summary[key]["paired_to_sgd"][arm][metric], color, marker,
+                        label if i == 0 else None)
+        for i, key in enumerate(models):
+            _marker(axis, i + 0.36, summary[key]["relative_vs_absolute"][metric], "grey", "^",
+                    "relative − absolute" if i == 0 else None)
         axis.axhline(0, color="grey", linewidth=0.8)
         axis.set_xticks(range(len(models)), models)
         better = "higher" if METRICS[metric] else "lower"
-        axis.set_title(f"{METRIC_NAMES[metric]} − SGD (points; {better} is better)")
+        axis.set_title(f"{METRIC_NAMES[metric]}: difference (points; {better} is better)")
         axis.grid(axis="y", alpha=0.3)
     axes[0].legend(loc="best", fontsize=8)
-    figure.suptitle(f"One noise setting across weight scales: paired to SGD, {config['seeds']} seeds, "
-                    f"{100 * CONFIDENCE:.0f}% t-intervals (hollow: interval includes 0)", fontsize=10)
+    figure.suptitle(f"One noise setting across weight scales: NVRM − SGD and relative − absolute, paired over "
+                    f"{config['seeds']} seeds, {100 * CONFIDENCE:.0f}% t-intervals (hollow: interval includes 0)",
+                    fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -264,7 +282,8 @@ def build_parser(prog: str = "nvrm-demo transfer") -> argparse.ArgumentParser:
     parser.add_argument("--absolute", type=nonnegative_float, default=DEFAULT_ABSOLUTE,
                         help=f"absolute variability of the 'absolute' arm (default {DEFAULT_ABSOLUTE:g})")
     parser.add_argument("--relative", type=nonnegative_float, default=DEFAULT_RELATIVE,
-                        help=f"variability of the 'relative' arm, times each tensor's std (default {DEFAULT_RELATIVE:g})")
+                        help="variability of the 'relative' arm, times each tensor's std "
+                             f"(default {DEFAULT_RELATIVE:g})")
     parser.add_argument("--noise", choices=NOISE_PATTERNS, default="pair", help="label noise pattern (default pair)")
     parser.add_argument("--rate", type=probability, default=0.4, help="label noise rate (default 0.4)")
     parser.add_argument("--jobs", type=positive_int, default=2,
