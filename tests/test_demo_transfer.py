@@ -160,3 +160,19 @@ def test_transfer_bad_options_exit_2_with_one_line(tmp_path, capsys, argv, messa
     error = capsys.readouterr().err
     assert message in error and len(error.strip().splitlines()) == 1
     assert not (tmp_path / "transfer.json").exists()
+
+
+def test_results_document_holds_the_table_of_the_committed_json():
+    """docs/demo/RESULTS.md's transfer table is the one drawn from docs/demo/transfer.json, and that
+    JSON's paired statistics are the ones its own runs give."""
+    from pathlib import Path
+    docs = Path(__file__).resolve().parent.parent / "docs" / "demo"
+    result = json.loads((docs / "transfer.json").read_text())
+    assert transfer.markdown(result) in (docs / "RESULTS.md").read_text()
+    for key, entry in result["summary"].items():
+        runs = result["runs"][key]
+        finals = {arm: [r["test"][-1] for r in runs[arm]] for arm in transfer.ARMS}
+        interval = stats.ttest_rel(finals["relative"], finals["absolute"]).confidence_interval(0.95)
+        d = entry["relative_vs_absolute"]["test"]
+        assert (d["low"], d["high"]) == (pytest.approx(interval.low), pytest.approx(interval.high))
+        assert d["n"] == result["config"]["seeds"] == 10

@@ -228,6 +228,32 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def markdown(result: dict) -> str:
+    """The table of docs/demo/RESULTS.md's transfer section, drawn from the JSON (a test checks
+    that the document holds exactly this)."""
+    config = result["config"]
+    labels = {"sgd": "SGD", "absolute": f"NVRM absolute {config['absolute_variability']:g}",
+              "relative": f"NVRM relative {config['relative_variability']:g}"}
+
+    def cells(final, difference) -> list[str]:
+        value = "" if final is None else f"{100 * final['mean']:.1f} ± {100 * final['std']:.1f}"
+        if difference is None:
+            return [value, "", ""]
+        return [value, verdict(difference), f"{difference['wins']}/{difference['n']}"]
+
+    rows = [["model", "method", "fits noisy train labels", "Δ (lower wins) [95% CI]", "wins", "clean test acc",
+             "Δ [95% CI]", "wins"]]
+    for key, entry in result["summary"].items():
+        model = key.replace("mlp", "MLP").replace("cnn", "CNN").replace(" x", " ×")
+        for arm in ARMS:
+            rows.append([model, labels[arm]] + [cell for metric in METRICS for cell in cells(
+                entry["final"][arm][metric], None if arm == "sgd" else entry["paired_to_sgd"][arm][metric])])
+        rows.append([model, "relative − absolute"] + [cell for metric in METRICS for cell in cells(
+            None, entry["relative_vs_absolute"][metric])])
+    lines = ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join([lines[0], "|" + "---|" * len(rows[0]), *lines[1:]])
+
+
 def _marker(axis, x: float, difference: dict, color: str, marker: str, label) -> None:
     """One paired difference in points with its interval; hollow where the interval includes 0."""
     mean = 100 * difference["mean"]
