@@ -7,6 +7,8 @@ Reproduces the NVRM paper's claims at digits scale on a CPU, without downloads:
   forgetting    permuted digits, 5 tasks: Adam vs NVRM-Adam, optionally with EWC
   noise-types   Gaussian vs Laplace vs Uniform noise across variability scales
   regularizers  SGD vs FusedVSGD vs FusedAMP vs Disout vs NSR under label noise, one small CNN
+  transfer      one relative vs one absolute variability across weight scales (its own options:
+                nvrm-demo transfer --help)
 
 Each writes <experiment>.json and <experiment>.png to --out and prints a results table.
 """
@@ -257,6 +259,9 @@ def environment(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if command_line(argv)[:1] == ["transfer"]:  # its own options and statistics: transfer.py
+        from . import transfer
+        return transfer.main(command_line(argv)[1:])
     args = parse_args(argv)
     problem = writable_directory(args.out, output_files(args.experiment))
     if problem:

@@ -35,6 +35,7 @@ class OptimizerConfig:
     noise_type: str = "Gaussian"
     amp_epsilon: float = 0.5  # FusedAMP: radius of the per-tensor perturbation ball
     amp_inner_lr: float = 1.0  # FusedAMP: step size of the inner ascent
+    relative: bool = False  # NVRM arms: variability x each tensor's weight std (docs/noise.md 5.1)
 
 
 def build_mlp(hidden: int = 512, depth: int = 2, in_features: int = NUM_FEATURES,
@@ -83,7 +84,8 @@ def make_optimizer(config: OptimizerConfig, params, steps_per_epoch: int, seed: 
     if name in ("nvrm-sgd", "psgd"):
         return FusedVSGD(params, lr=config.lr, variability=config.variability, num_iters=steps_per_epoch,
                          momentum=config.momentum, weight_decay=config.weight_decay,
-                         noise_type=config.noise_type, seed=seed, denoise=(name == "nvrm-sgd"))
+                         noise_type=config.noise_type, seed=seed, denoise=(name == "nvrm-sgd"),
+                         relative=config.relative)
     if name == "amp-sgd":
         return FusedAMP(params, lr=config.lr, epsilon=config.amp_epsilon, inner_lr=config.amp_inner_lr,
                         base_optimizer=torch.optim.SGD, momentum=config.momentum,
@@ -92,7 +94,8 @@ def make_optimizer(config: OptimizerConfig, params, steps_per_epoch: int, seed: 
         return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     if name == "nvrm-adam":
         return FusedVAdam(params, lr=config.lr, variability=config.variability, num_iters=steps_per_epoch,
-                          weight_decay=config.weight_decay, noise_type=config.noise_type, seed=seed)
+                          weight_decay=config.weight_decay, noise_type=config.noise_type, seed=seed,
+                          relative=config.relative)
     raise ValueError(f"unknown optimizer {name!r} (expected one of {OPTIMIZERS})")
 
 
