@@ -311,7 +311,7 @@ setup(
         "triton": ["triton"],
         "test": ["pytest", "pytest-timeout", "pytest-benchmark", "scipy", "hypothesis", "triton",
                  "scikit-learn", "tqdm", "matplotlib"],
-        "demo": ["scikit-learn", "tqdm", "matplotlib"],
+        "demo": ["scikit-learn", "tqdm", "matplotlib", "scipy"],
     },
     # The entry point checks for the demo extra's packages before importing the demo.
     entry_points={"console_scripts": ["nvrm-demo = nvrm_ext.demo._entry:main"]},
