@@ -103,4 +103,5 @@ def test_paired_cells_name_the_difference_its_interval_and_the_wins():
     assert doc_tables.paired(result, "nvrm-sgd", "clean test") == (
         "NVRM-SGD − SGD not shown: +20.0 [−4.8, +44.8], wins 3 of 3")
     result["runs"]["nvrm-sgd"] = curves([0.3, 0.2, 0.35])
-    assert doc_tables.paired(result, "nvrm-sgd", "fits", "NVRM − SGD") == "NVRM − SGD −25.0 [−37.4, −12.6], wins 3 of 3"
+    assert doc_tables.paired(result, "nvrm-sgd", "fits", "NVRM − SGD") == (
+        "NVRM − SGD −25.0 [−37.4, −12.6], wins 3 of 3")

@@ -114,7 +114,9 @@ def comparisons(result: dict) -> list[Comparison]:
     if experiment == "perturbation":
         sigmas = result["config"]["sigmas"]
         baseline = next(iter(runs))  # the first arm: SGD
-        pick = lambda key, metric, i=None: [run[metric] if i is None else run[metric][i] for run in runs[key]]  # noqa: E731
+
+        def pick(key, metric, i=None):
+            return [run[metric] if i is None else run[metric][i] for run in runs[key]]
         rows = []
         for method in (key for key in runs if key != baseline):
             rows += [Comparison(method, baseline, "test acc", pick(method, "test"), pick(baseline, "test")),
