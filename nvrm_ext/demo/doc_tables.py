@@ -151,7 +151,9 @@ def _forgetting_cells(result: dict) -> tuple[str, str]:
              f"{config['epochs_per_task']} epochs)")
     after = ", ".join(f"{short_label(key)} {short(s[key]['base_task'][-1])}" for key in s)
     pairs = [paired(result, key, "task 0") for key in ("nvrm-adam", "adam+ewc", "nvrm-adam+ewc") if key in s]
-    return claim, f"task-0 accuracy after the last task: {after}; " + "; ".join(pairs)
+    mean = paired(result, "nvrm-adam", "mean acc") if "nvrm-adam" in s and "adam" in s else ""
+    return claim, (f"task-0 accuracy after the last task: {after}; " + "; ".join(pairs)
+                   + (f". Mean accuracy over all tasks: {mean}" if mean else ""))
 
 
 def _noise_types_cells(result: dict) -> str:
