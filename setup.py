@@ -312,7 +312,7 @@ setup(
         "test": ["pytest", "pytest-timeout", "pytest-benchmark", "scipy", "hypothesis", "triton",
                  "scikit-learn", "tqdm", "matplotlib",
                  "lion-pytorch"],  # an optimizer from another package, wrapped by NVRM in the tests
-        "demo": ["scikit-learn", "tqdm", "matplotlib"],
+        "demo": ["scikit-learn", "tqdm", "matplotlib", "scipy"],
     },
     # The entry point checks for the demo extra's packages before importing the demo.
     entry_points={"console_scripts": ["nvrm-demo = nvrm_ext.demo._entry:main"]},

@@ -22,7 +22,8 @@ COMMON_INVALID = [
     (["--variability", "-0.1"], "--variability"), (["--variability", "inf"], "--variability"),
     (["--weight-decay", "-1"], "--weight-decay"), (["--momentum", "-1"], "--momentum"),
     (["--momentum", "1"], "--momentum"), (["--hidden", "-3"], "--hidden"), (["--hidden", "0"], "--hidden"),
-    (["--batch-size", "0"], "--batch-size"), (["--threads", "0"], "--threads"), (["--device", "gpu"], "--device"),
+    (["--batch-size", "0"], "--batch-size"), (["--threads", "0"], "--threads"), (["--jobs", "0"], "--jobs"),
+    (["--device", "gpu"], "--device"),
     (["--device", "cuda:99"], "--device"),
 ]
 #: Bad values of each subcommand's own options (and options a subcommand does not use).

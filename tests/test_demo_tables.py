@@ -94,12 +94,14 @@ def test_a_missing_result_or_a_broken_block_is_a_one_line_error(docs_copy, capsy
     assert "never closed" in capsys.readouterr().err
 
 
-def test_seed_counts_are_counted():
-    assert doc_tables.seeds_where([True, True, True]) == "in every seed"
-    assert doc_tables.seeds_where([False, False]) == "in no seed"
-    assert doc_tables.seeds_where([True, False, True]) == "in 2 of 3 seeds"
-    result = {"runs": {"a": [{"test": [0.1, 0.5]}, {"test": [0.9, 0.2]}],
-                       "b": [{"test": [0.9, 0.4]}, {"test": [0.1, 0.3]}]}}
-    assert doc_tables.higher(result, "a", "b", "test") == [True, False]  # the final epoch counts
-    assert doc_tables.ahead([0.5, 0.7], [0.4, 0.2]) == "in every seed, by 10.0–50.0 points"
-    assert doc_tables.ahead([0.5, 0.1], [0.4, 0.2]) == "in 1 of 2 seeds"
+def test_paired_cells_name_the_difference_its_interval_and_the_wins():
+    """Differences NVRM − SGD in the final epoch: +0.2, +0.3, +0.1 (the interval [−0.05, +0.45]
+    includes 0: sd 0.1, t quantile of 2 degrees of freedom 4.30) and −0.2, −0.3, −0.25 on the fit."""
+    curves = lambda finals: [{"noisy_train": [0.0, f], "test": [0.9, f]} for f in finals]  # noqa: E731
+    result = {"experiment": "label-noise", "config": {},
+              "runs": {"sgd": curves([0.5, 0.5, 0.6]), "nvrm-sgd": curves([0.7, 0.8, 0.7])}}
+    assert doc_tables.paired(result, "nvrm-sgd", "clean test") == (
+        "NVRM-SGD − SGD not shown: +20.0 [−4.8, +44.8], wins 3 of 3")
+    result["runs"]["nvrm-sgd"] = curves([0.3, 0.2, 0.35])
+    assert doc_tables.paired(result, "nvrm-sgd", "fits", "NVRM − SGD") == (
+        "NVRM − SGD −25.0 [−37.4, −12.6], wins 3 of 3")

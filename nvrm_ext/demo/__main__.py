@@ -25,7 +25,6 @@ if __name__ == "__main__":  # `python -m nvrm_ext.demo`: say what to install bef
     require_demo_packages("python -m nvrm_ext.demo")
 
 import torch  # noqa: E402
-from tqdm import tqdm
 
 from . import experiments
 from .arguments import (OneLineParser, below_one, command_line, distinct, int_at_least, int_between,
@@ -33,6 +32,8 @@ from .arguments import (OneLineParser, below_one, command_line, distinct, int_at
                         torch_device, writable_directory)
 from .data import NOISE_PATTERNS
 from .reporting import output_files, save, table
+from .runner import Runner
+from .statistics import CONFIDENCE
 from .training import IMAGE_SIDE
 
 DEFAULT_SUBCOMMAND = "label-noise"
@@ -79,7 +80,11 @@ def _common_options(suppress_defaults: bool) -> argparse.ArgumentParser:
     group = common.add_argument_group("common options (before or after the subcommand)")
     default = argparse.SUPPRESS if suppress_defaults else None
     group.add_argument("--seeds", type=positive_int, default=default,
-                       help="number of seeds 0..N-1; results are mean ± std (default 3)")
+                       help="number of seeds 0..N-1; results are mean ± std and paired differences to the "
+                            "baseline with 95%% t intervals (default 3; at least 10 for the README's tables)")
+    group.add_argument("--jobs", type=positive_int, default=default,
+                       help="runs trained at once, each in its own process with --threads torch threads "
+                            "(default: min(2, seeds) on the CPU, 1 on a GPU); the results do not depend on it")
     group.add_argument("--epochs", type=positive_int, default=default,
                        help="training epochs (per task for 'forgetting')")
     group.add_argument("--lr", type=positive_float, default=default,
@@ -205,43 +210,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name, value in {**COMMON_DEFAULTS, **DEFAULTS[args.experiment]}.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.jobs is None:
+        args.jobs = default_jobs(args)
     return args
 
 
-def epochs_in(args: argparse.Namespace) -> int:
-    """Total epochs the experiment will train, for the progress bar."""
-    if args.experiment == "label-noise":
-        runs_per_seed = 3
-    elif args.experiment == "regularizers":
-        runs_per_seed = len(experiments.REGULARIZER_METHODS)
-    elif args.experiment == "perturbation":
-        runs_per_seed = 2
-    elif args.experiment == "forgetting":
-        runs_per_seed = args.tasks * (4 if args.ewc > 0 else 2)
-    else:
-        runs_per_seed = 1 + len(experiments.NOISE_TYPES) * len(args.scales)
-    return args.seeds * args.epochs * runs_per_seed
+def default_jobs(args: argparse.Namespace) -> int:
+    """Two processes on the CPU (this demo's machine has two cores; a run uses one), one per GPU."""
+    return 1 if torch.device(args.device).type == "cuda" else min(2, args.seeds)
 
 
 def run(args: argparse.Namespace) -> dict:
     common = experiments.Common(seeds=args.seeds, epochs=args.epochs, lr=args.lr, variability=args.variability,
                                 hidden=args.hidden, batch_size=args.batch_size, momentum=args.momentum,
-                                weight_decay=args.weight_decay, device=args.device)
-    with tqdm(total=epochs_in(args), desc=args.experiment, unit="epoch") as common.progress:
-        if args.experiment == "label-noise":
-            return experiments.label_noise(common, noise=args.noise, rate=args.rate)
-        if args.experiment == "perturbation":
-            return experiments.perturbation(common, sigmas=tuple(args.sigmas), draws=args.draws)
-        if args.experiment == "forgetting":
-            return experiments.forgetting(common, num_tasks=args.tasks, ewc=args.ewc)
-        if args.experiment == "regularizers":
-            settings = experiments.RegularizerSettings(
-                amp_epsilon=args.amp_epsilon, amp_inner_lr=args.amp_inner_lr, disout_prob=args.disout_prob,
-                disout_block_size=args.disout_block_size, disout_alpha=args.disout_alpha, nsr_lam=args.nsr_lam,
-                nsr_queue_length=args.nsr_queue_length)
-            return experiments.regularizers(common, settings, noise=args.noise, rate=args.rate,
-                                            hyperparameter_source=REGULARIZERS_HYPERPARAMETER_SOURCE)
-        return experiments.noise_types(common, scales=tuple(args.scales), noise=args.noise, rate=args.rate)
+                                weight_decay=args.weight_decay, device=args.device,
+                                runner=Runner(args.experiment, jobs=args.jobs, threads=args.threads))
+    if args.experiment == "label-noise":
+        return experiments.label_noise(common, noise=args.noise, rate=args.rate)
+    if args.experiment == "perturbation":
+        return experiments.perturbation(common, sigmas=tuple(args.sigmas), draws=args.draws)
+    if args.experiment == "forgetting":
+        return experiments.forgetting(common, num_tasks=args.tasks, ewc=args.ewc)
+    if args.experiment == "regularizers":
+        settings = experiments.RegularizerSettings(
+            amp_epsilon=args.amp_epsilon, amp_inner_lr=args.amp_inner_lr, disout_prob=args.disout_prob,
+            disout_block_size=args.disout_block_size, disout_alpha=args.disout_alpha, nsr_lam=args.nsr_lam,
+            nsr_queue_length=args.nsr_queue_length)
+        return experiments.regularizers(common, settings, noise=args.noise, rate=args.rate,
+                                        hyperparameter_source=REGULARIZERS_HYPERPARAMETER_SOURCE)
+    return experiments.noise_types(common, scales=tuple(args.scales), noise=args.noise, rate=args.rate)
 
 
 def environment(args: argparse.Namespace) -> dict:
@@ -273,7 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     result["command"] = "nvrm-demo " + " ".join(command_line(argv))
     result["environment"] = environment(args)
     # The table first: it is the result, and it must survive a failing write.
-    print(f"\n{args.experiment}: final values, mean ± std over {args.seeds} seed(s), in %\n")
+    print(f"\n{args.experiment}: final values, mean ± std over {args.seeds} seed(s), in %; then each method "
+          f"minus its baseline in the same seed: mean [{CONFIDENCE:.0%} t interval] in points (\"not shown\" "
+          f"where the interval includes 0) and the seeds where the method wins\n")
     print(table(result))
     if result["config"].get("hyperparameter_source"):
         print(f"\nhyperparameters: {result['config']['hyperparameter_source']}")

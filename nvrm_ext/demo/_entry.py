@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib.util
 
 #: The demo extra (setup.py extras_require["demo"]): import name -> distribution name.
-DEMO_PACKAGES = {"tqdm": "tqdm", "sklearn": "scikit-learn", "matplotlib": "matplotlib"}
+DEMO_PACKAGES = {"tqdm": "tqdm", "sklearn": "scikit-learn", "matplotlib": "matplotlib", "scipy": "scipy"}
 INSTALL_COMMAND = 'pip install "nvrm_ext[demo]"'
 
 

@@ -7,8 +7,8 @@ in README.md and docs/demo/RESULTS.md (or the Markdown files named):
     ...                                              (reporting.table), exactly
     <!-- /nvrm-demo -->
 
-    <!-- nvrm-demo claims docs/demo -->             README's claims table: every number and every
-    ...                                              "in k of n seeds" drawn from that folder's JSON
+    <!-- nvrm-demo claims docs/demo -->             README's claims table: every number, paired
+    ...                                              interval and win count drawn from that folder's JSON
     <!-- /nvrm-demo -->
 
 Paths are relative to the Markdown file. A table typed by hand drifts from the run it came from
@@ -23,6 +23,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import statistics
 from .reporting import label, markdown_table, table
 
 DEFAULT_FILES = ("README.md", "docs/demo/RESULTS.md")
@@ -93,30 +94,22 @@ def short(stat: dict) -> str:
     return f"{100 * stat['mean']:.1f}±{100 * stat['std']:.1f}"
 
 
-def seeds_where(condition: list[bool]) -> str:
-    """'in every seed', 'in no seed' or 'in k of n seeds'."""
-    count, total = sum(condition), len(condition)
-    return "in every seed" if count == total else "in no seed" if count == 0 else f"in {count} of {total} seeds"
-
-
-def finals(result: dict, key: str, metric: str) -> list[float]:
-    return [run[metric][-1] for run in result["runs"][key]]
-
-
-def higher(result: dict, key: str, than: str, metric: str) -> list[bool]:
-    return [a > b for a, b in zip(finals(result, key, metric), finals(result, than, metric))]
-
-
-def ahead(values: list[float], others: list[float]) -> str:
-    """'in every seed, by 0.4–2.2 points' (or 'in k of n seeds'): where and by how much, seed by seed."""
-    differences = [100 * (a - b) for a, b in zip(values, others)]
-    where = seeds_where([d > 0 for d in differences])
-    return f"{where}, by {min(differences):.1f}–{max(differences):.1f} points" if where == "in every seed" else where
-
-
 def command(result: dict) -> str:
     """The command that made `result`, without its --out."""
     return "`" + re.sub(r" --out(=| )\S+", "", result["command"]) + "`"
+
+
+def paired(result: dict, method: str, metric: str, name: str | None = None) -> str:
+    """'NVRM − SGD −17.1 [−18.5, −15.7], wins 10 of 10' or 'NVRM − SGD not shown: +3.1 [−1.0, +7.2],
+    wins 6 of 10': the paired difference to the method's baseline (statistics.comparisons)."""
+    comparison = statistics.find(result, method, metric)
+    difference = comparison.difference()
+    name = name or f"{short_label(comparison.method)} − {short_label(comparison.baseline)}"
+    return f"{name} {statistics.verdict(difference)}, wins {statistics.wins(difference)}"
+
+
+def short_label(key: str) -> str:
+    return label(key).replace(" + ", "+")
 
 
 def _label_noise_cells(result: dict, lead: bool) -> tuple[str, str]:
@@ -125,7 +118,6 @@ def _label_noise_cells(result: dict, lead: bool) -> tuple[str, str]:
     test = {key: short(s[key]["test"]) for key in s}
     correct = 1 - config["rate"]
     near_correct = abs(s["nvrm-sgd"]["noisy_train"]["mean"] - correct) < 0.02
-    better = seeds_where(higher(result, "nvrm-sgd", "sgd", "test"))
     if lead:
         claim = (f"no memorization of noisy labels ({config['rate']:.0%} {config['noise']} flip; the original's "
                  f"setting lr {config['lr']:g}, variability {config['variability']:g}, {config['epochs']} epochs; "
@@ -135,38 +127,33 @@ def _label_noise_cells(result: dict, lead: bool) -> tuple[str, str]:
                  f"{config['epochs']} epochs; the default run)")
     cell = (f"fit to the noisy labels: SGD {fit['sgd']}, NVRM {fit['nvrm-sgd']}"
             + (f" (≈ only the {correct:.0%} correct labels)" if near_correct else "")
-            + f", PSGD {fit['psgd']}; clean test: SGD {test['sgd']}, NVRM {test['nvrm-sgd']} "
-            f"(NVRM higher {better}), PSGD {test['psgd']} (noise, no de-noising)")
+            + f", PSGD {fit['psgd']}; {paired(result, 'nvrm-sgd', 'fits', 'NVRM − SGD')}. "
+            f"Clean test: SGD {test['sgd']}, NVRM {test['nvrm-sgd']}, PSGD {test['psgd']} (noise, no de-noising); "
+            f"{paired(result, 'nvrm-sgd', 'clean test', 'NVRM − SGD')}")
     return claim, cell
 
 
 def _perturbation_cells(result: dict) -> tuple[str, str]:
     """The robustness cell and the generalization-gap cell."""
-    sigmas, s, runs = result["config"]["sigmas"], result["summary"], result["runs"]
+    sigmas, s = result["config"]["sigmas"], result["summary"]
     shown = [i for i, sigma in enumerate(sigmas) if sigma in (0.1, 0.15)] or [len(sigmas) - 1]
-    ahead = [nvrm["perturbed_test"][i] > sgd["perturbed_test"][i]
-             for sgd, nvrm in zip(runs["sgd"], runs["nvrm-sgd"]) for i, sigma in enumerate(sigmas) if sigma > 0]
     robust = "; ".join(f"σ={sigmas[i]:g}: SGD {short(s['sgd']['perturbed_test'][i])}, "
-                       f"NVRM {short(s['nvrm-sgd']['perturbed_test'][i])}" for i in shown)
-    everywhere = ("at every σ > 0 in every seed" if all(ahead)
-                  else f"in {sum(ahead)} of {len(ahead)} (σ > 0, seed) pairs")
-    smaller_gap = seeds_where([nvrm["gap"] < sgd["gap"] for sgd, nvrm in zip(runs["sgd"], runs["nvrm-sgd"])])
-    return ((f"test accuracy with weight noise {robust} (NVRM ahead {everywhere})"),
-            (f"train − test: SGD {short(s['sgd']['gap'])}, NVRM {short(s['nvrm-sgd']['gap'])} "
-             f"(NVRM's smaller {smaller_gap})"))
+                       f"NVRM {short(s['nvrm-sgd']['perturbed_test'][i])}, "
+                       f"{paired(result, 'nvrm-sgd', f'test acc, σ={sigmas[i]:g}', 'NVRM − SGD')}" for i in shown)
+    return ((f"test accuracy with weight noise {robust}"),
+            (f"train − test: SGD {short(s['sgd']['gap'])}, NVRM {short(s['nvrm-sgd']['gap'])}; "
+             f"{paired(result, 'nvrm-sgd', 'gap', 'NVRM − SGD')}"))
 
 
 def _forgetting_cells(result: dict) -> tuple[str, str]:
-    config, s, runs = result["config"], result["summary"], result["runs"]
-    last = lambda key: [run["base_task"][-1] for run in runs[key]]  # noqa: E731
+    config, s = result["config"], result["summary"]
     claim = (f"less catastrophic forgetting ({config['num_tasks']} permuted-digits tasks × "
              f"{config['epochs_per_task']} epochs)")
-    after = ", ".join(f"{label(key).replace(' + ', '+')} {short(s[key]['base_task'][-1])}" for key in s)
-    cell = (f"task-0 accuracy after the last task: {after}; "
-            f"NVRM-Adam above Adam {ahead(last('nvrm-adam'), last('adam'))}")
-    if "adam+ewc" in runs:
-        cell += f", Adam+EWC above Adam {ahead(last('adam+ewc'), last('adam'))}"
-    return claim, cell
+    after = ", ".join(f"{short_label(key)} {short(s[key]['base_task'][-1])}" for key in s)
+    pairs = [paired(result, key, "task 0") for key in ("nvrm-adam", "adam+ewc", "nvrm-adam+ewc") if key in s]
+    mean = paired(result, "nvrm-adam", "mean acc") if "nvrm-adam" in s and "adam" in s else ""
+    return claim, (f"task-0 accuracy after the last task: {after}; " + "; ".join(pairs)
+                   + (f". Mean accuracy over all tasks: {mean}" if mean else ""))
 
 
 def _noise_types_cells(result: dict) -> str:
@@ -174,22 +161,26 @@ def _noise_types_cells(result: dict) -> str:
     kinds = [key for key in s if key != "sgd"]
     per_kind = "; ".join(kind + " " + ", ".join(f"{row['std_over_weight_rms']:.2g}×: {100 * row['test']['mean']:.1f}"
                                               for row in s[kind]) for kind in kinds)
+    ratio = {f"{kind} {row['variability']:g}": f"{kind} {row['std_over_weight_rms']:.2g}×"
+             for kind in kinds for row in s[kind]}
+    tests = [c for c in statistics.comparisons(result) if c.metric == statistics.CLEAN_TEST]
+    shown = [f"{ratio.get(c.method, c.method)} {statistics.interval(c.difference())}"
+             for c in tests if c.difference().shown]
+    verdicts = (f"paired to SGD, clean test differs at {', '.join(shown)}; not shown at the other "
+                f"{len(tests) - len(shown)}" if shown else "paired to SGD, no clean test difference shown")
     return (f"clean test accuracy by noise std ÷ initial weight RMS ({config['initial_weight_rms']:.3f}; "
-            f"SGD without noise {short(s['sgd']['test'])}): {per_kind}")
+            f"SGD without noise {short(s['sgd']['test'])}): {per_kind}; {verdicts}")
 
 
 def _regularizers_cells(result: dict) -> tuple[str, str]:
     config, s = result["config"], result["summary"]
     claim = (f"regularizers on label noise (one CNN, {config['epochs']} epochs, grid-selected lr {config['lr']:g})")
-    best = max(s, key=lambda key: s[key]["test"]["mean"])
-    fit = ", ".join(f"{label(key).replace(' + ', '+')} {short(s[key]['noisy_train'])}" for key in s)
-    tests = []
-    for key in s:
-        text = f"{label(key).replace(' + ', '+')} {short(s[key]['test'])}"
-        if key == best and key != "sgd":
-            text = f"**{text}** (higher than SGD {seeds_where(higher(result, key, 'sgd', 'test'))})"
-        tests.append(text)
-    return claim, f"noisy fit: {fit}; clean test: {', '.join(tests)}"
+    fit = ", ".join(f"{short_label(key)} {short(s[key]['noisy_train'])}" for key in s)
+    tests = ", ".join(f"{short_label(key)} {short(s[key]['test'])}" for key in s)
+    methods = [key for key in s if key != "sgd"]
+    fit_pairs = "; ".join(paired(result, key, "fits") for key in methods)
+    test_pairs = "; ".join(paired(result, key, "clean test") for key in methods)
+    return claim, f"noisy fit: {fit}; {fit_pairs}. Clean test: {tests}; {test_pairs}"
 
 
 def claims_table(folder: Path) -> str:
@@ -209,7 +200,8 @@ def claims_table(folder: Path) -> str:
             ("noise types", _noise_types_cells(noise_types), noise_types),
             (*_regularizers_cells(regularizers), regularizers)]
     return markdown_table(["claim", "command", "result"],
-                          [[claim, command(result), cell] for claim, cell, result in rows])
+                          [[claim, command(result), f"{result['config']['seeds']} seeds: {cell}"]
+                           for claim, cell, result in rows])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,7 @@ they differ only in the optimizer.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
 from ..nn import Disout, NeuronSteadiness
+from .runner import Run, Runner
 from .data import NUM_CLASSES, DigitsSplit, corrupt_labels, load_digits_split, permutation_tasks
 from .training import (OptimizerConfig, accuracy, build_cnn, build_mlp, clean_weights, make_optimizer,
                        perturbed_accuracy, steps_per_epoch, train_epoch)
@@ -39,12 +40,21 @@ class Common:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     device: str = "cpu"
-    progress: object = field(default=None, repr=False)  # a tqdm bar, advanced once per epoch
+    progress: object = field(default=None, repr=False)  # a tqdm bar, advanced once per epoch (tuning)
+    runner: Runner | None = field(default=None, repr=False)  # runs an experiment's runs (default: here)
 
     def config(self, **extra) -> dict:
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "progress"}
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("progress", "runner")}
         out.update(extra)
         return out
+
+    def run_all(self, runs: list[Run]) -> list:
+        """The results of `runs`, in order, each run given a copy of these settings that a worker
+        process can receive (no progress bar, no runner)."""
+        portable = replace(self, progress=None, runner=None)
+        for run in runs:
+            run.arguments["common"] = portable
+        return (self.runner or Runner("runs")).map(runs)
 
     def tick(self, description: str) -> None:
         if self.progress is not None:
@@ -100,15 +110,26 @@ def noisy_digits(seed: int, noise: str, rate: float, device: str) -> tuple[Digit
     return data, torch.as_tensor(noisy, device=device)
 
 
+def label_noise_run(common: Common, name: str, seed: int, noise: str, rate: float) -> dict:
+    """One arm of one seed of `label_noise`."""
+    data, noisy = noisy_digits(seed, noise, rate, common.device)
+    arm = OptimizerConfig(name, common.lr, common.momentum, common.weight_decay, common.variability)
+    return train_on_noisy_labels(common, arm, data, noisy, seed)
+
+
+def by_arm(keys, seeds: int, results: list) -> dict:
+    """{key: [result of seed 0, seed 1, ...]} from results listed seed by seed, key by key."""
+    keys = list(keys)
+    return {key: results[position::len(keys)][:seeds] for position, key in enumerate(keys)}
+
+
 def label_noise(common: Common, noise: str = "pair", rate: float = 0.4,
                 arms=("sgd", "nvrm-sgd", "psgd")) -> dict:
     """Claim 3: SGD memorizes noisy labels, NVRM does not (PSGD: noise without denoising)."""
-    runs = {name: [] for name in arms}
-    for seed in range(common.seeds):
-        data, noisy = noisy_digits(seed, noise, rate, common.device)
-        for name in arms:
-            arm = OptimizerConfig(name, common.lr, common.momentum, common.weight_decay, common.variability)
-            runs[name].append(train_on_noisy_labels(common, arm, data, noisy, seed))
+    results = common.run_all([Run(f"{name} seed {seed}", label_noise_run,
+                                  dict(name=name, seed=seed, noise=noise, rate=rate))
+                              for seed in range(common.seeds) for name in arms])
+    runs = by_arm(arms, common.seeds, results)
     return {"experiment": "label-noise", "config": common.config(noise=noise, rate=rate, arms=list(arms)),
             "runs": runs, "summary": final_accuracies(runs)}
 
@@ -157,44 +178,52 @@ def train_regularized_cnn(common: Common, method: str, settings: RegularizerSett
                                      description=method)
 
 
+def regularizers_run(common: Common, method: str, settings: RegularizerSettings, seed: int, noise: str,
+                     rate: float) -> dict:
+    """One method of one seed of `regularizers`."""
+    data, noisy = noisy_digits(seed, noise, rate, common.device)
+    return train_regularized_cnn(common, method, settings, data, noisy, seed)
+
+
 def regularizers(common: Common, settings: RegularizerSettings = RegularizerSettings(), noise: str = "pair",
                  rate: float = 0.4, methods=REGULARIZER_METHODS, hyperparameter_source: str = "") -> dict:
     """SGD vs FusedVSGD vs FusedAMP vs Disout vs NSR on the label-noise task, one CNN for all."""
-    runs = {method: [] for method in methods}
-    for seed in range(common.seeds):
-        data, noisy = noisy_digits(seed, noise, rate, common.device)
-        for method in methods:
-            runs[method].append(train_regularized_cnn(common, method, settings, data, noisy, seed))
+    results = common.run_all([Run(f"{method} seed {seed}", regularizers_run,
+                                  dict(method=method, settings=settings, seed=seed, noise=noise, rate=rate))
+                              for seed in range(common.seeds) for method in methods])
+    runs = by_arm(methods, common.seeds, results)
     config = common.config(noise=noise, rate=rate, methods=list(methods), model="cnn", **asdict(settings),
                            hyperparameter_source=hyperparameter_source)
     return {"experiment": "regularizers", "config": config, "runs": runs, "summary": final_accuracies(runs)}
 
 
 # ---------------------------------------------------------------------------------- perturbation
+def perturbation_run(common: Common, name: str, seed: int, sigmas: tuple, draws: int) -> dict:
+    """One arm of one seed of `perturbation`: train on clean labels, then measure at the clean weights."""
+    data = load_digits_split(seed).to(common.device)
+    arm = OptimizerConfig(name, common.lr, common.momentum, common.weight_decay, common.variability)
+    model = _seeded_model(common, seed)
+    optimizer = make_optimizer(arm, model.parameters(), steps_per_epoch(len(data.y_train), common.batch_size), seed)
+    batches = torch.Generator().manual_seed(seed)
+    for _ in range(common.epochs):
+        train_epoch(model, optimizer, data.x_train, data.y_train, common.batch_size, batches)
+        common.tick(f"{name} seed {seed}")
+    perturbations = torch.Generator().manual_seed(10_000 + seed)  # same draws for every arm
+    with clean_weights(optimizer):
+        train_acc = accuracy(model, data.x_train, data.y_train)
+        test_acc = accuracy(model, data.x_test, data.y_test)
+        curve = [perturbed_accuracy(model, data.x_test, data.y_test, s, draws, perturbations) for s in sigmas]
+    return {"train": train_acc, "test": test_acc, "gap": train_acc - test_acc, "perturbed_test": curve}
+
+
 def perturbation(common: Common, sigmas=(0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2), draws: int = 5,
                  arms=("sgd", "nvrm-sgd")) -> dict:
     """Claims 1 and 2 on clean labels: test accuracy when N(0, sigma^2) is added to every clean
     weight, and the generalization gap (train minus test accuracy) at the end of training."""
-    runs = {name: [] for name in arms}
-    for seed in range(common.seeds):
-        data = load_digits_split(seed).to(common.device)
-        for name in arms:
-            arm = OptimizerConfig(name, common.lr, common.momentum, common.weight_decay, common.variability)
-            model = _seeded_model(common, seed)
-            optimizer = make_optimizer(arm, model.parameters(),
-                                       steps_per_epoch(len(data.y_train), common.batch_size), seed)
-            batches = torch.Generator().manual_seed(seed)
-            for _ in range(common.epochs):
-                train_epoch(model, optimizer, data.x_train, data.y_train, common.batch_size, batches)
-                common.tick(f"{name} seed {seed}")
-            perturbations = torch.Generator().manual_seed(10_000 + seed)  # same draws for every arm
-            with clean_weights(optimizer):
-                train_acc = accuracy(model, data.x_train, data.y_train)
-                test_acc = accuracy(model, data.x_test, data.y_test)
-                curve = [perturbed_accuracy(model, data.x_test, data.y_test, s, draws, perturbations)
-                         for s in sigmas]
-            runs[name].append({"train": train_acc, "test": test_acc, "gap": train_acc - test_acc,
-                               "perturbed_test": curve})
+    results = common.run_all([Run(f"{name} seed {seed}", perturbation_run,
+                                  dict(name=name, seed=seed, sigmas=tuple(sigmas), draws=draws))
+                              for seed in range(common.seeds) for name in arms])
+    runs = by_arm(arms, common.seeds, results)
     summary = {name: {"train": mean_std([r["train"] for r in rs]), "test": mean_std([r["test"] for r in rs]),
                       "gap": mean_std([r["gap"] for r in rs]),
                       "perturbed_test": [mean_std([r["perturbed_test"][i] for r in rs]) for i in range(len(sigmas))]}
@@ -238,9 +267,11 @@ class EWC:
         return 0.5 * self.strength * total
 
 
-def forgetting_run(common: Common, name: str, ewc: float, data: DigitsSplit, num_tasks: int, seed: int) -> dict:
+def forgetting_run(common: Common, name: str, ewc: float, data: DigitsSplit | None, num_tasks: int,
+                   seed: int) -> dict:
     """One arm learning the permuted tasks in sequence with one optimizer; after each task, the
-    clean-weight test accuracy on every task."""
+    clean-weight test accuracy on every task. `data` defaults to the seed's digits split."""
+    data = data if data is not None else load_digits_split(seed).to(common.device)
     permutations = [p.to(common.device) for p in permutation_tasks(num_tasks, seed=seed)]
     arm = OptimizerConfig(name, common.lr, 0.0, common.weight_decay, common.variability)
     model = _seeded_model(common, seed)
@@ -267,11 +298,10 @@ def forgetting(common: Common, num_tasks: int = 5, ewc: float = 0.0, arms=("adam
     """Claim 4: permuted digits learned in sequence; accuracy on every task after each task.
     `common.epochs` is epochs *per task*. With ewc > 0 each arm also runs with EWC."""
     variants = [(name, 0.0) for name in arms] + ([(name, ewc) for name in arms] if ewc > 0 else [])
-    runs = {_variant_key(name, strength): [] for name, strength in variants}
-    for seed in range(common.seeds):
-        data = load_digits_split(seed).to(common.device)
-        for name, strength in variants:
-            runs[_variant_key(name, strength)].append(forgetting_run(common, name, strength, data, num_tasks, seed))
+    results = common.run_all([Run(f"{_variant_key(name, strength)} seed {seed}", forgetting_run,
+                                  dict(name=name, ewc=strength, data=None, num_tasks=num_tasks, seed=seed))
+                              for seed in range(common.seeds) for name, strength in variants])
+    runs = by_arm([_variant_key(name, strength) for name, strength in variants], common.seeds, results)
     summary = {key: {metric: [mean_std([r[metric][t] for r in rs]) for t in range(num_tasks)]
                      for metric in ("base_task", "mean_seen")}
                for key, rs in runs.items()}
@@ -292,21 +322,27 @@ def weight_rms(model: torch.nn.Module) -> float:
     return squares.mean().sqrt().item()
 
 
+def noise_types_run(common: Common, name: str, noise_type: str, scale: float, seed: int, noise: str,
+                    rate: float) -> dict:
+    """One arm of one seed of `noise_types` (plain SGD where name is 'sgd')."""
+    data, noisy = noisy_digits(seed, noise, rate, common.device)
+    arm = OptimizerConfig(name, common.lr, common.momentum, common.weight_decay, scale, noise_type)
+    return train_on_noisy_labels(common, arm, data, noisy, seed)
+
+
 def noise_types(common: Common, scales=(0.01, 0.03, 0.1, 0.2), noise: str = "pair", rate: float = 0.4) -> dict:
     """Gaussian vs Laplace vs Uniform NVRM-SGD across variability scales, on the label-noise
     task, with plain SGD as the scale-free reference."""
-    runs: dict = {"sgd": []}
+    arms = [("sgd", "Gaussian", 0.0)] + [("nvrm-sgd", kind, scale) for kind in NOISE_TYPES for scale in scales]
+    results = common.run_all([Run(f"{name if name == 'sgd' else f'{kind} {scale:g}'} seed {seed}", noise_types_run,
+                                  dict(name=name, noise_type=kind, scale=scale, seed=seed, noise=noise, rate=rate))
+                              for seed in range(common.seeds) for name, kind, scale in arms])
+    per_arm = by_arm(range(len(arms)), common.seeds, results)
+    runs: dict = {"sgd": per_arm[0]}
     runs.update({kind: {str(s): [] for s in scales} for kind in NOISE_TYPES})
-    initial_rms = []
-    for seed in range(common.seeds):
-        data, noisy = noisy_digits(seed, noise, rate, common.device)
-        initial_rms.append(weight_rms(_seeded_model(common, seed)))
-        sgd = OptimizerConfig("sgd", common.lr, common.momentum, common.weight_decay)
-        runs["sgd"].append(train_on_noisy_labels(common, sgd, data, noisy, seed))
-        for kind in NOISE_TYPES:
-            for scale in scales:
-                arm = OptimizerConfig("nvrm-sgd", common.lr, common.momentum, common.weight_decay, scale, kind)
-                runs[kind][str(scale)].append(train_on_noisy_labels(common, arm, data, noisy, seed))
+    for position, (name, kind, scale) in enumerate(arms[1:], start=1):
+        runs[kind][str(scale)] = per_arm[position]
+    initial_rms = [weight_rms(_seeded_model(common, seed)) for seed in range(common.seeds)]
     rms = float(np.mean(initial_rms))
     final = lambda seed_runs, metric: mean_std([r[metric][-1] for r in seed_runs])  # noqa: E731
     summary = {"sgd": {m: final(runs["sgd"], m) for m in ("noisy_train", "test")}}

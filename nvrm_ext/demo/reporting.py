@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .experiments import NOISE_TYPES  # noqa: E402
+from .statistics import CONFIDENCE, comparisons, verdict, wins  # noqa: E402
 from .training import LABELS  # noqa: E402
 
 COLORS = {"sgd": "tab:red", "nvrm-sgd": "tab:blue", "psgd": "tab:orange", "adam": "tab:red",
@@ -39,10 +40,28 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 # ---------------------------------------------------------------------------------- tables
 def table(result: dict) -> str:
-    """The Markdown results table of one experiment (final values, mean ± std over seeds, %)."""
-    return {"label-noise": _label_noise_table, "perturbation": _perturbation_table,
-            "forgetting": _forgetting_table, "noise-types": _noise_types_table,
-            "regularizers": _label_noise_table}[result["experiment"]](result)
+    """The Markdown results tables of one experiment: final values, mean ± std over seeds (%), then
+    the paired differences to the baseline (difference_table)."""
+    values = {"label-noise": _label_noise_table, "perturbation": _perturbation_table,
+              "forgetting": _forgetting_table, "noise-types": _noise_types_table,
+              "regularizers": _label_noise_table}[result["experiment"]](result)
+    return values + "\n\n" + difference_table(result)
+
+
+def arm_label(key: str) -> str:
+    """label() for run keys, and 'Gaussian 0.03' style noise-types arms as they are."""
+    kind, _, scale = key.partition(" ")
+    return key if kind in NOISE_TYPES else label(key)
+
+
+def difference_table(result: dict) -> str:
+    """Each method minus its baseline in the same seed, per claim metric: the mean difference in
+    points with its confidence interval ("not shown: ..." where it includes 0), and the seeds
+    where the method wins."""
+    rows = [[f"{arm_label(c.method)} − {arm_label(c.baseline)}", c.metric, verdict(c.difference()),
+             wins(c.difference())] for c in comparisons(result)]
+    return markdown_table(["paired difference (same seed)", "metric",
+                           f"mean, points [{CONFIDENCE:.0%} t interval]", "seeds it wins"], rows)
 
 
 def _label_noise_table(result: dict) -> str:
