@@ -42,6 +42,10 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 def table(result: dict) -> str:
     """The Markdown results tables of one experiment: final values, mean ± std over seeds (%), then
     the paired differences to the baseline (difference_table)."""
+    if result["experiment"] == "transfer":  # its own layout: models x arms, paired to SGD and to each other
+        from .transfer import markdown
+
+        return markdown(result)
     values = {"label-noise": _label_noise_table, "perturbation": _perturbation_table,
               "forgetting": _forgetting_table, "noise-types": _noise_types_table,
               "regularizers": _label_noise_table}[result["experiment"]](result)

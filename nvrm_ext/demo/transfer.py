@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -31,9 +30,8 @@ if __name__ == "__main__":  # say what to install before importing it
 
 import numpy as np  # noqa: E402
 import torch
-from scipy import stats
 
-from . import experiments
+from . import experiments, statistics
 from .arguments import (OneLineParser, command_line, fail, nonnegative_float, positive_int, probability,
                         writable_directory)
 from .data import NOISE_PATTERNS
@@ -54,41 +52,27 @@ ARMS = ("sgd", "absolute", "relative")
 METRICS = {"noisy_train": False, "test": True}  # metric -> higher is better
 METRIC_NAMES = {"noisy_train": "noisy-label fit", "test": "clean test"}
 CONFIDENCE = 0.95
-MINUS = "\u2212"
 
 
 # ------------------------------------------------------------------------------ statistics
 def paired_difference(values, baseline, higher_is_better: bool = True, confidence: float = CONFIDENCE) -> dict:
-    """values − baseline, paired by position (by seed): mean, sample std, the two-sided Student-t
-    interval (n − 1 degrees of freedom; None from one seed), the wins (strictly better seeds) and
-    whether the interval excludes 0 ('shown')."""
-    values, baseline = np.asarray(values, dtype=float), np.asarray(baseline, dtype=float)
-    if values.shape != baseline.shape or values.ndim != 1 or values.size == 0:
-        raise ValueError(f"paired samples must be two equally long, non-empty lists; got shapes "
-                         f"{values.shape} and {baseline.shape}")
-    differences = values - baseline
-    n, mean = differences.size, float(differences.mean())
-    low = high = std = None
-    if n > 1:
-        std = float(differences.std(ddof=1))
-        half_width = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * std / math.sqrt(n)
-        low, high = mean - half_width, mean + half_width
-    wins = int((differences > 0).sum() if higher_is_better else (differences < 0).sum())
-    shown = low is not None and (low > 0 or high < 0)
-    return {"mean": mean, "std": std, "low": low, "high": high, "wins": wins, "n": n, "shown": shown,
-            "confidence": confidence}
-
-
-def _signed(value: float) -> str:
-    return f"{round(value, 1) + 0.0:+.1f}".replace("-", MINUS)
+    """statistics.paired_difference (values − baseline, paired by seed: mean, Student-t interval,
+    wins) as a JSON record: the interval's bounds None from one seed, the differences' sample
+    std, and whether the interval excludes 0 ('shown')."""
+    difference = statistics.paired_difference(values, baseline, higher_is_better, confidence)
+    one_seed = difference.n < 2
+    std = None if one_seed else float(np.std(np.asarray(values, float) - np.asarray(baseline, float), ddof=1))
+    return {"mean": difference.mean, "std": std, "low": None if one_seed else difference.low,
+            "high": None if one_seed else difference.high, "wins": difference.wins, "n": difference.n,
+            "shown": not one_seed and difference.shown, "confidence": confidence}
 
 
 def verdict(difference: dict, scale: float = 100.0) -> str:
     """'−4.5 [−5.9, −3.2]' in points, prefixed 'not shown: ' where the interval includes 0."""
     if difference["low"] is None:
-        return f"not shown: {_signed(scale * difference['mean'])} (one seed, no interval)"
-    text = (f"{_signed(scale * difference['mean'])} "
-            f"[{_signed(scale * difference['low'])}, {_signed(scale * difference['high'])}]")
+        return f"not shown: {statistics.signed(scale * difference['mean'])} (one seed, no interval)"
+    text = (f"{statistics.signed(scale * difference['mean'])} "
+            f"[{statistics.signed(scale * difference['low'])}, {statistics.signed(scale * difference['high'])}]")
     return text if difference["shown"] else f"not shown: {text}"
 
 
