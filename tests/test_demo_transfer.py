@@ -167,6 +167,8 @@ def test_results_document_holds_the_table_of_the_committed_json():
     JSON's paired statistics are the ones its own runs give."""
     from pathlib import Path
     docs = Path(__file__).resolve().parent.parent / "docs" / "demo"
+    if not (docs / "transfer.json").exists():  # the suite run against an installed wheel has no docs/
+        pytest.skip("docs/demo/transfer.json is not beside these tests (not a checkout)")
     result = json.loads((docs / "transfer.json").read_text())
     assert transfer.markdown(result) in (docs / "RESULTS.md").read_text()
     for key, entry in result["summary"].items():
