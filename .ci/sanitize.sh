@@ -57,7 +57,9 @@ from nvrm_ext.backends import compiled
 loaded = compiled.load_cpu_library()._name
 assert loaded == os.environ["NVRM_EXT_CPU_LIBRARY"], f"loaded {loaded}"
 '
-ldd "$build_dir/libnvrm_cpu.so" | grep -q libasan || { echo "sanitize.sh: the library has no ASan" >&2; exit 1; }
+# grep without -q reads all of ldd's output: with -q it may exit first, ldd then dies of SIGPIPE
+# and pipefail turns that into "no ASan" (it did once, in a run of this script)
+ldd "$build_dir/libnvrm_cpu.so" | grep libasan > /dev/null || { echo "sanitize.sh: the library has no ASan" >&2; exit 1; }
 
 run_pytest() {
     echo "sanitize.sh: pytest $*"
