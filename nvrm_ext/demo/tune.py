@@ -173,15 +173,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.which == "regularizers":
         fixed = {k: v for k, v in asdict(experiments.RegularizerSettings()).items() if k not in REGULARIZER_GRIDS}
         result["grids"].update(REGULARIZER_GRIDS, fixed=fixed)
-    # The scores first: they are the result, and they must survive a failing write.
+    save_scores(parser.prog, result, args.out / filename)
+    return 0
+
+
+def save_scores(prog: str, result: dict, path) -> None:
+    """Print the scores, then write the whole result to `path`. The scores first: they are the
+    result, and they must survive a failing write."""
     print(json.dumps({k: v for k, v in result.items() if k != "curves"}, indent=1))
-    path = args.out / filename
     try:
         path.write_text(json.dumps(result, indent=1) + "\n")
     except OSError as error:
-        fail(parser.prog, f"the scores above were not saved to {str(path)!r}: {error}", status=1)
+        fail(prog, f"the scores above were not saved to {str(path)!r}: {error}", status=1)
     print(f"wrote {path}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ it. Criterion: final validation accuracy, mean over the tuning seeds.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -75,13 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     result = tune_relative(common)
     result["grids"] = {"lr": TUNED_LR, "absolute": tune.VARIABILITY_GRID, "relative": RELATIVE_GRID,
                        "tuning_seeds": tune.TUNING_SEEDS, "epochs": args.epochs, "noise": "pair", "rate": 0.4}
-    print(json.dumps({k: v for k, v in result.items() if k != "curves"}, indent=1))
-    path = args.out / "tune_relative.json"
-    try:
-        path.write_text(json.dumps(result, indent=1) + "\n")
-    except OSError as error:
-        fail(parser.prog, f"the scores above were not saved to {str(path)!r}: {error}", status=1)
-    print(f"wrote {path}")
+    tune.save_scores(parser.prog, result, args.out / "tune_relative.json")
     return 0
 
 
