@@ -274,18 +274,15 @@ def issued(instruction: Instruction) -> int:
 
 
 def _longest(blocks: dict[int, Block], start: int, stop: int | None, allowed, cost=issued) -> tuple | None:
-    """Lexicographically heaviest acyclic path from `start` (back edges dropped) to an EXIT or
-    a loop's back edge (the loop body counted once: LLVM's AMDGPU code enters a loop below its
-    exit test, so no forward path runs from the body to the EXIT), or to `stop`; None when there
-    is none. Weights are non-negative: where the path could go on, it does."""
+    """Lexicographically heaviest acyclic path from `start` (back edges dropped) to a block
+    without successors, or to `stop`; None when there is none."""
     best: dict[int, tuple | None] = {}
     for address in sorted((a for a in blocks if a >= start and allowed(blocks[a])), reverse=True):
         block = blocks[address]
         if stop is not None and address > stop:
             continue
         tails = [best[s] for s in block.successors if s > address and best.get(s) is not None]
-        if address == stop or (stop is None and (block.instructions[-1].base == "EXIT"
-                                                 or any(s <= address for s in block.successors))):
+        if address == stop or (stop is None and block.instructions[-1].base == "EXIT"):
             tails.append((0, 0, 0))  # the path may end here (a predicated EXIT may also go on)
         if not tails:
             best[address] = None
