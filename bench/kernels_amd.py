@@ -79,7 +79,7 @@ _QUARTER_RATE = re.compile(r"^v_(mul_hi_[iu]32|mul_lo_[iu]32|mad_[iu]64_[iu]32|m
 class AmdInstruction:
     mnemonic: str  # e.g. 'buffer_load_dwordx4'
     operands: str
-    source: str  # the triton.py line it comes from ('' if unknown)
+    source: str  # its source: the triton.py text from the .loc column on ('' if unknown)
 
 
 _WIDTHS = {"dwordx4": 128, "dwordx3": 96, "dwordx2": 64, "dword": 32, "short": 16, "ushort": 16, "sshort": 16,
@@ -96,15 +96,21 @@ def memory_access(instruction: AmdInstruction) -> tuple[str, str, int] | None:
     return match.group(1), match.group(2), _WIDTHS[match.group(3)]
 
 
-_DATA_SOURCE = re.compile(r"\b\w*ptr \+ (idx|i[0-3])\b")
+_DATA_SOURCE = re.compile(r"tl\.(load|store)\(\s*\w*ptr \+ (idx|i[0-3])\b")
 
 
 def is_data_access(instruction: AmdInstruction) -> bool:
-    """A global load/store of a tensor's elements: its source line indexes a tile (`ptr + idx`,
-    or lane by lane `ptr + i0`..`i3`). The others read the launch tables' per-row scalars
-    (bench/kernels.py leaves those out of the SASS figures as .CONSTANT loads)."""
+    """A global load/store of a tensor's elements: the call it comes from (the .loc column's)
+    indexes a tile (`tl.load(ptr + idx ...`, lane by lane `ptr + i0`..`i3`); where LLVM kept no
+    location (line 0, an access merged from several), a buffer access, the form Triton gives
+    tensor accesses on CDNA. The others read the launch tables' per-row scalars (bench/kernels.py
+    leaves those out of the SASS figures as .CONSTANT loads)."""
     access = memory_access(instruction)
-    return access is not None and access[0] in ("global", "buffer") and bool(_DATA_SOURCE.search(instruction.source))
+    if access is None or access[0] not in ("global", "buffer"):
+        return False
+    if not instruction.source:
+        return access[0] == "buffer"
+    return _DATA_SOURCE.match(instruction.source) is not None
 
 
 def parse_amdgcn(text: str) -> tuple[list[AmdInstruction], dict[str, int]]:
@@ -133,9 +139,11 @@ def parse_amdgcn(text: str) -> tuple[list[AmdInstruction], dict[str, int]]:
         if not stripped:
             continue
         if stripped.startswith(".loc"):
-            number, row = stripped.split()[1:3]
+            number, row, column = (stripped.split() + ["0"])[1:4]
             lines = files.get(number, [])
-            source = lines[int(row) - 1] if 0 < int(row) <= len(lines) else ""
+            line = lines[int(row) - 1] if 0 < int(row) <= len(lines) else ""
+            # from the column on; without a column, the line's first load or store
+            source = line[int(column) - 1:] if int(column) > 0 else line[max(line.find("tl."), 0):]
             continue
         if stripped.startswith("."):
             continue
@@ -377,8 +385,8 @@ def target_failures(record: dict) -> list[str]:
 
 
 def markdown_table(records: list[dict]) -> str:
-    lines = ["| kernel | arch | VGPR/SGPR | spills (SGPR→VGPR lanes) | waves/SIMD (LLVM) | dwordx4 ld/st | "
-             "narrower ld/st | instr/elem (VALU cycles/elem), Gaussian | B/elem | "
+    lines = ["| kernel | arch | VGPR/SGPR | spills (SGPR→VGPR lanes) | waves/SIMD (LLVM) | data loads, bits×count | "
+             "data stores, bits×count | instr/elem (VALU cycles/elem), Gaussian | B/elem | "
              "predicted ms, 100M (× torch fused) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
@@ -387,13 +395,14 @@ def markdown_table(records: list[dict]) -> str:
         spills = r["spills"]
         spilled = ("none" if not any(spills.values())
                    else f"{spills['vgpr_spills']} VGPR, {spills['private_segment_bytes']} B")
-        wide = [r["access_widths"][k].get("128", 0) for k in ("load", "store")]
-        narrow = [sum(v for b, v in r["access_widths"][k].items() if b != "128") for k in ("load", "store")]
+        widths = [" ".join(f"{bits}×{count}" for bits, count in sorted(r["access_widths"][kind].items(),
+                                                                     key=lambda item: -int(item[0])))
+                  for kind in ("load", "store")]
         gpu, p = next(iter(r["prediction_100M"].items()))
         ratio = f" ({p['vs_torch_fused']:.2f}×)" if p["vs_torch_fused"] else ""
         lines.append(f"| triton {r['name']} | {r['arch']} | {r['vgprs']}/{r['sgprs']} | {spilled} "
                      f"({r['sgpr_spills_to_vgpr_lanes']}) | {r['waves_per_simd']} ({r['llvm_occupancy_waves']}) | "
-                     f"{wide[0]}/{wide[1]} | {narrow[0]}/{narrow[1]} | {r['gaussian_instructions_per_element']:.1f} "
+                     f"{widths[0]} | {widths[1]} | {r['gaussian_instructions_per_element']:.1f} "
                      f"({r['gaussian_valu_cycles_per_element']:.1f}) | {r['bytes_per_element']} | "
                      f"{gpu}: {p['predicted_ms']:.3f}{ratio} |")
     return "\n".join(lines)
@@ -409,9 +418,9 @@ def update_results(path: Path, records: list[dict]) -> None:
     section = "\n".join([
         RESULTS_BEGIN, "## The Triton kernels on AMD GPUs, by their compiled figures (no GPU)", "",
         "Generated by `python -m bench.kernels_amd` (bench/kernels_amd.json); the model is docs/kernel_model.md. "
-        "Compiled for 64-thread wavefronts (one quad of 4 elements per thread). dwordx4 = 128-bit global data "
-        "accesses (global_/buffer_), narrower = 64-, 32- and 16-bit ones (the unaligned lane-by-lane path and "
-        "16-bit quads); launch-table reads not counted. Predictions at "
+        "Compiled for 64-thread wavefronts (one quad of 4 elements per thread). Data loads and stores: the "
+        "global_/buffer_ accesses of tensor elements in the code, by width (128 = dwordx4: a float32 quad; 64: a "
+        "16-bit quad; 32 and 16: the unaligned path, lane by lane), launch-table reads not counted. Predictions at "
         f"{K.PARAMETERS // 1_000_000}M parameters, 2 Gaussian draws per element, from the VALU cycles "
         "(quarter-rate integer multiplies and transcendentals ×4) and the bytes; GradScaler variants omitted "
         "(in the JSON).", "",
@@ -435,7 +444,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="markdown file whose marked AMD section is replaced ('' to skip)")
     parser.add_argument("--artifacts", type=Path, default=K.ARTIFACTS, help="where the amdgcn/hsaco files go")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--render", action="store_true",
+                        help="only re-render the tables from an existing --out JSON (no compiling)")
     args = parser.parse_args(argv)
+    if args.render:
+        records = json.loads(args.out.read_text())
+        print(markdown_table(records))
+        if args.results:
+            update_results(Path(args.results), records)
+        return 0
     reason = hip_unavailable_reason()
     if reason:
         parser.error(reason)

@@ -195,12 +195,19 @@ _AMD_SOURCE = """row = tl.load(frow + F_LR)
 p = tl.load(param_ptr + idx, mask=mask, other=0.0)
 tl.store(ptr + i0, x0, mask=m0)
 s = tl.fma(r2, 0.00016044118092395365, -0.004681753925979137)
+m = tl.load(frow + F_MOMENTUM) * tl.load(m_ptr + idx, mask=mask)
 """
 _AMD_KERNEL = """
 \t.file\t1 "{directory}" "source.py"
 _kernel:
 \t.loc\t1 1 0
 \tglobal_load_dword v1, v0, s[0:1]
+\t.loc\t1 5 5
+\tglobal_load_dwordx4 v[8:11], v0, s[2:3] offset:8
+\t.loc\t1 5 34
+\tglobal_load_dwordx2 v[12:13], v[14:15], off
+\t.loc\t1 0 5
+\tbuffer_load_ushort v16, v6, s[12:15], 0 offen
 \ts_mov_b32 s7, 0
 \ts_branch .LBB0_2
 .LBB0_1:
@@ -238,10 +245,10 @@ def _amd_kernel(tmp_path):
 
 def test_amd_gaussian_path_counts_one_arm_per_iteration_and_the_prologue_once(tmp_path):
     _, sass = _amd_kernel(tmp_path)
-    # prologue 3; loop body: head 2 + branch 2 + vector arm 3 + flow block 2 = 9, twice
+    # prologue 6; loop body: head 2 + branch 2 + vector arm 3 + flow block 2 = 9, twice
     path = A.gaussian_path(sass, elements_per_thread=8, elements_per_iteration=4)
-    assert (path.loop_body, path.whole_path, path.markers) == (9, 12, 1)
-    assert path.instructions_per_element == (3 + 2 * 9) / 8
+    assert (path.loop_body, path.whole_path, path.markers) == (9, 15, 1)
+    assert path.instructions_per_element == (6 + 2 * 9) / 8
     # VALU issue: v_fmaak (full rate) + v_mul_hi_u32 (quarter rate: 4) per iteration
     assert A.gaussian_path(sass, 8, 4, cost=A.valu_cost).instructions_per_element == 2 * 5 / 8
 
@@ -249,8 +256,11 @@ def test_amd_gaussian_path_counts_one_arm_per_iteration_and_the_prologue_once(tm
 def test_amd_data_accesses_are_the_tile_loads_and_stores_by_source_line(tmp_path):
     instructions, _ = _amd_kernel(tmp_path)
     data = [(i.mnemonic, A.memory_access(i)) for i in instructions if A.is_data_access(i)]
-    assert data == [("buffer_load_dwordx4", ("buffer", "load", 128)), ("buffer_store_dword", ("buffer", "store", 32))]
-    assert A.memory_access(instructions[0]) == ("global", "load", 32)  # the table read: not data
+    assert data == [("global_load_dwordx2", ("global", "load", 64)),  # line 5's second load: m_ptr + idx
+                    ("buffer_load_ushort", ("buffer", "load", 16)),  # no location: a buffer access is data
+                    ("buffer_load_dwordx4", ("buffer", "load", 128)), ("buffer_store_dword", ("buffer", "store", 32))]
+    assert A.memory_access(instructions[0]) == ("global", "load", 32)  # the table reads: not data
+    assert not A.is_data_access(instructions[1])  # line 5's first load: frow + F_MOMENTUM
     assert A.memory_access(A.AmdInstruction("s_load_dwordx4", "", "")) is None
 
 
