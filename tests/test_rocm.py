@@ -4,8 +4,8 @@ CUDA library's NVIDIA code cannot run and the Triton kernels can.
 The choice of backend is checked here on any machine, with torch.version.hip set as a ROCm
 build sets it (the rest of torch stays this build's, so nothing runs on a GPU). The
 `rocm`-marked tests run the Triton path on a real AMD GPU and are skipped elsewhere: the weights
-against the compiled CPU library (the fused backends agree bit for bit), and one kernel launch
-per step.
+against the compiled CPU library (the fused backends agree bit for bit), NVRM's swap against the
+torch reference, and one kernel launch per step.
 """
 import logging
 import types
@@ -120,18 +120,17 @@ def test_the_triton_launch_gives_every_thread_one_quad_on_64_thread_wavefronts(m
 
 
 def _train(cls, kwargs, device, backend, dtype, noise_type, steps=4):
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(33, 70), torch.nn.GELU(), torch.nn.Linear(70, 5))
-    model = model.to(device=device, dtype=dtype)
-    opt = cls(model.parameters(), **kwargs, num_iters=3, noise_type=noise_type, variability=0.05, seed=7,
-              backend=backend)
-    data = torch.Generator().manual_seed(2)
+    """The same parameters and gradients on any device (made on the CPU from one seed): the
+    fused backends then give the same weights bit for bit."""
+    data = torch.Generator().manual_seed(0)
+    shapes = [(70, 33), (70,), (5, 70), (5,), (4099,)]  # 4099: a tail that is not a whole quad
+    params = [torch.nn.Parameter(torch.randn(shape, generator=data).to(dtype).to(device)) for shape in shapes]
+    opt = cls(params, **kwargs, num_iters=3, noise_type=noise_type, variability=0.05, seed=7, backend=backend)
     for _ in range(steps):
-        x = torch.randn(8, 33, generator=data).to(device=device, dtype=dtype)
-        opt.zero_grad()
-        model(x).float().square().mean().backward()
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=data).to(dtype).to(device)
         opt.step()
-    return [p.detach().cpu() for p in model.parameters()], opt
+    return [p.detach().cpu() for p in params]
 
 
 @pytest.mark.rocm
@@ -149,28 +148,35 @@ def test_auto_is_triton_on_this_amd_gpu():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("cls,kwargs", OPTIMIZERS)
 def test_fused_steps_on_the_amd_gpu_equal_the_cpu_library_bit_for_bit(cls, kwargs, dtype, noise_type):
-    on_gpu, _ = _train(cls, kwargs, "cuda", "auto", dtype, noise_type)
-    on_cpu, _ = _train(cls, kwargs, "cpu", "cpu", dtype, noise_type)
+    on_gpu = _train(cls, kwargs, "cuda", "auto", dtype, noise_type)
+    on_cpu = _train(cls, kwargs, "cpu", "cpu", dtype, noise_type)
     for gpu, cpu in zip(on_gpu, on_cpu):
         assert torch.equal(gpu, cpu)
 
 
 @pytest.mark.rocm
 @pytest.mark.parametrize("noise_type", ["Gaussian", "Uniform"])
-def test_nvrm_swap_on_the_amd_gpu_equals_the_cpu_library_bit_for_bit(noise_type):
+def test_nvrm_swap_on_the_amd_gpu_agrees_with_the_torch_reference(noise_type):
+    """NVRM(torch.optim.SGD) on the GPU, its swap by Triton ('auto') and by the torch reference:
+    the same inner step, so the weights differ only by the reference's transforms (bit for bit
+    with uniform noise, within 2e-6 otherwise, as on the CPU)."""
     runs = []
-    for device, backend in (("cuda", "auto"), ("cpu", "cpu")):
+    for backend in ("auto", "torch"):
         torch.manual_seed(0)
-        model = torch.nn.Linear(40, 30).to(device)
+        model = torch.nn.Linear(40, 30).cuda()
         opt = nvrm_ext.NVRM(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), variability=0.05,
                             num_iters=3, noise_type=noise_type, seed=3, backend=backend)
         for step in range(4):
-            x = torch.randn(6, 40, generator=torch.Generator().manual_seed(step)).to(device)
+            x = torch.randn(6, 40, generator=torch.Generator().manual_seed(step)).cuda()
             opt.zero_grad()
             model(x).square().mean().backward()
             opt.step()
         runs.append([p.detach().cpu() for p in model.parameters()])
-    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    for a, b in zip(*runs):
+        if noise_type == "Uniform":
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a, b, rtol=0, atol=2e-6)
 
 
 @pytest.mark.rocm
