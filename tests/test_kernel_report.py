@@ -316,3 +316,16 @@ def test_amd_swap_kernels_move_a_whole_quad_per_access(amd_records):
         (prediction,) = record["prediction_100M"].values()
         assert prediction["predicted_ms"] >= prediction["memory_ms"] > 0
     assert A.markdown_table(amd_records).count("\n") == 1 + len(amd_records)
+
+
+def test_amd_section_of_results_is_replaced_in_place_and_kept_by_the_timing_report(amd_records, tmp_path):
+    from bench import report
+
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# timings\n")
+    for _ in range(2):  # a second run replaces the section
+        A.update_results(results, amd_records)
+    text = results.read_text()
+    assert text.startswith("# timings\n") and text.count(A.RESULTS_BEGIN) == 1
+    assert "0 missed" in text
+    assert A.RESULTS_BEGIN in report.kept_sections(results)  # python -m bench.report carries it over
