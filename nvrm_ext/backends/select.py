@@ -42,8 +42,9 @@ def rocm() -> bool:
 
 
 def rocm_cuda_library_reason() -> str:
+    """Why backend='cuda' cannot run under ROCm, and what runs instead."""
     return (f"this torch is built for ROCm (HIP {torch.version.hip}): its 'cuda' devices are AMD GPUs, "
-            f"and the CUDA library holds NVIDIA code only; use backend='triton' (what backend='auto' picks there)")
+            "and the CUDA library holds NVIDIA code only; use backend='triton' (what backend='auto' picks there)")
 
 
 def resolve(name: str, device: torch.device, dtype: torch.dtype, *, reference, load: Callable,
