@@ -26,6 +26,7 @@ import struct
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = ROOT / "bench"
@@ -203,14 +204,12 @@ class Block:
     def end(self) -> int:
         return self.instructions[-1].address
 
-    @property
-    def weight(self) -> tuple[int, int, int]:
-        """(sin/cos marker instructions, wide data accesses, issued instructions): the path
-        ranking of gaussian_path (NOPs are padding, not counted)."""
+    def weight(self, cost: Callable[[Instruction], int]) -> tuple[int, int, int]:
+        """(sin/cos marker instructions, wide data accesses, cost of the instructions): the path
+        ranking of gaussian_path."""
         markers = sum(is_sincos_marker(i) for i in self.instructions)
         wide = sum((access_width(i) or 0) >= 64 for i in self.instructions)
-        issued = sum(i.base != "NOP" for i in self.instructions)
-        return markers, wide, issued
+        return markers, wide, sum(cost(i) for i in self.instructions)
 
     @property
     def float64(self) -> bool:
@@ -269,7 +268,12 @@ def control_flow_graph(instructions: list[Instruction]) -> dict[int, Block]:
     return blocks
 
 
-def _longest(blocks: dict[int, Block], start: int, stop: int | None, allowed) -> tuple | None:
+def issued(instruction: Instruction) -> int:
+    """The default cost of gaussian_path: one per instruction (NOPs are padding, not counted)."""
+    return instruction.base != "NOP"
+
+
+def _longest(blocks: dict[int, Block], start: int, stop: int | None, allowed, cost=issued) -> tuple | None:
     """Lexicographically heaviest acyclic path from `start` (back edges dropped) to a block
     without successors, or to `stop`; None when there is none."""
     best: dict[int, tuple | None] = {}
@@ -284,7 +288,7 @@ def _longest(blocks: dict[int, Block], start: int, stop: int | None, allowed) ->
             best[address] = None
             continue
         tail = max(tails)
-        best[address] = tuple(a + b for a, b in zip(block.weight, tail))
+        best[address] = tuple(a + b for a, b in zip(block.weight(cost), tail))
     return best.get(start)
 
 
@@ -297,7 +301,7 @@ class PathCount:
 
 
 def gaussian_path(instructions: list[Instruction], elements_per_thread: int,
-                  elements_per_iteration: int | None = None) -> PathCount:
+                  elements_per_iteration: int | None = None, cost: Callable[[Instruction], int] = issued) -> PathCount:
     """SASS instructions per element on the Gaussian path (docs/kernel_model.md).
 
     The path is the heaviest entry-to-exit path of the control-flow graph by (sin/cos
@@ -306,11 +310,11 @@ def gaussian_path(instructions: list[Instruction], elements_per_thread: int,
     longer arm of every other branch (an upper bound on the executed path). Blocks with float64
     arithmetic (capturable-mode counter resolution) are excluded. With a loop over quads
     (elements_per_iteration), the loop body counts elements_per_thread / elements_per_iteration
-    times, the rest once."""
+    times, the rest once. `cost`: what an instruction counts (default: 1, NOPs 0)."""
     blocks = control_flow_graph(instructions)
     allowed = lambda block: not block.float64  # noqa: E731
     entry = min(blocks)
-    whole = _longest(blocks, entry, None, allowed)
+    whole = _longest(blocks, entry, None, allowed, cost)
     if whole is None or whole[0] == 0:
         raise ValueError("no path through the kernel reaches the Gaussian transform")
     total, loop_body = whole[2], None
@@ -319,7 +323,7 @@ def gaussian_path(instructions: list[Instruction], elements_per_thread: int,
                       for s in block.successors if s <= block.start]
         loops = []
         for source, head in back_edges:
-            body = _longest(blocks, head, source, lambda b, h=head, s=source: allowed(b) and h <= b.start <= s)
+            body = _longest(blocks, head, source, lambda b, h=head, s=source: allowed(b) and h <= b.start <= s, cost)
             if body is not None and body[0] > 0:
                 loops.append((source - head, body))
         if not loops:
@@ -454,13 +458,14 @@ json.dump({"num_warps": compiled.metadata.num_warps, "shared": compiled.metadata
 """
 
 
-def triton_variants() -> list[dict]:
-    """Every Triton launch of the optimizers, from nvrm_ext.backends.triton.kernel_variants():
-    {name, kind, op, dtype, scaler (grad_scale given), found_inf, block, tile}."""
+def triton_variants(warp_size: int = 32) -> list[dict]:
+    """Every Triton launch of the optimizers on GPUs of `warp_size` threads per warp, from
+    nvrm_ext.backends.triton.kernel_variants(): {name, kind, op, dtype, scaler (grad_scale
+    given), found_inf, block, tile}."""
     from nvrm_ext.backends import triton as K
 
     out = []
-    for v in K.kernel_variants():
+    for v in K.kernel_variants(warp_size):
         c = v.constexprs
         step = "OP" in c
         kind = v.name.partition("-")[0]  # step | commit | sample

@@ -1,9 +1,12 @@
-"""Issue 11's kernel targets, checked from compiled code (no GPU): bench/kernels.py.
+"""Issue 11's kernel targets, checked from compiled code (no GPU): bench/kernels.py, and the
+same targets on AMD GPUs: bench/kernels_amd.py.
 
-The analysis itself is checked on hand-written SASS with known answers and against the CUDA
-occupancy rules; the targets on the CUDA kernels of the built libnvrm_cuda.so (skipped when
-nvcc did not build it) and on two Triton variants compiled for sm_90 (a few seconds each).
+The analysis itself is checked on hand-written SASS and amdgcn with known answers and against
+the CUDA occupancy rules; the targets on the CUDA kernels of the built libnvrm_cuda.so (skipped
+when nvcc did not build it), on four Triton variants compiled for sm_90 and on six compiled for
+gfx942 (MI300) and gfx90a (MI200) (a few seconds each).
 """
+import concurrent.futures
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,7 @@ if not (ROOT / "bench" / "kernels.py").is_file():
     pytest.skip("the checkout's bench/ is not here (tests run against an installed wheel)", allow_module_level=True)
 
 from bench import kernels as K  # noqa: E402
+from bench import kernels_amd as A  # noqa: E402
 
 
 # --- the analysis ---------------------------------------------------------------------------
@@ -180,3 +184,148 @@ def test_nvrm_over_torch_fused_adamw_is_predicted_for_every_swap_kernel(records)
     assert any("NVRM(torch AdamW fused)" in line for line in K.nvrm_goal_lines(records))
     table = K.swap_table(records)
     assert table.count("\n") == 1 + len(pairs)
+
+
+# --- AMD GPUs (bench/kernels_amd.py) ----------------------------------------------------------
+
+# A loop of 2 iterations as LLVM's AMDGPU backend lays it out: entered below its exit test, and a
+# uniform branch structurized into two arms in sequence, joined by a flow block that branches
+# back to the loop head after the first arm -- one arm runs per iteration, not both.
+_AMD_SOURCE = """row = tl.load(frow + F_LR)
+p = tl.load(param_ptr + idx, mask=mask, other=0.0)
+tl.store(ptr + i0, x0, mask=m0)
+s = tl.fma(r2, 0.00016044118092395365, -0.004681753925979137)
+m = tl.load(frow + F_MOMENTUM) * tl.load(m_ptr + idx, mask=mask)
+"""
+_AMD_KERNEL = """
+\t.file\t1 "{directory}" "source.py"
+_kernel:
+\t.loc\t1 1 0
+\tglobal_load_dword v1, v0, s[0:1]
+\t.loc\t1 5 5
+\tglobal_load_dwordx4 v[8:11], v0, s[2:3] offset:8
+\t.loc\t1 5 34
+\tglobal_load_dwordx2 v[12:13], v[14:15], off
+\t.loc\t1 0 5
+\tbuffer_load_ushort v16, v6, s[12:15], 0 offen
+\ts_mov_b32 s7, 0
+\ts_branch .LBB0_2
+.LBB0_1:
+\ts_cmp_ge_u32 s7, 2
+\ts_cbranch_scc1 .LBB0_6
+.LBB0_2:
+\ts_cmp_eq_u32 s8, 0
+\ts_cbranch_scc1 .LBB0_3
+\t.loc\t1 2 0
+\tbuffer_load_dwordx4 v[2:5], v6, s[12:15], 0 offen
+\t.loc\t1 4 0
+\tv_fmaak_f32 v2, v2, v3, 0x3fc90fdb
+\tv_mul_hi_u32 v3, v2, v4
+.LBB0_3:
+\ts_add_u32 s7, s7, 1
+\ts_cbranch_vccnz .LBB0_1
+\t.loc\t1 3 0
+\tbuffer_store_dword v2, v6, s[12:15], 0 offen
+\t.loc\t1 4 0
+\tv_fmaak_f32 v2, v2, v3, 0x3fc90fdb
+\tv_add_f32_e32 v2, v2, v3
+\tv_add_f32_e32 v2, v2, v3
+\ts_branch .LBB0_1
+.LBB0_6:
+\ts_endpgm
+.Lfunc_end0:
+"""
+
+
+def _amd_kernel(tmp_path):
+    (tmp_path / "source.py").write_text(_AMD_SOURCE)
+    instructions, labels = A.parse_amdgcn(_AMD_KERNEL.format(directory=tmp_path))
+    return instructions, A.as_sass(instructions, labels)
+
+
+def test_amd_gaussian_path_counts_one_arm_per_iteration_and_the_prologue_once(tmp_path):
+    _, sass = _amd_kernel(tmp_path)
+    # prologue 6; loop body: head 2 + branch 2 + vector arm 3 + flow block 2 = 9, twice
+    path = A.gaussian_path(sass, elements_per_thread=8, elements_per_iteration=4)
+    assert (path.loop_body, path.whole_path, path.markers) == (9, 15, 1)
+    assert path.instructions_per_element == (6 + 2 * 9) / 8
+    # VALU issue: v_fmaak (full rate) + v_mul_hi_u32 (quarter rate: 4) per iteration
+    assert A.gaussian_path(sass, 8, 4, cost=A.valu_cost).instructions_per_element == 2 * 5 / 8
+
+
+def test_amd_data_accesses_are_the_tile_loads_and_stores_by_source_line(tmp_path):
+    instructions, _ = _amd_kernel(tmp_path)
+    data = [(i.mnemonic, A.memory_access(i)) for i in instructions if A.is_data_access(i)]
+    assert data == [("global_load_dwordx2", ("global", "load", 64)),  # line 5's second load: m_ptr + idx
+                    ("buffer_load_ushort", ("buffer", "load", 16)),  # no location: a buffer access is data
+                    ("buffer_load_dwordx4", ("buffer", "load", 128)), ("buffer_store_dword", ("buffer", "store", 32))]
+    assert A.memory_access(instructions[0]) == ("global", "load", 32)  # the table reads: not data
+    assert not A.is_data_access(instructions[1])  # line 5's first load: frow + F_MOMENTUM
+    assert A.memory_access(A.AmdInstruction("s_load_dwordx4", "", "")) is None
+
+
+@pytest.mark.parametrize("vgprs, agprs, threads, lds, expected", [
+    (58, 0, 256, 0, 8),        # 64 allocated: 512 / 64
+    (79, 0, 256, 0, 6),        # 80 allocated: 6 waves
+    (40, 40, 256, 0, 6),       # accumulation VGPRs share the file
+    (129, 0, 256, 0, 3),       # 136 allocated
+    (24, 0, 256, 20 * 1024, 3),  # LDS: 3 workgroups of 4 waves over 4 SIMDs
+])
+def test_amd_waves_per_simd(vgprs, agprs, threads, lds, expected):
+    assert A.waves_per_simd(vgprs, agprs, threads, lds, A.ARCHS["gfx942"]) == expected
+
+
+@pytest.fixture(scope="module")
+def amd_records(tmp_path_factory):
+    """Six variants for 64-thread wavefronts (a few seconds each, two at a time): gfx942's float32
+    SGD, Adam and swap steps and its bfloat16 swap; gfx90a's float32 Adam and swap."""
+    reason = A.hip_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    variants = {v["name"]: v for v in K.triton_variants(A.WAVE)}
+    jobs = [(name, "gfx942") for name in ("step-sgd-fp32", "step-adam-fp32", "step-noise-fp32", "step-noise-bf16")]
+    jobs += [(name, "gfx90a") for name in ("step-adam-fp32", "step-noise-fp32")]
+    directory = tmp_path_factory.mktemp("amd")
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:  # two processes of three
+        chunks = pool.map(lambda half: A.compile_triton([(variants[n], arch) for n, arch in half], directory),
+                          [jobs[0::2], jobs[1::2]])
+        return [record for chunk in chunks for record in chunk]
+
+
+AMD_TARGETS = {"no spills": "spills", "128-bit global loads and stores on float32 rows": "bits < 128"}
+
+
+@pytest.mark.parametrize("target", list(AMD_TARGETS))
+def test_amd_kernels_meet_the_sm_90_target(amd_records, target):
+    assert [f for r in amd_records for f in A.target_failures(r) if AMD_TARGETS[target] in f] == []
+
+
+def test_amd_swap_kernels_move_a_whole_quad_per_access(amd_records):
+    """As on sm_90: one access per quad of 4 elements on the aligned path (dwordx4 in float32,
+    dwordx2 in 16-bit), no scratch, and the occupancy the VGPRs allow."""
+    swaps = [r for r in amd_records if r["variant"]["op"] == K.OP_NOISE]
+    assert {(r["arch"], r["variant"]["dtype"]) for r in swaps} == {("gfx942", "fp32"), ("gfx942", "bf16"),
+                                                                   ("gfx90a", "fp32")}
+    for swap in swaps:
+        quad_bits = 4 * 8 * K.DTYPES[swap["variant"]["dtype"]]
+        assert (swap["widest_load_bits"], swap["widest_store_bits"]) == (quad_bits, quad_bits), swap["name"]
+        assert swap["spills"] == {"vgpr_spills": 0, "private_segment_bytes": 0, "scratch_instructions": 0}
+        assert swap["waves_per_simd"] >= 4 and swap["flat_accesses"] == 0
+    for record in amd_records:  # the figures behind the table and the prediction are read
+        assert 0 < record["gaussian_valu_cycles_per_element"] <= record["gaussian_instructions_per_element"]
+        (prediction,) = record["prediction_100M"].values()
+        assert prediction["predicted_ms"] >= prediction["memory_ms"] > 0
+    assert A.markdown_table(amd_records).count("\n") == 1 + len(amd_records)
+
+
+def test_amd_section_of_results_is_replaced_in_place_and_kept_by_the_timing_report(amd_records, tmp_path):
+    from bench import report
+
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# timings\n")
+    for _ in range(2):  # a second run replaces the section
+        A.update_results(results, amd_records)
+    text = results.read_text()
+    assert text.startswith("# timings\n") and text.count(A.RESULTS_BEGIN) == 1
+    assert "0 missed" in text
+    assert A.RESULTS_BEGIN in report.kept_sections(results)  # python -m bench.report carries it over

@@ -23,6 +23,7 @@ import torch
 
 from .. import _compiler
 from . import tables as T
+from .select import rocm, rocm_cuda_library_reason
 
 LIB_DIR = Path(__file__).resolve().parent.parent / "_lib"
 CPU_LIBRARY = "libnvrm_cpu.so"
@@ -152,6 +153,8 @@ def _cpu_library() -> tuple[ctypes.CDLL | None, str | None]:
 @lru_cache(maxsize=None)
 def _cuda_library() -> tuple[ctypes.CDLL | None, str | None]:
     """(library, None) or (None, why it cannot be used). Needs a usable GPU."""
+    if rocm():  # not dlopened: its probe would look for an NVIDIA driver behind AMD GPUs
+        return None, rocm_cuda_library_reason()
     path = LIB_DIR / CUDA_LIBRARY
     if not path.exists():
         skipped = build_info().get("cuda_skipped")

@@ -9,6 +9,7 @@ the AMP perturbation kernels (ops.amp_triton).
 from __future__ import annotations
 
 import functools
+import logging
 import warnings
 from typing import Callable, Iterable
 
@@ -24,6 +25,26 @@ def warn_once(message: str) -> None:
     """A RuntimeWarning shown once per process: a slower backend is a fact of the machine, not
     of each step."""
     warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+@functools.lru_cache(maxsize=None)
+def note_once(message: str) -> None:
+    """An INFO record of the 'nvrm_ext' logger, once per process: what 'auto' chose where the
+    choice is the best the machine allows -- worth finding (logging.basicConfig(level=logging.INFO)),
+    not worth a warning at every start."""
+    logging.getLogger("nvrm_ext").info(message)
+
+
+def rocm() -> bool:
+    """Whether this torch is built for ROCm: its 'cuda' devices are then AMD GPUs, which Triton
+    compiles for and the CUDA library (NVIDIA code) cannot run."""
+    return bool(getattr(torch.version, "hip", None))
+
+
+def rocm_cuda_library_reason() -> str:
+    """Why backend='cuda' cannot run under ROCm, and what runs instead."""
+    return (f"this torch is built for ROCm (HIP {torch.version.hip}): its 'cuda' devices are AMD GPUs, "
+            "and the CUDA library holds NVIDIA code only; use backend='triton' (what backend='auto' picks there)")
 
 
 def resolve(name: str, device: torch.device, dtype: torch.dtype, *, reference, load: Callable,
@@ -70,10 +91,17 @@ def resolve(name: str, device: torch.device, dtype: torch.dtype, *, reference, l
 
 def nvrm_backend(name: str, device: torch.device, dtype: torch.dtype):
     """The NVRM step backend for one bucket: TORCH (backends.torch_ref) or a fused backend;
-    'auto' prefers the CUDA library, then Triton, on a GPU and the CPU library on the CPU."""
+    'auto' prefers the CUDA library, then Triton, on an NVIDIA GPU, Triton on an AMD GPU (ROCm's
+    'cuda' devices: the CUDA library is not even loaded) and the CPU library on the CPU."""
     from . import fused_backend
     from .torch_ref import TORCH
 
-    auto = ("cuda", "triton") if device.type == "cuda" else ("cpu",) if device.type == "cpu" else ()
-    return resolve(name, device, dtype, reference=TORCH, load=fused_backend, auto=auto, warn_dtypes=FUSED_DTYPES)
+    on_amd = device.type == "cuda" and rocm()
+    auto = (("triton",) if on_amd else ("cuda", "triton")) if device.type == "cuda" \
+        else ("cpu",) if device.type == "cpu" else ()
+    backend = resolve(name, device, dtype, reference=TORCH, load=fused_backend, auto=auto, warn_dtypes=FUSED_DTYPES)
+    if on_amd and name == "auto" and backend.name == "triton":
+        note_once(f"nvrm_ext: ROCm (HIP {torch.version.hip}): backend='auto' runs the Triton kernels on the "
+                  f"AMD GPUs (the CUDA library is for NVIDIA GPUs)")
+    return backend
 

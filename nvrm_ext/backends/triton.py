@@ -12,6 +12,7 @@ Runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (set before tri
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -498,9 +499,13 @@ _OP_NAMES = {T.OP_SGD: "sgd", T.OP_ADAM: "adam", T.OP_NOISE: "noise"}
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
-def _step_constexprs(op: int, dtype: torch.dtype, has_grad_scale: bool, has_found_inf: bool) -> dict:
-    return dict(OP=op, DTYPE=TL_DTYPES[dtype], BLOCK=BLOCK, TILE=TILE, INT_COLUMNS=T.INT_COLUMNS,
-                FLOAT_COLUMNS=T.FLOAT_COLUMNS, HAS_GRAD_SCALE=has_grad_scale, HAS_FOUND_INF=has_found_inf)
+def _step_constexprs(op: int, dtype: torch.dtype, has_grad_scale: bool, has_found_inf: bool,
+                     warp_size: int = 32) -> dict:
+    # one quad per thread whatever the warp's width: AMD's CDNA GPUs (MI200, MI300) run 64-thread
+    # wavefronts, which a 32-thread TILE would give half a quad each, and 64-bit accesses
+    return dict(OP=op, DTYPE=TL_DTYPES[dtype], BLOCK=BLOCK, TILE=4 * warp_size * NUM_WARPS,
+                INT_COLUMNS=T.INT_COLUMNS, FLOAT_COLUMNS=T.FLOAT_COLUMNS, HAS_GRAD_SCALE=has_grad_scale,
+                HAS_FOUND_INF=has_found_inf)
 
 
 def _commit_constexprs(has_found_inf: bool) -> dict:
@@ -512,10 +517,11 @@ def _sample_constexprs(dtype: torch.dtype) -> dict:
     return dict(DTYPE=TL_DTYPES[dtype], ROWS=_SAMPLE_ROWS, SAMPLE_SIZE=T.SAMPLE_SIZE, INT_COLUMNS=T.INT_COLUMNS)
 
 
-def kernel_variants() -> list[KernelVariant]:
+def kernel_variants(warp_size: int = 32) -> list[KernelVariant]:
     """Every kernel variant the optimizers launch (op x dtype x GradScaler arguments, and the
-    capturable commit), with the signature, constexprs and options the launches use -- for
-    compiling them without a GPU (bench/kernels.py, tests/test_triton_ptx.py)."""
+    capturable commit), with the signature, constexprs and options the launches use on GPUs of
+    `warp_size` threads per warp -- for compiling them without a GPU (bench/kernels.py,
+    tests/test_triton_ptx.py)."""
     variants = []
     for op, op_name in _OP_NAMES.items():
         for dtype, dtype_name in _DTYPE_NAMES.items():
@@ -525,8 +531,9 @@ def kernel_variants() -> list[KernelVariant]:
                         + ("-found_inf" if has_found_inf else ""))
                 signature = {**_STEP_SIGNATURE, **{k: "constexpr" for k in _step_constexprs(op, dtype, False, False)}}
                 variants.append(KernelVariant(
-                    name, _nvrm_kernel, signature, _step_constexprs(op, dtype, has_grad_scale, has_found_inf),
-                    NUM_WARPS, _STEP_OPTIONS, _aligned_pointers(signature)))
+                    name, _nvrm_kernel, signature,
+                    _step_constexprs(op, dtype, has_grad_scale, has_found_inf, warp_size), NUM_WARPS,
+                    _STEP_OPTIONS, _aligned_pointers(signature)))
     for has_found_inf in (False, True):
         constexprs = _commit_constexprs(has_found_inf)
         signature = {**_COMMIT_SIGNATURE, **{k: "constexpr" for k in constexprs}}
@@ -539,6 +546,16 @@ def kernel_variants() -> list[KernelVariant]:
         variants.append(KernelVariant(f"sample-{dtype_name}", _sample_kernel, signature, constexprs, _COMMIT_WARPS,
                                       _COMMIT_OPTIONS, _aligned_pointers(signature)))
     return variants
+
+
+@functools.lru_cache(maxsize=None)
+def _warp_size(device: torch.device) -> int:
+    """Threads per warp of the GPU that runs `device`'s launches: 64 on AMD's CDNA GPUs (a ROCm
+    torch's 'cuda' devices), 32 on NVIDIA's; 32 for the interpreter (CPU tensors)."""
+    if device.type != "cuda":
+        return 32
+    properties = torch.cuda.get_device_properties(device)
+    return getattr(properties, "warp_size", 64 if torch.version.hip else 32)
 
 
 def _int32(word: int) -> int:
@@ -584,7 +601,8 @@ class TritonBackend:
             if blocks.shape[0]:
                 _nvrm_kernel[(blocks.shape[0],)](
                     blocks, ints, floats, _int32(seed & 0xFFFFFFFF), _int32(seed >> 32 & 0xFFFFFFFF),
-                    grad_scale, found_inf, **_step_constexprs(op, dtype, has_grad_scale, has_found_inf),
+                    grad_scale, found_inf,
+                    **_step_constexprs(op, dtype, has_grad_scale, has_found_inf, _warp_size(ints.device)),
                     **_STEP_OPTIONS)
             if commit_rows:
                 _commit_kernel[(triton.cdiv(commit_rows, _COMMIT_ROWS),)](
