@@ -3,6 +3,7 @@ training (the experiments are replaced by sentinels that fail the test if reache
 before or after the subcommand; --out is checked first and the table survives a failing write."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -129,6 +130,22 @@ def test_the_default_subcommand_follows_leading_common_options():
     args = demo.parse_args(["--out", "perturbation"])  # a value that is a subcommand's name
     assert (args.experiment, args.out) == ("label-noise", Path("perturbation"))
     assert demo.parse_args(["--epochs", "2", "forgetting", "--epochs", "3"]).epochs == 3  # the later one wins
+
+
+def test_help_lists_every_subcommand_and_transfer_takes_its_options_after_it(capsys, no_training):
+    with pytest.raises(SystemExit):
+        demo.main(["--help"])
+    listing = capsys.readouterr().out
+    for name in ("label-noise", "perturbation", "forgetting", "noise-types", "regularizers", "transfer"):
+        assert re.search(rf"^\s+{name}\s", listing, re.MULTILINE), name
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(["--seeds", "3", "transfer"])  # a common option before it: not transfer's parser
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "transfer takes its own options, after it" in error and len(error.strip().splitlines()) == 1
+    with pytest.raises(SystemExit):
+        demo.main(["perturbation", "--no-such-option", "2"])
+    assert "unrecognized arguments: --no-such-option 2" in capsys.readouterr().err
 
 
 def test_out_that_is_a_file_or_cannot_be_created_is_refused_first(tmp_path, capsys, no_training):

@@ -14,7 +14,7 @@ from scipy import stats
 
 from nvrm_ext.demo import experiments
 from nvrm_ext.demo.reporting import difference_table
-from nvrm_ext.demo.runner import Run, Runner
+from nvrm_ext.demo.runner import EpochProgress, Run, Runner
 from nvrm_ext.demo.statistics import comparisons, paired_difference, verdict, wins
 
 REPO = Path(__file__).resolve().parents[1]
@@ -154,3 +154,26 @@ def test_a_piped_demo_log_has_one_line_per_run_and_no_bar_frames(tmp_path):
     assert all(re.fullmatch(r"label-noise: run [1-6]/6 done: \S+ seed [01] \(\d+\.\d s, test acc \d+\.\d%\)", line)
                for line in lines), lines
     assert "| NVRM-SGD − SGD | clean test acc |" in completed.stdout
+
+
+def test_tuning_progress_is_a_bar_on_a_terminal_and_one_line_per_run_elsewhere():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    def tick_through(progress, runs, epochs):
+        with progress:
+            for run in range(runs):
+                for _ in range(epochs):
+                    progress.set_postfix_str(f"arm seed {run}")
+                    progress.update(1)
+
+    log = io.StringIO()
+    tick_through(EpochProgress(3, 4, "tune label-noise", stream=log), 3, 4)
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue() and len(lines) == 3, lines
+    assert all(re.fullmatch(rf"tune label-noise: run {k + 1}/3 done: arm seed {k} \(\d+\.\d s\)", line)
+               for k, line in enumerate(lines)), lines
+    terminal = Terminal()
+    tick_through(EpochProgress(3, 4, "tune label-noise", stream=terminal), 3, 4)
+    assert "\r" in terminal.getvalue() and "done:" not in terminal.getvalue()

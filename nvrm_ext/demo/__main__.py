@@ -170,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     for name, subparser in subcommands.choices.items():
         defaults = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEFAULTS[name].items() if v is not None)
         subparser.epilog = f"defaults for {name}: {defaults}"
+    # Listed here so that --help shows it; main() hands `transfer ...` to transfer.py before this
+    # parser runs, so this entry is reached only when options came before the subcommand.
+    transfer = subcommands.add_parser("transfer", add_help=False,
+                                      help="one relative vs one absolute variability across weight scales "
+                                           "(its own options, after it: nvrm-demo transfer --help)")
     return parser
 
 
@@ -199,7 +204,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     by its argparse type, then the combinations; errors exit with status 2 and one line."""
     parser = build_parser()
     argv = _with_subcommand(command_line(argv))
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if args.experiment == "transfer":
+        parser.error("transfer takes its own options, after it: nvrm-demo transfer [options]")
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     for name, reason in NOT_USED_BY.get(args.experiment, {}).items():
         if getattr(args, name) is not None:
             parser.error(f"argument --{name.replace('_', '-')}: not used by {args.experiment} ({reason})")

@@ -50,6 +50,51 @@ def _headline(result) -> str:
     return ""
 
 
+def is_terminal(stream) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
+class EpochProgress:
+    """Progress of runs that report once per epoch (the tuning commands): a tqdm bar over all
+    epochs on a terminal; elsewhere one plain line per finished run, every `epochs_per_run`-th
+    update, with no carriage-return frames."""
+
+    def __init__(self, runs: int, epochs_per_run: int, name: str, stream=None):
+        self.stream = stream if stream is not None else sys.stderr
+        self.runs, self.epochs_per_run, self.name = runs, epochs_per_run, name
+        self.epochs = 0
+        self.description = ""
+        self.start = time.perf_counter()
+        self.bar = (tqdm(total=runs * epochs_per_run, desc=name, unit="epoch", file=self.stream)
+                    if is_terminal(self.stream) else None)
+
+    def set_postfix_str(self, description: str, refresh: bool = False) -> None:
+        self.description = description
+        if self.bar is not None:
+            self.bar.set_postfix_str(description, refresh=refresh)
+
+    def update(self, epochs: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(epochs)
+            return
+        before, self.epochs = self.epochs, self.epochs + epochs
+        if before // self.epochs_per_run != self.epochs // self.epochs_per_run:
+            seconds, self.start = time.perf_counter() - self.start, time.perf_counter()
+            print(f"{self.name}: run {self.epochs // self.epochs_per_run}/{self.runs} done: {self.description} "
+                  f"({seconds:.1f} s)", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 @dataclass
 class Runner:
     """Runs lists of Run: `jobs` processes (1: in this process), each with `threads` torch threads.
@@ -67,8 +112,7 @@ class Runner:
             raise ValueError(f"jobs and threads must be >= 1; got jobs={self.jobs}, threads={self.threads}")
         self.stream = self.stream if self.stream is not None else sys.stderr
         if self.interactive is None:
-            isatty = getattr(self.stream, "isatty", None)
-            self.interactive = bool(isatty and isatty())
+            self.interactive = is_terminal(self.stream)
 
     def map(self, runs: list[Run]) -> list:
         """The results of `runs`, in their order."""

@@ -23,11 +23,11 @@ if __name__ == "__main__":  # say what to install before importing it
 import numpy as np  # noqa: E402
 import torch
 from sklearn.model_selection import train_test_split
-from tqdm import tqdm
 
 from . import experiments
 from .arguments import OneLineParser, fail, positive_int, writable_directory
 from .data import DigitsSplit, corrupt_labels, load_digits_split
+from .runner import EpochProgress
 
 TUNING_SEEDS = (100, 101)
 LR_GRID_SGD = (0.003, 0.01, 0.03, 0.1)
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         configurations = len(LR_GRID_SGD) + len(VARIABILITY_GRID) + sum(map(len, REGULARIZER_GRIDS.values()))
     else:
         configurations = len(LR_GRID_SGD) + len(VARIABILITY_GRID)
-    with tqdm(total=len(TUNING_SEEDS) * configurations * args.epochs, desc=f"tune {args.which}") as bar:
+    with EpochProgress(len(TUNING_SEEDS) * configurations, args.epochs, f"tune {args.which}") as bar:
         common.progress = bar
         if args.which == "forgetting":
             result = tune_forgetting(common)
