@@ -11,6 +11,8 @@ from ..keys import SEED_KEY
 from . import scan
 from .bucket import BucketWork
 
+_GAVE_UP = False  # SteadyCheck._grad_guard: the scans alone (see steady_grad_pointers)
+
 
 def steady_work(layout, state, groups, flat_params, seed: int):
     """The work of a step laid out like the last full one -- the same groups, the same
@@ -97,12 +99,18 @@ class SteadyCheck:
         if self._steady_meta is None:
             return None
         types, dtypes, shapes, strides, addresses = self._steady_meta
-        try:
-            if (list(map(type, grads)) != types or list(map(scan.DTYPE, grads)) != dtypes
-                    or list(map(scan.SHAPE, grads)) != shapes or list(map(scan.STRIDE, grads)) != strides):
+        guard = self._grad_guard
+        if guard is None or guard is _GAVE_UP or not scan.guard_passes(guard, grads):
+            try:
+                if (list(map(type, grads)) != types or list(map(scan.DTYPE, grads)) != dtypes
+                        or list(map(scan.SHAPE, grads)) != shapes or list(map(scan.STRIDE, grads)) != strides):
+                    return None
+            except RuntimeError:  # sparse gradients have no strides
                 return None
-        except RuntimeError:  # sparse gradients have no strides
-            return None
+            # These gradients pass: the next steps' are checked in one C++ call where torch has it.
+            # One that refuses gradients the scans pass (it also compares requires_grad and the
+            # dispatch keys, which inference_mode changes) is not made again for this plan.
+            self._grad_guard = (scan.layout_guard(grads, shapes, strides) or _GAVE_UP) if guard is None else _GAVE_UP
         params = self.param_tensors
         if (list(map(scan.DATA_PTR, params)) != addresses
                 or [self.rule.state_signature(group) for group in self.groups] != self.state_signatures):
