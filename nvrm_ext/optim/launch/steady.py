@@ -11,6 +11,8 @@ from ..keys import SEED_KEY
 from . import scan
 from .bucket import BucketWork
 
+_PARAMS = operator.itemgetter("params")
+_SEED = operator.methodcaller("get", SEED_KEY)
 _GAVE_UP = False  # SteadyCheck._grad_guard: the scans alone (see steady_grad_pointers)
 
 
@@ -27,7 +29,7 @@ def steady_work(layout, state, groups, flat_params, seed: int):
             or not all(map(operator.is_, state.values(), layout.state_values))):
         return None
     if (len(groups) != len(layout.groups) or not all(map(operator.is_, groups, layout.groups))
-            or [len(group["params"]) for group in groups] != layout.lengths):
+            or list(map(len, map(_PARAMS, groups))) != layout.lengths):
         return None
     params = flat_params()
     if not all(map(operator.is_, params, layout.params)):
@@ -45,7 +47,7 @@ def steady_work(layout, state, groups, flat_params, seed: int):
             return None
         work.append(BucketWork(bucket, backend, plan, bucket_grads, grad_pointers))
     # seed: the groups' (_sync_seed); any other value takes the full path
-    if not all(group.get(SEED_KEY) == seed for group in groups):
+    if not all(map(operator.eq, itertools.repeat(seed), map(_SEED, groups))):  # not seed.__eq__: NotImplemented is truthy
         return None
     return work
 
