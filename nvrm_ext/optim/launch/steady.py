@@ -88,7 +88,8 @@ class SteadyCheck:
         built (read in place, nothing to convert), every parameter still at its address, every
         group with the state needs the plan was built for -- with steady_work's check of the
         state dicts, what the full path's validation and plan signature check, compared as
-        whole lists. None otherwise (the full path then raises its errors, converts or rebuilds).
+        whole lists (the gradients' layout in one C++ call where torch has one:
+        scan.layout_guard). None otherwise (the full path then raises its errors, converts or rebuilds).
 
         A parameter at the same address is taken as the storage the plan was built for: the
         plan keeps every parameter's storage alive (_kept_storages), so no other allocation can
