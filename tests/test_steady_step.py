@@ -158,3 +158,103 @@ def test_steady_steps_skip_the_full_validation(monkeypatch):
     params[0].grad = None
     opt.step()
     assert len(calls) == 2
+
+
+def _gradient_metadata_changed_in_place(step, opt, params):
+    """The same gradient objects, their metadata changed in place: what a cache keyed on the
+    gradients' identity would miss (the steady step checks their layout at every step)."""
+    if step == 2:
+        params[0].grad.t_()  # (5, 3) -> (3, 5) transposed: the same elements, refused below
+        params[0].grad.t_()  # and back: nothing changed
+        params[3].grad.as_strided_((4, 4), (1, 4))  # the same shape, transposed strides: converted
+    if step == 3:
+        params[1].grad.data = params[1].grad.data.double()  # another dtype: converted
+    if step == 4:
+        params[2].grad.data = params[2].grad.data.transpose(0, 2)  # same shape, other strides
+
+
+@pytest.fixture(params=["guard", "scans"])
+def grad_check(request, monkeypatch):
+    """Both ways the steady step checks the gradients' layout: one C++ call
+    (scan.layout_guard, where this torch has it) and the map() scans it stands in for."""
+    from nvrm_ext.optim.launch import scan
+    if request.param == "scans":
+        monkeypatch.setattr(scan, "layout_guard", lambda *args: None)
+    elif not scan._check_tensor_guards():
+        pytest.skip("this torch has no usable TensorGuards: the scans alone run")
+    return request.param
+
+
+def _guarded(plan) -> bool:
+    """Whether the plan checks the gradients' layout with scan.layout_guard's one call."""
+    return plan._grad_guard is not None and plan._grad_guard is not False
+
+
+@pytest.mark.parametrize("schedule", [_gradients_changed, _gradient_metadata_changed_in_place],
+                         ids=lambda s: s.__name__.strip("_"))
+@pytest.mark.parametrize("cls,kwargs", OPTIMIZERS, ids=["vsgd", "vadam"])
+def test_gradient_layout_changes_are_noticed_either_way(cls, kwargs, schedule, grad_check):
+    _assert_same(_run(cls, kwargs, schedule, reload=False), _run(cls, kwargs, schedule, reload=True))
+
+
+@pytest.mark.parametrize("change", [
+    lambda g: setattr(g, "data", g.data.view(3, 5)),  # same numel, other shape
+    lambda g: g.t_(),
+    lambda g: g.resize_(3, 5),
+], ids=["data", "t_", "resize_"])
+def test_gradient_reshaped_in_place_after_steady_steps_is_refused(change, grad_check):
+    """A gradient object whose shape changed in place (same identity, same address) must not be
+    taken for the one the plan checked: the full path refuses it, nothing stepped."""
+    params = _params()
+    opt = nvrm_ext.FusedVSGD(params, lr=0.1, momentum=0.9, seed=1, backend="cpu")
+    grads = _grads(params, 0)
+    for p, grad in zip(params, grads):
+        p.grad = grad
+    for _ in range(3):  # the same gradient objects at every step: a steady step
+        opt.step()
+    assert all(_guarded(plan) for plan in opt._plans.values()) == (grad_check == "guard")
+    before = [p.detach().clone() for p in params]
+    state_before = {k: v.clone() for k, v in opt.state[params[1]].items() if torch.is_tensor(v)}
+    change(params[0].grad)
+    with pytest.raises(RuntimeError, match="gradient of parameter 0 has shape"):
+        opt.step()
+    assert all(torch.equal(p.detach(), b) for p, b in zip(params, before))
+    assert all(torch.equal(opt.state[params[1]][k], v) for k, v in state_before.items())
+
+
+def test_layout_guard_refuses_every_change_it_stands_in_for():
+    """scan.layout_guard's check is True only for plain tensors of the shapes, strides and
+    dtype it was made for (where this torch has TensorGuards)."""
+    from nvrm_ext.optim.launch import scan
+    tensors = [torch.zeros(2, 3), torch.zeros(4)]
+    guard = scan.layout_guard(tensors, [t.shape for t in tensors], [t.stride() for t in tensors])
+    if guard is None:
+        pytest.skip("this torch has no usable TensorGuards")
+    assert scan.guard_passes(guard, [torch.ones(2, 3), torch.ones(4)])
+    other = torch.zeros(4)
+    for changed in [torch.zeros(3, 2), torch.zeros(3, 2).t(), torch.zeros(2, 3, dtype=torch.float64),
+                    torch.zeros(2, 3, dtype=torch.bfloat16), torch.nn.Parameter(torch.zeros(2, 3)),
+                    torch.zeros(2, 3).to_sparse(), torch.zeros(3)[None].expand(2, 3), None]:
+        assert not scan.guard_passes(guard, [changed, other]), changed
+    assert not scan.guard_passes(guard, [torch.ones(2, 3)])  # another count: refused, not an error
+    # made from strides other than the tensors' own: those strides are what it checks
+    guard = scan.layout_guard([torch.zeros(3, 2).t()], [(2, 3)], [(1, 2)])
+    assert scan.guard_passes(guard, [torch.zeros(3, 2).t()]) and not scan.guard_passes(guard, [torch.zeros(2, 3)])
+
+
+def test_guard_refusing_what_the_scans_pass_gives_way_to_the_scans():
+    """Gradients that require grad (a backward with create_graph=True) or a step under
+    inference_mode differ from the guard's gradients in what only the guard compares: the
+    scans take over (the guard is not remade at every step) and the steps stay right."""
+    def schedule(step, opt, params):
+        if step >= 3:
+            for p in params:
+                p.grad = p.grad.detach().requires_grad_(True)
+        if step == 2:
+            assert all(map(_guarded, opt._plans.values()))
+        if step == 5:
+            assert not any(map(_guarded, opt._plans.values()))
+
+    kwargs = dict(lr=0.1, momentum=0.9, variability=0.05)
+    _assert_same(_run(nvrm_ext.FusedVSGD, kwargs, schedule, reload=False),
+                 _run(nvrm_ext.FusedVSGD, kwargs, lambda *args: None, reload=True))

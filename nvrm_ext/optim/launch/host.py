@@ -18,6 +18,7 @@ from .. import validation as V
 from .bucket import launch
 
 _HOST_COUNTER_KEYS = T.LIVE_STATE_KEYS[:T.L_FRESH]  # what optimizer.state holds in host mode
+_HOST_COUNTER_GETTERS = tuple(map(operator.itemgetter, _HOST_COUNTER_KEYS))
 _exhaust = collections.deque(maxlen=0).extend  # runs an iterator to its end in C
 
 
@@ -66,7 +67,7 @@ class HostLaunch:
         (commit() then rewrites only the keys whose values change); else None and a new array."""
         states = self.states
         try:
-            columns = [list(map(operator.itemgetter(key), states)) for key in _HOST_COUNTER_KEYS]
+            columns = [list(map(getter, states)) for getter in _HOST_COUNTER_GETTERS]
         except KeyError as error:
             columns = None
             missing = error

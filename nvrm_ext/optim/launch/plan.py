@@ -190,6 +190,9 @@ class _BucketPlan(HostLaunch, CapturableLaunch, SteadyCheck):
         self._steady_meta = None if any(map(_is_dtensor, self.params)) else (
             [torch.Tensor] * len(plans), [dtype] * len(plans), list(map(scan.SHAPE, self.param_tensors)),
             list(map(scan.STRIDE, self.param_tensors)), self.static_ints[:, T.I_PARAM].tolist())
+        # scan.layout_guard: the gradients' types, dtypes, shapes and strides as _steady_meta
+        # says, checked in one call; made when a step's gradients first pass the scans
+        self._grad_guard = None
         self._static_alignment = T.alignment_flags(self.static_ints)  # the gradient address (0) aside
         self._group_key = None     # [denoise, a _GroupValues tuple per group] behind self._group_tables
         # (ints, floats, (row scales, the types and scales the state dicts get)) before the per-step columns

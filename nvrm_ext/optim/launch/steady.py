@@ -11,6 +11,10 @@ from ..keys import SEED_KEY
 from . import scan
 from .bucket import BucketWork
 
+_PARAMS = operator.itemgetter("params")
+_SEED = operator.methodcaller("get", SEED_KEY)
+_GAVE_UP = False  # SteadyCheck._grad_guard: the scans alone (see steady_grad_pointers)
+
 
 def steady_work(layout, state, groups, flat_params, seed: int):
     """The work of a step laid out like the last full one -- the same groups, the same
@@ -25,7 +29,7 @@ def steady_work(layout, state, groups, flat_params, seed: int):
             or not all(map(operator.is_, state.values(), layout.state_values))):
         return None
     if (len(groups) != len(layout.groups) or not all(map(operator.is_, groups, layout.groups))
-            or [len(group["params"]) for group in groups] != layout.lengths):
+            or list(map(len, map(_PARAMS, groups))) != layout.lengths):
         return None
     params = flat_params()
     if not all(map(operator.is_, params, layout.params)):
@@ -43,7 +47,7 @@ def steady_work(layout, state, groups, flat_params, seed: int):
             return None
         work.append(BucketWork(bucket, backend, plan, bucket_grads, grad_pointers))
     # seed: the groups' (_sync_seed); any other value takes the full path
-    if not all(group.get(SEED_KEY) == seed for group in groups):
+    if not all(map(operator.eq, itertools.repeat(seed), map(_SEED, groups))):  # not seed.__eq__: NotImplemented is truthy
         return None
     return work
 
@@ -84,7 +88,8 @@ class SteadyCheck:
         built (read in place, nothing to convert), every parameter still at its address, every
         group with the state needs the plan was built for -- with steady_work's check of the
         state dicts, what the full path's validation and plan signature check, compared as
-        whole lists. None otherwise (the full path then raises its errors, converts or rebuilds).
+        whole lists (the gradients' layout in one C++ call where torch has one:
+        scan.layout_guard). None otherwise (the full path then raises its errors, converts or rebuilds).
 
         A parameter at the same address is taken as the storage the plan was built for: the
         plan keeps every parameter's storage alive (_kept_storages), so no other allocation can
@@ -97,12 +102,18 @@ class SteadyCheck:
         if self._steady_meta is None:
             return None
         types, dtypes, shapes, strides, addresses = self._steady_meta
-        try:
-            if (list(map(type, grads)) != types or list(map(scan.DTYPE, grads)) != dtypes
-                    or list(map(scan.SHAPE, grads)) != shapes or list(map(scan.STRIDE, grads)) != strides):
+        guard = self._grad_guard
+        if guard is None or guard is _GAVE_UP or not scan.guard_passes(guard, grads):
+            try:
+                if (list(map(type, grads)) != types or list(map(scan.DTYPE, grads)) != dtypes
+                        or list(map(scan.SHAPE, grads)) != shapes or list(map(scan.STRIDE, grads)) != strides):
+                    return None
+            except RuntimeError:  # sparse gradients have no strides
                 return None
-        except RuntimeError:  # sparse gradients have no strides
-            return None
+            # These gradients pass: the next steps' are checked in one C++ call where torch has it.
+            # One that refuses gradients the scans pass (it also compares requires_grad and the
+            # dispatch keys, which inference_mode changes) is not made again for this plan.
+            self._grad_guard = (scan.layout_guard(grads, shapes, strides) or _GAVE_UP) if guard is None else _GAVE_UP
         params = self.param_tensors
         if (list(map(scan.DATA_PTR, params)) != addresses
                 or [self.rule.state_signature(group) for group in self.groups] != self.state_signatures):
