@@ -29,21 +29,32 @@ namespace {
 // Elements whose noise is staged at once: 4 KiB of float32, stays in L1 between the two loops.
 constexpr int64_t kChunk = 1024;
 
-// Storage types: load converts to float32, store rounds once to nearest even.
+// Storage types: load converts to the update's arithmetic type Math (float32, float64 for
+// float64 parameters), store rounds once to nearest even.
 struct Float32 {
   using Stored = float;
+  using Math = float;
   static float load(float x) { return x; }
   static float store(float x) { return x; }
 };
 
+struct Float64 {
+  using Stored = double;
+  using Math = double;
+  static double load(double x) { return x; }
+  static double store(double x) { return x; }
+};
+
 struct Float16 {
   using Stored = _Float16;
+  using Math = float;
   static float load(_Float16 x) { return static_cast<float>(x); }
   static _Float16 store(float x) { return static_cast<_Float16>(x); }
 };
 
 struct BFloat16 {
   using Stored = uint16_t;
+  using Math = float;
   static float load(uint16_t x) { return bits_float(static_cast<uint32_t>(x) << 16); }
   static uint16_t store(float x) {
     const uint32_t bits = float_bits(x);
@@ -188,14 +199,14 @@ void stage_noise_delta(float* delta, const Row& row, uint64_t seed, uint64_t fir
   }
 }
 
-// The parameter in float32: param + comp for compensated (float16/bfloat16) parameters.
+// The parameter in its arithmetic type: param + comp for compensated (float16/bfloat16) ones.
 template <typename S, bool Compensated>
-float load_param(const typename S::Stored* param, const typename S::Stored* comp, int64_t i) {
+typename S::Math load_param(const typename S::Stored* param, const typename S::Stored* comp, int64_t i) {
   return Compensated ? S::load(param[i]) + S::load(comp[i]) : S::load(param[i]);
 }
 
 template <typename S, bool Compensated>
-void store_param(float x, typename S::Stored* param, typename S::Stored* comp, int64_t i) {
+void store_param(typename S::Math x, typename S::Stored* param, typename S::Stored* comp, int64_t i) {
   if (Compensated) {
     float p, c;
     split_store(x, [](float v) { return S::load(S::store(v)); }, p, c);
@@ -217,8 +228,9 @@ void sgd_range(const Row& shared_row, int64_t lo, int64_t hi, const float* __res
   const auto* __restrict grad = address<S>(row.grad);
   auto* __restrict buffer = address<S>(row.state0);
   for (int64_t i = lo; i < hi; ++i) {
-    float buf = (Momentum && !MomentumInit) ? S::load(buffer[i]) : 0.0f;
-    float p = sgd_element(load_param<S, Compensated>(param, comp, i), S::load(grad[i]), buf, row,
+    using Math = typename S::Math;
+    Math buf = (Momentum && !MomentumInit) ? S::load(buffer[i]) : Math(0);
+    Math p = sgd_element<Math>(load_param<S, Compensated>(param, comp, i), S::load(grad[i]), buf, row,
                           options);
     if (Noisy) p = add_noise(p, delta[i - lo]);
     store_param<S, Compensated>(p, param, comp, i);
@@ -237,10 +249,11 @@ void adam_range(const Row& shared_row, int64_t lo, int64_t hi, const float* __re
   auto* __restrict exp_avg_sq = address<S>(row.state1);
   auto* __restrict max_exp_avg_sq = address<S>(row.state2);
   for (int64_t i = lo; i < hi; ++i) {
-    float m = S::load(exp_avg[i]);
-    float v = S::load(exp_avg_sq[i]);
-    float v_max = Amsgrad ? S::load(max_exp_avg_sq[i]) : 0.0f;
-    float p = adam_element(load_param<S, Compensated>(param, comp, i), S::load(grad[i]), m, v,
+    using Math = typename S::Math;
+    Math m = S::load(exp_avg[i]);
+    Math v = S::load(exp_avg_sq[i]);
+    Math v_max = Amsgrad ? S::load(max_exp_avg_sq[i]) : Math(0);
+    Math p = adam_element<Math>(load_param<S, Compensated>(param, comp, i), S::load(grad[i]), m, v,
                            v_max, row, options);
     if (Noisy) p = add_noise(p, delta[i - lo]);
     store_param<S, Compensated>(p, param, comp, i);
@@ -295,9 +308,9 @@ void with_update_compensated(int op, const Row& row, F&& f) {
 // ... and on whether the parameter is compensated, which only 16-bit storage can be.
 template <typename S, bool Noisy, class F>
 void with_update(int op, const Row& row, F&& f) {
-  with_bool(!std::is_same<S, Float32>::value && row.comp != 0, [&](auto compensated) {
-    with_update_compensated<S, decltype(compensated)::value && !std::is_same<S, Float32>::value,
-                            Noisy>(op, row, f);
+  constexpr bool kWide = sizeof(typename S::Stored) > 2;  // float32 and float64: no compensation
+  with_bool(!kWide && row.comp != 0, [&](auto compensated) {
+    with_update_compensated<S, decltype(compensated)::value && !kWide, Noisy>(op, row, f);
   });
 }
 
@@ -306,7 +319,7 @@ void with_update(int op, const Row& row, F&& f) {
 template <typename S>
 void unscale_gradient(const Row& row, int64_t lo, int64_t hi, const float* grad_scale) {
   if (grad_scale == nullptr) return;
-  const float scale = *grad_scale;
+  const typename S::Math scale = *grad_scale;
   auto* __restrict grad = address<S>(row.grad);
   for (int64_t i = lo; i < hi; ++i) grad[i] = S::store(S::load(grad[i]) / scale);
 }
@@ -359,6 +372,8 @@ void NVRM_CPU_LAUNCH(int op, int dtype_code, const int64_t* ints, const float* f
                      uint64_t seed, const float* grad_scale) {
   if (dtype_code == kStorageFloat32) {
     run<Float32>(op, ints, floats, blocks, first, last, block_size, seed, grad_scale);
+  } else if (dtype_code == kStorageFloat64) {
+    run<Float64>(op, ints, floats, blocks, first, last, block_size, seed, grad_scale);
   } else if (dtype_code == kStorageFloat16) {
     run<Float16>(op, ints, floats, blocks, first, last, block_size, seed, grad_scale);
   } else {
