@@ -120,25 +120,25 @@ void philox_words(uint32_t (*words)[kChunk / 4], uint64_t seed, uint32_t key, ui
 
 // delta[4q + lane] = noise of the quad whose Philox words are column `column` + q of `words`
 // (Subtract: delta - noise), q < quads.
-template <int Type, bool Subtract>
-void transform_words(float* __restrict delta, const uint32_t (*words)[kChunk / 4], int64_t column,
+template <int Type, bool Subtract, typename Delta>
+void transform_words(Delta* __restrict delta, const uint32_t (*words)[kChunk / 4], int64_t column,
                      float scale, int64_t quads) {
   for (int64_t q = 0; q < quads; ++q) {
     const int64_t c = column + q;
-    float noise[4];
+    Delta noise[4];
     noise_from_words<Type>(PhiloxWords{{words[0][c], words[1][c], words[2][c], words[3][c]}},
                            scale, noise);
     NVRM_UNROLL
     for (int lane = 0; lane < 4; ++lane) {
-      float& d = delta[4 * q + lane];
+      Delta& d = delta[4 * q + lane];
       d = Subtract ? noise_delta(d, noise[lane]) : noise[lane];
     }
   }
 }
 
 // delta[4q + lane] = noise of quad first_quad + q (Subtract: delta - noise), q < quads.
-template <int Type, bool Subtract>
-void stage_noise(float* __restrict delta, uint64_t seed, uint32_t key, uint32_t step, float scale,
+template <int Type, bool Subtract, typename Delta>
+void stage_noise(Delta* __restrict delta, uint64_t seed, uint32_t key, uint32_t step, float scale,
                  uint64_t first_quad, int64_t quads) {
   alignas(32) uint32_t words[4][kChunk / 4];
   philox_words(words, seed, key, step, first_quad, quads);
@@ -149,7 +149,8 @@ void stage_noise(float* __restrict delta, uint64_t seed, uint32_t key, uint32_t 
 // A small tensor (at most 4 quads) regenerating its old noise and drawing its new noise: the words
 // of both draws in one vector of 8 quads -- new_step's in columns 0..3, old_step's in 4..7 --
 // instead of two vectors each mostly computing quads past the end.
-void stage_small_noise_delta(float* delta, const Row& row, uint64_t seed, uint64_t first_quad,
+template <typename Delta>
+void stage_small_noise_delta(Delta* delta, const Row& row, uint64_t seed, uint64_t first_quad,
                              int64_t quads) {
   alignas(32) uint32_t words[4][kChunk / 4];
   WordsX8 c0, c1, c3;
@@ -175,7 +176,8 @@ void stage_small_noise_delta(float* delta, const Row& row, uint64_t seed, uint64
 #endif
 
 // Fills delta[0 .. 4*quads) with n_new - n_old for the quads starting at first_quad.
-void stage_noise_delta(float* delta, const Row& row, uint64_t seed, uint64_t first_quad,
+template <typename Delta>
+void stage_noise_delta(Delta* delta, const Row& row, uint64_t seed, uint64_t first_quad,
                        int64_t quads) {
 #if defined(__AVX2__)
   if (quads <= 4 && row.new_step != 0 && row.old_step != 0) {
@@ -189,7 +191,7 @@ void stage_noise_delta(float* delta, const Row& row, uint64_t seed, uint64_t fir
                                                 first_quad, quads);
     });
   } else {
-    std::fill(delta, delta + 4 * quads, 0.0f);
+    std::fill(delta, delta + 4 * quads, Delta(0));
   }
   if (row.old_step != 0) {
     with_noise_type(row.old_type, [&](auto type) {
@@ -220,7 +222,7 @@ void store_param(typename S::Math x, typename S::Stored* param, typename S::Stor
 // The element loops over local indices [lo, hi); delta[0] belongs to element lo.
 template <typename S, bool Compensated, bool Noisy, bool WeightDecay, bool Momentum,
           bool MomentumInit, bool Nesterov>
-void sgd_range(const Row& shared_row, int64_t lo, int64_t hi, const float* __restrict delta) {
+void sgd_range(const Row& shared_row, int64_t lo, int64_t hi, const typename S::Math* __restrict delta) {
   const Row row = shared_row;  // a local copy: provably not aliased by the stores below
   const SgdOptions options{WeightDecay, Momentum, MomentumInit, Nesterov};
   auto* __restrict param = address<S>(row.param);
@@ -239,7 +241,7 @@ void sgd_range(const Row& shared_row, int64_t lo, int64_t hi, const float* __res
 }
 
 template <typename S, bool Compensated, bool Noisy, bool Amsgrad, bool Decoupled>
-void adam_range(const Row& shared_row, int64_t lo, int64_t hi, const float* __restrict delta) {
+void adam_range(const Row& shared_row, int64_t lo, int64_t hi, const typename S::Math* __restrict delta) {
   const Row row = shared_row;
   const AdamOptions options{Amsgrad, Decoupled};
   auto* __restrict param = address<S>(row.param);
@@ -264,7 +266,7 @@ void adam_range(const Row& shared_row, int64_t lo, int64_t hi, const float* __re
 }
 
 template <typename S, bool Compensated>
-void noise_range(const Row& shared_row, int64_t lo, int64_t hi, const float* __restrict delta) {
+void noise_range(const Row& shared_row, int64_t lo, int64_t hi, const typename S::Math* __restrict delta) {
   auto* __restrict param = address<S>(shared_row.param);
   auto* __restrict comp = address<S>(shared_row.comp);
   for (int64_t i = lo; i < hi; ++i) {
@@ -281,7 +283,7 @@ void with_update_compensated(int op, const Row& row, F&& f) {
       with_bool(row.momentum, [&](auto momentum) {
         with_bool(row.momentum_init, [&](auto init) {
           with_bool(row.nesterov, [&](auto nesterov) {
-            f([&](int64_t lo, int64_t hi, const float* delta) {
+            f([&](int64_t lo, int64_t hi, const typename S::Math* delta) {
               sgd_range<S, Compensated, Noisy, decltype(wd)::value, decltype(momentum)::value,
                         decltype(init)::value, decltype(nesterov)::value>(row, lo, hi, delta);
             });
@@ -292,14 +294,14 @@ void with_update_compensated(int op, const Row& row, F&& f) {
   } else if (op == kOpAdam) {
     with_bool(row.amsgrad, [&](auto amsgrad) {
       with_bool(row.decoupled, [&](auto decoupled) {
-        f([&](int64_t lo, int64_t hi, const float* delta) {
+        f([&](int64_t lo, int64_t hi, const typename S::Math* delta) {
           adam_range<S, Compensated, Noisy, decltype(amsgrad)::value, decltype(decoupled)::value>(row, lo, hi,
                                                                                     delta);
         });
       });
     });
   } else if (Noisy) {
-    f([&](int64_t lo, int64_t hi, const float* delta) {
+    f([&](int64_t lo, int64_t hi, const typename S::Math* delta) {
       noise_range<S, Compensated>(row, lo, hi, delta);
     });
   }
@@ -338,7 +340,7 @@ void run_block(int op, const Row& row, int64_t block_start, int64_t block_size, 
     });
     return;
   }
-  alignas(64) float delta[kChunk];
+  alignas(64) typename S::Math delta[kChunk];  // the noise change, in the update's arithmetic type
   with_update<S, true>(op, row, [&](auto update) {
     // Chunks start on quad boundaries (block_start is a multiple of 4), so every Philox quad
     // lies inside one chunk.

@@ -90,7 +90,7 @@ struct StateUse {
 };
 
 template <int Op, typename Math>
-__device__ __forceinline__ void update(const Row& row, Element<Math>& e, float delta, bool noisy) {
+__device__ __forceinline__ void update(const Row& row, Element<Math>& e, Math delta, bool noisy) {
   if (Op == kOpSgd) {
     e.param = sgd_element<Math>(e.param, e.grad, e.state0, row,
                           SgdOptions{row.weight_decay, row.momentum, row.momentum_init, row.nesterov});
@@ -232,11 +232,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSmOf<T>)
       };
       if (kEarlyLoads && whole) load_quads();
 
-      float delta[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      Math delta[4] = {0, 0, 0, 0};  // the noise change, in the update's arithmetic type
       if (noisy) {
         const uint64_t quad = static_cast<uint64_t>(block_start >> 2) + q;
-        float new_noise[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        float old_noise[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        Math new_noise[4] = {0, 0, 0, 0};
+        Math old_noise[4] = {0, 0, 0, 0};
         if (row.new_step != 0) {
           noise_quad(row.new_type, keys, row.key, row.new_step, row.new_scale, quad, new_noise);
         }

@@ -254,11 +254,12 @@ NVRM_HD void split_store(float x, Round round, float& param, float& comp) {
 }
 
 // The noise change of one element: the new noise minus the regenerated old one (either is 0
-// when its step is 0), in float32 for every parameter dtype, added to the updated parameter in
-// its arithmetic type (a float64 parameter adds the float32 delta exactly widened).
-NVRM_HD float noise_delta(float new_noise, float old_noise) { return new_noise - old_noise; }
+// when its step is 0), added to the updated parameter; all in the parameter's arithmetic type
+// (float64 for float64 parameters, where the difference of two scaled float32 draws is exact).
+template <typename Real>
+NVRM_HD Real noise_delta(Real new_noise, Real old_noise) { return new_noise - old_noise; }
 
 template <typename Real>
-NVRM_HD Real add_noise(Real p, float delta) { return p + static_cast<Real>(delta); }
+NVRM_HD Real add_noise(Real p, Real delta) { return p + delta; }
 
 }  // namespace nvrm

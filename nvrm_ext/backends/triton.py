@@ -186,9 +186,10 @@ def _philox(c0, c1, key, step, seed_lo, seed_hi):
 
 
 @triton.jit
-def _noise_tile(c0, c1, key, step, seed_lo, seed_hi, noise_type, scale):
-    """[Q, 4] float32 noise of the quads whose counters are (c0, c1) ([Q] uint32 each): lane j
-    of quad q is element 4q + j (docs/noise.md §2-5)."""
+def _noise_tile(c0, c1, key, step, seed_lo, seed_hi, noise_type, scale, MATH: tl.constexpr):
+    """[Q, 4] noise of the quads whose counters are (c0, c1) ([Q] uint32 each): lane j of quad q
+    is element 4q + j (docs/noise.md §2-5); the float32 z times the scale in MATH (float64 for
+    float64 parameters, §7)."""
     x0, x1, x2, x3 = _philox(c0, c1, key, step, seed_lo, seed_hi)
     if noise_type == 0:
         z0, z1 = _gaussian_pair(x0, x1)
@@ -205,7 +206,7 @@ def _noise_tile(c0, c1, key, step, seed_lo, seed_hi, noise_type, scale):
         z3 = 2.0 * _uniform(x3) - 1.0
     # [Q, 2, 2] with [q, i, j] = z(2i + j), then flat lanes: no data moves between threads
     z = tl.reshape(tl.join(tl.join(z0, z2), tl.join(z1, z3)), [c0.shape[0], 4])
-    return scale * z
+    return scale.to(MATH) * z.to(MATH)
 
 
 @triton.jit
@@ -321,7 +322,7 @@ def _step_tile(tile_first, quad0, rem, lo, seed_lo, seed_hi, frow, row, addresse
     [lo, rem) are inside the tensor; quad0 is the global quad index of the tile's first quad.
     `row` holds the row's resolved scalars, `addresses` its tensors (see _nvrm_kernel). The update
     runs in MATH (float64 for float64 parameters, from the float32 table values widened exactly),
-    the noise in float32."""
+    and so do the noise's scaling and delta (its unit noise z is float32 for every dtype)."""
     key, old_step, old_type, old_scale, new_step, new_type, new_scale, flags, momentum_init, \
         step_size, sqrt_bc2, decay, inv_scale = row
     MATH: tl.constexpr = _math_type(DTYPE)
@@ -390,13 +391,13 @@ def _step_tile(tile_first, quad0, rem, lo, seed_lo, seed_hi, frow, row, addresse
     quad0_lo = (quad0 & 0xFFFFFFFF).to(tl.uint32)
     c0 = quad0_lo + q.to(tl.uint32)
     c1 = (quad0 >> 32).to(tl.uint32) + (c0 < quad0_lo).to(tl.uint32)
-    n_old = tl.zeros([Q, 4], tl.float32)
+    n_old = tl.zeros([Q, 4], MATH)
     if old_step != 0:
-        n_old = _noise_tile(c0, c1, key, old_step, seed_lo, seed_hi, old_type, old_scale)
-    n_new = tl.zeros([Q, 4], tl.float32)
+        n_old = _noise_tile(c0, c1, key, old_step, seed_lo, seed_hi, old_type, old_scale, MATH)
+    n_new = tl.zeros([Q, 4], MATH)
     if new_step != 0:
-        n_new = _noise_tile(c0, c1, key, new_step, seed_lo, seed_hi, new_type, new_scale)
-    p = p + (n_new - n_old).to(MATH)  # the float32 delta, widened exactly for float64
+        n_new = _noise_tile(c0, c1, key, new_step, seed_lo, seed_hi, new_type, new_scale, MATH)
+    p = p + (n_new - n_old)
     if comp_address != 0:  # keep what rounding to the storage type drops (update.h split_store)
         stored = _to_storage(p, DTYPE)
         _store(param_ptr, idx, stored, mask, ALIGNED)
