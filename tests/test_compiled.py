@@ -105,7 +105,7 @@ def f32(x: float) -> torch.Tensor:
 def reference_update(op: int, plan: T.TensorPlan, seed: int):
     """(param, states) after one step, in the storage dtype: §7 with one float32 rounding per
     operation (float64 for float64 parameters, from the float32 table values) and the reference
-    noise, scaled and added in that arithmetic."""
+    noise (float32), subtracted and added in that arithmetic."""
     dtype = plan.param.dtype
     math = torch.float64 if dtype == torch.float64 else torch.float32
     f = [f32(x).to(math) for x in plan.floats]
@@ -141,12 +141,11 @@ def reference_update(op: int, plan: T.TensorPlan, seed: int):
         denom = root / f[T.F_SQRT_BC2] + f[T.F_EPS]
         p = p - f[T.F_STEP_SIZE] * (m / denom)
     types = spec.NOISE_TYPES
-    # the unit noise z (float32), times the float32 scale in the update's arithmetic
-    z_old = spec.noise(types[plan.flags & 3], 1.0, seed, plan.key, plan.old_step, p.numel(), offset=plan.offset)
-    z_new = spec.noise(types[(plan.flags >> 2) & 3], 1.0, seed, plan.key, plan.new_step, p.numel(),
-                       offset=plan.offset)
-    n_old = f[T.F_OLD_SCALE] * z_old.to(math)
-    n_new = f[T.F_NEW_SCALE] * z_new.to(math)
+    # float32 noise, its difference and addition in the update's arithmetic
+    n_old = spec.noise(types[plan.flags & 3], plan.floats[T.F_OLD_SCALE], seed, plan.key,
+                       plan.old_step, p.numel(), offset=plan.offset).to(math)
+    n_new = spec.noise(types[(plan.flags >> 2) & 3], plan.floats[T.F_NEW_SCALE], seed, plan.key,
+                       plan.new_step, p.numel(), offset=plan.offset).to(math)
     if plan.old_step or plan.new_step:
         p = p + (n_new - n_old)
     return p.to(dtype), [None if s is None else s.to(dtype) for s in states]

@@ -140,14 +140,14 @@ NVRM_HD void unit_noise(const PhiloxWords& words, float z[4]) {
   }
 }
 
-// §5: the noise of the four lanes of one Philox call, one multiplication by the scale in Real:
-// float32, or float64 for float64 parameters (§7; exact there: 24-bit times 24-bit operands).
+// §5: the noise of the four lanes of one Philox call, one float32 multiplication by the scale,
+// as Real: float32, or widened exactly to float64 for float64 parameters (§7).
 template <int Type, typename Real>
 NVRM_HD void noise_from_words(const PhiloxWords& words, float scale, Real noise[4]) {
   float z[4];
   unit_noise<Type>(words, z);
   NVRM_UNROLL
-  for (int lane = 0; lane < 4; ++lane) noise[lane] = static_cast<Real>(scale) * static_cast<Real>(z[lane]);
+  for (int lane = 0; lane < 4; ++lane) noise[lane] = static_cast<Real>(scale * z[lane]);
 }
 
 // The noise of elements 4*quad .. 4*quad+3 of parameter `key` at `step`; keys: the seed's

@@ -255,7 +255,7 @@ NVRM_HD void split_store(float x, Round round, float& param, float& comp) {
 
 // The noise change of one element: the new noise minus the regenerated old one (either is 0
 // when its step is 0), added to the updated parameter; all in the parameter's arithmetic type
-// (float64 for float64 parameters, where the difference of two scaled float32 draws is exact).
+// (float64 for float64 parameters, where the difference of two float32 draws is exact).
 template <typename Real>
 NVRM_HD Real noise_delta(Real new_noise, Real old_noise) { return new_noise - old_noise; }
 

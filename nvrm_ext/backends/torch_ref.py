@@ -36,8 +36,8 @@ def _batched_noise(rows, ints, floats, seed: int, step_column: int, type_shift: 
             flats = spec.standard_noise_segments(noise_type, seed, [segment for _, segment in batch],
                                                  device=device)
             for (index, _), z in zip(batch, flats):
-                # float32(scale) * z, one rounding in the parameter's arithmetic (float64: exact)
-                scaled = z.to(_math_dtype(rows[index][0].dtype)) * floats[index][scale_column]
+                scaled = z * floats[index][scale_column]  # float32(scale) * z, one rounding
+                scaled = scaled.to(_math_dtype(rows[index][0].dtype))  # float64 params: exact, delta in float64
                 out[index] = spec.from_memory_order(scaled, rows[index][0])
     return out
 

@@ -188,8 +188,8 @@ def _philox(c0, c1, key, step, seed_lo, seed_hi):
 @triton.jit
 def _noise_tile(c0, c1, key, step, seed_lo, seed_hi, noise_type, scale, MATH: tl.constexpr):
     """[Q, 4] noise of the quads whose counters are (c0, c1) ([Q] uint32 each): lane j of quad q
-    is element 4q + j (docs/noise.md §2-5); the float32 z times the scale in MATH (float64 for
-    float64 parameters, §7)."""
+    is element 4q + j (docs/noise.md §2-5): float32, returned as MATH (widened exactly to float64
+    for float64 parameters, §7)."""
     x0, x1, x2, x3 = _philox(c0, c1, key, step, seed_lo, seed_hi)
     if noise_type == 0:
         z0, z1 = _gaussian_pair(x0, x1)
@@ -206,7 +206,7 @@ def _noise_tile(c0, c1, key, step, seed_lo, seed_hi, noise_type, scale, MATH: tl
         z3 = 2.0 * _uniform(x3) - 1.0
     # [Q, 2, 2] with [q, i, j] = z(2i + j), then flat lanes: no data moves between threads
     z = tl.reshape(tl.join(tl.join(z0, z2), tl.join(z1, z3)), [c0.shape[0], 4])
-    return scale.to(MATH) * z.to(MATH)
+    return (scale * z).to(MATH)
 
 
 @triton.jit
@@ -322,7 +322,7 @@ def _step_tile(tile_first, quad0, rem, lo, seed_lo, seed_hi, frow, row, addresse
     [lo, rem) are inside the tensor; quad0 is the global quad index of the tile's first quad.
     `row` holds the row's resolved scalars, `addresses` its tensors (see _nvrm_kernel). The update
     runs in MATH (float64 for float64 parameters, from the float32 table values widened exactly),
-    and so do the noise's scaling and delta (its unit noise z is float32 for every dtype)."""
+    and so does the noise's delta (the noise itself is float32 for every dtype)."""
     key, old_step, old_type, old_scale, new_step, new_type, new_scale, flags, momentum_init, \
         step_size, sqrt_bc2, decay, inv_scale = row
     MATH: tl.constexpr = _math_type(DTYPE)
