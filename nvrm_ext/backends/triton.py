@@ -288,15 +288,6 @@ def _maximum_nan(a, b):
 
 
 @triton.jit
-def _math_type(DTYPE: tl.constexpr):
-    """The update's arithmetic type (update.h Real): float64 for float64 parameters, else float32."""
-    if DTYPE == tl.float64:
-        return tl.float64
-    else:
-        return tl.float32
-
-
-@triton.jit
 def _div(a, b):
     """a / b correctly rounded: div.rn.f32 (tl.div_rn) in float32, div.rn.f64 (IEEE `/`) in float64."""
     if a.dtype == tl.float64:
@@ -325,7 +316,8 @@ def _step_tile(tile_first, quad0, rem, lo, seed_lo, seed_hi, frow, row, addresse
     and so does the noise's delta (the noise itself is float32 for every dtype)."""
     key, old_step, old_type, old_scale, new_step, new_type, new_scale, flags, momentum_init, \
         step_size, sqrt_bc2, decay, inv_scale = row
-    MATH: tl.constexpr = _math_type(DTYPE)
+    # the update's arithmetic type (update.h Real): float64 for float64 parameters, else float32
+    MATH: tl.constexpr = tl.float64 if DTYPE == tl.float64 else tl.float32
     param_address, comp_address, grad_address, state0, state1, state2 = addresses
     if DTYPE == tl.float64:  # only 16-bit parameters are compensated (as in the CPU launcher)
         comp_address = 0
