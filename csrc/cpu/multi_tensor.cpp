@@ -26,7 +26,8 @@ namespace nvrm {
 namespace cpu {
 namespace {
 
-// Elements whose noise is staged at once: 4 KiB of float32, stays in L1 between the two loops.
+// Elements whose noise is staged at once: 4 KiB of float32 (8 of float64), stays in L1 between
+// the two loops.
 constexpr int64_t kChunk = 1024;
 
 // Storage types: load converts to the update's arithmetic type Math (float32, float64 for
@@ -203,12 +204,14 @@ void stage_noise_delta(Delta* delta, const Row& row, uint64_t seed, uint64_t fir
 
 // The parameter in its arithmetic type: param + comp for compensated (float16/bfloat16) ones.
 template <typename S, bool Compensated>
-typename S::Math load_param(const typename S::Stored* param, const typename S::Stored* comp, int64_t i) {
+typename S::Math load_param(const typename S::Stored* param, const typename S::Stored* comp,
+                            int64_t i) {
   return Compensated ? S::load(param[i]) + S::load(comp[i]) : S::load(param[i]);
 }
 
 template <typename S, bool Compensated>
-void store_param(typename S::Math x, typename S::Stored* param, typename S::Stored* comp, int64_t i) {
+void store_param(typename S::Math x, typename S::Stored* param, typename S::Stored* comp,
+                 int64_t i) {
   if (Compensated) {
     float p, c;
     split_store(x, [](float v) { return S::load(S::store(v)); }, p, c);
@@ -222,7 +225,8 @@ void store_param(typename S::Math x, typename S::Stored* param, typename S::Stor
 // The element loops over local indices [lo, hi); delta[0] belongs to element lo.
 template <typename S, bool Compensated, bool Noisy, bool WeightDecay, bool Momentum,
           bool MomentumInit, bool Nesterov>
-void sgd_range(const Row& shared_row, int64_t lo, int64_t hi, const typename S::Math* __restrict delta) {
+void sgd_range(const Row& shared_row, int64_t lo, int64_t hi,
+               const typename S::Math* __restrict delta) {
   const Row row = shared_row;  // a local copy: provably not aliased by the stores below
   const SgdOptions options{WeightDecay, Momentum, MomentumInit, Nesterov};
   auto* __restrict param = address<S>(row.param);
@@ -232,8 +236,8 @@ void sgd_range(const Row& shared_row, int64_t lo, int64_t hi, const typename S::
   for (int64_t i = lo; i < hi; ++i) {
     using Math = typename S::Math;
     Math buf = (Momentum && !MomentumInit) ? S::load(buffer[i]) : Math(0);
-    Math p = sgd_element<Math>(load_param<S, Compensated>(param, comp, i), S::load(grad[i]), buf, row,
-                          options);
+    Math p = sgd_element<Math>(load_param<S, Compensated>(param, comp, i), S::load(grad[i]), buf,
+                               row, options);
     if (Noisy) p = add_noise(p, delta[i - lo]);
     store_param<S, Compensated>(p, param, comp, i);
     if (Momentum) buffer[i] = S::store(buf);
@@ -241,7 +245,8 @@ void sgd_range(const Row& shared_row, int64_t lo, int64_t hi, const typename S::
 }
 
 template <typename S, bool Compensated, bool Noisy, bool Amsgrad, bool Decoupled>
-void adam_range(const Row& shared_row, int64_t lo, int64_t hi, const typename S::Math* __restrict delta) {
+void adam_range(const Row& shared_row, int64_t lo, int64_t hi,
+                const typename S::Math* __restrict delta) {
   const Row row = shared_row;
   const AdamOptions options{Amsgrad, Decoupled};
   auto* __restrict param = address<S>(row.param);
@@ -256,7 +261,7 @@ void adam_range(const Row& shared_row, int64_t lo, int64_t hi, const typename S:
     Math v = S::load(exp_avg_sq[i]);
     Math v_max = Amsgrad ? S::load(max_exp_avg_sq[i]) : Math(0);
     Math p = adam_element<Math>(load_param<S, Compensated>(param, comp, i), S::load(grad[i]), m, v,
-                           v_max, row, options);
+                                v_max, row, options);
     if (Noisy) p = add_noise(p, delta[i - lo]);
     store_param<S, Compensated>(p, param, comp, i);
     exp_avg[i] = S::store(m);
@@ -266,7 +271,8 @@ void adam_range(const Row& shared_row, int64_t lo, int64_t hi, const typename S:
 }
 
 template <typename S, bool Compensated>
-void noise_range(const Row& shared_row, int64_t lo, int64_t hi, const typename S::Math* __restrict delta) {
+void noise_range(const Row& shared_row, int64_t lo, int64_t hi,
+                 const typename S::Math* __restrict delta) {
   auto* __restrict param = address<S>(shared_row.param);
   auto* __restrict comp = address<S>(shared_row.comp);
   for (int64_t i = lo; i < hi; ++i) {

@@ -209,11 +209,12 @@ struct AdamOptions {
 // hyperparameters are float32 table values, widened exactly for float64 parameters.
 template <typename Real>
 NVRM_HD Real sgd_element(Real p, Real g, Real& buffer, const Row& row, SgdOptions options) {
+  const Real momentum = static_cast<Real>(row.momentum_value);
+  const Real momentum_coef = static_cast<Real>(row.momentum_coef);
   Real d = g;
   if (options.weight_decay) d = g + static_cast<Real>(row.weight_decay_value) * p;
   if (options.momentum) {
-    const Real momentum = static_cast<Real>(row.momentum_value);
-    buffer = options.momentum_init ? d : momentum * buffer + static_cast<Real>(row.momentum_coef) * d;
+    buffer = options.momentum_init ? d : momentum * buffer + momentum_coef * d;
     d = options.nesterov ? d + momentum * buffer : buffer;
   }
   return p - static_cast<Real>(row.lr) * d;
@@ -224,13 +225,17 @@ NVRM_HD Real sgd_element(Real p, Real g, Real& buffer, const Row& row, SgdOption
 template <typename Real>
 NVRM_HD Real adam_element(Real p, Real g, Real& exp_avg, Real& exp_avg_sq, Real& max_exp_avg_sq,
                           const Row& row, AdamOptions options) {
+  const Real beta1 = static_cast<Real>(row.momentum_value);
+  const Real beta1_coef = static_cast<Real>(row.momentum_coef);
+  const Real beta2 = static_cast<Real>(row.beta2);
+  const Real beta2_coef = static_cast<Real>(row.beta2_coef);
   if (options.decoupled) {
     p = p * static_cast<Real>(row.decay);
   } else {
     g = g + static_cast<Real>(row.weight_decay_value) * p;
   }
-  exp_avg = static_cast<Real>(row.momentum_value) * exp_avg + static_cast<Real>(row.momentum_coef) * g;
-  exp_avg_sq = static_cast<Real>(row.beta2) * exp_avg_sq + (static_cast<Real>(row.beta2_coef) * g) * g;
+  exp_avg = beta1 * exp_avg + beta1_coef * g;
+  exp_avg_sq = beta2 * exp_avg_sq + (beta2_coef * g) * g;
   Real second_moment = exp_avg_sq;
   if (options.amsgrad) {
     // NaN-propagating maximum, as torch.maximum.
@@ -238,8 +243,8 @@ NVRM_HD Real adam_element(Real p, Real g, Real& exp_avg, Real& exp_avg_sq, Real&
     max_exp_avg_sq = keep ? max_exp_avg_sq : exp_avg_sq;
     second_moment = max_exp_avg_sq;
   }
-  const Real denom =
-      divide_rn(sqrt_rn(second_moment), static_cast<Real>(row.sqrt_bc2)) + static_cast<Real>(row.eps);
+  const Real denom = divide_rn(sqrt_rn(second_moment), static_cast<Real>(row.sqrt_bc2)) +
+                     static_cast<Real>(row.eps);
   return p - static_cast<Real>(row.step_size) * divide_rn(exp_avg, denom);
 }
 
