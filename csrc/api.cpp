@@ -41,7 +41,7 @@ std::string invalid_arguments(int op, int dtype_code, const int64_t* ints, const
     return "unknown op " + std::to_string(op);
   }
   if (dtype_code != nvrm::kStorageFloat32 && dtype_code != nvrm::kStorageFloat16 &&
-      dtype_code != nvrm::kStorageBFloat16) {
+      dtype_code != nvrm::kStorageBFloat16 && dtype_code != nvrm::kStorageFloat64) {
     return "unknown storage dtype code " + std::to_string(dtype_code);
   }
   if (block_size <= 0 || block_size % 4 != 0 || block_size > (int64_t{1} << 30)) {
@@ -221,7 +221,7 @@ std::string invalid_tables(int op, int dtype_code, const int64_t* ints, const fl
     for (int i = 0; !fine && i < 6; ++i) {
       const int64_t address = row[kColumns[i]];
       if (address == 0 && needed[i]) return at_row(r, std::string("null ") + kNames[i] + " address");
-      if ((address & (element_bytes - 1)) != 0) {  // element_bytes is 2 or 4
+      if ((address & (element_bytes - 1)) != 0) {  // element_bytes is 2, 4 or 8
         return at_row(r, std::string("misaligned ") + kNames[i] + " address");
       }
     }
@@ -280,7 +280,8 @@ __attribute__((visibility("default"))) const char* nvrm_last_error(void) {
 // The table layout compiled in, for the loader to compare with nvrm_ext/backends/tables.py:
 // INT_COLUMNS, FLOAT_COLUMNS, the seven flag bits, OP_SGD, OP_ADAM, OP_NOISE, then the live
 // counters: I_LIVE, I_NUM_ITERS, LIVE_COLUMNS; then SAMPLE_SIZE, the block table's B_ROW, B_START,
-// BLOCK_COLUMNS and NOISE_TYPE_MASK.
+// BLOCK_COLUMNS and NOISE_TYPE_MASK; then the storage dtype codes of float32, float16, bfloat16
+// and float64.
 __attribute__((visibility("default"))) int nvrm_table_layout(int64_t* out, int capacity) {
   const int64_t layout[] = {nvrm::kIntColumns,     nvrm::kFloatColumns,  nvrm::kFlagWeightDecay,
                             nvrm::kFlagMomentum,   nvrm::kFlagMomentumInit, nvrm::kFlagNesterov,
@@ -288,7 +289,9 @@ __attribute__((visibility("default"))) int nvrm_table_layout(int64_t* out, int c
                             nvrm::kOpSgd,          nvrm::kOpAdam,        nvrm::kOpNoise,
                             nvrm::kIntLive,        nvrm::kIntNumIters,   nvrm::kLiveColumns,
                             nvrm::kSampleSize,     nvrm::kBlockRow,      nvrm::kBlockStart,
-                            nvrm::kBlockColumns,   nvrm::kNoiseTypeMask};
+                            nvrm::kBlockColumns,   nvrm::kNoiseTypeMask,
+                            nvrm::kStorageFloat32, nvrm::kStorageFloat16, nvrm::kStorageBFloat16,
+                            nvrm::kStorageFloat64};
   const int count = static_cast<int>(sizeof layout / sizeof layout[0]);
   for (int i = 0; i < count && i < capacity; ++i) out[i] = layout[i];
   return count;

@@ -25,6 +25,7 @@ CPU = compiled.compiled_backend("cpu")
 GAUSSIAN, LAPLACE, UNIFORM = 0, 1, 2
 SEED = 1234567890123
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+UPDATE_DTYPES = DTYPES + [torch.float64]  # float64: the update in float64, the noise as float32's
 # docs/noise.md §8: fused vs reference unit noise, Gaussian and Laplace.
 Z_TOLERANCE = 4e-6
 
@@ -103,13 +104,15 @@ def f32(x: float) -> torch.Tensor:
 
 def reference_update(op: int, plan: T.TensorPlan, seed: int):
     """(param, states) after one step, in the storage dtype: §7 with one float32 rounding per
-    operation and the reference noise."""
+    operation (float64 for float64 parameters, from the float32 table values) and the reference
+    noise (float32), subtracted and added in that arithmetic."""
     dtype = plan.param.dtype
-    f = [f32(x) for x in plan.floats]
-    p = plan.param.float()
-    states = [None if s is None else s.float() for s in (tuple(plan.states) + (None,) * 3)[:3]]
+    math = torch.float64 if dtype == torch.float64 else torch.float32
+    f = [f32(x).to(math) for x in plan.floats]
+    p = plan.param.to(math)
+    states = [None if s is None else s.to(math) for s in (tuple(plan.states) + (None,) * 3)[:3]]
     if op == T.OP_SGD:
-        d = plan.grad.float()
+        d = plan.grad.to(math)
         if plan.flags & T.FLAG_WEIGHT_DECAY:
             d = d + f[T.F_WEIGHT_DECAY] * p
         if plan.flags & T.FLAG_MOMENTUM:
@@ -121,7 +124,7 @@ def reference_update(op: int, plan: T.TensorPlan, seed: int):
             d = d + f[T.F_MOMENTUM] * buf if plan.flags & T.FLAG_NESTEROV else buf
         p = p - f[T.F_LR] * d
     elif op == T.OP_ADAM:
-        g = plan.grad.float()
+        g = plan.grad.to(math)
         if plan.flags & T.FLAG_DECOUPLED:
             p = p * f[T.F_DECAY]
         else:
@@ -132,15 +135,17 @@ def reference_update(op: int, plan: T.TensorPlan, seed: int):
         if plan.flags & T.FLAG_AMSGRAD:
             v = torch.maximum(states[2], v)
             states[2] = v
-        # torch's CPU float32 sqrt is not always correctly rounded (SLEEF, 0.5001 ulp); the
-        # float64 sqrt rounded to float32 is.
-        denom = torch.sqrt(v.double()).float() / f[T.F_SQRT_BC2] + f[T.F_EPS]
+        # torch's CPU float32 and float64 sqrt are not always correctly rounded (SLEEF, 0.5001
+        # ulp); the float64 sqrt rounded to float32 is, and so is numpy's float64 sqrt.
+        root = torch.from_numpy(np.sqrt(v.numpy())) if math == torch.float64 else torch.sqrt(v.double()).float()
+        denom = root / f[T.F_SQRT_BC2] + f[T.F_EPS]
         p = p - f[T.F_STEP_SIZE] * (m / denom)
     types = spec.NOISE_TYPES
+    # float32 noise, its difference and addition in the update's arithmetic
     n_old = spec.noise(types[plan.flags & 3], plan.floats[T.F_OLD_SCALE], seed, plan.key,
-                       plan.old_step, p.numel(), offset=plan.offset)
+                       plan.old_step, p.numel(), offset=plan.offset).to(math)
     n_new = spec.noise(types[(plan.flags >> 2) & 3], plan.floats[T.F_NEW_SCALE], seed, plan.key,
-                       plan.new_step, p.numel(), offset=plan.offset)
+                       plan.new_step, p.numel(), offset=plan.offset).to(math)
     if plan.old_step or plan.new_step:
         p = p + (n_new - n_old)
     return p.to(dtype), [None if s is None else s.to(dtype) for s in states]
@@ -201,23 +206,24 @@ def check_update(op: int, flags: int, dtype: torch.dtype, noise_type: int, exact
                 torch.testing.assert_close(g, w, rtol=0, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", UPDATE_DTYPES, ids=str)
 @pytest.mark.parametrize("flags", SGD_FLAGS.values(), ids=SGD_FLAGS.keys())
 def test_sgd_matches_spec(flags, dtype):
     check_update(T.OP_SGD, flags, dtype, UNIFORM, exact=True)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", UPDATE_DTYPES, ids=str)
 @pytest.mark.parametrize("flags", ADAM_FLAGS.values(), ids=ADAM_FLAGS.keys())
 def test_adam_matches_spec(flags, dtype):
     check_update(T.OP_ADAM, flags, dtype, UNIFORM, exact=True)
 
 
 @pytest.mark.parametrize("noise_type", [GAUSSIAN, LAPLACE])
-def test_updates_with_gaussian_and_laplace_noise(noise_type):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_updates_with_gaussian_and_laplace_noise(noise_type, dtype):
     # Scales 0.02 / 0.03 and |z| < 16: the noise differs from the reference by < 1e-6.
-    check_update(T.OP_SGD, T.FLAG_MOMENTUM | T.FLAG_NESTEROV, torch.float32, noise_type, exact=False)
-    check_update(T.OP_ADAM, T.FLAG_AMSGRAD, torch.float32, noise_type, exact=False)
+    check_update(T.OP_SGD, T.FLAG_MOMENTUM | T.FLAG_NESTEROV, dtype, noise_type, exact=False)
+    check_update(T.OP_ADAM, T.FLAG_AMSGRAD, dtype, noise_type, exact=False)
 
 
 # --- agreement between the fused kernels --------------------------------------------------------
@@ -264,8 +270,26 @@ def test_cpu_and_triton_are_bit_identical():
         assert torch.equal(a.param, b.param), f"noise types {a.flags & 3}, {a.flags >> 2}"
 
 
+@pytest.mark.parametrize("op,flags", [(T.OP_SGD, T.FLAG_MOMENTUM | T.FLAG_NESTEROV | T.FLAG_WEIGHT_DECAY),
+                                      (T.OP_ADAM, T.FLAG_AMSGRAD)], ids=["sgd", "adam"])
+def test_cpu_and_triton_float64_updates_are_bit_identical(op, flags):
+    """float64 rows (odd sizes, mid-quad shards, Gaussian noise): the whole update, not only the noise."""
+    pytest.importorskip("triton")
+    from nvrm_ext.backends.triton import TRITON
+    reason = TRITON.unavailable_reason(torch.device("cpu"), torch.float64)
+    if reason:
+        pytest.skip(reason)
+    by_cpu, by_triton = (make_plans(op, flags, torch.float64, GAUSSIAN, torch.Generator().manual_seed(2))
+                         for _ in range(2))
+    launch(CPU, op, by_cpu)
+    launch(TRITON, op, by_triton)
+    for a, b in zip(by_cpu, by_triton):
+        assert a.param.dtype == torch.float64 and torch.equal(a.param, b.param)
+        assert all(s is None or torch.equal(s, t) for s, t in zip(a.states, b.states))
+
+
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", UPDATE_DTYPES, ids=str)
 def test_cuda_and_cpu_are_bit_identical(dtype):
     cuda = compiled.compiled_backend("cuda")
     reason = cuda.unavailable_reason(torch.device("cuda"), dtype)
@@ -305,7 +329,8 @@ def test_cpu_library_is_available():
 
 def test_unsupported_device_and_dtype_are_explained():
     assert "not cuda tensors" in CPU.unavailable_reason(torch.device("cuda"), torch.float32)
-    assert "not torch.float64" in CPU.unavailable_reason(torch.device("cpu"), torch.float64)
+    assert CPU.unavailable_reason(torch.device("cpu"), torch.float64) is None
+    assert "not torch.int32" in CPU.unavailable_reason(torch.device("cpu"), torch.int32)
 
 
 def test_bad_tables_are_rejected_with_clear_messages():
@@ -450,7 +475,7 @@ def _fused_backend(name):
 
 
 @pytest.mark.parametrize("skipped", [False, True], ids=["step", "found_inf"])
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", UPDATE_DTYPES)
 @pytest.mark.parametrize("backend_name", ["cpu", "triton", pytest.param("cuda", marks=pytest.mark.cuda)])
 def test_a_launch_copies_the_weight_samples_after_the_update(backend_name, dtype, skipped):
     """tables.SAMPLE_SIZE, written out here: row r's slot j < count = min(numel, 8) holds element
@@ -474,7 +499,7 @@ def test_a_launch_copies_the_weight_samples_after_the_update(backend_name, dtype
     samples = torch.full((len(plans) - 1, 8), -12345.0, dtype=dtype, device=device)  # the last row: not sampled
     launch(backend, T.OP_SGD, plans, samples=samples, found_inf=torch.ones(1, device=device) if skipped else None)
     samples, params, before = samples.cpu(), [plan.param.cpu() for plan in plans], [b.cpu() for b in before]
-    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    bits = {torch.float64: torch.int64, torch.float32: torch.int32}.get(dtype, torch.int16)
     for row, (param, n) in enumerate(zip(params[:-1], numels)):
         count = min(n, 8)
         expected = param[[j * (n // count) for j in range(count)]] if count else param[:0]

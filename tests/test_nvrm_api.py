@@ -130,6 +130,56 @@ def test_bf16_weights_come_back_exactly_after_a_period_without_updates(backend):
         assert torch.equal(p, s)
 
 
+@pytest.mark.parametrize("backend", BACKENDS + ["triton"])
+def test_float64_parameters_get_the_inner_update_plus_the_noise_in_float64(backend):
+    """The inner torch.optim.SGD's own float64 update, then p += n_new - n_old in float64 with
+    the float32 noise n (docs/noise.md §7): bit for bit, with Uniform noise, whose reference is exact."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    model, plain = _model(torch.float64), _model(torch.float64)
+    opt = nvrm_ext.NVRM(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), variability=0.05, num_iters=3,
+                        noise_type="Uniform", seed=SEED, backend=backend)
+    reference = torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9)
+    def noise(key, p, step):
+        if step == 0:
+            return torch.zeros_like(p)
+        return spec.noise("Uniform", 0.05, SEED, key, step, p.numel()).double().view_as(p)
+
+    for step in range(1, 6):
+        opt.zero_grad()
+        model(_batch(step, torch.float64)).pow(2).mean().backward()
+        for p, q in zip(model.parameters(), plain.parameters()):  # the same gradient at the same weights
+            q.data.copy_(p.data)
+            q.grad = p.grad.clone()
+        reference.step()
+        opt.step()
+        old_step, new_step = (s if s % 3 else 0 for s in (step - 1, step))
+        for key, (p, q) in enumerate(zip(model.parameters(), plain.parameters())):
+            assert p.dtype == torch.float64
+            assert torch.equal(p, q + (noise(key, p, new_step) - noise(key, p, old_step))), (step, key)
+    assert all(s["momentum_buffer"].dtype == torch.float64 for s in opt.optimizer.state.values())
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["triton"])
+def test_float64_weights_come_back_exactly_after_a_period_without_updates(backend):
+    """float64 has no compensation buffer: the float32 noise is swapped in float64, so weights of
+    float32 precision (a float32 model made float64) come back bit for bit."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    model = _model().to(torch.float64)
+    start = _params(model)
+    opt = nvrm_ext.NVRM(torch.optim.Adam(model.parameters(), lr=0.0), variability=0.3, num_iters=4,
+                        seed=SEED, backend=backend)
+    _train(model, opt, 3)
+    assert not any(torch.equal(p, s) for p, s in zip(model.parameters(), start))
+    with opt.denoised():
+        for p, s in zip(model.parameters(), start):
+            assert torch.equal(p, s)
+    _train(model, opt, 1, start=3)  # the 4th step: the noise comes off
+    for p, s in zip(model.parameters(), start):
+        assert torch.equal(p, s)
+
+
 def test_psgd_keeps_adding_noise():
     model = _model()
     start = _params(model)

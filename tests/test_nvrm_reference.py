@@ -243,7 +243,7 @@ def non_dense():
 
 
 @pytest.mark.parametrize("how", ["NVRM(...)", "NVRM.add_param_group", "inner.add_param_group",
-                                 "float64 via inner.add_param_group"])
+                                 "complex64 via inner.add_param_group"])
 def test_a_parameter_the_noise_cannot_follow_is_refused_before_anything_changes(how):
     """A parameter with gaps (or a dtype the backend cannot run) is refused where it enters, or
     at the next step -- but before the inner optimizer has moved any weight."""
@@ -257,7 +257,7 @@ def test_a_parameter_the_noise_cannot_follow_is_refused_before_anything_changes(
     opt = nvrm_ext.NVRM(torch.optim.SGD([kept], lr=0.1), seed=SEED, backend="cpu")
     kept.grad = torch.ones(4)
     opt.step()
-    bad = torch.nn.Parameter(torch.randn(3, dtype=torch.float64)) if how.startswith("float64") else non_dense()
+    bad = torch.nn.Parameter(torch.randn(3, dtype=torch.complex64)) if how.startswith("complex64") else non_dense()
     try:
         if how == "NVRM.add_param_group":
             opt.add_param_group({"params": [bad]})

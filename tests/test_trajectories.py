@@ -15,14 +15,14 @@ STEPS = 14
 SHAPES = [(7, 5), (13,), (4099,), (3, 4, 5)]
 
 
-def _make_params(seed=0):
+def _make_params(seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, generator=g) for s in SHAPES]
+    return [torch.randn(s, generator=g, dtype=dtype) for s in SHAPES]
 
 
-def _targets():
+def _targets(dtype=torch.float32):
     g = torch.Generator().manual_seed(1)
-    return [torch.randn(s, generator=g) for s in SHAPES]
+    return [torch.randn(s, generator=g, dtype=dtype) for s in SHAPES]
 
 
 def _grad(p, target):
@@ -62,10 +62,10 @@ ADAM_CASES = {
 BACKENDS = ["torch", "triton", "cpu"]
 
 
-def _run_pair(fused_cls, original_cls, option_sets, backend):
-    targets = _targets()
-    fused_params = [torch.nn.Parameter(p) for p in _make_params()]
-    original_params = [torch.nn.Parameter(p) for p in _make_params()]
+def _run_pair(fused_cls, original_cls, option_sets, backend, dtype=torch.float32, rtol=2e-5, atol=2e-6):
+    targets = _targets(dtype)
+    fused_params = [torch.nn.Parameter(p) for p in _make_params(dtype=dtype)]
+    original_params = [torch.nn.Parameter(p) for p in _make_params(dtype=dtype)]
     fused = fused_cls(_groups(fused_params, option_sets), seed=42, backend=backend)
     # parameter order within groups differs from SHAPES order; map by identity
     order = [p for group in fused.param_groups for p in group["params"]]
@@ -86,7 +86,7 @@ def _run_pair(fused_cls, original_cls, option_sets, backend):
         original.step()
         for key, (fp, op) in enumerate(zip(order, orig_order)):
             original_clean = op.detach() - original.state[op]["noise1"]
-            torch.testing.assert_close(clean[id(fp)], original_clean, rtol=2e-5, atol=2e-6,
+            torch.testing.assert_close(clean[id(fp)], original_clean, rtol=rtol, atol=atol,
                                        msg=lambda m: f"step {step}, parameter {key}: {m}")
         # the periodic de-noising step leaves the weights exactly clean
         for key, (fp, group) in enumerate(zip(order, [g for g in fused.param_groups for _ in g["params"]])):
@@ -105,6 +105,34 @@ def test_vsgd_tracks_original(case, backend):
 @pytest.mark.parametrize("case", sorted(ADAM_CASES))
 def test_vadam_tracks_original(case, backend):
     _run_pair(nvrm_ext.FusedVAdam, OriginalVAdam, ADAM_CASES[case], backend)
+
+
+# Hyperparameters exact in float32, as the kernels' tables hold them, so that the float64 runs
+# differ only by rounding: SGD's update is then the original's to float64 precision; Adam's
+# folded step size lr / (1 - beta1^t) is a float32 value (docs/noise.md §7), ~6e-8 relative.
+FLOAT64_CASES = {
+    "sgd": (nvrm_ext.FusedVSGD, OriginalVSGD, [
+        dict(lr=2**-5, momentum=0.875, dampening=0.125, weight_decay=2**-7, variability=2**-6, num_iters=4),
+        dict(lr=2**-6, momentum=0.5, nesterov=True, variability=2**-5, noise_type="Laplace", num_iters=6)],
+        dict(rtol=1e-13, atol=1e-13)),
+    "adam": (nvrm_ext.FusedVAdam, OriginalVAdam, [
+        dict(lr=2**-7, betas=(0.875, 0.9921875), eps=2**-20, weight_decay=2**-6, variability=2**-6, num_iters=5),
+        dict(lr=2**-8, amsgrad=True, decoupled=True, weight_decay=2**-3, betas=(0.75, 0.984375),
+             variability=2**-5, noise_type="Uniform", num_iters=3)],
+        dict(rtol=0, atol=1e-8)),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", sorted(FLOAT64_CASES))
+def test_float64_tracks_original_in_float64(case, backend):
+    """float64 parameters on every backend: the original's float64 trajectory, far closer than a
+    float32 computation could come (~1e-7), with float64 state."""
+    fused_cls, original_cls, option_sets, tolerance = FLOAT64_CASES[case]
+    fused = _run_pair(fused_cls, original_cls, option_sets, backend, torch.float64, **tolerance)
+    for p in fused.state:
+        assert p.dtype == torch.float64
+        assert all(v.dtype == torch.float64 for v in fused.state[p].values() if torch.is_tensor(v) and v.dim())
 
 
 def test_denoise_false_accumulates_noise_psgd():

@@ -26,24 +26,36 @@ namespace nvrm {
 namespace cpu {
 namespace {
 
-// Elements whose noise is staged at once: 4 KiB of float32, stays in L1 between the two loops.
+// Elements whose noise is staged at once: 4 KiB of float32 (8 of float64), stays in L1 between
+// the two loops.
 constexpr int64_t kChunk = 1024;
 
-// Storage types: load converts to float32, store rounds once to nearest even.
+// Storage types: load converts to the update's arithmetic type Math (float32, float64 for
+// float64 parameters), store rounds once to nearest even.
 struct Float32 {
   using Stored = float;
+  using Math = float;
   static float load(float x) { return x; }
   static float store(float x) { return x; }
 };
 
+struct Float64 {
+  using Stored = double;
+  using Math = double;
+  static double load(double x) { return x; }
+  static double store(double x) { return x; }
+};
+
 struct Float16 {
   using Stored = _Float16;
+  using Math = float;
   static float load(_Float16 x) { return static_cast<float>(x); }
   static _Float16 store(float x) { return static_cast<_Float16>(x); }
 };
 
 struct BFloat16 {
   using Stored = uint16_t;
+  using Math = float;
   static float load(uint16_t x) { return bits_float(static_cast<uint32_t>(x) << 16); }
   static uint16_t store(float x) {
     const uint32_t bits = float_bits(x);
@@ -109,25 +121,25 @@ void philox_words(uint32_t (*words)[kChunk / 4], uint64_t seed, uint32_t key, ui
 
 // delta[4q + lane] = noise of the quad whose Philox words are column `column` + q of `words`
 // (Subtract: delta - noise), q < quads.
-template <int Type, bool Subtract>
-void transform_words(float* __restrict delta, const uint32_t (*words)[kChunk / 4], int64_t column,
+template <int Type, bool Subtract, typename Delta>
+void transform_words(Delta* __restrict delta, const uint32_t (*words)[kChunk / 4], int64_t column,
                      float scale, int64_t quads) {
   for (int64_t q = 0; q < quads; ++q) {
     const int64_t c = column + q;
-    float noise[4];
+    Delta noise[4];
     noise_from_words<Type>(PhiloxWords{{words[0][c], words[1][c], words[2][c], words[3][c]}},
                            scale, noise);
     NVRM_UNROLL
     for (int lane = 0; lane < 4; ++lane) {
-      float& d = delta[4 * q + lane];
+      Delta& d = delta[4 * q + lane];
       d = Subtract ? noise_delta(d, noise[lane]) : noise[lane];
     }
   }
 }
 
 // delta[4q + lane] = noise of quad first_quad + q (Subtract: delta - noise), q < quads.
-template <int Type, bool Subtract>
-void stage_noise(float* __restrict delta, uint64_t seed, uint32_t key, uint32_t step, float scale,
+template <int Type, bool Subtract, typename Delta>
+void stage_noise(Delta* __restrict delta, uint64_t seed, uint32_t key, uint32_t step, float scale,
                  uint64_t first_quad, int64_t quads) {
   alignas(32) uint32_t words[4][kChunk / 4];
   philox_words(words, seed, key, step, first_quad, quads);
@@ -138,7 +150,8 @@ void stage_noise(float* __restrict delta, uint64_t seed, uint32_t key, uint32_t 
 // A small tensor (at most 4 quads) regenerating its old noise and drawing its new noise: the words
 // of both draws in one vector of 8 quads -- new_step's in columns 0..3, old_step's in 4..7 --
 // instead of two vectors each mostly computing quads past the end.
-void stage_small_noise_delta(float* delta, const Row& row, uint64_t seed, uint64_t first_quad,
+template <typename Delta>
+void stage_small_noise_delta(Delta* delta, const Row& row, uint64_t seed, uint64_t first_quad,
                              int64_t quads) {
   alignas(32) uint32_t words[4][kChunk / 4];
   WordsX8 c0, c1, c3;
@@ -164,7 +177,8 @@ void stage_small_noise_delta(float* delta, const Row& row, uint64_t seed, uint64
 #endif
 
 // Fills delta[0 .. 4*quads) with n_new - n_old for the quads starting at first_quad.
-void stage_noise_delta(float* delta, const Row& row, uint64_t seed, uint64_t first_quad,
+template <typename Delta>
+void stage_noise_delta(Delta* delta, const Row& row, uint64_t seed, uint64_t first_quad,
                        int64_t quads) {
 #if defined(__AVX2__)
   if (quads <= 4 && row.new_step != 0 && row.old_step != 0) {
@@ -178,7 +192,7 @@ void stage_noise_delta(float* delta, const Row& row, uint64_t seed, uint64_t fir
                                                 first_quad, quads);
     });
   } else {
-    std::fill(delta, delta + 4 * quads, 0.0f);
+    std::fill(delta, delta + 4 * quads, Delta(0));
   }
   if (row.old_step != 0) {
     with_noise_type(row.old_type, [&](auto type) {
@@ -188,14 +202,16 @@ void stage_noise_delta(float* delta, const Row& row, uint64_t seed, uint64_t fir
   }
 }
 
-// The parameter in float32: param + comp for compensated (float16/bfloat16) parameters.
+// The parameter in its arithmetic type: param + comp for compensated (float16/bfloat16) ones.
 template <typename S, bool Compensated>
-float load_param(const typename S::Stored* param, const typename S::Stored* comp, int64_t i) {
+typename S::Math load_param(const typename S::Stored* param, const typename S::Stored* comp,
+                            int64_t i) {
   return Compensated ? S::load(param[i]) + S::load(comp[i]) : S::load(param[i]);
 }
 
 template <typename S, bool Compensated>
-void store_param(float x, typename S::Stored* param, typename S::Stored* comp, int64_t i) {
+void store_param(typename S::Math x, typename S::Stored* param, typename S::Stored* comp,
+                 int64_t i) {
   if (Compensated) {
     float p, c;
     split_store(x, [](float v) { return S::load(S::store(v)); }, p, c);
@@ -209,7 +225,8 @@ void store_param(float x, typename S::Stored* param, typename S::Stored* comp, i
 // The element loops over local indices [lo, hi); delta[0] belongs to element lo.
 template <typename S, bool Compensated, bool Noisy, bool WeightDecay, bool Momentum,
           bool MomentumInit, bool Nesterov>
-void sgd_range(const Row& shared_row, int64_t lo, int64_t hi, const float* __restrict delta) {
+void sgd_range(const Row& shared_row, int64_t lo, int64_t hi,
+               const typename S::Math* __restrict delta) {
   const Row row = shared_row;  // a local copy: provably not aliased by the stores below
   const SgdOptions options{WeightDecay, Momentum, MomentumInit, Nesterov};
   auto* __restrict param = address<S>(row.param);
@@ -217,9 +234,10 @@ void sgd_range(const Row& shared_row, int64_t lo, int64_t hi, const float* __res
   const auto* __restrict grad = address<S>(row.grad);
   auto* __restrict buffer = address<S>(row.state0);
   for (int64_t i = lo; i < hi; ++i) {
-    float buf = (Momentum && !MomentumInit) ? S::load(buffer[i]) : 0.0f;
-    float p = sgd_element(load_param<S, Compensated>(param, comp, i), S::load(grad[i]), buf, row,
-                          options);
+    using Math = typename S::Math;
+    Math buf = (Momentum && !MomentumInit) ? S::load(buffer[i]) : Math(0);
+    Math p = sgd_element<Math>(load_param<S, Compensated>(param, comp, i), S::load(grad[i]), buf,
+                               row, options);
     if (Noisy) p = add_noise(p, delta[i - lo]);
     store_param<S, Compensated>(p, param, comp, i);
     if (Momentum) buffer[i] = S::store(buf);
@@ -227,7 +245,8 @@ void sgd_range(const Row& shared_row, int64_t lo, int64_t hi, const float* __res
 }
 
 template <typename S, bool Compensated, bool Noisy, bool Amsgrad, bool Decoupled>
-void adam_range(const Row& shared_row, int64_t lo, int64_t hi, const float* __restrict delta) {
+void adam_range(const Row& shared_row, int64_t lo, int64_t hi,
+                const typename S::Math* __restrict delta) {
   const Row row = shared_row;
   const AdamOptions options{Amsgrad, Decoupled};
   auto* __restrict param = address<S>(row.param);
@@ -237,11 +256,12 @@ void adam_range(const Row& shared_row, int64_t lo, int64_t hi, const float* __re
   auto* __restrict exp_avg_sq = address<S>(row.state1);
   auto* __restrict max_exp_avg_sq = address<S>(row.state2);
   for (int64_t i = lo; i < hi; ++i) {
-    float m = S::load(exp_avg[i]);
-    float v = S::load(exp_avg_sq[i]);
-    float v_max = Amsgrad ? S::load(max_exp_avg_sq[i]) : 0.0f;
-    float p = adam_element(load_param<S, Compensated>(param, comp, i), S::load(grad[i]), m, v,
-                           v_max, row, options);
+    using Math = typename S::Math;
+    Math m = S::load(exp_avg[i]);
+    Math v = S::load(exp_avg_sq[i]);
+    Math v_max = Amsgrad ? S::load(max_exp_avg_sq[i]) : Math(0);
+    Math p = adam_element<Math>(load_param<S, Compensated>(param, comp, i), S::load(grad[i]), m, v,
+                                v_max, row, options);
     if (Noisy) p = add_noise(p, delta[i - lo]);
     store_param<S, Compensated>(p, param, comp, i);
     exp_avg[i] = S::store(m);
@@ -251,7 +271,8 @@ void adam_range(const Row& shared_row, int64_t lo, int64_t hi, const float* __re
 }
 
 template <typename S, bool Compensated>
-void noise_range(const Row& shared_row, int64_t lo, int64_t hi, const float* __restrict delta) {
+void noise_range(const Row& shared_row, int64_t lo, int64_t hi,
+                 const typename S::Math* __restrict delta) {
   auto* __restrict param = address<S>(shared_row.param);
   auto* __restrict comp = address<S>(shared_row.comp);
   for (int64_t i = lo; i < hi; ++i) {
@@ -268,7 +289,7 @@ void with_update_compensated(int op, const Row& row, F&& f) {
       with_bool(row.momentum, [&](auto momentum) {
         with_bool(row.momentum_init, [&](auto init) {
           with_bool(row.nesterov, [&](auto nesterov) {
-            f([&](int64_t lo, int64_t hi, const float* delta) {
+            f([&](int64_t lo, int64_t hi, const typename S::Math* delta) {
               sgd_range<S, Compensated, Noisy, decltype(wd)::value, decltype(momentum)::value,
                         decltype(init)::value, decltype(nesterov)::value>(row, lo, hi, delta);
             });
@@ -279,14 +300,14 @@ void with_update_compensated(int op, const Row& row, F&& f) {
   } else if (op == kOpAdam) {
     with_bool(row.amsgrad, [&](auto amsgrad) {
       with_bool(row.decoupled, [&](auto decoupled) {
-        f([&](int64_t lo, int64_t hi, const float* delta) {
+        f([&](int64_t lo, int64_t hi, const typename S::Math* delta) {
           adam_range<S, Compensated, Noisy, decltype(amsgrad)::value, decltype(decoupled)::value>(row, lo, hi,
                                                                                     delta);
         });
       });
     });
   } else if (Noisy) {
-    f([&](int64_t lo, int64_t hi, const float* delta) {
+    f([&](int64_t lo, int64_t hi, const typename S::Math* delta) {
       noise_range<S, Compensated>(row, lo, hi, delta);
     });
   }
@@ -295,9 +316,9 @@ void with_update_compensated(int op, const Row& row, F&& f) {
 // ... and on whether the parameter is compensated, which only 16-bit storage can be.
 template <typename S, bool Noisy, class F>
 void with_update(int op, const Row& row, F&& f) {
-  with_bool(!std::is_same<S, Float32>::value && row.comp != 0, [&](auto compensated) {
-    with_update_compensated<S, decltype(compensated)::value && !std::is_same<S, Float32>::value,
-                            Noisy>(op, row, f);
+  constexpr bool kWide = sizeof(typename S::Stored) > 2;  // float32 and float64: no compensation
+  with_bool(!kWide && row.comp != 0, [&](auto compensated) {
+    with_update_compensated<S, decltype(compensated)::value && !kWide, Noisy>(op, row, f);
   });
 }
 
@@ -306,7 +327,7 @@ void with_update(int op, const Row& row, F&& f) {
 template <typename S>
 void unscale_gradient(const Row& row, int64_t lo, int64_t hi, const float* grad_scale) {
   if (grad_scale == nullptr) return;
-  const float scale = *grad_scale;
+  const typename S::Math scale = *grad_scale;
   auto* __restrict grad = address<S>(row.grad);
   for (int64_t i = lo; i < hi; ++i) grad[i] = S::store(S::load(grad[i]) / scale);
 }
@@ -325,7 +346,7 @@ void run_block(int op, const Row& row, int64_t block_start, int64_t block_size, 
     });
     return;
   }
-  alignas(64) float delta[kChunk];
+  alignas(64) typename S::Math delta[kChunk];  // the noise change, in the update's arithmetic type
   with_update<S, true>(op, row, [&](auto update) {
     // Chunks start on quad boundaries (block_start is a multiple of 4), so every Philox quad
     // lies inside one chunk.
@@ -359,6 +380,8 @@ void NVRM_CPU_LAUNCH(int op, int dtype_code, const int64_t* ints, const float* f
                      uint64_t seed, const float* grad_scale) {
   if (dtype_code == kStorageFloat32) {
     run<Float32>(op, ints, floats, blocks, first, last, block_size, seed, grad_scale);
+  } else if (dtype_code == kStorageFloat64) {
+    run<Float64>(op, ints, floats, blocks, first, last, block_size, seed, grad_scale);
   } else if (dtype_code == kStorageFloat16) {
     run<Float16>(op, ints, floats, blocks, first, last, block_size, seed, grad_scale);
   } else {

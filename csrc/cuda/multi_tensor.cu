@@ -19,16 +19,32 @@ namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;
-// At least 4 resident blocks per SM: at most 64 registers per thread, 50% occupancy.
+// At least 4 resident blocks per SM: at most 64 registers per thread, 50% occupancy. float64
+// parameters: 2 (128 registers), as their Adam update spills at 64.
 constexpr int kMinBlocksPerSm = 4;
+template <typename T>
+constexpr int kMinBlocksPerSmOf = sizeof(T) == 8 ? 2 : kMinBlocksPerSm;
 
-// Storage types: load converts to float32, store rounds once to nearest even.
+// Storage types: load converts to the update's arithmetic type (MathOf: float32, float64 for
+// float64 parameters), store rounds once to nearest even.
+template <typename T>
+struct MathOf {
+  using type = float;
+};
+template <>
+struct MathOf<double> {
+  using type = double;
+};
+
+__device__ __forceinline__ double load(double x) { return x; }
 __device__ __forceinline__ float load(float x) { return x; }
 __device__ __forceinline__ float load(__half x) { return __half2float(x); }
 __device__ __forceinline__ float load(__nv_bfloat16 x) { return __bfloat162float(x); }
 
 template <typename T>
-__device__ __forceinline__ T store(float x);
+__device__ __forceinline__ T store(typename MathOf<T>::type x);
+template <>
+__device__ __forceinline__ double store<double>(double x) { return x; }
 template <>
 __device__ __forceinline__ float store<float>(float x) { return x; }
 template <>
@@ -45,16 +61,21 @@ struct RoundTo {
 };
 
 // Four consecutive elements moved by one instruction (128-bit for float32, 64-bit for 16-bit
-// types); only used where the row's pointers are aligned to it.
+// types) or two (float64: 2 x 128-bit); only used where the row's pointers are aligned to it.
 template <typename T>
 struct alignas(4 * sizeof(T)) Quad {
   T lane[4];
 };
 
-// The element values one update reads and writes, in float32; param already includes the
-// compensation of 16-bit parameters (param + comp).
+// The alignment a quad access needs: the whole quad, at most 16 bytes (a 128-bit access).
+template <typename T>
+constexpr int64_t kQuadAlignment = sizeof(Quad<T>) < 16 ? sizeof(Quad<T>) : 16;
+
+// The element values one update reads and writes, in the arithmetic type; param already
+// includes the compensation of 16-bit parameters (param + comp).
+template <typename Math>
 struct Element {
-  float param, grad, state0, state1, state2;
+  Math param, grad, state0, state1, state2;
 };
 
 // The state each op reads and writes; the rest is neither loaded nor stored.
@@ -68,13 +89,13 @@ struct StateUse {
         use2(Op == kOpAdam && row.amsgrad) {}
 };
 
-template <int Op>
-__device__ __forceinline__ void update(const Row& row, Element& e, float delta, bool noisy) {
+template <int Op, typename Math>
+__device__ __forceinline__ void update(const Row& row, Element<Math>& e, Math delta, bool noisy) {
   if (Op == kOpSgd) {
-    e.param = sgd_element(e.param, e.grad, e.state0, row,
+    e.param = sgd_element<Math>(e.param, e.grad, e.state0, row,
                           SgdOptions{row.weight_decay, row.momentum, row.momentum_init, row.nesterov});
   } else if (Op == kOpAdam) {
-    e.param = adam_element(e.param, e.grad, e.state0, e.state1, e.state2, row,
+    e.param = adam_element<Math>(e.param, e.grad, e.state0, e.state1, e.state2, row,
                            AdamOptions{row.amsgrad, row.decoupled});
   }
   if (noisy) e.param = add_noise(e.param, delta);
@@ -105,11 +126,24 @@ __device__ __forceinline__ Quad<T> load_quad(int64_t address) {
   return quad;
 }
 
+template <>
+__device__ __forceinline__ Quad<double> load_quad<double>(int64_t address) {
+  const double2 low = __ldcs(pointer<const double2>(address));
+  const double2 high = __ldcs(pointer<const double2>(address + 16));
+  return Quad<double>{{low.x, low.y, high.x, high.y}};
+}
+
 template <typename T>
 __device__ __forceinline__ void store_quad(int64_t address, const Quad<T>& quad) {
   typename QuadBits<T>::type bits;
   memcpy(&bits, &quad, sizeof bits);
   __stcs(pointer<typename QuadBits<T>::type>(address), bits);
+}
+
+template <>
+__device__ __forceinline__ void store_quad<double>(int64_t address, const Quad<double>& quad) {
+  __stcs(pointer<double2>(address), make_double2(quad.lane[0], quad.lane[1]));
+  __stcs(pointer<double2>(address + 16), make_double2(quad.lane[2], quad.lane[3]));
 }
 
 // Whether element `base` (and so every 4th element after it) of each pointer the op touches is
@@ -123,14 +157,15 @@ __device__ bool quads_aligned(const Row& row, const StateUse<Op>& use, int64_t b
   if (use.load0 || use.store0) addresses |= row.state0 + shift;
   if (use.use1) addresses |= row.state1 + shift;
   if (use.use2) addresses |= row.state2 + shift;
-  return addresses % static_cast<int64_t>(sizeof(Quad<T>)) == 0;
+  return addresses % kQuadAlignment<T> == 0;
 }
 
 // GradScaler's fused protocol: the gradient divided by the scale, rounded to its dtype (and
 // written back by the caller, as torch's fused optimizers leave it).
 template <typename T>
 __device__ __forceinline__ T unscaled(T g, const float* grad_scale) {
-  return store<T>(div32(load(g), *grad_scale));
+  using Math = typename MathOf<T>::type;
+  return store<T>(divide_rn(load(g), static_cast<Math>(*grad_scale)));
 }
 
 // The GradScaler protocol on the quad of elements first .. first+3 (those in the tensor),
@@ -157,7 +192,7 @@ __device__ __forceinline__ void unscale_quad(const Row& row, bool whole, int64_t
 // Op: kOpSgd / kOpAdam / kOpNoise; T: storage type; Unscale: the GradScaler protocol (a
 // separate instantiation, so the common step carries no per-element test for it).
 template <int Op, typename T, bool Unscale>
-__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSmOf<T>)
     multi_tensor_kernel(const int64_t* __restrict__ ints, const float* __restrict__ floats,
                         const int64_t* __restrict__ blocks, int64_t num_blocks, int64_t block_size,
                         const PhiloxRoundKeys keys, const float* __restrict__ grad_scale,
@@ -166,6 +201,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   // values fit in 64 registers beside it (float32 SGD, the noise op); else after it: Adam's
   // moments, the 16-bit conversions and the GradScaler's division spill there (ptxas -v).
   constexpr bool kEarlyLoads = Op == kOpNoise || (Op == kOpSgd && sizeof(T) == 4 && !Unscale);
+  using Math = typename MathOf<T>::type;
   if (found_inf != nullptr && *found_inf != 0.0f) return;  // skipped step: nothing is written
   for (int64_t b = blockIdx.x; b < num_blocks; b += gridDim.x) {
     const int64_t table_row = blocks[kBlockColumns * b + kBlockRow];
@@ -196,11 +232,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
       };
       if (kEarlyLoads && whole) load_quads();
 
-      float delta[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      Math delta[4] = {0, 0, 0, 0};  // the noise change, in the update's arithmetic type
       if (noisy) {
         const uint64_t quad = static_cast<uint64_t>(block_start >> 2) + q;
-        float new_noise[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        float old_noise[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        Math new_noise[4] = {0, 0, 0, 0};
+        Math old_noise[4] = {0, 0, 0, 0};
         if (row.new_step != 0) {
           noise_quad(row.new_type, keys, row.key, row.new_step, row.new_scale, quad, new_noise);
         }
@@ -215,10 +251,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
         if (!kEarlyLoads) load_quads();
 #pragma unroll
         for (int lane = 0; lane < 4; ++lane) {
-          Element e{compensated ? load(p.lane[lane]) + load(c.lane[lane]) : load(p.lane[lane]),
-                    Op != kOpNoise ? load(g.lane[lane]) : 0.0f,
-                    use.load0 ? load(s0.lane[lane]) : 0.0f, use.use1 ? load(s1.lane[lane]) : 0.0f,
-                    use.use2 ? load(s2.lane[lane]) : 0.0f};
+          Element<Math> e{compensated ? load(p.lane[lane]) + load(c.lane[lane]) : load(p.lane[lane]),
+                          Op != kOpNoise ? load(g.lane[lane]) : Math(0),
+                          use.load0 ? load(s0.lane[lane]) : Math(0),
+                          use.use1 ? load(s1.lane[lane]) : Math(0),
+                          use.use2 ? load(s2.lane[lane]) : Math(0)};
           update<Op>(row, e, delta[lane], noisy);
           if (compensated) {
             float stored, rest;
@@ -245,11 +282,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
           if (i < 0 || i >= row.numel) continue;
           T* param = pointer<T>(row.param) + i;
           T* comp = compensated ? pointer<T>(row.comp) + i : nullptr;
-          Element e{compensated ? load(*param) + load(*comp) : load(*param),
-                    Op != kOpNoise ? load(pointer<const T>(row.grad)[i]) : 0.0f,
-                    use.load0 ? load(pointer<const T>(row.state0)[i]) : 0.0f,
-                    use.use1 ? load(pointer<const T>(row.state1)[i]) : 0.0f,
-                    use.use2 ? load(pointer<const T>(row.state2)[i]) : 0.0f};
+          Element<Math> e{compensated ? load(*param) + load(*comp) : load(*param),
+                          Op != kOpNoise ? load(pointer<const T>(row.grad)[i]) : Math(0),
+                          use.load0 ? load(pointer<const T>(row.state0)[i]) : Math(0),
+                          use.use1 ? load(pointer<const T>(row.state1)[i]) : Math(0),
+                          use.use2 ? load(pointer<const T>(row.state2)[i]) : Math(0)};
           update<Op>(row, e, delta[lane], noisy);
           if (compensated) {
             float stored, rest;
@@ -340,6 +377,8 @@ std::string launch(int op, int dtype_code, const int64_t* ints, const float* flo
   }
   if (dtype_code == kStorageFloat32) {
     status = launch_op<float>(op, a);
+  } else if (dtype_code == kStorageFloat64) {
+    status = launch_op<double>(op, a);
   } else if (dtype_code == kStorageFloat16) {
     status = launch_op<__half>(op, a);
   } else {

@@ -140,27 +140,28 @@ NVRM_HD void unit_noise(const PhiloxWords& words, float z[4]) {
   }
 }
 
-// §5: the noise of the four lanes of one Philox call, one float32 multiplication by the scale.
-template <int Type>
-NVRM_HD void noise_from_words(const PhiloxWords& words, float scale, float noise[4]) {
+// §5: the noise of the four lanes of one Philox call, one float32 multiplication by the scale,
+// as Real: float32, or widened exactly to float64 for float64 parameters (§7).
+template <int Type, typename Real>
+NVRM_HD void noise_from_words(const PhiloxWords& words, float scale, Real noise[4]) {
   float z[4];
   unit_noise<Type>(words, z);
   NVRM_UNROLL
-  for (int lane = 0; lane < 4; ++lane) noise[lane] = scale * z[lane];
+  for (int lane = 0; lane < 4; ++lane) noise[lane] = static_cast<Real>(scale * z[lane]);
 }
 
 // The noise of elements 4*quad .. 4*quad+3 of parameter `key` at `step`; keys: the seed's
 // PhiloxKey or PhiloxRoundKeys. step must be nonzero: step 0 means "no noise".
-template <int Type, class Keys>
+template <int Type, class Keys, typename Real>
 NVRM_HD void noise_quad(const Keys& keys, uint32_t key, uint32_t step, float scale, uint64_t quad,
-                        float noise[4]) {
+                        Real noise[4]) {
   noise_from_words<Type>(quad_words(keys, key, step, quad), scale, noise);
 }
 
 // Same, with the type chosen at run time (uniform across a CUDA block, so no divergence).
-template <class Keys>
+template <class Keys, typename Real>
 NVRM_HD void noise_quad(int type, const Keys& keys, uint32_t key, uint32_t step, float scale,
-                        uint64_t quad, float noise[4]) {
+                        uint64_t quad, Real noise[4]) {
   if (type == kGaussian) {
     noise_quad<kGaussian>(keys, key, step, scale, quad, noise);
   } else if (type == kLaplace) {

@@ -31,9 +31,16 @@ constexpr int kLiveStep = 0, kLiveNoiseStep = 1, kLiveNoiseType = 2, kLiveNoiseS
               kLiveFresh = 4, kLiveColumns = 5;
 // operations
 enum Op : int { kOpSgd = 0, kOpAdam = 1, kOpNoise = 2 };
-// storage dtype codes of the C entry points (nvrm_ext/backends/compiled.py)
-enum StorageCode : int { kStorageFloat32 = 0, kStorageFloat16 = 1, kStorageBFloat16 = 2 };
-NVRM_HD int storage_bytes(int code) { return code == kStorageFloat32 ? 4 : 2; }
+// storage dtype codes of the C entry points (nvrm_ext/backends/tables.py STORAGE_CODES)
+enum StorageCode : int {
+  kStorageFloat32 = 0,
+  kStorageFloat16 = 1,
+  kStorageBFloat16 = 2,
+  kStorageFloat64 = 3
+};
+NVRM_HD int storage_bytes(int code) {
+  return code == kStorageFloat64 ? 8 : code == kStorageFloat32 ? 4 : 2;
+}
 
 // One tensor's row of the launch tables, decoded once per block.
 struct Row {
@@ -110,8 +117,10 @@ NVRM_HD void copy_sample(const int64_t* ints, int64_t j, int element_bytes, unsi
   if (j >= count) return;
   const unsigned char* element =
       reinterpret_cast<const unsigned char*>(ints[kIntParam]) + j * (numel / count) * element_bytes;
-  if (element_bytes == 4) {
-    memcpy(out, element, 4);  // one load and store each: the sizes are constants
+  if (element_bytes == 8) {
+    memcpy(out, element, 8);  // one load and store each: the sizes are constants
+  } else if (element_bytes == 4) {
+    memcpy(out, element, 4);
   } else {
     memcpy(out, element, 2);
   }
@@ -164,6 +173,26 @@ NVRM_HD float div32(float a, float b) {
 #endif
 }
 
+// The update's arithmetic type is the parameter's: float32 for float32 and 16-bit parameters,
+// float64 for float64 ones (as torch.optim computes them). Division and square root correctly
+// rounded in both.
+NVRM_HD float divide_rn(float a, float b) { return div32(a, b); }
+NVRM_HD double divide_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __ddiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+NVRM_HD float sqrt_rn(float x) { return sqrt32(x); }
+NVRM_HD double sqrt_rn(double x) {
+#if defined(__CUDA_ARCH__)
+  return __dsqrt_rn(x);
+#else
+  return __builtin_sqrt(x);
+#endif
+}
+
 // The options of one row's update. The CPU launcher passes compile-time constants (so every
 // `if` below folds away inside its vectorized loops); CUDA passes the row's values, which are
 // uniform across a thread block.
@@ -175,38 +204,48 @@ struct AdamOptions {
   bool amsgrad, decoupled;
 };
 
-// SGD (§7) on one element; returns the new parameter before noise, updates `buffer` in place.
-// With momentum_init the loaded buffer is not read.
-NVRM_HD float sgd_element(float p, float g, float& buffer, const Row& row, SgdOptions options) {
-  float d = g;
-  if (options.weight_decay) d = g + row.weight_decay_value * p;
+// SGD (§7) on one element in Real (float or double); returns the new parameter before noise,
+// updates `buffer` in place. With momentum_init the loaded buffer is not read. The row's
+// hyperparameters are float32 table values, widened exactly for float64 parameters.
+template <typename Real>
+NVRM_HD Real sgd_element(Real p, Real g, Real& buffer, const Row& row, SgdOptions options) {
+  const Real momentum = static_cast<Real>(row.momentum_value);
+  const Real momentum_coef = static_cast<Real>(row.momentum_coef);
+  Real d = g;
+  if (options.weight_decay) d = g + static_cast<Real>(row.weight_decay_value) * p;
   if (options.momentum) {
-    buffer = options.momentum_init ? d : row.momentum_value * buffer + row.momentum_coef * d;
-    d = options.nesterov ? d + row.momentum_value * buffer : buffer;
+    buffer = options.momentum_init ? d : momentum * buffer + momentum_coef * d;
+    d = options.nesterov ? d + momentum * buffer : buffer;
   }
-  return p - row.lr * d;
+  return p - static_cast<Real>(row.lr) * d;
 }
 
-// Adam (§7) on one element; returns the new parameter before noise, updates the moments in place
-// (`max_exp_avg_sq` only with amsgrad).
-NVRM_HD float adam_element(float p, float g, float& exp_avg, float& exp_avg_sq,
-                           float& max_exp_avg_sq, const Row& row, AdamOptions options) {
+// Adam (§7) on one element in Real; returns the new parameter before noise, updates the moments
+// in place (`max_exp_avg_sq` only with amsgrad).
+template <typename Real>
+NVRM_HD Real adam_element(Real p, Real g, Real& exp_avg, Real& exp_avg_sq, Real& max_exp_avg_sq,
+                          const Row& row, AdamOptions options) {
+  const Real beta1 = static_cast<Real>(row.momentum_value);
+  const Real beta1_coef = static_cast<Real>(row.momentum_coef);
+  const Real beta2 = static_cast<Real>(row.beta2);
+  const Real beta2_coef = static_cast<Real>(row.beta2_coef);
   if (options.decoupled) {
-    p = p * row.decay;
+    p = p * static_cast<Real>(row.decay);
   } else {
-    g = g + row.weight_decay_value * p;
+    g = g + static_cast<Real>(row.weight_decay_value) * p;
   }
-  exp_avg = row.momentum_value * exp_avg + row.momentum_coef * g;
-  exp_avg_sq = row.beta2 * exp_avg_sq + (row.beta2_coef * g) * g;
-  float second_moment = exp_avg_sq;
+  exp_avg = beta1 * exp_avg + beta1_coef * g;
+  exp_avg_sq = beta2 * exp_avg_sq + (beta2_coef * g) * g;
+  Real second_moment = exp_avg_sq;
   if (options.amsgrad) {
     // NaN-propagating maximum, as torch.maximum.
     const bool keep = max_exp_avg_sq > exp_avg_sq || max_exp_avg_sq != max_exp_avg_sq;
     max_exp_avg_sq = keep ? max_exp_avg_sq : exp_avg_sq;
     second_moment = max_exp_avg_sq;
   }
-  const float denom = div32(sqrt32(second_moment), row.sqrt_bc2) + row.eps;
-  return p - row.step_size * div32(exp_avg, denom);
+  const Real denom = divide_rn(sqrt_rn(second_moment), static_cast<Real>(row.sqrt_bc2)) +
+                     static_cast<Real>(row.eps);
+  return p - static_cast<Real>(row.step_size) * divide_rn(exp_avg, denom);
 }
 
 // Compensated low-precision parameters (docs/noise.md §7): the weight is param + comp, both in
@@ -220,9 +259,12 @@ NVRM_HD void split_store(float x, Round round, float& param, float& comp) {
 }
 
 // The noise change of one element: the new noise minus the regenerated old one (either is 0
-// when its step is 0), added to the updated parameter.
-NVRM_HD float noise_delta(float new_noise, float old_noise) { return new_noise - old_noise; }
+// when its step is 0), added to the updated parameter; all in the parameter's arithmetic type
+// (float64 for float64 parameters, where the difference of two float32 draws is exact).
+template <typename Real>
+NVRM_HD Real noise_delta(Real new_noise, Real old_noise) { return new_noise - old_noise; }
 
-NVRM_HD float add_noise(float p, float delta) { return p + delta; }
+template <typename Real>
+NVRM_HD Real add_noise(Real p, Real delta) { return p + delta; }
 
 }  // namespace nvrm

@@ -33,15 +33,15 @@ CPU_LIBRARY_VARIABLE = "NVRM_EXT_CPU_LIBRARY"  # a CPU library to load instead o
 ABI_VERSION = 5  # csrc/api.cpp kAbiVersion
 _REFUSED = 2  # csrc/api.cpp kRefused: invalid arguments or tables, nothing changed
 
-# Storage dtype codes of the C entry points (csrc/nvrm/update.h StorageCode).
-DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+DTYPE_CODES = T.STORAGE_CODES  # the parameter dtypes the libraries run, by their C codes
 
 # What csrc/api.cpp nvrm_table_layout() must report for the tables built by tables.py.
 _EXPECTED_LAYOUT = (
     T.INT_COLUMNS, T.FLOAT_COLUMNS, T.FLAG_WEIGHT_DECAY, T.FLAG_MOMENTUM, T.FLAG_MOMENTUM_INIT,
     T.FLAG_NESTEROV, T.FLAG_AMSGRAD, T.FLAG_DECOUPLED, T.FLAG_KEEP_NOISE, T.OP_SGD, T.OP_ADAM,
     T.OP_NOISE, T.I_LIVE, T.I_NUM_ITERS, T.LIVE_COLUMNS, T.SAMPLE_SIZE, T.B_ROW, T.B_START, T.BLOCK_COLUMNS,
-    T.NOISE_TYPE_MASK,
+    T.NOISE_TYPE_MASK, *(T.STORAGE_CODES[dtype] for dtype in (torch.float32, torch.float16, torch.bfloat16,
+                                                             torch.float64)),
 )
 
 # op, dtype code, ints, floats, num_rows, blocks, num_blocks, block_size, seed, commit_rows,
@@ -344,7 +344,7 @@ class CompiledBackend:
         if device.type != self.name:
             return f"the {self.name} backend runs on {self.name} tensors, not {device.type} tensors"
         if dtype not in DTYPE_CODES:
-            return f"the {self.name} backend handles float32, float16 and bfloat16 parameters, not {dtype}"
+            return f"the {self.name} backend handles float32, float64, float16 and bfloat16 parameters, not {dtype}"
         if self.name == "cpu":
             return _cpu_library()[1]
         _, reason = _cuda_library()  # first: its reasons (driver, glibc) come with a fix

@@ -17,7 +17,7 @@ import torch
 
 NVRM_BACKENDS = ("auto", "torch", "triton", "cpu", "cuda")  # backend= of FusedVSGD / FusedVAdam
 AMP_BACKENDS = ("auto", "torch", "triton")  # backend= of FusedAMP (its perturbation engine)
-FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the fused NVRM kernels store
+FUSED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)  # what the fused NVRM kernels store
 
 
 @functools.lru_cache(maxsize=None)

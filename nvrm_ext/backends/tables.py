@@ -94,6 +94,12 @@ LIVE_STATE_KEYS = ("step", "noise_step", "noise_type", "noise_scale", "momentum_
 # (optim/records.py _check_weights) without reading the tensors one by one after every step.
 SAMPLE_SIZE = 8
 
+# --- storage dtype codes ----------------------------------------------------------------------
+# The parameter dtype a compiled launch runs on, as its C entry points spell it (csrc/nvrm/update.h
+# StorageCode). Every state tensor of a row has the parameter's dtype; float64 parameters update
+# in float64 arithmetic (docs/noise.md §7).
+STORAGE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+
 # --- operations (one launch runs one of them on every row) ----------------------------------
 OP_SGD = 0
 OP_ADAM = 1

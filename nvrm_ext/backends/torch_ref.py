@@ -7,6 +7,7 @@ kernels'; its noise comes from nvrm_ext.noise (float64 transforms).
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .. import noise as spec
@@ -36,6 +37,7 @@ def _batched_noise(rows, ints, floats, seed: int, step_column: int, type_shift: 
                                                  device=device)
             for (index, _), z in zip(batch, flats):
                 scaled = z * floats[index][scale_column]  # float32(scale) * z, one rounding
+                scaled = scaled.to(_math_dtype(rows[index][0].dtype))  # float64 params: exact, delta in float64
                 out[index] = spec.from_memory_order(scaled, rows[index][0])
     return out
 
@@ -58,8 +60,10 @@ def _batches(members):
 
 
 def _sqrt_rn(x: torch.Tensor) -> torch.Tensor:
-    """Correctly rounded sqrt (as the kernels'): ATen's float32 CPU sqrt is not always."""
+    """Correctly rounded sqrt (as the kernels'): ATen's float32 and float64 CPU sqrt are not always."""
     if x.dtype == torch.float64:
+        if x.device.type == "cpu":  # numpy's is the hardware instruction, correctly rounded
+            return torch.from_numpy(np.sqrt(x.numpy()))
         return torch.sqrt(x)
     return torch.sqrt(x.double()).to(x.dtype)  # rounding the float64 root once is exact here
 

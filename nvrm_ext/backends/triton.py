@@ -187,9 +187,10 @@ def _philox(c0, c1, key, step, seed_lo, seed_hi):
 
 
 @triton.jit
-def _noise_tile(c0, c1, key, step, seed_lo, seed_hi, noise_type, scale):
-    """[Q, 4] float32 noise of the quads whose counters are (c0, c1) ([Q] uint32 each): lane j
-    of quad q is element 4q + j (docs/noise.md §2-5)."""
+def _noise_tile(c0, c1, key, step, seed_lo, seed_hi, noise_type, scale, MATH: tl.constexpr):
+    """[Q, 4] noise of the quads whose counters are (c0, c1) ([Q] uint32 each): lane j of quad q
+    is element 4q + j (docs/noise.md §2-5): float32, returned as MATH (widened exactly to float64
+    for float64 parameters, §7)."""
     x0, x1, x2, x3 = _philox(c0, c1, key, step, seed_lo, seed_hi)
     if noise_type == 0:
         z0, z1 = _gaussian_pair(x0, x1)
@@ -206,7 +207,7 @@ def _noise_tile(c0, c1, key, step, seed_lo, seed_hi, noise_type, scale):
         z3 = 2.0 * _uniform(x3) - 1.0
     # [Q, 2, 2] with [q, i, j] = z(2i + j), then flat lanes: no data moves between threads
     z = tl.reshape(tl.join(tl.join(z0, z2), tl.join(z1, z3)), [c0.shape[0], 4])
-    return scale * z
+    return (scale * z).to(MATH)
 
 
 @triton.jit
@@ -248,7 +249,10 @@ def _tile_ptr(address, tile_first, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
     starts on a quad, so the pointer is a multiple of 4 elements: vector loads and stores."""
     ptr = (address + tile_first * (DTYPE.primitive_bitwidth // 8)).to(tl.pointer_type(DTYPE))
     if ALIGNED:
-        ptr = tl.multiple_of(ptr, DTYPE.primitive_bitwidth // 2)
+        if DTYPE.primitive_bitwidth == 64:  # FLAG_ALIGNED promises 16 bytes: half a float64 quad
+            ptr = tl.multiple_of(ptr, 16)
+        else:
+            ptr = tl.multiple_of(ptr, DTYPE.primitive_bitwidth // 2)
     return ptr
 
 
@@ -285,15 +289,39 @@ def _maximum_nan(a, b):
 
 
 @triton.jit
+def _div(a, b):
+    """a / b correctly rounded: div.rn.f32 (tl.div_rn) in float32, div.rn.f64 (IEEE `/`) in float64."""
+    if a.dtype == tl.float64:
+        return a / b
+    else:
+        return tl.div_rn(a, b)
+
+
+@triton.jit
+def _sqrt(x):
+    """Correctly rounded sqrt: sqrt.rn.f32 (tl.sqrt_rn) in float32, sqrt.rn.f64 (tl.sqrt) in float64."""
+    if x.dtype == tl.float64:
+        return tl.sqrt(x)
+    else:
+        return tl.sqrt_rn(x)
+
+
+@triton.jit
 def _step_tile(tile_first, quad0, rem, lo, seed_lo, seed_hi, frow, row, addresses,
                OP: tl.constexpr, DTYPE: tl.constexpr, TILE: tl.constexpr, ALIGNED: tl.constexpr,
                HAS_GRAD_SCALE: tl.constexpr):
     """One tile: TILE elements starting at local index `tile_first`, of which indices
     [lo, rem) are inside the tensor; quad0 is the global quad index of the tile's first quad.
-    `row` holds the row's resolved scalars, `addresses` its tensors (see _nvrm_kernel)."""
+    `row` holds the row's resolved scalars, `addresses` its tensors (see _nvrm_kernel). The update
+    runs in MATH (float64 for float64 parameters, from the float32 table values widened exactly),
+    and so does the noise's delta (the noise itself is float32 for every dtype)."""
     key, old_step, old_type, old_scale, new_step, new_type, new_scale, flags, momentum_init, \
         step_size, sqrt_bc2, decay, inv_scale = row
+    # the update's arithmetic type (update.h Real): float64 for float64 parameters, else float32
+    MATH: tl.constexpr = tl.float64 if DTYPE == tl.float64 else tl.float32
     param_address, comp_address, grad_address, state0, state1, state2 = addresses
+    if DTYPE == tl.float64:  # only 16-bit parameters are compensated (as in the CPU launcher)
+        comp_address = 0
     Q: tl.constexpr = TILE // 4
     q = tl.arange(0, Q)
     idx = q[:, None] * 4 + tl.arange(0, 4)[None, :]
@@ -302,71 +330,71 @@ def _step_tile(tile_first, quad0, rem, lo, seed_lo, seed_hi, frow, row, addresse
     else:
         mask = (idx >= lo) & (idx < rem)
     param_ptr = _tile_ptr(param_address, tile_first, DTYPE, ALIGNED)
-    p = tl.load(param_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    p = tl.load(param_ptr + idx, mask=mask, other=0.0).to(MATH)
     # 16-bit parameters carry a compensation buffer: the weight is param + comp
     comp_ptr = _tile_ptr(comp_address, tile_first, DTYPE, ALIGNED)
     if comp_address != 0:
-        p = p + tl.load(comp_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        p = p + tl.load(comp_ptr + idx, mask=mask, other=0.0).to(MATH)
     if OP != OP_NOISE:
         grad_ptr = _tile_ptr(grad_address, tile_first, DTYPE, ALIGNED)
         g = tl.load(grad_ptr + idx, mask=mask, other=0.0)
         if HAS_GRAD_SCALE:  # GradScaler's fused protocol: unscale, round, write back
-            g = _to_storage(tl.div_rn(g.to(tl.float32), inv_scale), DTYPE)
+            g = _to_storage(_div(g.to(MATH), inv_scale.to(MATH)), DTYPE)
             _store(grad_ptr, idx, g, mask, ALIGNED)
-        g = g.to(tl.float32)
+        g = g.to(MATH)
     if OP == OP_SGD:
         d = g
         if (flags & FLAG_WEIGHT_DECAY) != 0:
-            d = g + tl.load(frow + F_WEIGHT_DECAY) * p
+            d = g + tl.load(frow + F_WEIGHT_DECAY).to(MATH) * p
         if (flags & FLAG_MOMENTUM) != 0:
-            momentum = tl.load(frow + F_MOMENTUM)
+            momentum = tl.load(frow + F_MOMENTUM).to(MATH)
             buf_ptr = _tile_ptr(state0, tile_first, DTYPE, ALIGNED)
             if momentum_init:
                 buf = d
             else:
-                buf = momentum * tl.load(buf_ptr + idx, mask=mask, other=0.0).to(tl.float32) \
-                    + tl.load(frow + F_MOMENTUM_COEF) * d
+                buf = momentum * tl.load(buf_ptr + idx, mask=mask, other=0.0).to(MATH) \
+                    + tl.load(frow + F_MOMENTUM_COEF).to(MATH) * d
             _store(buf_ptr, idx, _to_storage(buf, DTYPE), mask, ALIGNED)
             if (flags & FLAG_NESTEROV) != 0:
                 d = d + momentum * buf
             else:
                 d = buf
-        p = p - tl.load(frow + F_LR) * d
+        p = p - tl.load(frow + F_LR).to(MATH) * d
     elif OP == OP_ADAM:
         if (flags & FLAG_DECOUPLED) != 0:
-            p = p * decay
+            p = p * decay.to(MATH)
         else:
-            g = g + tl.load(frow + F_WEIGHT_DECAY) * p
+            g = g + tl.load(frow + F_WEIGHT_DECAY).to(MATH) * p
         m_ptr = _tile_ptr(state0, tile_first, DTYPE, ALIGNED)
         v_ptr = _tile_ptr(state1, tile_first, DTYPE, ALIGNED)
-        m = tl.load(frow + F_MOMENTUM) * tl.load(m_ptr + idx, mask=mask, other=0.0).to(tl.float32) \
-            + tl.load(frow + F_MOMENTUM_COEF) * g
-        v = tl.load(frow + F_BETA2) * tl.load(v_ptr + idx, mask=mask, other=0.0).to(tl.float32) \
-            + (tl.load(frow + F_BETA2_COEF) * g) * g
+        m = tl.load(frow + F_MOMENTUM).to(MATH) * tl.load(m_ptr + idx, mask=mask, other=0.0).to(MATH) \
+            + tl.load(frow + F_MOMENTUM_COEF).to(MATH) * g
+        v = tl.load(frow + F_BETA2).to(MATH) * tl.load(v_ptr + idx, mask=mask, other=0.0).to(MATH) \
+            + (tl.load(frow + F_BETA2_COEF).to(MATH) * g) * g
         _store(m_ptr, idx, _to_storage(m, DTYPE), mask, ALIGNED)
         _store(v_ptr, idx, _to_storage(v, DTYPE), mask, ALIGNED)
         if (flags & FLAG_AMSGRAD) != 0:
             vmax_ptr = _tile_ptr(state2, tile_first, DTYPE, ALIGNED)
-            v = _maximum_nan(tl.load(vmax_ptr + idx, mask=mask, other=0.0).to(tl.float32), v)
+            v = _maximum_nan(tl.load(vmax_ptr + idx, mask=mask, other=0.0).to(MATH), v)
             _store(vmax_ptr, idx, _to_storage(v, DTYPE), mask, ALIGNED)
-        denom = tl.div_rn(tl.sqrt_rn(v), sqrt_bc2) + tl.load(frow + F_EPS)
-        p = p - step_size * tl.div_rn(m, denom)
+        denom = _div(_sqrt(v), sqrt_bc2.to(MATH)) + tl.load(frow + F_EPS).to(MATH)
+        p = p - step_size.to(MATH) * _div(m, denom)
 
     # Philox counters of the tile's quads: (lo32, hi32) of quad0 + q, with the carry
     quad0_lo = (quad0 & 0xFFFFFFFF).to(tl.uint32)
     c0 = quad0_lo + q.to(tl.uint32)
     c1 = (quad0 >> 32).to(tl.uint32) + (c0 < quad0_lo).to(tl.uint32)
-    n_old = tl.zeros([Q, 4], tl.float32)
+    n_old = tl.zeros([Q, 4], MATH)
     if old_step != 0:
-        n_old = _noise_tile(c0, c1, key, old_step, seed_lo, seed_hi, old_type, old_scale)
-    n_new = tl.zeros([Q, 4], tl.float32)
+        n_old = _noise_tile(c0, c1, key, old_step, seed_lo, seed_hi, old_type, old_scale, MATH)
+    n_new = tl.zeros([Q, 4], MATH)
     if new_step != 0:
-        n_new = _noise_tile(c0, c1, key, new_step, seed_lo, seed_hi, new_type, new_scale)
+        n_new = _noise_tile(c0, c1, key, new_step, seed_lo, seed_hi, new_type, new_scale, MATH)
     p = p + (n_new - n_old)
     if comp_address != 0:  # keep what rounding to the storage type drops (update.h split_store)
         stored = _to_storage(p, DTYPE)
         _store(param_ptr, idx, stored, mask, ALIGNED)
-        _store(comp_ptr, idx, _to_storage(p - stored.to(tl.float32), DTYPE), mask, ALIGNED)
+        _store(comp_ptr, idx, _to_storage(p - stored.to(MATH), DTYPE), mask, ALIGNED)
     else:
         _store(param_ptr, idx, _to_storage(p, DTYPE), mask, ALIGNED)
 
@@ -496,14 +524,15 @@ _STEP_SIGNATURE = {"blocks": "*i64", "ints": "*i64", "floats": "*fp32", "seed_lo
 _COMMIT_SIGNATURE = {"ints": "*i64", "floats": "*fp32", "found_inf": "*fp32", "commit_rows": "i64"}
 _SAMPLE_SIGNATURE = {"ints": "*i64", "samples": "*{dtype}", "sample_rows": "i64"}
 _OP_NAMES = {T.OP_SGD: "sgd", T.OP_ADAM: "adam", T.OP_NOISE: "noise"}
-_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
+NVRM_TL_DTYPES = {**TL_DTYPES, torch.float64: tl.float64}  # the step kernels also run float64 parameters
 
 
 def _step_constexprs(op: int, dtype: torch.dtype, has_grad_scale: bool, has_found_inf: bool,
                      warp_size: int = 32) -> dict:
     # one quad per thread whatever the warp's width: AMD's CDNA GPUs (MI200, MI300) run 64-thread
     # wavefronts, which a 32-thread TILE would give half a quad each, and 64-bit accesses
-    return dict(OP=op, DTYPE=TL_DTYPES[dtype], BLOCK=BLOCK, TILE=4 * warp_size * NUM_WARPS,
+    return dict(OP=op, DTYPE=NVRM_TL_DTYPES[dtype], BLOCK=BLOCK, TILE=4 * warp_size * NUM_WARPS,
                 INT_COLUMNS=T.INT_COLUMNS, FLOAT_COLUMNS=T.FLOAT_COLUMNS, HAS_GRAD_SCALE=has_grad_scale,
                 HAS_FOUND_INF=has_found_inf)
 
@@ -514,7 +543,7 @@ def _commit_constexprs(has_found_inf: bool) -> dict:
 
 
 def _sample_constexprs(dtype: torch.dtype) -> dict:
-    return dict(DTYPE=TL_DTYPES[dtype], ROWS=_SAMPLE_ROWS, SAMPLE_SIZE=T.SAMPLE_SIZE, INT_COLUMNS=T.INT_COLUMNS)
+    return dict(DTYPE=NVRM_TL_DTYPES[dtype], ROWS=_SAMPLE_ROWS, SAMPLE_SIZE=T.SAMPLE_SIZE, INT_COLUMNS=T.INT_COLUMNS)
 
 
 def kernel_variants(warp_size: int = 32) -> list[KernelVariant]:
@@ -572,7 +601,7 @@ class TritonBackend:
     capturable = True
 
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> str | None:
-        return unavailable_reason(device, dtype, "the Triton kernel")
+        return unavailable_reason(device, dtype, "the Triton kernel", NVRM_TL_DTYPES)
 
     def launch(self, op: int, dtype: torch.dtype, ints: torch.Tensor, floats: torch.Tensor,
                blocks: torch.Tensor, seed: int, *, rows=None, live=None, commit_rows: int = 0,

@@ -15,10 +15,12 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET", "") not in ("", "0")
 TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
-def unavailable_reason(device: torch.device, dtype: torch.dtype, what: str) -> str | None:
-    """None if `what` (e.g. "the Triton kernel") can run on (device, dtype), else why not."""
-    if dtype not in TL_DTYPES:
-        return f"{what} handles float32, float16 and bfloat16 tensors, not {dtype}"
+def unavailable_reason(device: torch.device, dtype: torch.dtype, what: str, dtypes=TL_DTYPES) -> str | None:
+    """None if `what` (e.g. "the Triton kernel"), which handles `dtypes`, can run on (device, dtype),
+    else why not."""
+    if dtype not in dtypes:
+        names = [str(d).removeprefix("torch.") for d in dtypes]
+        return f"{what} handles {', '.join(names[:-1])} and {names[-1]} tensors, not {dtype}"
     if device.type == "cuda" or (device.type == "cpu" and INTERPRETING):
         return None
     if device.type == "cpu":
