@@ -19,7 +19,7 @@ from ... import noise as spec
 from ...backends import tables as T
 from .. import relative, validation as V
 from ..keys import NOISY_KEYS
-from ..params import _compensation, _global_offset, _is_dtensor, _local
+from ..params import _capturing, _compensation, _global_offset, _is_dtensor, _local
 from . import scan
 from .bucket import BlockTables
 from .capturable import CapturableLaunch
@@ -182,6 +182,7 @@ class _BucketPlan(HostLaunch, CapturableLaunch, SteadyCheck):
         self._converted = [None] * len(plans)  # gradients in another dtype or layout, converted
         self._grads = None
         self._pending = None  # host mode: a PendingCommit between tables() and commit()
+        self.measured_spreads = None  # capturable mode: relative rows' spreads measured before an update (NVRM)
         self.host_blocks = None  # host mode: the block table of the fused launch (sizes are fixed)
         self.state_signatures = [rule.state_signature(group) for group in self.groups]
         # what steady_grad_pointers compares: the parameters' dtype, shapes, strides, addresses;
@@ -309,6 +310,9 @@ class _BucketPlan(HostLaunch, CapturableLaunch, SteadyCheck):
             _, ints, floats = self._host_tables
         else:
             ints, floats = group_ints.copy(), group_floats.copy()
+            if self._relative is not None:  # edited spreads checked now; the scales are set on the device
+                self._relative.check()
+                self.measured_spreads = relative.measured_for(self._relative, spreads)
         # Where the kernel resolves the counters, nothing but this writes the host tables' gradient
         # and flag columns: with the same addresses as at the last step (the same gradient tensors)
         # they hold them already. Elsewhere resolve_rows rewrites the flags; capturable tables are new.
@@ -367,11 +371,16 @@ class _BucketPlan(HostLaunch, CapturableLaunch, SteadyCheck):
             self._group_tables = GroupTables(ints, floats, row_scales, new_types.tolist(), row_scales.tolist())
             relative_rows = np.flatnonzero(np.asarray([v.relative for v in values], dtype=bool)[g] & (row_scales != 0))
             self._relative = None
-            if len(relative_rows):
-                if self.live is not None:
-                    raise ValueError(f"{self.owner}: relative=True is not supported with capturable "
-                                     "counters yet (the spread would be measured on the device at every "
-                                     "step); use capturable=False for relative groups")
+            if len(relative_rows) and self.live is not None:  # measured on the device at every step
+                if _capturing(self.live.device):
+                    self._group_key = None  # not built: the next eager step builds it
+                    raise RuntimeError(f"{self.owner}: the relative groups' launch data must be rebuilt (a "
+                                       "group's relative, variability or num_iters changed) while a CUDA "
+                                       "graph is being captured; run one step() eagerly after such changes, "
+                                       "then capture")
+                self._relative = relative.LiveRelativeScales(relative_rows, row_scales[relative_rows],
+                                                             ints[relative_rows, T.I_NUM_ITERS], self, self.owner)
+            elif len(relative_rows):
                 self._relative = relative.RelativeScales(relative_rows, row_scales[relative_rows], self.params,
                                                          self.param_tensors, self.states, self.owner,
                                                          self.static_ints[:, T.I_KEY])
