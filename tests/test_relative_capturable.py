@@ -346,3 +346,40 @@ def test_the_device_program_measures_the_host_path_bits():
     on_device = program.measure_on_device(tensors, tensors, torch.device("cpu"))
     assert on_device.dtype == torch.float64 and on_device.tolist() == spreads(tensors, tensors)
     assert on_device[0] == 0 and on_device[-1] == 0
+
+
+def test_a_relative_change_inside_a_capture_is_refused_and_an_lr_change_is_not(monkeypatch):
+    """Inside a CUDA graph capture (pretended: the plan's check says so) the relative rows' device
+    data cannot be rebuilt: a new variability is refused before anything changes; an lr change
+    leaves that data as it is and steps as in host mode."""
+    from nvrm_ext.optim.launch import plan as plan_module
+
+    def run(capturable, pretend):
+        model = _model()
+        opt = _fused_vsgd(model.parameters(), "cpu", capturable)
+        for step in range(1, STEPS + 1):
+            if step == 3:
+                opt.param_groups[0]["lr"] = 0.05
+            opt.zero_grad()
+            _loss(model, step).backward()
+            if step >= 3 and pretend:
+                monkeypatch.setattr(plan_module, "_capturing", lambda device: True)
+            opt.step()
+            monkeypatch.setattr(plan_module, "_capturing", lambda device: False)
+        return model, opt
+
+    _assert_same_runs(run(False, False), run(True, True))
+    model, opt = run(True, False)
+    opt.param_groups[0]["variability"] = 0.2
+    opt.zero_grad()
+    _loss(model, 9).backward()
+    before = _params(model)
+    monkeypatch.setattr(plan_module, "_capturing", lambda device: True)
+    with pytest.raises(RuntimeError, match="while a CUDA graph is being captured"):
+        opt.step()
+    assert _same(before, _params(model))
+    assert opt.state[next(model.parameters())]["step"].item() == STEPS
+    monkeypatch.setattr(plan_module, "_capturing", lambda device: False)
+    opt.step()  # eagerly: rebuilt, and the new variability taken
+    p = next(model.parameters())
+    assert opt.state[p]["noise_scale"].item() == np.float32(0.2 * opt.state[p]["weight_std"].item())

@@ -195,7 +195,8 @@ class _BucketPlan(HostLaunch, CapturableLaunch, SteadyCheck):
         self._group_key = None     # [denoise, a _GroupValues tuple per group] behind self._group_tables
         # (ints, floats, (row scales, the types and scales the state dicts get)) before the per-step columns
         self._group_tables = None
-        self._relative = None      # relative.RelativeScales of the rows whose group has relative=True
+        self._relative = None      # relative.RelativeScales (LiveRelativeScales if capturable): rows with relative=True
+        self._relative_key = None  # (rows, variabilities, num_iters) self._relative was made for
         self._committed = None     # host mode: (counter columns written by commit(), their array)
         self._host_tables = None   # host mode: HostTables
         self._bound_live = None    # host mode on the CPU: the counter mirror whose rows I_LIVE points to
@@ -370,18 +371,23 @@ class _BucketPlan(HostLaunch, CapturableLaunch, SteadyCheck):
             self._group_key = key
             self._group_tables = GroupTables(ints, floats, row_scales, new_types.tolist(), row_scales.tolist())
             relative_rows = np.flatnonzero(np.asarray([v.relative for v in values], dtype=bool)[g] & (row_scales != 0))
-            self._relative = None
-            if len(relative_rows) and self.live is not None:  # measured on the device at every step
-                if _capturing(self.live.device):
-                    self._group_key = None  # not built: the next eager step builds it
-                    raise RuntimeError(f"{self.owner}: the relative groups' launch data must be rebuilt (a "
-                                       "group's relative, variability or num_iters changed) while a CUDA "
-                                       "graph is being captured; run one step() eagerly after such changes, "
-                                       "then capture")
-                self._relative = relative.LiveRelativeScales(relative_rows, row_scales[relative_rows],
-                                                             ints[relative_rows, T.I_NUM_ITERS], self, self.owner)
-            elif len(relative_rows):
-                self._relative = relative.RelativeScales(relative_rows, row_scales[relative_rows], self.params,
-                                                         self.param_tensors, self.states, self.owner,
-                                                         self.static_ints[:, T.I_KEY])
+            relative_num_iters = ints[relative_rows, T.I_NUM_ITERS]
+            # what the relative rows' data is made of: kept while only other values change (an lr, say)
+            relative_key = (relative_rows.tobytes(), row_scales[relative_rows].tobytes(), relative_num_iters.tobytes())
+            if relative_key != self._relative_key:
+                self._relative, self._relative_key = None, None
+                if len(relative_rows) and self.live is not None:  # measured on the device at every step
+                    if _capturing(self.live.device):
+                        self._group_key = None  # not built: the next eager step builds it
+                        raise RuntimeError(f"{self.owner}: the relative groups' launch data must be rebuilt (a "
+                                           "group's relative, variability or num_iters changed) while a CUDA "
+                                           "graph is being captured; run one step() eagerly after such changes, "
+                                           "then capture")
+                    self._relative = relative.LiveRelativeScales(relative_rows, row_scales[relative_rows],
+                                                                 relative_num_iters, self, self.owner)
+                elif len(relative_rows):
+                    self._relative = relative.RelativeScales(relative_rows, row_scales[relative_rows], self.params,
+                                                             self.param_tensors, self.states, self.owner,
+                                                             self.static_ints[:, T.I_KEY])
+                self._relative_key = relative_key
         return self._group_tables
