@@ -92,7 +92,12 @@ def _nvrm_sgd(params, backend, capturable):
                          seed=SEED, backend=backend)
 
 
-FACTORIES = {"FusedVSGD": _fused_vsgd, "FusedVAdam": _fused_vadam, "NVRM(Adam)": _nvrm_adam}
+def _psgd(params, backend, capturable):
+    return nvrm_ext.FusedVSGD(params, lr=0.1, variability=0.2, num_iters=NUM_ITERS, relative=True, denoise=False,
+                              seed=SEED, backend=backend, capturable=capturable)
+
+
+FACTORIES = {"FusedVSGD": _fused_vsgd, "FusedVAdam": _fused_vadam, "NVRM(Adam)": _nvrm_adam, "PSGD": _psgd}
 
 
 def _engine(opt):
@@ -179,7 +184,7 @@ def test_state_dict_round_trip_mid_period(name, source, target):
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, buffer)
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=True)
-    key = "weight_std" if name.startswith("Fused") else "nvrm_weight_std"
+    key = "nvrm_weight_std" if name.startswith("NVRM") else "weight_std"
     _, host_at_5 = _run(make, "cpu", False, steps=5)
     expected = host_at_5.state_dict()["state"]
     for index, state in saved["optimizer"]["state"].items():
@@ -203,7 +208,7 @@ def test_state_dict_round_trip_mid_period(name, source, target):
 def test_an_invalid_loaded_spread_is_refused_with_nothing_loaded(name):
     _, opt = _run(FACTORIES[name], "cpu", True, steps=2)
     saved = copy.deepcopy(opt.state_dict())
-    key = "weight_std" if name.startswith("Fused") else "nvrm_weight_std"
+    key = "nvrm_weight_std" if name.startswith("NVRM") else "weight_std"
     for bad in (-1.0, float("nan"), torch.tensor([0.1, 0.2])):
         saved["state"][1][key] = bad
         fresh = FACTORIES[name](_model().parameters(), "cpu", True)

@@ -244,7 +244,9 @@ class LiveRelativeScales:
         self.rows = rows
         self.index = torch.as_tensor(rows, dtype=torch.int64, device=device)
         self.variability = torch.as_tensor(variability, dtype=torch.float64, device=device)
-        self.num_iters = torch.as_tensor(num_iters.astype(np.float64), device=device)  # exact below 2**53
+        # float64 like the counters: a step (< 2**32) is exact, and a num_iters above 2**53 rounds to a
+        # value above every step, so step % num_iters == 0 still holds exactly where the integers say so
+        self.num_iters = torch.as_tensor(num_iters.astype(np.float64), device=device)
         self.params = [plan.params[r] for r in rows]
         self.tensors = [plan.param_tensors[r] for r in rows]
         self.states = [plan.states[r] for r in rows]
