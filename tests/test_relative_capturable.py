@@ -388,3 +388,55 @@ def test_a_relative_change_inside_a_capture_is_refused_and_an_lr_change_is_not(m
     opt.step()  # eagerly: rebuilt, and the new variability taken
     p = next(model.parameters())
     assert opt.state[p]["noise_scale"].item() == np.float32(0.2 * opt.state[p]["weight_std"].item())
+
+
+# ------------------------------------------------------------------ GPU only
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("name", ["FusedVSGD", "FusedVAdam", "NVRM(Adam)"])
+def test_cuda_graph_replays_measure_at_each_period_start(name, backend):
+    """The whole-network capture recipe of the PyTorch CUDA-graph docs with relative groups:
+    replays must follow the eager capturable trajectory bit for bit (each replay measures the
+    spreads and keeps them at a period's first step). The capture itself fails on a sync."""
+    def make(params):
+        if name == "NVRM(Adam)":  # torch's capturable Adam: its counters on the GPU too
+            return nvrm_ext.NVRM(torch.optim.Adam(params, lr=0.01, capturable=True), variability=0.4,
+                                 num_iters=NUM_ITERS, relative=True, seed=SEED, backend=backend)
+        return FACTORIES[name](params, backend, True)
+
+    data = torch.Generator(device="cuda").manual_seed(1)
+    batches = [torch.randn(8, 6, device="cuda", generator=data) for _ in range(11)]
+
+    def loss_of(model, x):
+        return model(x).pow(2).mean()
+
+    eager = _model().cuda()
+    eager_opt = make(eager.parameters())
+    for x in batches:
+        eager_opt.zero_grad(set_to_none=True)
+        loss_of(eager, x).backward()
+        eager_opt.step()
+
+    graphed = _model().cuda()
+    opt = make(graphed.parameters())
+    static_x = batches[0].clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for x in batches[:3]:  # warm-up, eager
+            opt.zero_grad(set_to_none=True)
+            loss_of(graphed, x).backward()
+            opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        loss_of(graphed, static_x).backward()
+        opt.step()
+    for x in batches[3:]:  # periods start at steps 4, 7 and 10
+        static_x.copy_(x)
+        graph.replay()
+    torch.cuda.synchronize()
+    assert _same(_params(eager), _params(graphed))
+    assert _spreads(eager_opt, eager) == _spreads(opt, graphed)
+    assert _engine(opt).state[next(graphed.parameters())]["step"].item() == len(batches)
