@@ -11,6 +11,10 @@ clean weights then (the step before removed the noise; at t = 1 nothing was adde
 kept for the period in the parameter's state (``weight_std``), so the scale is fixed while noise
 of that period is on the weights, a checkpoint resumes with it, and removal stays exact: the
 counters record the scale each noise was added with, as for absolute variability.
+
+With capturable counters (on the device) the host does not know which step starts a period:
+every step measures on the device and keeps the measurement only where the counter says so
+(LiveRelativeScales), with the same operations as the host path (SpreadProgram), so the same bits.
 """
 from __future__ import annotations
 
@@ -23,7 +27,8 @@ import torch
 
 from ..backends import tables as T
 
-STATE_KEY = "weight_std"  # per-parameter state: the spread of the current period (float)
+STATE_KEY = "weight_std"  # per-parameter state: the spread of the current period (a float; capturable: a
+# 0-dim view of the plan's device spreads)
 
 
 CHUNK = 1 << 14  # a torch sum of at most this many elements runs on one thread, in one order
