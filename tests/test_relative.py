@@ -257,16 +257,6 @@ def test_a_spread_edited_mid_period_is_checked_before_anything_changes(name, bad
     assert engine.state[params[1]]["noise_scale"] == pytest.approx(VARIABILITY * _spread(_model()[0].bias), rel=1e-12)
 
 
-def test_capturable_relative_groups_are_refused_before_anything_changes():
-    model = _model()
-    opt = nvrm_ext.FusedVSGD(model.parameters(), lr=0.1, relative=True, backend="cpu", capturable=True)
-    _loss(model, 1).backward()
-    before = [p.detach().clone() for p in model.parameters()]
-    with pytest.raises(ValueError, match="relative=True is not supported with capturable"):
-        opt.step()
-    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
-
-
 def test_relative_is_a_per_group_flag_checked_like_the_others():
     model = _model()
     with pytest.raises(ValueError, match="relative"):

@@ -18,7 +18,7 @@ PERIOD_STARTS = tuple(range(1, STEPS + 1, NUM_ITERS))  # 1, 5, 9: the steps that
 VARIABILITY = 0.1  # × each tensor's spread
 BATCH = 16
 SEED = 1234
-FSDP_KINDS = ("vsgd", "vadam", "nvrm-adamw")
+FSDP_KINDS = ("vsgd", "vadam", "nvrm-adamw", "vsgd-capturable")  # the last: counters on the device
 DDP_KINDS = ("vsgd", "vadam")
 
 
@@ -31,9 +31,9 @@ def _model():
 
 
 def _optimizer(kind, params, seed):
-    if kind == "vsgd":
+    if kind in ("vsgd", "vsgd-capturable"):
         return nvrm_ext.FusedVSGD(params, lr=0.05, momentum=0.9, variability=VARIABILITY, num_iters=NUM_ITERS,
-                                  relative=True, seed=seed)
+                                  relative=True, seed=seed, capturable=kind == "vsgd-capturable")
     if kind == "vadam":
         return nvrm_ext.FusedVAdam(params, lr=1e-2, variability=VARIABILITY, num_iters=NUM_ITERS, relative=True,
                                    seed=seed)
@@ -175,3 +175,13 @@ def test_replicated_and_two_dimensional_dtensors_use_the_whole_tensor(ranks, lay
     expected = weight - 0.1 * grad + spec.noise("Gaussian", VARIABILITY * std, SEED, 0, 1, weight.numel()).view_as(weight)
     torch.testing.assert_close(after, expected, rtol=0, atol=2e-6)
     assert torch.equal(after, second["layouts"][layout][1])
+
+
+def test_capturable_sharded_run_is_bitwise_the_host_mode_one(ranks):
+    """The spreads all-reduced on the device at every step (capturable) and at each period's
+    first step (host mode) give the same bits: the same weights, noisy and clean, on every rank."""
+    for result in ranks:
+        host, live = result["fsdp", "vsgd"], result["fsdp", "vsgd-capturable"]
+        assert live["stds"] == host["stds"]
+        for key in ("noisy", "clean"):
+            assert all(torch.equal(a, b) for a, b in zip(host[key], live[key]))

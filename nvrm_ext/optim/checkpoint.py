@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..backends import tables as T
-from . import validation as V, weights
+from . import relative, validation as V, weights
 from .denoise import _REMOVALS
 from .launch.bucket import BlockTables
 from .params import _is_dtensor, _number
@@ -262,6 +262,10 @@ def _host_counters(state: dict, row=None) -> dict:
     for column, (key, kind) in enumerate(zip(T.LIVE_STATE_KEYS, (int, int, int, float, bool))):
         if key in out:
             out[key] = kind(row[column] if row is not None else _number(out[key]))
+    spread = out.get(relative.STATE_KEY)
+    if isinstance(spread, torch.Tensor):  # relative variability's spread on the device: a float, as in host mode
+        out[relative.STATE_KEY] = float(row[T.LIVE_COLUMNS] if row is not None and len(row) > T.LIVE_COLUMNS
+                                        else _number(spread))
     if out.pop("momentum_fresh", False):
         out.pop("momentum_buffer", None)  # never used yet: the next step initialises it
     return out

@@ -11,7 +11,7 @@ import torch
 
 from .. import _compiler
 from ..backends import tables as T
-from . import validation as V, weights
+from . import relative, validation as V, weights
 from .params import _compensation, _fp32, _global_offset, _local, _number, _refuse_capture
 
 # numbers every entry into the removed state (DenoiseMixin.removal_token)
@@ -172,12 +172,18 @@ class DenoiseMixin:
 
     def _live_rows(self) -> dict:
         """Capturable mode: id(state) -> that state's live counters as numbers (LIVE_STATE_KEYS
-        order), one device-to-host copy per bucket instead of one read per counter; empty in
-        host mode."""
+        order, then its weight_std where the state holds the plan's view), one device-to-host
+        copy per bucket instead of one read per counter; empty in host mode."""
         rows = {}
         for plan in self._plans.values():
-            if plan.live is not None:
-                rows.update(zip(map(id, plan.states), plan.live.cpu().tolist()))
+            if plan.live is not None:  # and the spread (relative variability) where the state holds its view
+                values = torch.cat([plan.live, plan.weight_stds[:, None]], 1).cpu().tolist()
+                base, size = plan.weight_stds.data_ptr(), plan.weight_stds.element_size()
+                for row, (state, value) in enumerate(zip(plan.states, values)):
+                    spread = state.get(relative.STATE_KEY)
+                    if not (isinstance(spread, torch.Tensor) and spread.data_ptr() == base + row * size):
+                        value.pop()
+                    rows[id(state)] = value
         return rows
 
     def _noisy_parameters(self, rows=None):

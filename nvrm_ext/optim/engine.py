@@ -278,7 +278,9 @@ class NoiseEngine(CheckpointMixin, DenoiseMixin, WeightRecordsMixin, Optimizer):
         for plan in self._plans.values():
             if plan.params and not _capturing(plan.params[0].device) and not plan.weights_unchanged():
                 self._check_weights(plan.params, plan.states, plan.param_tensors)
-        self._spreads_before_update = relative.measure_before_update(self.param_groups, self.state)
+        self._spreads_before_update = (relative.measure_live_before_update(self, self._work_before_update)
+                                       if self._capturable else relative.measure_before_update(self.param_groups,
+                                                                                               self.state))
 
     def _checked_members(self) -> tuple:
         """The participants by (device, dtype) bucket and each bucket's backend, every value a

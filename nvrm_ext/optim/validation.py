@@ -194,7 +194,7 @@ def check_counters(where: str, state: dict, read: bool = True) -> None:
     if "weight_std" in state:
         from .relative import check_spread
 
-        check_spread(where, state)
+        check_spread(where, state, read)
     if "momentum_fresh" in state:
         fresh = _scalar(where, "momentum_fresh", state["momentum_fresh"], read)
         if fresh is not _UNREAD and (not isinstance(fresh, (numbers.Real, bool)) or fresh not in (0, 1)):

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from ...backends import tables as T
+from .. import relative
 from ..params import _capturing, _local, _pinned_like
 from . import scan
 
@@ -21,6 +22,9 @@ def launch_capturable(plan, backend, bucket, grads, ints, floats, seed: int, gra
                            "and cannot be captured in a CUDA graph; use backend='cuda' or 'triton'")
     plan.upload(ints, floats)
     plan.refresh_tensor_lrs()
+    if plan._relative is not None:  # relative groups: this step's spreads and scales, on the device
+        plan._relative.write_scales(plan.live, plan.device_floats, plan.measured_spreads)
+    plan.measured_spreads = None
     scale, skip = (None if t is None else t.to(device=device, dtype=torch.float32, non_blocking=True)
                    for t in (grad_scale, found_inf))
     backend.launch(plan.rule.op, dtype, plan.device_ints, plan.device_floats, plan.blocks, seed,
@@ -61,6 +65,7 @@ class CapturableLaunch:
             for column, key in enumerate(T.LIVE_STATE_KEYS):
                 if key in state:
                     state[key] = self.live[row, column]
+        self._init_spreads(device)
         self.static_ints[:, T.I_LIVE] = (self.live.data_ptr()
                                          + np.arange(n, dtype=np.int64) * T.LIVE_COLUMNS * self.live.element_size())
         self.device_ints = torch.zeros((n, T.INT_COLUMNS), dtype=torch.int64, device=device)
@@ -79,6 +84,31 @@ class CapturableLaunch:
         # the storages a captured graph writes, kept even if a parameter gets another (p.data = ...)
         self._param_storages = [param.detach() for param, _, _ in self.row_tensors]
         self._graph_owned = False  # a captured upload may have run since: upload on every eager step
+
+    def _init_spreads(self, device: torch.device) -> None:
+        """Relative variability's spreads on the device: `self.weight_stds` float64 per row and
+        `self.spread_known` (whether the row has one); a state's ``weight_std`` becomes a view
+        of its row (relative.LiveRelativeScales keeps them up to date)."""
+        n = len(self.params)
+        host = np.zeros(n, dtype=np.float64)
+        known = np.zeros(n, dtype=bool)
+        carried = []  # (row, tensor): spreads already on the device (an earlier plan)
+        for row, state in enumerate(self.states):
+            value = state.get(relative.STATE_KEY)
+            if isinstance(value, torch.Tensor):
+                carried.append((row, value))
+            elif value is not None:
+                host[row] = value
+            known[row] = value is not None
+        self.weight_stds = torch.tensor(host, dtype=torch.float64, device=device)
+        self.spread_known = torch.tensor(known, dtype=torch.bool, device=device)
+        if carried:
+            rows, values = zip(*carried)
+            self.weight_stds.index_put_((torch.tensor(rows, device=device),),
+                                        torch.stack([v.reshape(()).to(device, torch.float64) for v in values]))
+        for row, state in enumerate(self.states):
+            if known[row]:
+                state[relative.STATE_KEY] = self.weight_stds[row]
 
     def upload(self, ints: np.ndarray, floats: np.ndarray) -> None:
         """Copy changed host tables into the persistent device tables (same addresses, so

@@ -19,7 +19,7 @@ from ... import noise as spec
 from ...backends import tables as T
 from .. import relative, validation as V
 from ..keys import NOISY_KEYS
-from ..params import _compensation, _global_offset, _is_dtensor, _local
+from ..params import _capturing, _compensation, _global_offset, _is_dtensor, _local
 from . import scan
 from .bucket import BlockTables
 from .capturable import CapturableLaunch
@@ -182,6 +182,7 @@ class _BucketPlan(HostLaunch, CapturableLaunch, SteadyCheck):
         self._converted = [None] * len(plans)  # gradients in another dtype or layout, converted
         self._grads = None
         self._pending = None  # host mode: a PendingCommit between tables() and commit()
+        self.measured_spreads = None  # capturable mode: relative rows' spreads measured before an update (NVRM)
         self.host_blocks = None  # host mode: the block table of the fused launch (sizes are fixed)
         self.state_signatures = [rule.state_signature(group) for group in self.groups]
         # what steady_grad_pointers compares: the parameters' dtype, shapes, strides, addresses;
@@ -197,7 +198,8 @@ class _BucketPlan(HostLaunch, CapturableLaunch, SteadyCheck):
         self._group_key = None     # [denoise, a _GroupValues tuple per group] behind self._group_tables
         # (ints, floats, (row scales, the types and scales the state dicts get)) before the per-step columns
         self._group_tables = None
-        self._relative = None      # relative.RelativeScales of the rows whose group has relative=True
+        self._relative = None      # relative.RelativeScales (LiveRelativeScales if capturable): rows with relative=True
+        self._relative_key = None  # (rows, variabilities, num_iters) self._relative was made for
         self._committed = None     # host mode: (counter columns written by commit(), their array)
         self._host_tables = None   # host mode: HostTables
         self._bound_live = None    # host mode on the CPU: the counter mirror whose rows I_LIVE points to
@@ -312,6 +314,9 @@ class _BucketPlan(HostLaunch, CapturableLaunch, SteadyCheck):
             _, ints, floats = self._host_tables
         else:
             ints, floats = group_ints.copy(), group_floats.copy()
+            if self._relative is not None:  # edited spreads checked now; the scales are set on the device
+                self._relative.check()
+                self.measured_spreads = relative.measured_for(self._relative, spreads)
         # Where the kernel resolves the counters, nothing but this writes the host tables' gradient
         # and flag columns: with the same addresses as at the last step (the same gradient tensors)
         # they hold them already. Elsewhere resolve_rows rewrites the flags; capturable tables are new.
@@ -369,13 +374,23 @@ class _BucketPlan(HostLaunch, CapturableLaunch, SteadyCheck):
             self._group_key = key
             self._group_tables = GroupTables(ints, floats, row_scales, new_types.tolist(), row_scales.tolist())
             relative_rows = np.flatnonzero(np.asarray([v.relative for v in values], dtype=bool)[g] & (row_scales != 0))
-            self._relative = None
-            if len(relative_rows):
-                if self.live is not None:
-                    raise ValueError(f"{self.owner}: relative=True is not supported with capturable "
-                                     "counters yet (the spread would be measured on the device at every "
-                                     "step); use capturable=False for relative groups")
-                self._relative = relative.RelativeScales(relative_rows, row_scales[relative_rows], self.params,
-                                                         self.param_tensors, self.states, self.owner,
-                                                         self.static_ints[:, T.I_KEY])
+            relative_num_iters = ints[relative_rows, T.I_NUM_ITERS]
+            # what the relative rows' data is made of: kept while only other values change (an lr, say)
+            relative_key = (relative_rows.tobytes(), row_scales[relative_rows].tobytes(), relative_num_iters.tobytes())
+            if relative_key != self._relative_key:
+                self._relative, self._relative_key = None, None
+                if len(relative_rows) and self.live is not None:  # measured on the device at every step
+                    if _capturing(self.live.device):
+                        self._group_key = None  # not built: the next eager step builds it
+                        raise RuntimeError(f"{self.owner}: the relative groups' launch data must be rebuilt (a "
+                                           "group's relative, variability or num_iters changed) while a CUDA "
+                                           "graph is being captured; run one step() eagerly after such changes, "
+                                           "then capture")
+                    self._relative = relative.LiveRelativeScales(relative_rows, row_scales[relative_rows],
+                                                                 relative_num_iters, self, self.owner)
+                elif len(relative_rows):
+                    self._relative = relative.RelativeScales(relative_rows, row_scales[relative_rows], self.params,
+                                                             self.param_tensors, self.states, self.owner,
+                                                             self.static_ints[:, T.I_KEY])
+                self._relative_key = relative_key
         return self._group_tables
