@@ -145,12 +145,9 @@ def standard_noise_segments(noise_type: str, seed: int, segments, *, device=None
 
 def split_segments(z: torch.Tensor, segments, counts) -> list:
     """Each segment's elements of the flat noise of their quads laid end to end."""
-    out, quad = [], 0
-    for (_, _, offset, numel), count in zip(segments, counts):
-        start = 4 * quad + offset % 4
-        out.append(z[start:start + numel])
-        quad += count
-    return out
+    pieces = z[:4 * sum(counts)].split([4 * count for count in counts])  # views, one call
+    return [piece if offset % 4 == 0 and piece.numel() == numel else piece[offset % 4:offset % 4 + numel]
+            for piece, (_, _, offset, numel) in zip(pieces, segments)]
 
 
 def standard_noise(noise_type: str, seed: int, key: int, step: int, numel: int, *,

@@ -38,15 +38,14 @@ def _scaled_unit_noise(code: int, quads, keys, steps, scales, k0, k1):
     return spec.unit_noise_of_words(code, words) * scales.unsqueeze(1)
 
 
-def noise_difference(old_code: int | None, new_code: int | None, quad_count, quad_starts, first_quads, keys,
+def noise_difference(old_code: int | None, new_code: int | None, segment, quad_starts, first_quads, keys,
                      old_steps, new_steps, old_scales, new_scales, k0, k1) -> torch.Tensor:
-    """n_new - n_old over the quads of segments laid end to end, flat float32 (quad_count: a
-    tensor of that many rows and no elements). A missing side (code None) is left out, not
+    """n_new - n_old over the quads of segments laid end to end, flat float32 (segment: each
+    quad's segment, which indexes the per-segment tables). A missing side (code None) is left out, not
     subtracted as zero (-n_old, not 0 - n_old: the sign of a zero is kept as the per-tensor code
     keeps it). Every argument but the codes is a tensor, so one compiled program serves every
     step, seed and batch."""
-    positions = torch.arange(quad_count.shape[0], device=quad_starts.device)
-    segment = torch.searchsorted(quad_starts, positions, right=True) - 1
+    positions = torch.arange(segment.shape[0], device=segment.device)
     quads = positions - quad_starts[segment] + first_quads[segment]
     keys = keys[segment]
     new = old = None
@@ -100,7 +99,9 @@ def noise_differences(seed: int, members, device: torch.device, compile_min: int
         try:
             # no_grad as in a step: a program compiled under one grad mode is recompiled under the other
             with torch.no_grad():
-                delta = program(torch.empty(total, 0, device=device), *tables,
+                segment = torch.repeat_interleave(torch.arange(len(counts), device=device),
+                                                  torch.tensor(counts, device=device))
+                delta = program(segment, *tables,
                                 torch.tensor(k0, device=device), torch.tensor(k1, device=device))
         except Exception as error:  # a compiler missing on this machine, an unsupported op
             _fail((device.type, old_code, new_code), error)
