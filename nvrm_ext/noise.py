@@ -37,17 +37,17 @@ def noise_type_code(noise_type: str) -> int:
 
 
 def _mulhilo32(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hi, lo) 32-bit halves of the 64-bit product a*b, a in int64 holding uint32 values."""
-    b_lo, b_hi = b & 0xFFFF, b >> 16
-    p_lo = a * b_lo  # < 2**48, exact in int64
-    p_hi = a * b_hi  # < 2**48
-    low = p_lo + ((p_hi & 0xFFFF) << 16)  # < 2**49
-    hi = (p_hi >> 16) + (low >> 32)
-    return hi & _MASK32, low & _MASK32
+    """(hi, lo) 32-bit halves of the 64-bit product a*b, a in int64 holding uint32 values.
+
+    One int64 multiplication: the product may exceed 2**63 and wrap to a negative int64, but
+    wrapping keeps all 64 bits (two's complement), and the masks read both halves from them."""
+    product = a * b
+    return (product >> 32) & _MASK32, product & _MASK32
 
 
-def philox4x32(c0, c1, c2, c3, k0: int, k1: int):
-    """Philox4x32-10 on int64 tensors holding uint32 counter words; key (k0, k1) as ints.
+def philox4x32(c0, c1, c2, c3, k0, k1):
+    """Philox4x32-10 on int64 tensors holding uint32 counter words; key (k0, k1) as ints or
+    int64 tensors that broadcast with the counters.
 
     Returns the four uint32 output words as int64 tensors, in Random123 order.
     """
@@ -77,9 +77,9 @@ def raw_bits(seed: int, key: int, step: int, numel: int, *, offset: int = 0, dev
     return _segment_bits(seed, [(key, step, offset, numel)], device)[0]
 
 
-def _segment_bits(seed: int, segments, device):
-    """One Philox pass over the quads of several (key, step, offset, numel) segments: the four
-    words over all their quads, and each segment's quad count."""
+def segment_quads(segments, device=None):
+    """Per quad of several (key, step, offset, numel) segments laid end to end: its quad index
+    j within its parameter, key and step (int64 tensors); and each segment's quad count."""
     counts = [(offset + numel + 3) // 4 - offset // 4 for _, _, offset, numel in segments]
     segment = torch.repeat_interleave(torch.arange(len(segments), device=device),
                                       torch.tensor(counts, device=device))
@@ -88,9 +88,49 @@ def _segment_bits(seed: int, segments, device):
     keys = torch.tensor([key & _MASK32 for key, _, _, _ in segments], device=device)
     steps = torch.tensor([step & _MASK32 for _, step, _, _ in segments], device=device)
     quads = torch.arange(sum(counts), device=device) - starts[segment] + first_quads[segment]
-    words = philox4x32(quads & _MASK32, quads >> 32, keys[segment], steps[segment],
-                       seed & _MASK32, (seed >> 32) & _MASK32)
+    return quads, keys[segment], steps[segment], counts
+
+
+def _segment_bits(seed: int, segments, device):
+    """One Philox pass over the quads of several (key, step, offset, numel) segments: the four
+    words over all their quads, and each segment's quad count."""
+    quads, keys, steps, counts = segment_quads(segments, device)
+    words = philox4x32(quads & _MASK32, quads >> 32, keys, steps, seed & _MASK32, (seed >> 32) & _MASK32)
     return words, counts
+
+
+def unit_noise_of_words(code: int, words) -> torch.Tensor:
+    """The transform of §4 on the four Philox words of each quad: float32 [quads, 4], each
+    value computed in float64 and rounded once."""
+    u0, u1, u2, u3 = (uniform_from_bits(x) for x in words)
+    if code == 0:
+        r01 = torch.sqrt(-2.0 * torch.log(u0))
+        r23 = torch.sqrt(-2.0 * torch.log(u2))
+        t1, t3 = 2.0 * math.pi * u1, 2.0 * math.pi * u3
+        lanes = [r01 * torch.cos(t1), r01 * torch.sin(t1), r23 * torch.cos(t3), r23 * torch.sin(t3)]
+    elif code == 1:
+        lanes = [torch.where(u < 0.5, torch.log(2.0 * u), -torch.log(2.0 * (1.0 - u))) for u in (u0, u1, u2, u3)]
+    else:
+        lanes = [2.0 * u - 1.0 for u in (u0, u1, u2, u3)]
+    return torch.stack(lanes, dim=1).to(torch.float32)  # rounded once to float32
+
+
+def unit_noise_of_quads(code: int, seed: int, quads, keys, steps) -> torch.Tensor:
+    """Unit noise z of the given quads (int64 tensors: quad index, key, step), float32 [quads, 4].
+
+    Computed in pieces of _CHUNK_QUADS quads: Philox and the transform are some hundred
+    elementwise operations, and on pieces that small their temporaries stay in the cache
+    instead of making a pass over memory each."""
+    out = torch.empty(quads.numel(), 4, dtype=torch.float32, device=quads.device)
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    for start in range(0, quads.numel(), _CHUNK_QUADS):
+        piece = slice(start, start + _CHUNK_QUADS)
+        words = philox4x32(quads[piece] & _MASK32, quads[piece] >> 32, keys[piece], steps[piece], k0, k1)
+        out[piece] = unit_noise_of_words(code, words)
+    return out
+
+
+_CHUNK_QUADS = 1 << 14
 
 
 def standard_noise_segments(noise_type: str, seed: int, segments, *, device=None) -> list:
@@ -98,25 +138,16 @@ def standard_noise_segments(noise_type: str, seed: int, segments, *, device=None
     pass and one transform over all of them (what makes the torch backend usable with many
     small tensors). Returns each segment's flat float32 noise; see `standard_noise`."""
     code = noise_type_code(noise_type)
-    bits, counts = _segment_bits(seed, segments, device)
-    words = [uniform_from_bits(x) for x in bits]
-    if code == 0:
-        u0, u1, u2, u3 = words
-        r01 = torch.sqrt(-2.0 * torch.log(u0))
-        r23 = torch.sqrt(-2.0 * torch.log(u2))
-        t1, t3 = 2.0 * math.pi * u1, 2.0 * math.pi * u3
-        lanes = [r01 * torch.cos(t1), r01 * torch.sin(t1), r23 * torch.cos(t3), r23 * torch.sin(t3)]
-    elif code == 1:
-        lanes = [torch.where(u < 0.5, torch.log(2.0 * u), -torch.log(2.0 * (1.0 - u))) for u in words]
-    else:
-        lanes = [2.0 * u - 1.0 for u in words]
-    z = torch.stack(lanes, dim=1).reshape(-1).to(torch.float32)  # rounded once to float32
-    out, quad = [], 0
-    for (_, _, offset, numel), count in zip(segments, counts):
-        start = 4 * quad + offset % 4
-        out.append(z[start:start + numel])
-        quad += count
-    return out
+    quads, keys, steps, counts = segment_quads(segments, device)
+    z = unit_noise_of_quads(code, seed, quads, keys, steps).reshape(-1)
+    return split_segments(z, segments, counts)
+
+
+def split_segments(z: torch.Tensor, segments, counts) -> list:
+    """Each segment's elements of the flat noise of their quads laid end to end."""
+    pieces = z[:4 * sum(counts)].split([4 * count for count in counts])  # views, one call
+    return [piece if offset % 4 == 0 and piece.numel() == numel else piece[offset % 4:offset % 4 + numel]
+            for piece, (_, _, offset, numel) in zip(pieces, segments)]
 
 
 def standard_noise(noise_type: str, seed: int, key: int, step: int, numel: int, *,

@@ -12,44 +12,49 @@ import torch
 
 from .. import noise as spec
 from . import tables as T
+from . import torch_noise
 
 
 def _math_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _batched_noise(rows, ints, floats, seed: int, step_column: int, type_shift: int,
-                   scale_column: int) -> list:
-    """Per row, the noise of the step in `step_column` (None where it is 0), laid out like the
-    row's parameter. One Philox pass per noise type over all rows, not one per tensor."""
-    by_type: dict = {}
-    for index, ((param, _, _, _), ints_row) in enumerate(zip(rows, ints)):
-        step = int(ints_row[step_column])
-        if step != 0:
-            noise_type = spec.NOISE_TYPES[(int(ints_row[T.I_FLAGS]) >> type_shift) & T.NOISE_TYPE_MASK]
-            segment = (int(ints_row[T.I_KEY]), step, int(ints_row[T.I_OFFSET]), param.numel())
-            by_type.setdefault(noise_type, []).append((index, segment))
+def _noise_deltas(rows, ints, floats, seed: int) -> list:
+    """Per row, n_new - n_old laid out like the row's parameter (None where neither step
+    carries noise): one batch per (old type, new type) of up to _BATCH_ELEMENTS elements, not
+    one draw per tensor (torch_noise)."""
+    by_types: dict = {}
+    for index, ((param, _, _, _), ints_row, floats_row) in enumerate(zip(rows, ints, floats)):
+        flags = int(ints_row[T.I_FLAGS])
+        old = _side(ints_row[T.I_OLD_STEP], flags >> T.FLAG_OLD_TYPE_SHIFT, floats_row[T.F_OLD_SCALE])
+        new = _side(ints_row[T.I_NEW_STEP], flags >> T.FLAG_NEW_TYPE_SHIFT, floats_row[T.F_NEW_SCALE])
+        if old[0] != 0 or new[0] != 0:
+            member = (int(ints_row[T.I_KEY]), int(ints_row[T.I_OFFSET]), param.numel(), old, new)
+            types = (old[1], new[1], param.device, param.dtype == torch.float64)  # float64: delta in float64
+            by_types.setdefault(types, []).append((index, member))
     out = [None] * len(rows)
-    for noise_type, members in by_type.items():
-        for batch in _batches(members):
-            device = rows[batch[0][0]][0].device
-            flats = spec.standard_noise_segments(noise_type, seed, [segment for _, segment in batch],
-                                                 device=device)
-            for (index, _), z in zip(batch, flats):
-                scaled = z * floats[index][scale_column]  # float32(scale) * z, one rounding
-                scaled = scaled.to(_math_dtype(rows[index][0].dtype))  # float64 params: exact, delta in float64
-                out[index] = spec.from_memory_order(scaled, rows[index][0])
+    for (_, _, device, wide), indexed in by_types.items():
+        for batch in _batches(indexed):
+            deltas = torch_noise.noise_differences(seed, [member for _, member in batch], device, wide=wide)
+            for (index, _), delta in zip(batch, deltas):
+                out[index] = spec.from_memory_order(delta, rows[index][0])
     return out
 
 
-_BATCH_ELEMENTS = 1 << 20  # small tensors share a Philox pass up to this size; temporaries stay cache-sized
+def _side(step, type_bits, scale):
+    """(step, noise type, scale) of one side of a row's noise swap (type None at step 0: no noise)."""
+    step = int(step)
+    return step, spec.NOISE_TYPES[int(type_bits) & T.NOISE_TYPE_MASK] if step else None, scale
+
+
+_BATCH_ELEMENTS = 1 << 20  # small tensors share a batch up to this size; temporaries stay bounded
 
 
 def _batches(members):
-    """Consecutive runs of segments of at most _BATCH_ELEMENTS elements (a larger tensor alone)."""
+    """Consecutive runs of members of at most _BATCH_ELEMENTS elements (a larger tensor alone)."""
     batch, size = [], 0
     for member in members:
-        numel = member[1][3]
+        numel = member[1][2]
         if batch and size + numel > _BATCH_ELEMENTS:
             yield batch
             batch, size = [], 0
@@ -143,15 +148,14 @@ class TorchBackend:
             T.resolve_rows(op, ints, floats, counters)
         scale = None if grad_scale is None else grad_scale.item()
         float_rows = floats.tolist()
-        old = _batched_noise(rows, ints, float_rows, seed, T.I_OLD_STEP, T.FLAG_OLD_TYPE_SHIFT, T.F_OLD_SCALE)
-        new = _batched_noise(rows, ints, float_rows, seed, T.I_NEW_STEP, T.FLAG_NEW_TYPE_SHIFT, T.F_NEW_SCALE)
-        for (param, grad, states, comp), ints_row, float_row, n_old, n_new in zip(rows, ints, float_rows, old, new):
-            self._run_one(op, param, grad, states, comp, int(ints_row[T.I_FLAGS]), float_row, n_old, n_new, scale)
+        deltas = _noise_deltas(rows, ints, float_rows, seed)
+        for (param, grad, states, comp), ints_row, float_row, delta in zip(rows, ints, float_rows, deltas):
+            self._run_one(op, param, grad, states, comp, int(ints_row[T.I_FLAGS]), float_row, delta, scale)
         if live is not None:
             T.commit_rows(ints, floats, counters)
             live.copy_(torch.from_numpy(counters))
 
-    def _run_one(self, op, param, grad, states, comp, flags, f, n_old, n_new, scale=None) -> None:
+    def _run_one(self, op, param, grad, states, comp, flags, f, delta, scale=None) -> None:
         p = param.to(_math_dtype(param.dtype))
         if comp is not None:  # 16-bit parameters: the weight is param + comp
             p = p + comp.to(p.dtype)
@@ -160,13 +164,7 @@ class TorchBackend:
                 grad.copy_(grad.to(p.dtype) / scale)
             g = grad.to(p.dtype)
             p = (_sgd if op == T.OP_SGD else _adam)(p, g, flags, f, states)
-        if n_old is not None or n_new is not None:
-            if n_old is None:
-                delta = n_new
-            elif n_new is None:
-                delta = -n_old
-            else:
-                delta = n_new - n_old
+        if delta is not None:  # n_new - n_old (torch_noise)
             p = p + delta.to(p.dtype)
         if comp is not None:  # keep what rounding to the storage type drops
             stored = p.to(param.dtype)

@@ -1,0 +1,157 @@
+"""The noise swap of the 'torch' backend: n_new - n_old for many tensors in a few operations.
+
+The torch backend is what every device without a fused kernel runs (MPS, XPU, float64
+parameters), so its noise must not cost more than the original algorithm's torch.normal.
+Drawing it with nvrm_ext.noise's readable code costs some hundred elementwise operations per
+element (Philox's ten rounds in int64, the float64 transforms), each a pass over the tensors.
+Here the same code runs as one program per (old type, new type) through torch.compile, which
+fuses it into one loop (C++ on the CPU, Triton on CUDA, Metal on MPS): Philox, the float64
+transforms rounded once to float32, the scales and the difference, over all the tensors of a
+batch at once. The operations are those of nvrm_ext.noise, so the result is its result
+(tests/test_torch_noise.py compares them element by element).
+
+Where torch.compile is unavailable or fails (no C++ compiler, an unsupported device), or for
+batches too small to repay a call into a compiled program, the same function runs eagerly,
+in cache-sized pieces (nvrm_ext.noise.unit_noise_of_quads); a failure says so once.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from .. import noise as spec
+
+COMPILE_MIN_ELEMENTS = 1 << 16
+"""Batches smaller than this run eagerly: compiling costs seconds once per (old type, new type)
+and device, which only a long run over large batches repays."""
+
+_COMPILE_ENV = "NVRM_TORCH_COMPILE"  # "0": never compile (eager pieces only)
+
+_programs: dict = {}  # (device type, old code, new code) -> compiled function, or None once it failed
+
+
+def _scaled_unit_noise(code: int, quads, keys, steps, scales, k0, k1):
+    """float32(scale) * z of the given quads ([quads, 4]), scale and counters per quad."""
+    words = spec.philox4x32(quads & spec._MASK32, quads >> 32, keys, steps, k0, k1)
+    return spec.unit_noise_of_words(code, words) * scales.unsqueeze(1)
+
+
+def noise_difference(old_code: int | None, new_code: int | None, wide: bool, segment, quad_starts, first_quads,
+                     keys, old_steps, new_steps, old_scales, new_scales, k0, k1) -> torch.Tensor:
+    """n_new - n_old over the quads of segments laid end to end, flat float32, or float64 when
+    `wide` (float64 parameters: both float32 noises widened exactly, docs/noise.md §7) (segment: each
+    quad's segment, which indexes the per-segment tables). A missing side (code None) is left out, not
+    subtracted as zero (-n_old, not 0 - n_old: the sign of a zero is kept as the per-tensor code
+    keeps it). Every argument but the codes is a tensor, so one compiled program serves every
+    step, seed and batch."""
+    positions = torch.arange(segment.shape[0], device=segment.device)
+    quads = positions - quad_starts[segment] + first_quads[segment]
+    keys = keys[segment]
+    new = old = None
+    if new_code is not None:
+        new = _scaled_unit_noise(new_code, quads, keys, new_steps[segment], new_scales[segment], k0, k1)
+    if old_code is not None:
+        old = _scaled_unit_noise(old_code, quads, keys, old_steps[segment], old_scales[segment], k0, k1)
+    if wide:
+        new, old = (None if side is None else side.to(torch.float64) for side in (new, old))
+    delta = -old if new is None else new if old is None else new - old
+    return delta.reshape(-1)
+
+
+def _program(device: torch.device, old_code, new_code, wide: bool):
+    """The compiled noise_difference of this (device type, old type, new type, width), or None."""
+    if os.environ.get(_COMPILE_ENV, "") == "0":
+        return None
+    slot = (device.type, old_code, new_code, wide)
+    if slot not in _programs:
+        def program(*tensors):
+            return noise_difference(old_code, new_code, wide, *tensors)
+        # a code object of its own: torch.compile caches per code object, and the closures of
+        # the (old, new) pairs sharing one would count as recompilations of one function
+        program.__code__ = program.__code__.replace(co_name=f"noise_difference_{old_code}_{new_code}_{int(wide)}")
+        try:
+            _programs[slot] = torch.compile(program, dynamic=True, fullgraph=True)
+        except Exception as error:  # torch.compile missing or refusing this platform
+            _fail(slot, error)
+    return _programs[slot]
+
+
+def _fail(slot, error: Exception) -> None:
+    _programs[slot] = None
+    warnings.warn(f"nvrm_ext: torch.compile of the 'torch' backend's noise failed on {slot[0]} "
+                  f"({type(error).__name__}: {error}); using the slower eager noise there",
+                  RuntimeWarning, stacklevel=3)
+
+
+def noise_differences(seed: int, members, device: torch.device, compile_min: int | None = None, *,
+                      wide: bool = False) -> list:
+    """n_new - n_old, flat float32 (float64 when `wide`), for members (key, offset, numel, (old_step, old_type,
+    old_scale), (new_step, new_type, new_scale)) that all have the same old and new type (a
+    step of 0 means no noise on that side: its type is then ignored). At least one side present."""
+    limit = COMPILE_MIN_ELEMENTS if compile_min is None else compile_min
+    old_code = _code(members[0][3])
+    new_code = _code(members[0][4])
+    segments = [(key, 0, offset, numel) for key, offset, numel, _, _ in members]
+    counts = [(offset + numel + 3) // 4 - offset // 4 for _, offset, numel, _, _ in members]
+    total = sum(counts)
+    k0, k1 = seed & spec._MASK32, (seed >> 32) & spec._MASK32
+    program = _program(device, old_code, new_code, wide) if 4 * total >= limit else None
+    if program is not None:
+        tables = _segment_tables(members, counts, device)
+        try:
+            # no_grad as in a step: a program compiled under one grad mode is recompiled under the other
+            with torch.no_grad():
+                segment = torch.repeat_interleave(torch.arange(len(counts), device=device),
+                                                  torch.tensor(counts, device=device))
+                delta = program(segment, *tables,
+                                torch.tensor(k0, device=device), torch.tensor(k1, device=device))
+        except Exception as error:  # a compiler missing on this machine, an unsupported op
+            _fail((device.type, old_code, new_code, wide), error)
+        else:
+            return spec.split_segments(delta, segments, counts)
+    return spec.split_segments(_eager_difference(old_code, new_code, seed, members, device, wide), segments, counts)
+
+
+def _code(side) -> int | None:
+    step, noise_type, _ = side
+    return None if step == 0 else spec.noise_type_code(noise_type)
+
+
+def _segment_tables(members, counts, device):
+    """Per segment: first quad in the batch, first quad in its parameter, key, steps, scales;
+    padded to two segments (a one-element dimension would be specialized by torch.compile and
+    cost a second compilation)."""
+    rows = [(key & spec._MASK32, offset // 4, old[0] & spec._MASK32, new[0] & spec._MASK32, old[2], new[2])
+            for key, offset, _, old, new in members]
+    starts = [0]
+    for count in counts[:-1]:
+        starts.append(starts[-1] + count)
+    if len(rows) == 1:
+        rows.append(rows[0])
+        starts.append(starts[0] + counts[0])  # past the end: never selected
+    keys, firsts, old_steps, new_steps, old_scales, new_scales = zip(*rows)
+    ints = torch.tensor([starts, firsts, keys, old_steps, new_steps], dtype=torch.int64).to(device)
+    floats = torch.tensor([old_scales, new_scales], dtype=torch.float32).to(device)
+    return ints[0], ints[1], ints[2], ints[3], ints[4], floats[0], floats[1]
+
+
+def _eager_difference(old_code, new_code, seed, members, device, wide: bool) -> torch.Tensor:
+    """noise_difference's result computed by nvrm_ext.noise eagerly, per side."""
+    sides = []
+    for code, column in ((new_code, 4), (old_code, 3)):
+        if code is None:
+            sides.append(None)
+            continue
+        segments = [(key, side[0], offset, numel) for key, offset, numel, *rest in members
+                    for side in (rest[column - 3],)]
+        quads, keys, steps, counts = spec.segment_quads(segments, device)
+        z = spec.unit_noise_of_quads(code, seed, quads, keys, steps)
+        scales = torch.tensor([m[column][2] for m in members], dtype=torch.float32, device=device)
+        sides.append(z * torch.repeat_interleave(scales, torch.tensor(counts, device=device)).unsqueeze(1))
+    new, old = sides
+    if wide:
+        new, old = (None if side is None else side.to(torch.float64) for side in (new, old))
+    delta = -old if new is None else new if old is None else new - old
+    return delta.reshape(-1)
