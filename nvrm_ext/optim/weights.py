@@ -133,7 +133,9 @@ def _torch_remove_noise(seed: int, values, compensation, ints, floats) -> None:
         flat = spec.standard_noise_segments(spec.NOISE_TYPES[code], seed, segments, device=values.device)
         z[torch.from_numpy(rows).to(values.device)] = torch.cat(flat)
     noise = z * torch.from_numpy(floats[:, T.F_OLD_SCALE]).to(values.device)  # float32 * float32, one rounding
-    TORCH._run_one(T.OP_NOISE, values, None, (), compensation, 0, None, noise, None)
+    if values.dtype == torch.float64:  # the float32 noise widened exactly (docs/noise.md §7)
+        noise = noise.to(torch.float64)
+    TORCH._run_one(T.OP_NOISE, values, None, (), compensation, 0, None, -noise, None)  # delta = -n_old
 
 
 def check_samples_fit(samples: dict, param_of: dict, name: str) -> None:
