@@ -467,7 +467,6 @@ def triton_variants(warp_size: int = 32) -> list[dict]:
     out = []
     for v in K.kernel_variants(warp_size):
         c = v.constexprs
-        step = "OP" in c
         kind = v.name.partition("-")[0]  # step | commit | sample
         dtype = next((d for d in DTYPES if f"-{d}" in v.name), None) if kind != "commit" else None
         if kind != "commit" and dtype is None:
@@ -729,10 +728,16 @@ def update_results(path: Path, records: list[dict]) -> None:
         "against torch's fused AdamW alone; FusedVAdam(decoupled=True) (update and swap in one kernel) "
         "against the same. Model and assumptions: docs/kernel_model.md.", "",
         swap_table(records), ""] + nvrm_goal_lines(records) + ["", RESULTS_END])
+    replace_section(path, section, RESULTS_BEGIN, RESULTS_END)
+
+
+def replace_section(path: Path, section: str, begin: str, end: str) -> None:
+    """Write `section` (which starts with `begin` and ends with `end`) into `path` in place of
+    the text between those markers, or at its end where they are absent."""
     text = path.read_text() if path.exists() else ""
-    if RESULTS_BEGIN in text and RESULTS_END in text:
-        head, rest = text.split(RESULTS_BEGIN, 1)
-        text = head + section + rest.split(RESULTS_END, 1)[1]
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + section + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     path.write_text(text)

@@ -427,13 +427,7 @@ def update_results(path: Path, records: list[dict]) -> None:
         markdown_table([r for r in records if not r["variant"].get("scaler") and not r["variant"].get("found_inf")]),
         "", f"Targets (no spills; 128-bit float32 accesses): {len(failures)} missed."
         + "".join(f"\n- {f}" for f in failures), "", RESULTS_END])
-    text = path.read_text() if path.exists() else ""
-    if RESULTS_BEGIN in text and RESULTS_END in text:
-        head, rest = text.split(RESULTS_BEGIN, 1)
-        text = head + section + rest.split(RESULTS_END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
+    K.replace_section(path, section, RESULTS_BEGIN, RESULTS_END)
 
 
 def main(argv: list[str] | None = None) -> int:

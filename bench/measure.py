@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import tempfile
 import time
 from typing import Callable
@@ -102,3 +103,19 @@ def copy_bandwidth(device: torch.device, nbytes: int, repeats: int = 10) -> floa
         synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2 * source.numel() * source.element_size() / best
+
+
+def paired_step_statistics(steps: dict) -> tuple[dict, dict, dict]:
+    """Per name, the fastest and median wall seconds and the median CPU seconds of the timed
+    steps (objects with .seconds and .cpu_seconds lists), for ratios measured side by side."""
+    fastest = {name: min(step.seconds) for name, step in steps.items()}
+    median = {name: statistics.median(step.seconds) for name, step in steps.items()}
+    cpu = {name: statistics.median(step.cpu_seconds) for name, step in steps.items()}
+    return fastest, median, cpu
+
+
+def step_statistics_info(fastest: dict, median: dict, cpu: dict) -> dict:
+    """paired_step_statistics as benchmark.extra_info entries (<name>_min_s, _median_s, _cpu_median_s)."""
+    return {**{f"{name}_min_s": value for name, value in fastest.items()},
+            **{f"{name}_median_s": value for name, value in median.items()},
+            **{f"{name}_cpu_median_s": value for name, value in cpu.items()}}

@@ -24,7 +24,6 @@ CPU-time medians (``_cpu_time``, the steadiest on a shared machine). Timings are
 """
 from __future__ import annotations
 
-import statistics
 import time
 
 import pytest
@@ -33,7 +32,7 @@ import torch
 import nvrm_ext
 
 from .conftest import _profile
-from .measure import synchronize
+from .measure import paired_step_statistics, step_statistics_info, synchronize
 from .optimizers import ADAM_HYPER, NOISE_HYPER, NOISE_SEED
 from .test_step_time import UNAVAILABLE_ERRORS
 from .workloads import workloads
@@ -119,13 +118,9 @@ def test_nvrm_step_vs_inner_and_fused(benchmark, nvrm_workload, bench_device, be
     benchmark.pedantic(steps["nvrm"], setup=others, rounds=rounds, iterations=1)
 
     if benchmark.stats is not None:  # None under --benchmark-disable
-        fastest = {name: min(step.seconds) for name, step in steps.items()}
-        median = {name: statistics.median(step.seconds) for name, step in steps.items()}
-        cpu = {name: statistics.median(step.cpu_seconds) for name, step in steps.items()}
+        fastest, median, cpu = paired_step_statistics(steps)
         benchmark.extra_info.update(
-            {f"{name}_min_s": value for name, value in fastest.items()},
-            **{f"{name}_median_s": value for name, value in median.items()},
-            **{f"{name}_cpu_median_s": value for name, value in cpu.items()},
+            step_statistics_info(fastest, median, cpu),
             nvrm_over_fused_vadam_cpu_time=cpu["nvrm"] / cpu["fused_vadam"],
             nvrm_over_torch_fused_cpu_time=cpu["nvrm"] / cpu["torch_fused"],
             fused_vadam_over_torch_fused_cpu_time=cpu["fused_vadam"] / cpu["torch_fused"],

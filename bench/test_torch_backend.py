@@ -20,13 +20,13 @@ never asserted.
 from __future__ import annotations
 
 import os
-import statistics
 import time
 
 import pytest
 import torch
 
 from .conftest import _profile
+from .measure import paired_step_statistics, step_statistics_info
 from .optimizers import _BUILDERS
 from .workloads import workloads
 
@@ -90,13 +90,9 @@ def test_torch_backend_vs_original(benchmark, torch_workload, family, bench_seco
     benchmark.pedantic(steps["torch"], setup=steps["original"], rounds=rounds, iterations=1)
 
     if benchmark.stats is not None:  # None under --benchmark-disable
-        fastest = {name: min(step.seconds) for name, step in steps.items()}
-        median = {name: statistics.median(step.seconds) for name, step in steps.items()}
-        cpu = {name: statistics.median(step.cpu_seconds) for name, step in steps.items()}
+        fastest, median, cpu = paired_step_statistics(steps)
         benchmark.extra_info.update(
-            {f"{name}_min_s": value for name, value in fastest.items()},
-            **{f"{name}_median_s": value for name, value in median.items()},
-            **{f"{name}_cpu_median_s": value for name, value in cpu.items()},
+            step_statistics_info(fastest, median, cpu),
             torch_over_original=fastest["torch"] / fastest["original"],
             torch_over_original_median=median["torch"] / median["original"],
             torch_over_original_cpu_time=cpu["torch"] / cpu["original"],
