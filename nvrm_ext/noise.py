@@ -99,9 +99,10 @@ def _segment_bits(seed: int, segments, device):
     return words, counts
 
 
-def unit_noise_of_words(code: int, words) -> torch.Tensor:
-    """The transform of §4 on the four Philox words of each quad: float32 [quads, 4], each
-    value computed in float64 and rounded once."""
+def unit_lanes_of_words(code: int, words) -> list:
+    """The transform of §4 on the four Philox words of each quad: the four lanes' z (float32,
+    shaped like the words), each value computed in float64 and rounded once. Lanes rather than
+    one [quads, 4] tensor, so that a compiled caller computes all four in one loop over quads."""
     u0, u1, u2, u3 = (uniform_from_bits(x) for x in words)
     if code == 0:
         r01 = torch.sqrt(-2.0 * torch.log(u0))
@@ -109,10 +110,22 @@ def unit_noise_of_words(code: int, words) -> torch.Tensor:
         t1, t3 = 2.0 * math.pi * u1, 2.0 * math.pi * u3
         lanes = [r01 * torch.cos(t1), r01 * torch.sin(t1), r23 * torch.cos(t3), r23 * torch.sin(t3)]
     elif code == 1:
-        lanes = [torch.where(u < 0.5, torch.log(2.0 * u), -torch.log(2.0 * (1.0 - u))) for u in (u0, u1, u2, u3)]
+        lanes = [_laplace(u) for u in (u0, u1, u2, u3)]
     else:
         lanes = [2.0 * u - 1.0 for u in (u0, u1, u2, u3)]
-    return torch.stack(lanes, dim=1).to(torch.float32)  # rounded once to float32
+    return [lane.to(torch.float32) for lane in lanes]  # rounded once to float32
+
+
+def _laplace(u: torch.Tensor) -> torch.Tensor:
+    """ln(2u) if u < 1/2, else -ln(2(1 - u)): one logarithm per element (of 2 min(u, 1 - u),
+    exact), not two under a torch.where that evaluates both."""
+    log = torch.log(2.0 * torch.minimum(u, 1.0 - u))
+    return torch.where(u < 0.5, log, -log)
+
+
+def unit_noise_of_words(code: int, words) -> torch.Tensor:
+    """unit_lanes_of_words as one float32 [quads, 4] tensor (element order)."""
+    return torch.stack(unit_lanes_of_words(code, words), dim=1)
 
 
 def unit_noise_of_quads(code: int, seed: int, quads, keys, steps) -> torch.Tensor:

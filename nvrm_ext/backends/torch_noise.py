@@ -32,42 +32,48 @@ _COMPILE_ENV = "NVRM_TORCH_COMPILE"  # "0": never compile (eager pieces only)
 _programs: dict = {}  # (device type, old code, new code) -> compiled function, or None once it failed
 
 
-def _scaled_unit_noise(code: int, quads, keys, steps, scales, k0, k1):
-    """float32(scale) * z of the given quads ([quads, 4]), scale and counters per quad."""
+def _scaled_unit_lanes(code: int, quads, keys, steps, scales, k0, k1) -> list:
+    """float32(scale) * z of the given quads, as four lanes (scale and counters per quad)."""
     words = spec.philox4x32(quads & spec._MASK32, quads >> 32, keys, steps, k0, k1)
-    return spec.unit_noise_of_words(code, words) * scales.unsqueeze(1)
+    return [lane * scales for lane in spec.unit_lanes_of_words(code, words)]
 
 
-def noise_difference(old_code: int | None, new_code: int | None, wide: bool, segment, quad_starts, first_quads,
-                     keys, old_steps, new_steps, old_scales, new_scales, k0, k1) -> torch.Tensor:
-    """n_new - n_old over the quads of segments laid end to end, flat float32, or float64 when
-    `wide` (float64 parameters: both float32 noises widened exactly, docs/noise.md §7) (segment: each
-    quad's segment, which indexes the per-segment tables). A missing side (code None) is left out, not
-    subtracted as zero (-n_old, not 0 - n_old: the sign of a zero is kept as the per-tensor code
-    keeps it). Every argument but the codes is a tensor, so one compiled program serves every
-    step, seed and batch."""
+def noise_difference_lanes(old_code: int | None, new_code: int | None, wide: bool, segment, quad_starts,
+                           first_quads, keys, old_steps, new_steps, old_scales, new_scales, k0, k1) -> tuple:
+    """n_new - n_old over the quads of segments laid end to end, as four lanes (lane l holds
+    element 4j + l of quad j), float32, or float64 when `wide` (float64 parameters: both float32
+    noises widened exactly, docs/noise.md §7) (segment: each quad's segment, which indexes the
+    per-segment tables). Four lanes and not one [quads, 4] tensor: compiled, the lanes are one
+    loop over quads that draws Philox and the transforms once per quad; a stack inside the
+    program would make the compiler evaluate the transform of every lane for every element.
+    A missing side (code None) is left out, not subtracted as zero (-n_old, not 0 - n_old: the
+    sign of a zero is kept as the per-tensor code keeps it). Every argument but the codes is a
+    tensor, so one compiled program serves every step, seed and batch."""
     positions = torch.arange(segment.shape[0], device=segment.device)
     quads = positions - quad_starts[segment] + first_quads[segment]
     keys = keys[segment]
     new = old = None
     if new_code is not None:
-        new = _scaled_unit_noise(new_code, quads, keys, new_steps[segment], new_scales[segment], k0, k1)
+        new = _scaled_unit_lanes(new_code, quads, keys, new_steps[segment], new_scales[segment], k0, k1)
     if old_code is not None:
-        old = _scaled_unit_noise(old_code, quads, keys, old_steps[segment], old_scales[segment], k0, k1)
+        old = _scaled_unit_lanes(old_code, quads, keys, old_steps[segment], old_scales[segment], k0, k1)
     if wide:
-        new, old = (None if side is None else side.to(torch.float64) for side in (new, old))
-    delta = -old if new is None else new if old is None else new - old
-    return delta.reshape(-1)
+        new, old = (None if side is None else [lane.to(torch.float64) for lane in side] for side in (new, old))
+    if new is None:
+        return tuple(-lane for lane in old)
+    if old is None:
+        return tuple(new)
+    return tuple(n - o for n, o in zip(new, old))
 
 
 def _program(device: torch.device, old_code, new_code, wide: bool):
-    """The compiled noise_difference of this (device type, old type, new type, width), or None."""
+    """The compiled noise_difference_lanes of this (device type, old type, new type, width), or None."""
     if os.environ.get(_COMPILE_ENV, "") == "0":
         return None
     slot = (device.type, old_code, new_code, wide)
     if slot not in _programs:
         def program(*tensors):
-            return noise_difference(old_code, new_code, wide, *tensors)
+            return noise_difference_lanes(old_code, new_code, wide, *tensors)
         # a code object of its own: torch.compile caches per code object, and the closures of
         # the (old, new) pairs sharing one would count as recompilations of one function
         program.__code__ = program.__code__.replace(co_name=f"noise_difference_{old_code}_{new_code}_{int(wide)}")
@@ -105,8 +111,9 @@ def noise_differences(seed: int, members, device: torch.device, compile_min: int
             with torch.no_grad():
                 segment = torch.repeat_interleave(torch.arange(len(counts), device=device),
                                                   torch.tensor(counts, device=device))
-                delta = program(segment, *tables,
+                lanes = program(segment, *tables,
                                 torch.tensor(k0, device=device), torch.tensor(k1, device=device))
+                delta = torch.stack(lanes, dim=1).reshape(-1)  # element order: 4j + lane
         except Exception as error:  # a compiler missing on this machine, an unsupported op
             _fail((device.type, old_code, new_code, wide), error)
         else:
@@ -138,7 +145,7 @@ def _segment_tables(members, counts, device):
 
 
 def _eager_difference(old_code, new_code, seed, members, device, wide: bool) -> torch.Tensor:
-    """noise_difference's result computed by nvrm_ext.noise eagerly, per side."""
+    """noise_difference_lanes' result, in element order, computed by nvrm_ext.noise eagerly, per side."""
     sides = []
     for code, column in ((new_code, 4), (old_code, 3)):
         if code is None:

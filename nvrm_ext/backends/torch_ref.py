@@ -12,7 +12,7 @@ import torch
 
 from .. import noise as spec
 from . import tables as T
-from . import torch_noise
+from . import torch_noise, torch_step
 
 
 def _math_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -67,7 +67,8 @@ def _batches(members):
 def _sqrt_rn(x: torch.Tensor) -> torch.Tensor:
     """Correctly rounded sqrt (as the kernels'): ATen's float32 and float64 CPU sqrt are not always."""
     if x.dtype == torch.float64:
-        if x.device.type == "cpu":  # numpy's is the hardware instruction, correctly rounded
+        if x.device.type == "cpu" and not torch.compiler.is_compiling():
+            # numpy's is the hardware instruction, correctly rounded (as is compiled code's)
             return torch.from_numpy(np.sqrt(x.numpy()))
         return torch.sqrt(x)
     return torch.sqrt(x.double()).to(x.dtype)  # rounding the float64 root once is exact here
@@ -148,6 +149,8 @@ class TorchBackend:
             T.resolve_rows(op, ints, floats, counters)
         scale = None if grad_scale is None else grad_scale.item()
         float_rows = floats.tolist()
+        rest = self._run_step_programs(op, rows, ints, float_rows, seed, grad_scale)
+        rows, ints, float_rows = [rows[i] for i in rest], ints[rest], [float_rows[i] for i in rest]
         deltas = _noise_deltas(rows, ints, float_rows, seed)
         for (param, grad, states, comp), ints_row, float_row, delta in zip(rows, ints, float_rows, deltas):
             self._run_one(op, param, grad, states, comp, int(ints_row[T.I_FLAGS]), float_row, delta, scale)
@@ -155,23 +158,44 @@ class TorchBackend:
             T.commit_rows(ints, floats, counters)
             live.copy_(torch.from_numpy(counters))
 
+    @staticmethod
+    def _run_step_programs(op: int, rows: list, ints, float_rows: list, seed: int, grad_scale) -> list:
+        """Run the rows a compiled step program takes (torch_step: large tensors); the indices
+        of the others. Their parameters' kept noise is forgotten: their weights change without it."""
+        cache = torch_step.PREVIOUS_NOISE if torch_step.cache_enabled() else None
+        scale = None if grad_scale is None else grad_scale.reshape(())
+        rest = []
+        for index, (row, ints_row, float_row) in enumerate(zip(rows, ints, float_rows)):
+            if not torch_step.try_step(op, row, ints_row, float_row, seed, scale, cache):
+                rest.append(index)
+                if cache is not None:
+                    cache.forget(row[0])
+        return rest
+
     def _run_one(self, op, param, grad, states, comp, flags, f, delta, scale=None) -> None:
-        p = param.to(_math_dtype(param.dtype))
-        if comp is not None:  # 16-bit parameters: the weight is param + comp
-            p = p + comp.to(p.dtype)
-        if op != T.OP_NOISE:
-            if scale is not None:  # GradScaler's fused protocol: unscale, round, write back
-                grad.copy_(grad.to(p.dtype) / scale)
-            g = grad.to(p.dtype)
-            p = (_sgd if op == T.OP_SGD else _adam)(p, g, flags, f, states)
-        if delta is not None:  # n_new - n_old (torch_noise)
-            p = p + delta.to(p.dtype)
-        if comp is not None:  # keep what rounding to the storage type drops
-            stored = p.to(param.dtype)
-            comp.copy_(p - stored.to(p.dtype))
-            param.copy_(stored)
-        else:
-            param.copy_(p)
+        update_one(op, param, grad, states, comp, flags, f, delta, scale)
+
+
+def update_one(op: int, param, grad, states, comp, flags: int, f, delta, scale=None) -> None:
+    """One row's update and noise swap, in place: `f` its float table row (a list, or a float32
+    tensor in a compiled step program), `delta` n_new - n_old laid out like the parameter (or
+    None), `scale` GradScaler's scale (a float or a 0-dim tensor) or None."""
+    p = param.to(_math_dtype(param.dtype))
+    if comp is not None:  # 16-bit parameters: the weight is param + comp
+        p = p + comp.to(p.dtype)
+    if op != T.OP_NOISE:
+        if scale is not None:  # GradScaler's fused protocol: unscale, round, write back
+            grad.copy_(grad.to(p.dtype) / scale)
+        g = grad.to(p.dtype)
+        p = (_sgd if op == T.OP_SGD else _adam)(p, g, flags, f, states)
+    if delta is not None:  # n_new - n_old (torch_noise)
+        p = p + delta.to(p.dtype)
+    if comp is not None:  # keep what rounding to the storage type drops
+        stored = p.to(param.dtype)
+        comp.copy_(p - stored.to(p.dtype))
+        param.copy_(stored)
+    else:
+        param.copy_(p)
 
 
 TORCH = TorchBackend()

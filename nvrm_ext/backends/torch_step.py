@@ -1,0 +1,204 @@
+"""The 'torch' backend's step for one large tensor: its noise swap and its update as one program.
+
+For a tensor of at least STEP_MIN_ELEMENTS elements the batched path (torch_noise for the noise,
+then the update in eager ops) makes some ten passes over memory and draws two noises per element;
+on the CPU that is about twice the original algorithm's step. Here one torch.compile'd program per
+(update, flags, noise types, dtypes) does it all in two loops over the tensor (one over quads that
+draws Philox and the transform, one over elements that updates): the same operations as the
+batched path (nvrm_ext.noise's Philox and float64 transforms, torch_ref.update_one's arithmetic),
+so the same bits (tests/test_torch_step.py compares them).
+
+The previous noise is not drawn again when it can be read: PreviousNoise keeps, per parameter,
+the noise the last step program put on it (float32, one value per element; the original algorithm
+keeps two such tensors), with the complete key of the pure function that made it (seed, parameter
+key, step, noise type, scale, offset, size, device). A step subtracts it only when that key is the
+one the launch table asks to remove; any other case (first step, a loaded checkpoint, a changed
+group, a different step or scale) draws the old noise as well. It is a cache of a pure function,
+never state: it is not saved, and nothing but speed depends on it. NVRM_TORCH_NOISE_CACHE=0 turns
+it off (the step then draws both noises, keeping no memory).
+"""
+from __future__ import annotations
+
+import os
+import weakref
+
+import torch
+
+from .. import noise as spec
+from . import tables as T
+from . import torch_noise
+
+STEP_MIN_ELEMENTS = 1 << 16
+"""Tensors smaller than this take the batched path: a call into a compiled program costs some
+50 microseconds of host time, which a tensor of this size repays."""
+
+_CACHE_ENV = "NVRM_TORCH_NOISE_CACHE"  # "0": draw the old noise again instead of keeping it
+_UPDATE_FLAGS = (T.FLAG_WEIGHT_DECAY | T.FLAG_MOMENTUM | T.FLAG_MOMENTUM_INIT | T.FLAG_NESTEROV
+                 | T.FLAG_AMSGRAD | T.FLAG_DECOUPLED)
+_OLD_NONE, _OLD_KEPT, _OLD_DRAWN = "none", "kept", "drawn"
+
+_programs: dict = {}  # program key -> compiled function, or None once it failed
+
+
+class PreviousNoise:
+    """Per parameter, the noise a step program last put on it and the key that made it; an entry
+    goes with its parameter (by identity: tensors compare elementwise, so not a WeakKeyDictionary)."""
+
+    def __init__(self):
+        self._entries: dict = {}  # id(param) -> (weak reference to param, key, noise)
+
+    def find(self, param: torch.Tensor, key: tuple) -> torch.Tensor | None:
+        """The kept noise if it is the one `key` describes, else None."""
+        entry = self._entries.get(id(param))
+        if entry is None or entry[0]() is not param or entry[1] != key:
+            return None
+        return entry[2]
+
+    def take(self, param: torch.Tensor, numel: int) -> torch.Tensor:
+        """A float32 buffer for the parameter's next noise: its kept one (reused), or a new one.
+        The entry is forgotten: until `keep` names the new noise, the buffer describes nothing."""
+        entry = self._entries.pop(id(param), None)
+        if entry is not None and entry[0]() is param and entry[2].numel() == numel and entry[2].device == param.device:
+            return entry[2]
+        return torch.empty(numel, dtype=torch.float32, device=param.device)
+
+    def keep(self, param: torch.Tensor, key: tuple, noise: torch.Tensor) -> None:
+        ident = id(param)
+        self._entries[ident] = (weakref.ref(param, lambda _, ident=ident: self._entries.pop(ident, None)), key, noise)
+
+    def forget(self, param: torch.Tensor) -> None:
+        self._entries.pop(id(param), None)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+PREVIOUS_NOISE = PreviousNoise()
+
+
+def cache_enabled() -> bool:
+    return os.environ.get(_CACHE_ENV, "") != "0"
+
+
+def flat_in_memory_order(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor | None:
+    """`t` as a flat view numbered in memory order, or None where it cannot be one that agrees
+    with `like`'s numbering (other strides, overlapping or gapped memory)."""
+    if t.stride() != like.stride() or t.shape != like.shape:
+        return None
+    if t.is_contiguous():
+        return t.view(-1)
+    ordered = t.permute(spec.memory_order_permutation(t))
+    return ordered.view(-1) if ordered.is_contiguous() else None
+
+
+def noise_key(seed: int, key: int, side, offset: int, numel: int, device: torch.device) -> tuple:
+    """What determines the noise of one side (step, type, scale) of a row: the pure function's arguments."""
+    step, noise_type, scale = side
+    return (seed, key, step, noise_type, scale, offset, numel, device)
+
+
+def _program(config: tuple):
+    """The compiled step of this configuration, or None where compiling is off or failed."""
+    if os.environ.get(torch_noise._COMPILE_ENV, "") == "0":
+        return None
+    if config not in _programs:
+        from .torch_ref import update_one  # torch_ref imports this module
+
+        op, flags, old_mode, old_code, new_code, wide, has_comp, has_scale, num_states = config
+
+        def step(param, grad, states, comp, floats, counters, kept, grad_scale):
+            # kept: the parameter's kept-noise buffer (None without the cache): read as the old
+            # noise in the "kept" mode, then overwritten with the new noise, element by element
+            quads = torch.arange((param.shape[0] + 3) // 4, device=param.device) + counters[3]
+            new = _drawn(new_code, quads, counters, counters[2], floats[T.F_NEW_SCALE], param.shape[0])
+            if old_mode == _OLD_KEPT:
+                old = kept
+            elif old_mode == _OLD_DRAWN:
+                old = _drawn(old_code, quads, counters, counters[1], floats[T.F_OLD_SCALE], param.shape[0])
+            else:
+                old = None
+            if wide:
+                delta = new.to(torch.float64) if old is None else new.to(torch.float64) - old.to(torch.float64)
+            else:
+                delta = new if old is None else new - old
+            update_one(op, param, grad, states, comp, flags, floats, delta, grad_scale)
+            if kept is not None:
+                kept.copy_(new)
+
+        step.__code__ = step.__code__.replace(co_name="torch_step_" + "_".join(str(part) for part in config))
+        try:
+            # emulate_precision_casts: round at every cast to a 16-bit type as eager does (the
+            # compensation is what that rounding drops); by default inductor may keep float32
+            _programs[config] = torch.compile(step, dynamic=True, fullgraph=True,
+                                              options={"emulate_precision_casts": True})
+        except Exception as error:  # torch.compile missing or refusing this platform
+            torch_noise._fail((config, "step"), error)
+            _programs[config] = None
+    return _programs[config]
+
+
+def flat_states_or_none(states, param) -> list:
+    return [None if t is None else flat_in_memory_order(t, param) for t in states]
+
+
+def _drawn(code: int, quads, counters, step, scale, numel: int) -> torch.Tensor:
+    """float32(scale) * z of the elements of these quads, flat in element order, `numel` long."""
+    words = spec.philox4x32(quads & spec._MASK32, quads >> 32, counters[0], step, counters[4], counters[5])
+    lanes = [lane * scale for lane in spec.unit_lanes_of_words(code, words)]
+    return torch.stack(lanes, dim=1).reshape(-1)[:numel]
+
+
+def try_step(op: int, row, ints_row, float_row, seed: int, grad_scale, cache: PreviousNoise | None) -> bool:
+    """Run one table row through its step program; False (nothing changed) where this row is not
+    one for it: too small, no new noise, a shard not starting on a quad, a layout the flat views
+    cannot follow, or no compiled program on this platform."""
+    param, grad, states, comp = row
+    numel = param.numel()
+    flags = int(ints_row[T.I_FLAGS])
+    offset = int(ints_row[T.I_OFFSET])
+    new_step, old_step = int(ints_row[T.I_NEW_STEP]), int(ints_row[T.I_OLD_STEP])
+    if (op == T.OP_NOISE or numel < STEP_MIN_ELEMENTS or new_step == 0 or offset % 4 != 0 or grad is None
+            or param.dtype not in T.STORAGE_CODES):
+        return False
+    flat = [flat_in_memory_order(t, param) for t in (param, grad, comp) if t is not None]
+    flat_states = [flat_in_memory_order(t, param) for t in states if t is not None]
+    if any(t is None for t in flat + flat_states):
+        return False
+    key = int(ints_row[T.I_KEY])
+    new_code = (flags >> T.FLAG_NEW_TYPE_SHIFT) & T.NOISE_TYPE_MASK
+    old_code = (flags >> T.FLAG_OLD_TYPE_SHIFT) & T.NOISE_TYPE_MASK
+    new_side = (new_step, spec.NOISE_TYPES[new_code], float_row[T.F_NEW_SCALE])
+    old_side = (old_step, spec.NOISE_TYPES[old_code], float_row[T.F_OLD_SCALE])
+    old_noise = None
+    if old_step == 0:
+        old_mode = _OLD_NONE
+    elif cache is not None:
+        old_noise = cache.find(param, noise_key(seed, key, old_side, offset, numel, param.device))
+        old_mode = _OLD_DRAWN if old_noise is None else _OLD_KEPT
+    else:
+        old_mode = _OLD_DRAWN
+    config = (op, flags & _UPDATE_FLAGS, old_mode, old_code if old_mode == _OLD_DRAWN else None, new_code,
+              param.dtype == torch.float64, comp is not None, grad_scale is not None,
+              tuple(t is not None for t in states))
+    program = _program(config)
+    if program is None:
+        return False
+    device = param.device
+    floats = torch.tensor(float_row, dtype=torch.float32).to(device)
+    counters = torch.tensor([key & spec._MASK32, old_step & spec._MASK32, new_step & spec._MASK32, offset // 4,
+                             seed & spec._MASK32, (seed >> 32) & spec._MASK32], dtype=torch.int64).to(device)
+    if cache is not None:
+        kept = cache.take(param, numel)  # the old noise itself in the "kept" mode
+    else:
+        kept = None
+    try:
+        with torch.no_grad():
+            program(flat[0], flat[1], flat_states_or_none(states, param), flat[2] if comp is not None else None,
+                    floats, counters, kept, grad_scale)
+    except Exception as error:  # compiling failed (a compiler missing, an unsupported op): nothing ran
+        torch_noise._fail((config, "step"), error)
+        _programs[config] = None
+        return False
+    if cache is not None:
+        cache.keep(param, noise_key(seed, key, new_side, offset, numel, device), kept)
+    return True
