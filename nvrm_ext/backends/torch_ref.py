@@ -150,9 +150,9 @@ class TorchBackend:
         scale = None if grad_scale is None else grad_scale.item()
         float_rows = floats.tolist()
         rest = self._run_step_programs(op, rows, ints, float_rows, seed, grad_scale)
-        rows, ints, float_rows = [rows[i] for i in rest], ints[rest], [float_rows[i] for i in rest]
-        deltas = _noise_deltas(rows, ints, float_rows, seed)
-        for (param, grad, states, comp), ints_row, float_row, delta in zip(rows, ints, float_rows, deltas):
+        rest_rows, rest_ints, rest_floats = [rows[i] for i in rest], ints[rest], [float_rows[i] for i in rest]
+        deltas = _noise_deltas(rest_rows, rest_ints, rest_floats, seed)
+        for (param, grad, states, comp), ints_row, float_row, delta in zip(rest_rows, rest_ints, rest_floats, deltas):
             self._run_one(op, param, grad, states, comp, int(ints_row[T.I_FLAGS]), float_row, delta, scale)
         if live is not None:
             T.commit_rows(ints, floats, counters)

@@ -1,0 +1,216 @@
+"""The 'torch' backend's compiled step programs (backends/torch_step.py) and the noise they keep.
+
+A large tensor's step runs as one compiled program that draws the new noise, subtracts the old
+one (kept from the previous step when its key matches, drawn otherwise) and applies the update.
+Its reference is the backend's eager path (NVRM_TORCH_COMPILE=0: nvrm_ext.noise's draws and the
+per-row update, itself tested against the original algorithm in test_torch_noise.py): the same
+operations, so the same weights and states, to one float32 ulp of the noise where a platform's
+vectorized float64 functions take another path for some elements. With and without the kept
+noise the programs must agree bit for bit: the kept noise is what the program would draw.
+STEP_MIN_ELEMENTS is lowered so that small tensors take the programs; the 1- and 7-element
+tensors stay below it and take the batched path in the same steps.
+"""
+import gc
+import math
+
+import pytest
+import torch
+
+import nvrm_ext
+from nvrm_ext import noise as spec
+from nvrm_ext.backends import torch_step
+
+SEED = 0x5EED0F5E7
+SHAPES = [(1,), (300, 7), (7,), (4099,), (2, 3, 11, 13)]  # (300, 7): 2,100 elements, a multiple of 4
+
+
+@pytest.fixture
+def step_programs(monkeypatch):
+    """Step programs for every tensor of 16 elements or more; a count of the rows they ran."""
+    monkeypatch.setattr(torch_step, "STEP_MIN_ELEMENTS", 16)
+    monkeypatch.delenv("NVRM_TORCH_COMPILE", raising=False)
+    monkeypatch.delenv("NVRM_TORCH_NOISE_CACHE", raising=False)
+    ran = {"rows": 0, "kept": 0}
+    real = torch_step.try_step
+
+    def counting(op, row, ints_row, float_row, seed, grad_scale, cache):
+        old_noise = None if cache is None else cache._entries.get(id(row[0]))
+        done = real(op, row, ints_row, float_row, seed, grad_scale, cache)
+        ran["rows"] += done
+        ran["kept"] += done and old_noise is not None and old_noise[1][2] == int(ints_row[7])
+        return done
+    monkeypatch.setattr(torch_step, "try_step", counting)
+    return ran
+
+
+CASES = {
+    "vsgd-nesterov-gaussian-float32": (nvrm_ext.FusedVSGD, dict(lr=0.05, momentum=0.9, weight_decay=1e-2,
+                                                               nesterov=True), "Gaussian", torch.float32),
+    "vadam-amsgrad-laplace-float32": (nvrm_ext.FusedVAdam, dict(lr=1e-2, weight_decay=1e-2, amsgrad=True),
+                                      "Laplace", torch.float32),
+    "vsgd-momentum-gaussian-bfloat16": (nvrm_ext.FusedVSGD, dict(lr=0.05, momentum=0.9), "Gaussian",
+                                        torch.bfloat16),
+    "vadam-decoupled-uniform-float64": (nvrm_ext.FusedVAdam, dict(lr=1e-2, weight_decay=0.1, decoupled=True),
+                                        "Uniform", torch.float64),
+}
+
+
+def _run(cls, kwargs, noise_type, dtype, steps=7, num_iters=3, shapes=SHAPES, edit=None, **options):
+    """Weights and optimizer states after `steps` steps from fixed weights and gradients;
+    `edit(step, optimizer, params)` runs before each step."""
+    g = torch.Generator().manual_seed(11)
+    params = [torch.nn.Parameter(torch.randn(shape, generator=g).to(dtype)) for shape in shapes]
+    opt = cls(params, **kwargs, variability=0.05, num_iters=num_iters, noise_type=noise_type, seed=SEED,
+              backend="torch", **options)
+    for step in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g).to(dtype)
+        if edit is not None:
+            edit(step, opt, params)
+        opt.step()
+    states = [t.clone() for state in opt.state.values() for t in state.values()
+              if isinstance(t, torch.Tensor) and t.dim() > 0]
+    return [p.detach().clone() for p in params] + states
+
+
+def _assert_same(ours, eager, exact: bool) -> None:
+    for a, b in zip(ours, eager, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        if exact:
+            assert torch.equal(a, b)
+        else:  # one ulp of the weight: the noise's z one float32 ulp apart on a few elements
+            ulp = torch.nextafter(b.abs(), torch.tensor(math.inf, dtype=b.dtype)) - b.abs()
+            assert ((a - b).abs() <= ulp).all(), (a - b).abs().max()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_step_programs_give_the_eager_paths_weights(step_programs, monkeypatch, case):
+    cls, kwargs, noise_type, dtype = CASES[case]
+    kept = _run(cls, kwargs, noise_type, dtype)
+    # three large tensors, every step but the ends of periods (steps 3 and 6: the noise only comes
+    # off, the batched path does it)
+    assert step_programs["rows"] == 3 * 5 and step_programs["kept"] > 0
+    monkeypatch.setenv("NVRM_TORCH_COMPILE", "0")
+    eager = _run(cls, kwargs, noise_type, dtype)
+    _assert_same(kept, eager, exact=noise_type == "Uniform")
+
+
+def test_a_channels_last_parameter_is_stepped_in_memory_order(step_programs, monkeypatch):
+    """The noise of element i is numbered in memory order (docs/noise.md §1): the program works on
+    flat memory-order views (a tensor whose strides differ from its parameter's has none: the row
+    would be left to the batched path; the optimizer hands over gradients in the parameter's layout)."""
+    cls, kwargs, noise_type, dtype = CASES["vsgd-nesterov-gaussian-float32"]
+
+    def channels_last(step, opt, params):
+        if step == 0:
+            params[4].data = params[4].data.contiguous(memory_format=torch.channels_last)
+        params[4].grad = params[4].grad.contiguous(memory_format=torch.channels_last)
+        assert torch_step.flat_in_memory_order(params[4].grad.contiguous(), params[4]) is None
+    ours = _run(cls, kwargs, noise_type, dtype, edit=channels_last)
+    assert step_programs["rows"] == 3 * 5
+    monkeypatch.setenv("NVRM_TORCH_COMPILE", "0")
+    eager = _run(cls, kwargs, noise_type, dtype, edit=channels_last)
+    _assert_same(ours, eager, exact=False)
+
+
+def _edits():
+    def variability(step, opt, params):
+        if step == 4:
+            opt.param_groups[0]["variability"] = 0.2
+    def noise_type(step, opt, params):
+        if step == 2:
+            opt.param_groups[0]["noise_type"] = "Laplace"
+    def replaced(step, opt, params):  # the same parameter object, other storage (same shape)
+        if step == 3:
+            params[3].data = params[3].data.clone()
+    return {"variability": variability, "noise_type": noise_type, "replaced": replaced}
+
+
+@pytest.mark.parametrize("edit", list(_edits()))
+def test_edited_groups_and_replaced_storage_give_the_weights_of_a_run_without_kept_noise(step_programs,
+                                                                                       monkeypatch, edit):
+    """The kept noise is used only when its key is the one the launch table asks to remove:
+    after an edit the weights are those of runs that draw every noise."""
+    cls, kwargs, _, dtype = CASES["vsgd-nesterov-gaussian-float32"]
+    ours = _run(cls, kwargs, "Gaussian", dtype, edit=_edits()[edit])
+    monkeypatch.setenv("NVRM_TORCH_NOISE_CACHE", "0")
+    drawn = _run(cls, kwargs, "Gaussian", dtype, edit=_edits()[edit])
+    _assert_same(ours, drawn, exact=True)
+    monkeypatch.setenv("NVRM_TORCH_COMPILE", "0")
+    eager = _run(cls, kwargs, "Gaussian", dtype, edit=_edits()[edit])
+    _assert_same(ours, eager, exact=False)
+
+
+@pytest.mark.parametrize("other_seed", [False, True], ids=["resume", "another-runs-checkpoint"])
+def test_a_loaded_checkpoint_gives_the_weights_of_a_run_without_kept_noise(step_programs, monkeypatch,
+                                                                           other_seed):
+    """A state_dict loaded into a new optimizer over the same parameters mid-run: its own (a
+    resume: the kept noise is still the right one) or another run's (another seed: the kept
+    noise is not the one to remove, and must not be used)."""
+    cls, kwargs, _, dtype = CASES["vadam-amsgrad-laplace-float32"]
+
+    def run(cache: str):
+        monkeypatch.setenv("NVRM_TORCH_NOISE_CACHE", cache)
+        g = torch.Generator().manual_seed(5)
+        params = [torch.nn.Parameter(torch.randn(shape, generator=g)) for shape in SHAPES]
+        make = lambda seed: cls(params, **kwargs, variability=0.05, num_iters=4, seed=seed, backend="torch")
+        opt = make(SEED)
+        donor = make(SEED + 1) if other_seed else None
+        for step in range(6):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g)
+            if step == 3:
+                checkpoint = (donor if other_seed else opt).state_dict()
+                if other_seed:  # the donor's step counters must match the weights' for a valid load
+                    checkpoint["state"] = opt.state_dict()["state"]
+                opt = make(SEED)
+                opt.load_state_dict(checkpoint)
+            opt.step()
+        return [p.detach().clone() for p in params]
+    kept = run("1")
+    assert step_programs["kept"] > 0
+    _assert_same(kept, run("0"), exact=True)
+
+
+def test_the_kept_noise_is_the_specifications_and_goes_with_its_parameter(step_programs):
+    """After one step with zero gradients the weights are w + noise and the kept noise is that noise
+    (nvrm_ext.noise, to the ulp); it stays while its parameter is skipped (a gradient of None: the
+    weights keep that noise), is forgotten by a row that leaves the programs (here: the end of a
+    period, where the batched path takes the noise off) and is freed with its parameter."""
+    params = [torch.nn.Parameter(torch.zeros(shape)) for shape in [(4099,), (300, 7)]]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt = nvrm_ext.FusedVSGD(params, lr=0.1, variability=0.1, num_iters=2, seed=SEED, backend="torch")
+    opt.step()
+    cache = torch_step.PREVIOUS_NOISE
+    for key, p in enumerate(params):
+        expected = spec.noise("Gaussian", 0.1, SEED, key, 1, p.numel())
+        kept = cache._entries[id(p)][2]
+        assert kept.dtype == torch.float32 and kept.numel() == p.numel()
+        ulp = torch.nextafter(expected.abs(), torch.tensor(math.inf)) - expected.abs()
+        assert ((kept - expected).abs() <= ulp).all() and torch.equal(p.detach().view(-1), kept)
+    params[1].grad = None
+    opt.step()  # the end of the period for params[0]: its noise comes off
+    assert id(params[0]) not in cache._entries and id(params[1]) in cache._entries
+    assert torch.equal(params[0].detach(), torch.zeros_like(params[0]))
+    before = len(cache)
+    del opt, params, p
+    gc.collect()
+    assert len(cache) == before - 1
+
+
+def test_a_scaled_gradient_is_unscaled_in_the_program(step_programs, monkeypatch):
+    """GradScaler's fused protocol (capturable=True): the program divides the gradient by the
+    scale and writes it back, as the eager path does."""
+    cls, kwargs, noise_type, dtype = CASES["vsgd-momentum-gaussian-bfloat16"]
+
+    def scaled(step, opt, params):
+        opt.grad_scale = torch.tensor(1024.0)
+        opt.found_inf = torch.tensor(1.0 if step == 2 else 0.0)  # step 2 is skipped
+        for p in params:
+            p.grad.mul_(1024)
+    ours = _run(cls, kwargs, noise_type, dtype, edit=scaled, capturable=True)
+    assert step_programs["rows"] == 3 * 4  # 7 steps: one skipped, two ends of periods
+    monkeypatch.setenv("NVRM_TORCH_COMPILE", "0")
+    eager = _run(cls, kwargs, noise_type, dtype, edit=scaled, capturable=True)
+    _assert_same(ours, eager, exact=False)
