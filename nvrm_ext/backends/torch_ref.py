@@ -109,7 +109,9 @@ def _adam(p, g, flags, f, states):
 
 
 class TorchBackend:
-    """Per-tensor loop reading the same launch tables the fused kernels read."""
+    """Reads the same launch tables the fused kernels read. `grouped` (the default) runs the
+    update as a few foreach operations over groups of rows (torch_update); without it, the
+    per-row loop below, which states the arithmetic plainly (same bits, slower)."""
 
     name = "torch"
     block_size = 0  # it loops over the rows: no block table
@@ -117,6 +119,9 @@ class TorchBackend:
     writes_through_addresses = False  # in-place torch ops advance the version counters themselves
     host_tables = True
     capturable = False  # it reads the counters and the tables on the host
+
+    def __init__(self, grouped: bool = True):
+        self.grouped = grouped
 
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> str | None:
         return None  # plain torch ops run wherever torch does
@@ -149,11 +154,18 @@ class TorchBackend:
         scale = None if grad_scale is None else grad_scale.item()
         float_rows = floats.tolist()
         deltas = _noise_deltas(rows, ints, float_rows, seed)
-        for (param, grad, states, comp), ints_row, float_row, delta in zip(rows, ints, float_rows, deltas):
-            self._run_one(op, param, grad, states, comp, int(ints_row[T.I_FLAGS]), float_row, delta, scale)
+        if self.grouped:
+            from .torch_update import run_grouped  # it imports this module's arithmetic helpers
+            run_grouped(op, rows, ints[:, T.I_FLAGS].tolist(), float_rows, deltas, scale)
+        else:
+            self._run_rows(op, rows, ints, float_rows, deltas, scale)
         if live is not None:
             T.commit_rows(ints, floats, counters)
             live.copy_(torch.from_numpy(counters))
+
+    def _run_rows(self, op, rows, ints, float_rows, deltas, scale) -> None:
+        for (param, grad, states, comp), ints_row, float_row, delta in zip(rows, ints, float_rows, deltas):
+            self._run_one(op, param, grad, states, comp, int(ints_row[T.I_FLAGS]), float_row, delta, scale)
 
     def _run_one(self, op, param, grad, states, comp, flags, f, delta, scale=None) -> None:
         p = param.to(_math_dtype(param.dtype))
