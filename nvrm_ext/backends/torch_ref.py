@@ -110,7 +110,9 @@ def _adam(p, g, flags, f, states):
 
 
 class TorchBackend:
-    """Per-tensor loop reading the same launch tables the fused kernels read."""
+    """Reads the same launch tables the fused kernels read. `grouped` (the default) runs the
+    update as a few foreach operations over groups of rows (torch_update); without it, the
+    per-row loop below, which states the arithmetic plainly (same bits, slower)."""
 
     name = "torch"
     block_size = 0  # it loops over the rows: no block table
@@ -118,6 +120,9 @@ class TorchBackend:
     writes_through_addresses = False  # in-place torch ops advance the version counters themselves
     host_tables = True
     capturable = False  # it reads the counters and the tables on the host
+
+    def __init__(self, grouped: bool = True):
+        self.grouped = grouped
 
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> str | None:
         return None  # plain torch ops run wherever torch does
@@ -149,11 +154,15 @@ class TorchBackend:
             T.resolve_rows(op, ints, floats, counters)
         scale = None if grad_scale is None else grad_scale.item()
         float_rows = floats.tolist()
-        rest = self._run_step_programs(op, rows, ints, float_rows, seed, grad_scale)
-        rest_rows, rest_ints, rest_floats = [rows[i] for i in rest], ints[rest], [float_rows[i] for i in rest]
-        deltas = _noise_deltas(rest_rows, rest_ints, rest_floats, seed)
-        for (param, grad, states, comp), ints_row, float_row, delta in zip(rest_rows, rest_ints, rest_floats, deltas):
-            self._run_one(op, param, grad, states, comp, int(ints_row[T.I_FLAGS]), float_row, delta, scale)
+        # the readable per-row path (grouped=False) takes no compiled step program
+        rest = self._run_step_programs(op, rows, ints, float_rows, seed, grad_scale) if self.grouped else range(len(rows))
+        rows, rest_ints, rest_floats = [rows[i] for i in rest], ints[rest], [float_rows[i] for i in rest]
+        deltas = _noise_deltas(rows, rest_ints, rest_floats, seed)
+        if self.grouped:
+            from .torch_update import run_grouped  # it imports this module's arithmetic helpers
+            run_grouped(op, rows, rest_ints[:, T.I_FLAGS].tolist(), rest_floats, deltas, scale)
+        else:
+            self._run_rows(op, rows, rest_ints, rest_floats, deltas, scale)
         if live is not None:
             T.commit_rows(ints, floats, counters)
             live.copy_(torch.from_numpy(counters))
@@ -171,6 +180,10 @@ class TorchBackend:
                 if cache is not None:
                     cache.forget(row[0])
         return rest
+
+    def _run_rows(self, op, rows, ints, float_rows, deltas, scale) -> None:
+        for (param, grad, states, comp), ints_row, float_row, delta in zip(rows, ints, float_rows, deltas):
+            self._run_one(op, param, grad, states, comp, int(ints_row[T.I_FLAGS]), float_row, delta, scale)
 
     def _run_one(self, op, param, grad, states, comp, flags, f, delta, scale=None) -> None:
         update_one(op, param, grad, states, comp, flags, f, delta, scale)
