@@ -155,7 +155,12 @@ class TorchBackend:
         scale = None if grad_scale is None else grad_scale.item()
         float_rows = floats.tolist()
         # the readable per-row path (grouped=False) takes no compiled step program
-        rest = self._run_step_programs(op, rows, ints, float_rows, seed, grad_scale) if self.grouped else range(len(rows))
+        rest = list(range(len(rows)))
+        if self.grouped:
+            rest = self._run_step_programs(op, rows, ints, float_rows, seed, grad_scale)
+            scale_tensor = None if grad_scale is None else grad_scale.reshape(())
+            rest = [rest[i] for i in torch_step.run_batches(op, [rows[i] for i in rest], ints[rest],
+                                                            [float_rows[i] for i in rest], seed, scale_tensor)]
         rows, rest_ints, rest_floats = [rows[i] for i in rest], ints[rest], [float_rows[i] for i in rest]
         deltas = _noise_deltas(rows, rest_ints, rest_floats, seed)
         if self.grouped:
@@ -174,10 +179,11 @@ class TorchBackend:
         cache = torch_step.PREVIOUS_NOISE if torch_step.cache_enabled() else None
         scale = None if grad_scale is None else grad_scale.reshape(())
         rest = []
+        smallest = torch_step.STEP_MIN_ELEMENTS
         for index, (row, ints_row, float_row) in enumerate(zip(rows, ints, float_rows)):
-            if not torch_step.try_step(op, row, ints_row, float_row, seed, scale, cache):
+            if row[0].numel() < smallest or not torch_step.try_step(op, row, ints_row, float_row, seed, scale, cache):
                 rest.append(index)
-                if cache is not None:
+                if cache:
                     cache.forget(row[0])
         return rest
 

@@ -23,6 +23,7 @@ import os
 import weakref
 
 import torch
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from .. import noise as spec
 from . import tables as T
@@ -97,44 +98,63 @@ def noise_key(seed: int, key: int, side, offset: int, numel: int, device: torch.
     return (seed, key, step, noise_type, scale, offset, numel, device)
 
 
-def _program(config: tuple):
-    """The compiled step of this configuration, or None where compiling is off or failed."""
+def _compiled(config: tuple, make):
+    """The compiled form of make(config) (the function to compile), or None where compiling is
+    off or has failed for this configuration."""
     if os.environ.get(torch_noise._COMPILE_ENV, "") == "0":
         return None
     if config not in _programs:
-        from .torch_ref import update_one  # torch_ref imports this module
-
-        op, flags, old_mode, old_code, new_code, wide, has_comp, has_scale, num_states = config
-
-        def step(param, grad, states, comp, floats, counters, kept, grad_scale):
-            # kept: the parameter's kept-noise buffer (None without the cache): read as the old
-            # noise in the "kept" mode, then overwritten with the new noise, element by element
-            quads = torch.arange((param.shape[0] + 3) // 4, device=param.device) + counters[3]
-            new = _drawn(new_code, quads, counters, counters[2], floats[T.F_NEW_SCALE], param.shape[0])
-            if old_mode == _OLD_KEPT:
-                old = kept
-            elif old_mode == _OLD_DRAWN:
-                old = _drawn(old_code, quads, counters, counters[1], floats[T.F_OLD_SCALE], param.shape[0])
-            else:
-                old = None
-            if wide:
-                delta = new.to(torch.float64) if old is None else new.to(torch.float64) - old.to(torch.float64)
-            else:
-                delta = new if old is None else new - old
-            update_one(op, param, grad, states, comp, flags, floats, delta, grad_scale)
-            if kept is not None:
-                kept.copy_(new)
-
-        step.__code__ = step.__code__.replace(co_name="torch_step_" + "_".join(str(part) for part in config))
+        function = make(config)
+        function.__code__ = function.__code__.replace(
+            co_name=f"{function.__name__}_" + "_".join(str(part) for part in config))
         try:
             # emulate_precision_casts: round at every cast to a 16-bit type as eager does (the
             # compensation is what that rounding drops); by default inductor may keep float32
-            _programs[config] = torch.compile(step, dynamic=True, fullgraph=True,
+            _programs[config] = torch.compile(function, dynamic=True, fullgraph=True,
                                               options={"emulate_precision_casts": True})
         except Exception as error:  # torch.compile missing or refusing this platform
             torch_noise._fail((config, "step"), error)
             _programs[config] = None
     return _programs[config]
+
+
+def _tensor_step(config: tuple):
+    """The step of one tensor: draw the new noise, take the old (kept or drawn), update."""
+    from .torch_ref import update_one  # torch_ref imports this module
+    _, op, flags, old_mode, old_code, new_code, wide, *_ = config
+
+    def tensor_step(param, grad, states, comp, floats, counters, kept, grad_scale):
+        # kept: the parameter's kept-noise buffer (None without the cache): read as the old
+        # noise in the "kept" mode, then overwritten with the new noise, element by element
+        quads = torch.arange((param.shape[0] + 3) // 4, device=param.device) + counters[3]
+        new = _drawn(new_code, quads, counters, counters[2], floats[T.F_NEW_SCALE], param.shape[0])
+        if old_mode == _OLD_KEPT:
+            old = kept
+        elif old_mode == _OLD_DRAWN:
+            old = _drawn(old_code, quads, counters, counters[1], floats[T.F_OLD_SCALE], param.shape[0])
+        else:
+            old = None
+        if wide:
+            delta = new.to(torch.float64) if old is None else new.to(torch.float64) - old.to(torch.float64)
+        else:
+            delta = new if old is None else new - old
+        update_one(op, param, grad, states, comp, flags, floats, delta, grad_scale)
+        if kept is not None:
+            kept.copy_(new)
+    return tensor_step
+
+
+def _batch_step(config: tuple):
+    """The step of a batch of small tensors laid end to end, each a whole number of quads:
+    torch_noise's batched noise (both sides drawn) and the update, on flat copies."""
+    from .torch_ref import update_one  # torch_ref imports this module
+    _, op, flags, old_code, new_code, wide, *_ = config
+
+    def batch_step(param, grad, states, comp, floats, segment, tables, grad_scale):
+        lanes = torch_noise.noise_difference_lanes(old_code, new_code, wide, segment, *tables)
+        delta = torch.stack(lanes, dim=1).reshape(-1)  # element order: the segments are whole quads
+        update_one(op, param, grad, states, comp, flags, floats, delta, grad_scale)
+    return batch_step
 
 
 def flat_states_or_none(states, param) -> list:
@@ -177,10 +197,10 @@ def try_step(op: int, row, ints_row, float_row, seed: int, grad_scale, cache: Pr
         old_mode = _OLD_DRAWN if old_noise is None else _OLD_KEPT
     else:
         old_mode = _OLD_DRAWN
-    config = (op, flags & _UPDATE_FLAGS, old_mode, old_code if old_mode == _OLD_DRAWN else None, new_code,
-              param.dtype == torch.float64, comp is not None, grad_scale is not None,
+    config = ("tensor", op, flags & _UPDATE_FLAGS, old_mode, old_code if old_mode == _OLD_DRAWN else None,
+              new_code, param.dtype == torch.float64, comp is not None, grad_scale is not None,
               tuple(t is not None for t in states))
-    program = _program(config)
+    program = _compiled(config, _tensor_step)
     if program is None:
         return False
     device = param.device
@@ -201,4 +221,108 @@ def try_step(op: int, row, ints_row, float_row, seed: int, grad_scale, cache: Pr
         return False
     if cache is not None:
         cache.keep(param, noise_key(seed, key, new_side, offset, numel, device), kept)
+    return True
+
+
+BATCH_ELEMENTS = 1 << 20  # small tensors share a batch up to this size: temporaries stay bounded
+
+
+def run_batches(op: int, rows, ints, float_rows, seed: int, grad_scale) -> list:
+    """Run the small rows that can share a batch step program (same update, flags, dtypes, float
+    coefficients and noise types; contiguous; whole quads; a new noise); the indices of the
+    others. A group smaller than torch_noise.COMPILE_MIN_ELEMENTS is not worth a compilation.
+    Per-row Python is what costs on thousands of small tensors: kept to a few attribute reads."""
+    groups: dict = {}
+    rest = []
+    for index, (row, ints_row, float_row) in enumerate(zip(rows, ints.tolist(), float_rows)):
+        key = _batch_key(op, row, ints_row, float_row)
+        if key is None:
+            rest.append(index)
+        else:
+            groups.setdefault(key, []).append(index)
+    for key, indices in groups.items():
+        if sum(rows[i][0].numel() for i in indices) < torch_noise.COMPILE_MIN_ELEMENTS:
+            rest.extend(indices)
+            continue
+        program = _compiled(key[:-1], _batch_step)
+        if program is None:
+            rest.extend(indices)
+            continue
+        for batch in _batches(indices, rows):
+            if not _run_batch(program, key, [rows[i] for i in batch], ints[batch].tolist(),
+                              [float_rows[i] for i in batch], seed, grad_scale):
+                rest.extend(batch)
+    return sorted(rest)
+
+
+def _batch_key(op, row, ints_row, float_row):
+    """What a batch program is specialized on (and, last, the float coefficients its rows share),
+    or None for a row no batch program takes."""
+    param, grad, states, comp = row
+    if (op == T.OP_NOISE or grad is None or ints_row[T.I_NEW_STEP] == 0 or ints_row[T.I_NUMEL] & 3
+            or ints_row[T.I_OFFSET] & 3 or not param.is_contiguous() or not grad.is_contiguous()
+            or (comp is not None and not comp.is_contiguous())):
+        return None
+    state_dtypes = []
+    for state in states:
+        if state is None:
+            state_dtypes.append(None)
+        elif state.is_contiguous():
+            state_dtypes.append(state.dtype)
+        else:
+            return None
+    flags = ints_row[T.I_FLAGS]
+    old_code = (flags >> T.FLAG_OLD_TYPE_SHIFT) & T.NOISE_TYPE_MASK if ints_row[T.I_OLD_STEP] else None
+    new_code = (flags >> T.FLAG_NEW_TYPE_SHIFT) & T.NOISE_TYPE_MASK
+    return ("batch", op, flags & _UPDATE_FLAGS, old_code, new_code, param.dtype == torch.float64, param.dtype,
+            param.device, grad.dtype, tuple(state_dtypes), None if comp is None else comp.dtype,
+            tuple(float_row[:T.F_OLD_SCALE]))
+
+
+def _batches(indices, rows):
+    batch, size = [], 0
+    for index in indices:
+        numel = rows[index][0].numel()
+        if batch and size + numel > BATCH_ELEMENTS:
+            yield batch
+            batch, size = [], 0
+        batch.append(index)
+        size += numel
+    if batch:
+        yield batch
+
+
+def _run_batch(program, key, rows, ints, float_rows, seed: int, grad_scale) -> bool:
+    """Flat copies of the rows' (contiguous) tensors, the program on them, the results copied
+    back; False (nothing written) where compiling fails."""
+    device = rows[0][0].device
+    params, grads, states, comps = zip(*rows)
+    flat = {"param": _flatten_dense_tensors(params), "grad": _flatten_dense_tensors(grads)}
+    flat_states = [None if column[0] is None else _flatten_dense_tensors(column) for column in zip(*states)]
+    flat_comp = None if comps[0] is None else _flatten_dense_tensors(comps)
+    members = [(ints_row[T.I_KEY], ints_row[T.I_OFFSET], ints_row[T.I_NUMEL],
+                (ints_row[T.I_OLD_STEP], None, float_row[T.F_OLD_SCALE]),
+                (ints_row[T.I_NEW_STEP], None, float_row[T.F_NEW_SCALE])) for ints_row, float_row in zip(ints, float_rows)]
+    counts = [ints_row[T.I_NUMEL] // 4 for ints_row in ints]
+    tables = torch_noise._segment_tables(members, counts, device)
+    k0, k1 = seed & spec._MASK32, (seed >> 32) & spec._MASK32
+    segment = torch.repeat_interleave(torch.arange(len(counts), device=device), torch.tensor(counts, device=device))
+    floats = torch.tensor(float_rows[0], dtype=torch.float32).to(device)
+    try:
+        with torch.no_grad():
+            program(flat["param"], flat["grad"], flat_states, flat_comp, floats, segment,
+                    [*tables, torch.tensor(k0, device=device), torch.tensor(k1, device=device)], grad_scale)
+    except Exception as error:  # compiling failed (a compiler missing, an unsupported op): nothing ran
+        torch_noise._fail((key[:-1], "step"), error)
+        _programs[key[:-1]] = None
+        return False
+    written = [(params, flat["param"]), (comps, flat_comp), *zip(zip(*states), flat_states)]
+    if grad_scale is not None:  # the unscaled gradients are written back, as the fused kernels do
+        written.append((grads, flat["grad"]))
+    targets, sources = [], []
+    for tensors, values in written:
+        if values is not None:
+            targets.extend(tensors)
+            sources.extend(_unflatten_dense_tensors(values, tensors))
+    torch._foreach_copy_(targets, sources)
     return True
