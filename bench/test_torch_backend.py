@@ -5,8 +5,10 @@ its goal is to be no slower than the original per-tensor VSGD / VAdam (nvrm_ext/
 on the same device. Measured here on the CPU with the backend forced, torch on 2 threads, on
 the 2,000 x 1k and the 8M / 64-tensor lists (bench/workloads.py; smoke: their tiny versions).
 
-One benchmark row per (family, workload): the timed callable is one FusedVSGD / FusedVAdam
-step with backend='torch'; one original step runs in pytest-benchmark's setup before every
+One benchmark row per (family, workload, kept noise or not): the timed callable is one
+FusedVSGD / FusedVAdam step with backend='torch' (by default the large tensors' step programs keep
+the noise they put on and subtract it at the next step; "drawn-noise" rows run with
+NVRM_TORCH_NOISE_CACHE=0, which draws it again); one original step runs in pytest-benchmark's setup before every
 timed round and is timed by hand, so that both see the same load on a shared machine (paired,
 interleaved). ``extra_info`` holds each one's fastest and median wall time and median process
 CPU time (both torch threads), and the ratios ``torch_over_original`` (fastest rounds),
@@ -66,9 +68,12 @@ def two_threads():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("kept_noise", [True, False], ids=["kept-noise", "drawn-noise"])
 @pytest.mark.parametrize("family", ["sgd", "adam"])
-def test_torch_backend_vs_original(benchmark, torch_workload, family, bench_seconds, pytestconfig, make_params,
-                                   two_threads):
+def test_torch_backend_vs_original(benchmark, torch_workload, family, kept_noise, bench_seconds, pytestconfig,
+                                   make_params, two_threads, monkeypatch):
+    if not kept_noise:  # the large tensors' step programs draw the old noise again (nothing kept)
+        monkeypatch.setenv("NVRM_TORCH_NOISE_CACHE", "0")
     steps = {"torch": TimedStep(_BUILDERS[("nvrm", family)](make_params(torch_workload), "torch")),
              "original": TimedStep(_BUILDERS[("original", family)](make_params(torch_workload), None))}
     load_at_start = os.getloadavg()[0]
@@ -85,6 +90,7 @@ def test_torch_backend_vs_original(benchmark, torch_workload, family, bench_seco
     benchmark.group = f"torch backend vs original {family} {torch_workload.name}"
     benchmark.extra_info.update(
         torch_backend=True, family=family, workload=torch_workload.name, workload_label=torch_workload.label,
+        kept_noise=kept_noise,
         numel=torch_workload.numel, num_tensors=torch_workload.num_tensors, device="cpu",
         torch_num_threads=torch.get_num_threads(), load_average_at_start=load_at_start)
     benchmark.pedantic(steps["torch"], setup=steps["original"], rounds=rounds, iterations=1)
@@ -104,11 +110,12 @@ def main(path: str) -> None:
     import json
     with open(path) as handle:
         rows = [b["extra_info"] for b in json.load(handle)["benchmarks"] if b["extra_info"].get("torch_backend")]
-    print(f"{'case':<12} {'original ms':>12} {'torch ms':>9} {'fastest':>8} {'median':>7} {'cpu':>6}  load")
+    print(f"{'case':<12} {'noise':<6} {'original ms':>12} {'torch ms':>9} {'fastest':>8} {'median':>7} {'cpu':>6}  load")
     for info in rows:
         if "torch_over_original" not in info:
             continue
-        print(f"{info['family']:>4} {info['workload']:<7} {1e3 * info['original_min_s']:12.1f} "
+        noise = "kept" if info.get("kept_noise", True) else "drawn"
+        print(f"{info['family']:>4} {info['workload']:<7} {noise:<6} {1e3 * info['original_min_s']:12.1f} "
               f"{1e3 * info['torch_min_s']:9.1f} {info['torch_over_original']:7.2f}x "
               f"{info['torch_over_original_median']:6.2f}x {info['torch_over_original_cpu_time']:5.2f}x  "
               f"{info['load_average_at_start']:.1f}-{info['load_average_at_end']:.1f}")

@@ -1,14 +1,17 @@
 """The 'torch' backend's compiled step programs (backends/torch_step.py) and the noise they keep.
 
 A large tensor's step runs as one compiled program that draws the new noise, subtracts the old
-one (kept from the previous step when its key matches, drawn otherwise) and applies the update.
+one (kept from the previous step when its key matches, drawn otherwise) and applies the update;
+small tensors that share their update run as one batch program over flat copies of them.
 Its reference is the backend's eager path (NVRM_TORCH_COMPILE=0: nvrm_ext.noise's draws and the
 per-row update, itself tested against the original algorithm in test_torch_noise.py): the same
 operations, so the same weights and states, to one float32 ulp of the noise where a platform's
 vectorized float64 functions take another path for some elements. With and without the kept
 noise the programs must agree bit for bit: the kept noise is what the program would draw.
-STEP_MIN_ELEMENTS is lowered so that small tensors take the programs; the 1- and 7-element
-tensors stay below it and take the batched path in the same steps.
+The `programs` fixture picks the kind: "tensor" lowers STEP_MIN_ELEMENTS so that small tensors
+take per-tensor programs (the 1- and 7-element ones stay below it and take the other paths in
+the same steps); "batch" lowers the batch programs' minimum so that the small tensors whose
+sizes are whole quads share one (the others take the grouped eager path in the same steps).
 """
 import gc
 import math
@@ -18,29 +21,51 @@ import torch
 
 import nvrm_ext
 from nvrm_ext import noise as spec
-from nvrm_ext.backends import torch_step
+from nvrm_ext.backends import torch_noise, torch_step
 
 SEED = 0x5EED0F5E7
-SHAPES = [(1,), (300, 7), (7,), (4099,), (2, 3, 11, 13)]  # (300, 7): 2,100 elements, a multiple of 4
+# whole quads: (300, 7) 2,100 elements, (16,), (6, 10); not: 1, 7, 4,099, (2, 3, 11, 13) 858
+SHAPES = [(1,), (300, 7), (7,), (4099,), (2, 3, 11, 13), (16,), (6, 10)]
+TAKEN = {"tensor": 5, "batch": 3}  # rows per step each kind of program takes
+
+
+def _counting_programs(monkeypatch, kind):
+    monkeypatch.delenv("NVRM_TORCH_COMPILE", raising=False)
+    monkeypatch.delenv("NVRM_TORCH_NOISE_CACHE", raising=False)
+    ran = {"rows": 0, "kept": 0}
+    if kind == "tensor":
+        monkeypatch.setattr(torch_step, "STEP_MIN_ELEMENTS", 16)
+        real = torch_step.try_step
+
+        def counting(op, row, ints_row, float_row, seed, grad_scale, cache):
+            old_noise = None if cache is None else cache._entries.get(id(row[0]))
+            done = real(op, row, ints_row, float_row, seed, grad_scale, cache)
+            ran["rows"] += done
+            ran["kept"] += done and old_noise is not None and old_noise[1][2] == int(ints_row[7])
+            return done
+        monkeypatch.setattr(torch_step, "try_step", counting)
+    else:
+        monkeypatch.setattr(torch_noise, "COMPILE_MIN_ELEMENTS", 0)
+        real_batches = torch_step.run_batches
+
+        def counting_batches(op, rows, *args):
+            rest = real_batches(op, rows, *args)
+            ran["rows"] += len(rows) - len(rest)
+            return rest
+        monkeypatch.setattr(torch_step, "run_batches", counting_batches)
+    return ran
 
 
 @pytest.fixture
 def step_programs(monkeypatch):
-    """Step programs for every tensor of 16 elements or more; a count of the rows they ran."""
-    monkeypatch.setattr(torch_step, "STEP_MIN_ELEMENTS", 16)
-    monkeypatch.delenv("NVRM_TORCH_COMPILE", raising=False)
-    monkeypatch.delenv("NVRM_TORCH_NOISE_CACHE", raising=False)
-    ran = {"rows": 0, "kept": 0}
-    real = torch_step.try_step
+    """Per-tensor step programs for every tensor of 16 elements or more; a count of the rows they ran."""
+    return _counting_programs(monkeypatch, "tensor")
 
-    def counting(op, row, ints_row, float_row, seed, grad_scale, cache):
-        old_noise = None if cache is None else cache._entries.get(id(row[0]))
-        done = real(op, row, ints_row, float_row, seed, grad_scale, cache)
-        ran["rows"] += done
-        ran["kept"] += done and old_noise is not None and old_noise[1][2] == int(ints_row[7])
-        return done
-    monkeypatch.setattr(torch_step, "try_step", counting)
-    return ran
+
+@pytest.fixture(params=["tensor", "batch"])
+def programs(request, monkeypatch):
+    """Per-tensor or batch step programs; (kind, a count of the rows they ran)."""
+    return request.param, _counting_programs(monkeypatch, request.param)
 
 
 CASES = {
@@ -84,12 +109,13 @@ def _assert_same(ours, eager, exact: bool) -> None:
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_step_programs_give_the_eager_paths_weights(step_programs, monkeypatch, case):
+def test_step_programs_give_the_eager_paths_weights(programs, monkeypatch, case):
+    kind, ran = programs
     cls, kwargs, noise_type, dtype = CASES[case]
     kept = _run(cls, kwargs, noise_type, dtype)
-    # three large tensors, every step but the ends of periods (steps 3 and 6: the noise only comes
-    # off, the batched path does it)
-    assert step_programs["rows"] == 3 * 5 and step_programs["kept"] > 0
+    # every step but the ends of periods (steps 3 and 6: the noise only comes off; the eager
+    # path does it)
+    assert ran["rows"] == TAKEN[kind] * 5 and (kind == "batch" or ran["kept"] > 0)
     monkeypatch.setenv("NVRM_TORCH_COMPILE", "0")
     eager = _run(cls, kwargs, noise_type, dtype)
     _assert_same(kept, eager, exact=noise_type == "Uniform")
@@ -107,7 +133,7 @@ def test_a_channels_last_parameter_is_stepped_in_memory_order(step_programs, mon
         params[4].grad = params[4].grad.contiguous(memory_format=torch.channels_last)
         assert torch_step.flat_in_memory_order(params[4].grad.contiguous(), params[4]) is None
     ours = _run(cls, kwargs, noise_type, dtype, edit=channels_last)
-    assert step_programs["rows"] == 3 * 5
+    assert step_programs["rows"] == TAKEN["tensor"] * 5
     monkeypatch.setenv("NVRM_TORCH_COMPILE", "0")
     eager = _run(cls, kwargs, noise_type, dtype, edit=channels_last)
     _assert_same(ours, eager, exact=False)
@@ -199,9 +225,10 @@ def test_the_kept_noise_is_the_specifications_and_goes_with_its_parameter(step_p
     assert ident not in cache._entries
 
 
-def test_a_scaled_gradient_is_unscaled_in_the_program(step_programs, monkeypatch):
+def test_a_scaled_gradient_is_unscaled_in_the_program(programs, monkeypatch):
     """GradScaler's fused protocol (capturable=True): the program divides the gradient by the
     scale and writes it back, as the eager path does."""
+    kind, ran = programs
     cls, kwargs, noise_type, dtype = CASES["vsgd-momentum-gaussian-bfloat16"]
 
     def scaled(step, opt, params):
@@ -210,7 +237,31 @@ def test_a_scaled_gradient_is_unscaled_in_the_program(step_programs, monkeypatch
         for p in params:
             p.grad.mul_(1024)
     ours = _run(cls, kwargs, noise_type, dtype, edit=scaled, capturable=True)
-    assert step_programs["rows"] == 3 * 4  # 7 steps: one skipped, two ends of periods
+    assert ran["rows"] == TAKEN[kind] * 4  # 7 steps: one skipped, two ends of periods
     monkeypatch.setenv("NVRM_TORCH_COMPILE", "0")
     eager = _run(cls, kwargs, noise_type, dtype, edit=scaled, capturable=True)
     _assert_same(ours, eager, exact=False)
+
+
+def test_batch_programs_split_by_group_coefficients_and_step_counts(monkeypatch):
+    """Two groups (other lr) and a parameter that skips a step (its Adam bias correction then
+    differs from its group's others): rows with other coefficients never share a batch program's
+    one float row, so the weights are the eager path's."""
+    ran = _counting_programs(monkeypatch, "batch")
+
+    def run():
+        g = torch.Generator().manual_seed(2)
+        params = [torch.nn.Parameter(torch.randn(shape, generator=g)) for shape in SHAPES]
+        opt = nvrm_ext.FusedVAdam([{"params": params[:4]}, {"params": params[4:], "lr": 3e-3}], lr=1e-2,
+                                  variability=0.05, num_iters=4, seed=SEED, backend="torch")
+        for step in range(5):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g)
+            if step == 1:
+                params[5].grad = None
+            opt.step()
+        return [p.detach().clone() for p in params]
+    ours = run()
+    assert ran["rows"] > 0
+    monkeypatch.setenv("NVRM_TORCH_COMPILE", "0")
+    _assert_same(ours, run(), exact=False)

@@ -5,7 +5,7 @@ then the update in eager ops) makes some ten passes over memory and draws two no
 on the CPU that is about twice the original algorithm's step. Here one torch.compile'd program per
 (update, flags, noise types, dtypes) does it all in two loops over the tensor (one over quads that
 draws Philox and the transform, one over elements that updates): the same operations as the
-batched path (nvrm_ext.noise's Philox and float64 transforms, torch_ref.update_one's arithmetic),
+batched path (nvrm_ext.noise's Philox and float64 transforms, torch_math.update_one's arithmetic),
 so the same bits (tests/test_torch_step.py compares them).
 
 The previous noise is not drawn again when it can be read: PreviousNoise keeps, per parameter,
@@ -28,6 +28,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from .. import noise as spec
 from . import tables as T
 from . import torch_noise
+from .torch_math import update_one
 
 STEP_MIN_ELEMENTS = 1 << 16
 """Tensors smaller than this take the batched path: a call into a compiled program costs some
@@ -120,7 +121,6 @@ def _compiled(config: tuple, make):
 
 def _tensor_step(config: tuple):
     """The step of one tensor: draw the new noise, take the old (kept or drawn), update."""
-    from .torch_ref import update_one  # torch_ref imports this module
     _, op, flags, old_mode, old_code, new_code, wide, *_ = config
 
     def tensor_step(param, grad, states, comp, floats, counters, kept, grad_scale):
@@ -147,7 +147,6 @@ def _tensor_step(config: tuple):
 def _batch_step(config: tuple):
     """The step of a batch of small tensors laid end to end, each a whole number of quads:
     torch_noise's batched noise (both sides drawn) and the update, on flat copies."""
-    from .torch_ref import update_one  # torch_ref imports this module
     _, op, flags, old_code, new_code, wide, *_ = config
 
     def batch_step(param, grad, states, comp, floats, segment, tables, grad_scale):

@@ -1,6 +1,6 @@
 """The 'torch' backend's update as a few large operations over groups of rows.
 
-Same arithmetic as torch_ref's per-row `_run_one` (the readable statement of it), the same
+Same arithmetic as torch_math's per-tensor `update_one` (the readable statement of it), the same
 single binary ops on the same operands in the same precision, so the same bits; only the
 order of work differs. Rows that share everything the arithmetic branches on (op, flags,
 dtypes, device, which tensors are present, the float coefficients) form a group; a group's
@@ -20,7 +20,7 @@ import torch
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from . import tables as T
-from .torch_ref import _math_dtype, _sqrt_rn
+from .torch_math import _math_dtype, _sqrt_rn
 
 # rows of at least this many elements are updated where they lie; smaller ones are batched
 LARGE_ROW_ELEMENTS = 1 << 16
@@ -169,7 +169,7 @@ def _weight_decayed(g, p, weight_decay):
 
 
 def _sgd(p, g, flags, f, states) -> None:
-    """torch_ref._sgd on lists, p updated in place; d_is_temp tracks whether d may be overwritten."""
+    """torch_math._sgd on lists, p updated in place; d_is_temp tracks whether d may be overwritten."""
     d, d_is_temp = g, False
     if flags & T.FLAG_WEIGHT_DECAY:
         d, d_is_temp = _weight_decayed(g, p, f[T.F_WEIGHT_DECAY]), True
@@ -201,7 +201,7 @@ def _sgd(p, g, flags, f, states) -> None:
 
 
 def _adam(p, g, flags, f, states) -> None:
-    """torch_ref._adam on lists, p and the states updated in place."""
+    """torch_math._adam on lists, p and the states updated in place."""
     if flags & T.FLAG_DECOUPLED:
         torch._foreach_mul_(p, f[T.F_DECAY])
     else:
@@ -214,7 +214,7 @@ def _adam(p, g, flags, f, states) -> None:
     torch._foreach_mul_(exp_avg_sq, f[T.F_BETA2])
     torch._foreach_add_(exp_avg_sq, squared)
     v = exp_avg_sq
-    if flags & T.FLAG_AMSGRAD:  # torch_ref._adam's NaN rule: the NaN operand itself
+    if flags & T.FLAG_AMSGRAD:  # torch_math._adam's NaN rule: the NaN operand itself
         for vmax, value in zip(max_exp_avg_sq, exp_avg_sq):
             torch.where((vmax > value) | vmax.isnan(), vmax, value, out=vmax)
         v = max_exp_avg_sq
