@@ -1,12 +1,13 @@
-"""The 'torch' backend's step for one large tensor: its noise swap and its update as one program.
+"""The 'torch' backend's compiled step programs: the noise swap and the update as one program.
 
-For a tensor of at least STEP_MIN_ELEMENTS elements the batched path (torch_noise for the noise,
-then the update in eager ops) makes some ten passes over memory and draws two noises per element;
-on the CPU that is about twice the original algorithm's step. Here one torch.compile'd program per
-(update, flags, noise types, dtypes) does it all in two loops over the tensor (one over quads that
-draws Philox and the transform, one over elements that updates): the same operations as the
-batched path (nvrm_ext.noise's Philox and float64 transforms, torch_math.update_one's arithmetic),
-so the same bits (tests/test_torch_step.py compares them).
+Per large tensor (STEP_MIN_ELEMENTS elements or more): the batched path (torch_noise for the
+noise, then the update in eager ops) makes some ten passes over memory and draws two noises per
+element; on the CPU that is about twice the original algorithm's step. Here one torch.compile'd
+program per (update, flags, noise types, dtypes) does it all in two loops over the tensor (one
+over quads that draws Philox and the transform, one over elements that updates). Per batch of
+small tensors that share their update (run_batches): the same, over flat copies of them. Both
+run the same operations as the eager path (nvrm_ext.noise's Philox and float64 transforms,
+torch_math.update_one's arithmetic), so the same bits (tests/test_torch_step.py compares them).
 
 The previous noise is not drawn again when it can be read: PreviousNoise keeps, per parameter,
 the noise the last step program put on it (float32, one value per element; the original algorithm
