@@ -265,3 +265,27 @@ def test_batch_programs_split_by_group_coefficients_and_step_counts(monkeypatch)
     assert ran["rows"] > 0
     monkeypatch.setenv("NVRM_TORCH_COMPILE", "0")
     _assert_same(ours, run(), exact=False)
+
+
+def test_zeros_keep_their_sign_in_the_programs(programs, monkeypatch):
+    """inductor compiles with -fno-signed-zeros; torch.equal does not tell -0.0 from +0.0. With
+    gradients of signed zeros the momentum buffers are all zeros, and their bits (signs included)
+    must be the eager path's."""
+    kind, ran = programs
+
+    def run():
+        g = torch.Generator().manual_seed(4)
+        params = [torch.nn.Parameter(torch.randn(shape, generator=g)) for shape in SHAPES]
+        opt = nvrm_ext.FusedVSGD(params, lr=0.1, momentum=0.9, variability=0.01, seed=SEED, backend="torch")
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.tensor([-0.0, 0.0]).repeat(p.numel()).narrow(0, 0, p.numel()).view(p.shape)
+            opt.step()
+        return [t.view(torch.int32).clone() for t in
+                [p.detach() for p in params] + [opt.state[p]["momentum_buffer"] for p in params]]
+    ours = run()
+    assert ran["rows"] == TAKEN[kind] * 3
+    monkeypatch.setenv("NVRM_TORCH_COMPILE", "0")
+    eager = run()
+    assert all(torch.equal(a, b) for a, b in zip(ours, eager))
+    assert any((t == torch.tensor(-0.0).view(torch.int32)).any() for t in ours)  # -0.0 is there to lose
