@@ -121,6 +121,20 @@ def noise_differences(seed: int, members, device: torch.device, compile_min: int
     return spec.split_segments(_eager_difference(old_code, new_code, seed, members, device, wide), segments, counts)
 
 
+def consecutive_runs(items, sizes, limit: int):
+    """Consecutive runs of `items` whose `sizes` add up to at most `limit` (a larger item alone):
+    the batches the torch backend works in, so that temporaries stay bounded."""
+    run, total = [], 0
+    for item, size in zip(items, sizes):
+        if run and total + size > limit:
+            yield run
+            run, total = [], 0
+        run.append(item)
+        total += size
+    if run:
+        yield run
+
+
 def _code(side) -> int | None:
     step, noise_type, _ = side
     return None if step == 0 else spec.noise_type_code(noise_type)

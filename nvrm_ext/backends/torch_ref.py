@@ -35,7 +35,7 @@ def _noise_deltas(rows, ints, floats, seed: int) -> list:
             by_types.setdefault(types, []).append((index, member))
     out = [None] * len(rows)
     for (_, _, device, wide), indexed in by_types.items():
-        for batch in _batches(indexed):
+        for batch in torch_noise.consecutive_runs(indexed, [member[2] for _, member in indexed], _BATCH_ELEMENTS):
             deltas = torch_noise.noise_differences(seed, [member for _, member in batch], device, wide=wide)
             for (index, _), delta in zip(batch, deltas):
                 out[index] = spec.from_memory_order(delta, rows[index][0])
@@ -49,20 +49,6 @@ def _side(step, type_bits, scale):
 
 
 _BATCH_ELEMENTS = 1 << 20  # small tensors share a batch up to this size; temporaries stay bounded
-
-
-def _batches(members):
-    """Consecutive runs of members of at most _BATCH_ELEMENTS elements (a larger tensor alone)."""
-    batch, size = [], 0
-    for member in members:
-        numel = member[1][2]
-        if batch and size + numel > _BATCH_ELEMENTS:
-            yield batch
-            batch, size = [], 0
-        batch.append(member)
-        size += numel
-    if batch:
-        yield batch
 
 
 class TorchBackend:

@@ -157,10 +157,6 @@ def _batch_step(config: tuple):
     return batch_step
 
 
-def flat_states_or_none(states, param) -> list:
-    return [None if t is None else flat_in_memory_order(t, param) for t in states]
-
-
 def _drawn(code: int, quads, counters, step, scale, numel: int) -> torch.Tensor:
     """float32(scale) * z of the elements of these quads, flat in element order, `numel` long."""
     words = spec.philox4x32(quads & spec._MASK32, quads >> 32, counters[0], step, counters[4], counters[5])
@@ -181,8 +177,8 @@ def try_step(op: int, row, ints_row, float_row, seed: int, grad_scale, cache: Pr
             or param.dtype not in T.STORAGE_CODES):
         return False
     flat = [flat_in_memory_order(t, param) for t in (param, grad, comp) if t is not None]
-    flat_states = [flat_in_memory_order(t, param) for t in states if t is not None]
-    if any(t is None for t in flat + flat_states):
+    flat_states = [None if t is None else flat_in_memory_order(t, param) for t in states]
+    if any(t is None for t in flat) or any(f is None for f, t in zip(flat_states, states) if t is not None):
         return False
     key = int(ints_row[T.I_KEY])
     new_code = (flags >> T.FLAG_NEW_TYPE_SHIFT) & T.NOISE_TYPE_MASK
@@ -213,7 +209,7 @@ def try_step(op: int, row, ints_row, float_row, seed: int, grad_scale, cache: Pr
         kept = None
     try:
         with torch.no_grad():
-            program(flat[0], flat[1], flat_states_or_none(states, param), flat[2] if comp is not None else None,
+            program(flat[0], flat[1], flat_states, flat[2] if comp is not None else None,
                     floats, counters, kept, grad_scale)
     except Exception as error:  # compiling failed (a compiler missing, an unsupported op): nothing ran
         torch_noise._fail((config, "step"), error)
@@ -248,7 +244,7 @@ def run_batches(op: int, rows, ints, float_rows, seed: int, grad_scale) -> list:
         if program is None:
             rest.extend(indices)
             continue
-        for batch in _batches(indices, rows):
+        for batch in torch_noise.consecutive_runs(indices, [rows[i][0].numel() for i in indices], BATCH_ELEMENTS):
             if not _run_batch(program, key, [rows[i] for i in batch], ints[batch].tolist(),
                               [float_rows[i] for i in batch], seed, grad_scale):
                 rest.extend(batch)
@@ -277,19 +273,6 @@ def _batch_key(op, row, ints_row, float_row):
     return ("batch", op, flags & _UPDATE_FLAGS, old_code, new_code, param.dtype == torch.float64, param.dtype,
             param.device, grad.dtype, tuple(state_dtypes), None if comp is None else comp.dtype,
             tuple(float_row[:T.F_OLD_SCALE]))
-
-
-def _batches(indices, rows):
-    batch, size = [], 0
-    for index in indices:
-        numel = rows[index][0].numel()
-        if batch and size + numel > BATCH_ELEMENTS:
-            yield batch
-            batch, size = [], 0
-        batch.append(index)
-        size += numel
-    if batch:
-        yield batch
 
 
 def _run_batch(program, key, rows, ints, float_rows, seed: int, grad_scale) -> bool:

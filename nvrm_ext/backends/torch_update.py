@@ -20,6 +20,7 @@ import torch
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from . import tables as T
+from .torch_noise import consecutive_runs
 from .torch_math import _math_dtype, _sqrt_rn
 
 # rows of at least this many elements are updated where they lie; smaller ones are batched
@@ -110,15 +111,7 @@ def _chunks(rows):
         size += numel
     if batch:
         units.append((size, batch))
-    chunk, size = [], 0
-    for numel, unit in units:
-        if chunk and size + numel > CHUNK_ELEMENTS:
-            yield chunk
-            chunk, size = [], 0
-        chunk.append(unit)
-        size += numel
-    if chunk:
-        yield chunk
+    yield from consecutive_runs([unit for _, unit in units], [numel for numel, _ in units], CHUNK_ELEMENTS)
 
 
 def _run_group(op, flags, rows, deltas, f, scale) -> None:
