@@ -13,6 +13,7 @@ take per-tensor programs (the 1- and 7-element ones stay below it and take the o
 the same steps); "batch" lowers the batch programs' minimum so that the small tensors whose
 sizes are whole quads share one (the others take the grouped eager path in the same steps).
 """
+import copy
 import gc
 import math
 
@@ -21,7 +22,7 @@ import torch
 
 import nvrm_ext
 from nvrm_ext import noise as spec
-from nvrm_ext.backends import torch_noise, torch_step
+from nvrm_ext.backends import torch_batch, torch_noise, torch_step
 
 SEED = 0x5EED0F5E7
 # whole quads: (300, 7) 2,100 elements, (16,), (6, 10); not: 1, 7, 4,099, (2, 3, 11, 13) 858
@@ -46,13 +47,24 @@ def _counting_programs(monkeypatch, kind):
         monkeypatch.setattr(torch_step, "try_step", counting)
     else:
         monkeypatch.setattr(torch_noise, "COMPILE_MIN_ELEMENTS", 0)
-        real_batches = torch_step.run_batches
+        real_batches, real_compiled = torch_batch.run_batches, torch_batch.compiled
 
         def counting_batches(op, rows, *args):
             rest = real_batches(op, rows, *args)
             ran["rows"] += len(rows) - len(rest)
             return rest
-        monkeypatch.setattr(torch_step, "run_batches", counting_batches)
+
+        def counting_compiled(config, make):
+            program = real_compiled(config, make)
+            if program is None:
+                return None
+
+            def counting_program(*args):
+                program(*args)
+                ran["kept"] += config[3] == torch_step.OLD_KEPT
+            return counting_program
+        monkeypatch.setattr(torch_batch, "run_batches", counting_batches)
+        monkeypatch.setattr(torch_batch, "compiled", counting_compiled)
     return ran
 
 
@@ -115,7 +127,7 @@ def test_step_programs_give_the_eager_paths_weights(programs, monkeypatch, case)
     kept = _run(cls, kwargs, noise_type, dtype)
     # every step but the ends of periods (steps 3 and 6: the noise only comes off; the eager
     # path does it)
-    assert ran["rows"] == TAKEN[kind] * 5 and (kind == "batch" or ran["kept"] > 0)
+    assert ran["rows"] == TAKEN[kind] * 5 and ran["kept"] > 0
     monkeypatch.setenv("NVRM_TORCH_COMPILE", "0")
     eager = _run(cls, kwargs, noise_type, dtype)
     _assert_same(kept, eager, exact=noise_type == "Uniform")
@@ -146,20 +158,28 @@ def _edits():
     def noise_type(step, opt, params):
         if step == 2:
             opt.param_groups[0]["noise_type"] = "Laplace"
-    def replaced(step, opt, params):  # the same parameter object, other storage (same shape)
+    def replaced(step, opt, params):  # the same parameter objects, other storage (same shape)
         if step == 3:
-            params[3].data = params[3].data.clone()
-    return {"variability": variability, "noise_type": noise_type, "replaced": replaced}
+            for index in (1, 3, 5):  # (300, 7), the first of the batch; (4099,), (16,)
+                params[index].data = params[index].data.clone()
+    def first_skips(step, opt, params):  # the batch begins with another member for one step
+        if step == 2:
+            params[1].grad = None
+    return {"variability": variability, "noise_type": noise_type, "replaced": replaced,
+            "first-skips": first_skips}
 
 
 @pytest.mark.parametrize("edit", list(_edits()))
-def test_edited_groups_and_replaced_storage_give_the_weights_of_a_run_without_kept_noise(step_programs,
+def test_edited_groups_and_replaced_storage_give_the_weights_of_a_run_without_kept_noise(programs,
                                                                                        monkeypatch, edit):
-    """The kept noise is used only when its key is the one the launch table asks to remove:
-    after an edit the weights are those of runs that draw every noise."""
+    """After an edit (of a group, of a parameter's storage, of which rows a batch holds) the
+    weights are those of runs that draw every noise: the kept noise, where it is used, is the
+    noise the table asks to remove, and nothing else in a program or workspace carries over."""
+    kind, ran = programs
     cls, kwargs, _, dtype = CASES["vsgd-nesterov-gaussian-float32"]
     ours = _run(cls, kwargs, "Gaussian", dtype, edit=_edits()[edit])
     monkeypatch.setenv("NVRM_TORCH_NOISE_CACHE", "0")
+    assert ran["kept"] > 0
     drawn = _run(cls, kwargs, "Gaussian", dtype, edit=_edits()[edit])
     _assert_same(ours, drawn, exact=True)
     monkeypatch.setenv("NVRM_TORCH_COMPILE", "0")
@@ -167,12 +187,13 @@ def test_edited_groups_and_replaced_storage_give_the_weights_of_a_run_without_ke
     _assert_same(ours, eager, exact=False)
 
 
-@pytest.mark.parametrize("other_seed", [False, True], ids=["resume", "another-runs-checkpoint"])
-def test_a_loaded_checkpoint_gives_the_weights_of_a_run_without_kept_noise(step_programs, monkeypatch,
-                                                                           other_seed):
-    """A state_dict loaded into a new optimizer over the same parameters mid-run: its own (a
-    resume: the kept noise is still the right one) or another run's (another seed: the kept
-    noise is not the one to remove, and must not be used)."""
+@pytest.mark.parametrize("source", ["resume", "another-run", "an-earlier-step"])
+def test_a_loaded_checkpoint_gives_the_weights_of_a_run_without_kept_noise(programs, monkeypatch, source):
+    """A state_dict loaded into a new optimizer over the same parameters in the middle of a
+    period: its own (a resume: the kept noise is the one to remove), another run's (another seed)
+    or an earlier one with its model's weights (a rewind). In the last two the noise the table
+    asks to remove is not the kept one, which must not be used: the weights are those of a run
+    that draws every noise."""
     cls, kwargs, _, dtype = CASES["vadam-amsgrad-laplace-float32"]
 
     def run(cache: str):
@@ -181,20 +202,28 @@ def test_a_loaded_checkpoint_gives_the_weights_of_a_run_without_kept_noise(step_
         params = [torch.nn.Parameter(torch.randn(shape, generator=g)) for shape in SHAPES]
         make = lambda seed: cls(params, **kwargs, variability=0.05, num_iters=4, seed=seed, backend="torch")
         opt = make(SEED)
-        donor = make(SEED + 1) if other_seed else None
+        donor = make(SEED + 1)
+        earlier = None
         for step in range(6):
             for p in params:
                 p.grad = torch.randn(p.shape, generator=g)
-            if step == 3:
-                checkpoint = (donor if other_seed else opt).state_dict()
-                if other_seed:  # the donor's step counters must match the weights' for a valid load
+            if step == 1:  # a checkpoint: the model's weights and the optimizer's state
+                earlier = [p.detach().clone() for p in params], copy.deepcopy(opt.state_dict())
+            if step == 2:  # old noise of step 2 on the weights, new noise of step 3 to come
+                checkpoint = {"resume": opt.state_dict, "another-run": donor.state_dict,
+                              "an-earlier-step": lambda: earlier[1]}[source]()
+                if source == "another-run":  # the donor's step counters must match the weights'
                     checkpoint["state"] = opt.state_dict()["state"]
+                if source == "an-earlier-step":  # step 1's noise on the weights again
+                    with torch.no_grad():
+                        for p, saved in zip(params, earlier[0]):
+                            p.copy_(saved)
                 opt = make(SEED)
                 opt.load_state_dict(checkpoint)
             opt.step()
         return [p.detach().clone() for p in params]
     kept = run("1")
-    assert step_programs["kept"] > 0
+    assert programs[1]["kept"] > 0
     _assert_same(kept, run("0"), exact=True)
 
 

@@ -72,6 +72,8 @@ FLAG_DECOUPLED = 1 << 9      # Adam: p *= 1 - lr*wd instead of L2
 FLAG_KEEP_NOISE = 1 << 10    # denoise=False (PSGD): the noise added is never removed
 FLAG_ALIGNED = 1 << 11       # every address 16-byte aligned, offset and numel multiples of 4: vector access
                              # (read by the Triton kernel; the compiled kernels test the addresses themselves)
+UPDATE_FLAGS = (FLAG_WEIGHT_DECAY | FLAG_MOMENTUM | FLAG_MOMENTUM_INIT | FLAG_NESTEROV | FLAG_AMSGRAD
+                | FLAG_DECOUPLED)  # the bits the update arithmetic reads (the torch backend groups rows by them)
 
 # --- live counters (capturable mode) --------------------------------------------------------
 # float64 [T, LIVE_COLUMNS] on the parameters' device, one row per tensor: the per-parameter

@@ -32,7 +32,7 @@ _COMPILE_ENV = "NVRM_TORCH_COMPILE"  # "0": never compile (eager pieces only)
 _programs: dict = {}  # (device type, old code, new code) -> compiled function, or None once it failed
 
 
-def _scaled_unit_lanes(code: int, quads, keys, steps, scales, k0, k1) -> list:
+def scaled_unit_lanes(code: int, quads, keys, steps, scales, k0, k1) -> list:
     """float32(scale) * z of the given quads, as four lanes (scale and counters per quad)."""
     words = spec.philox4x32(quads & spec._MASK32, quads >> 32, keys, steps, k0, k1)
     return [lane * scales for lane in spec.unit_lanes_of_words(code, words)]
@@ -54,9 +54,9 @@ def noise_difference_lanes(old_code: int | None, new_code: int | None, wide: boo
     keys = keys[segment]
     new = old = None
     if new_code is not None:
-        new = _scaled_unit_lanes(new_code, quads, keys, new_steps[segment], new_scales[segment], k0, k1)
+        new = scaled_unit_lanes(new_code, quads, keys, new_steps[segment], new_scales[segment], k0, k1)
     if old_code is not None:
-        old = _scaled_unit_lanes(old_code, quads, keys, old_steps[segment], old_scales[segment], k0, k1)
+        old = scaled_unit_lanes(old_code, quads, keys, old_steps[segment], old_scales[segment], k0, k1)
     if wide:
         new, old = (None if side is None else [lane.to(torch.float64) for lane in side] for side in (new, old))
     if new is None:

@@ -11,11 +11,12 @@ nvrm_ext.noise (float64 transforms), so they agree with each other (docs/noise.m
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .. import noise as spec
 from . import tables as T
-from . import torch_noise, torch_step
+from . import torch_batch, torch_noise, torch_step
 from .torch_math import update_one
 from .torch_update import run_grouped
 
@@ -101,8 +102,8 @@ class TorchBackend:
         if self.grouped:
             rest = self._run_step_programs(op, rows, ints, float_rows, seed, grad_scale)
             scale_tensor = None if grad_scale is None else grad_scale.reshape(())
-            rest = [rest[i] for i in torch_step.run_batches(op, [rows[i] for i in rest], ints[rest],
-                                                            [float_rows[i] for i in rest], seed, scale_tensor)]
+            rest = [rest[i] for i in torch_batch.run_batches(op, [rows[i] for i in rest], ints[rest], floats[rest],
+                                                             seed, scale_tensor, torch_step.cache_enabled())]
         rows, rest_ints, rest_floats = [rows[i] for i in rest], ints[rest], [float_rows[i] for i in rest]
         deltas = _noise_deltas(rows, rest_ints, rest_floats, seed)
         if self.grouped:
@@ -119,13 +120,13 @@ class TorchBackend:
         of the others. Their parameters' kept noise is forgotten: their weights change without it."""
         cache = torch_step.PREVIOUS_NOISE if torch_step.cache_enabled() else None
         scale = None if grad_scale is None else grad_scale.reshape(())
-        rest = []
-        smallest = torch_step.STEP_MIN_ELEMENTS
-        for index, (row, ints_row, float_row) in enumerate(zip(rows, ints, float_rows)):
-            if row[0].numel() < smallest or not torch_step.try_step(op, row, ints_row, float_row, seed, scale, cache):
-                rest.append(index)
-                if cache:
-                    cache.forget(row[0])
+        large = np.flatnonzero(ints[:, T.I_NUMEL] >= torch_step.STEP_MIN_ELEMENTS).tolist()
+        taken = {index for index in large
+                 if torch_step.try_step(op, rows[index], ints[index], float_rows[index], seed, scale, cache)}
+        rest = [index for index in range(len(rows)) if index not in taken]
+        if cache is not None and len(cache):
+            for index in rest:
+                cache.forget(rows[index][0])
         return rest
 
     def _run_rows(self, op, rows, ints, float_rows, deltas, scale) -> None:

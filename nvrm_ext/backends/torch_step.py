@@ -4,9 +4,8 @@ Per large tensor (STEP_MIN_ELEMENTS elements or more): the batched path (torch_n
 noise, then the update in eager ops) makes some ten passes over memory and draws two noises per
 element; on the CPU that is about twice the original algorithm's step. Here one torch.compile'd
 program per (update, flags, noise types, dtypes) does it all in two loops over the tensor (one
-over quads that draws Philox and the transform, one over elements that updates). Per batch of
-small tensors that share their update (run_batches): the same, over flat copies of them. Both
-run the same operations as the eager path (nvrm_ext.noise's Philox and float64 transforms,
+over quads that draws Philox and the transform, one over elements that updates). Small tensors
+take torch_batch's programs: the same, over flat copies of many of them. Both run the same operations as the eager path (nvrm_ext.noise's Philox and float64 transforms,
 torch_math.update_one's arithmetic), so the same bits (tests/test_torch_step.py compares them).
 
 The previous noise is not drawn again when it can be read: PreviousNoise keeps, per parameter,
@@ -24,7 +23,6 @@ import os
 import weakref
 
 import torch
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from .. import noise as spec
 from . import tables as T
@@ -36,9 +34,7 @@ STEP_MIN_ELEMENTS = 1 << 16
 50 microseconds of host time, which a tensor of this size repays."""
 
 _CACHE_ENV = "NVRM_TORCH_NOISE_CACHE"  # "0": draw the old noise again instead of keeping it
-_UPDATE_FLAGS = (T.FLAG_WEIGHT_DECAY | T.FLAG_MOMENTUM | T.FLAG_MOMENTUM_INIT | T.FLAG_NESTEROV
-                 | T.FLAG_AMSGRAD | T.FLAG_DECOUPLED)
-_OLD_NONE, _OLD_KEPT, _OLD_DRAWN = "none", "kept", "drawn"
+OLD_NONE, OLD_KEPT, OLD_DRAWN = "none", "kept", "drawn"
 
 _programs: dict = {}  # program key -> compiled function, or None once it failed
 
@@ -100,7 +96,7 @@ def noise_key(seed: int, key: int, side, offset: int, numel: int, device: torch.
     return (seed, key, step, noise_type, scale, offset, numel, device)
 
 
-def _compiled(config: tuple, make):
+def compiled(config: tuple, make):
     """The compiled form of make(config) (the function to compile), or None where compiling is
     off or has failed for this configuration."""
     if os.environ.get(torch_noise._COMPILE_ENV, "") == "0":
@@ -115,9 +111,14 @@ def _compiled(config: tuple, make):
             _programs[config] = torch.compile(function, dynamic=True, fullgraph=True,
                                               options={"emulate_precision_casts": True})
         except Exception as error:  # torch.compile missing or refusing this platform
-            torch_noise._fail((config, "step"), error)
-            _programs[config] = None
+            fail(config, error)
     return _programs[config]
+
+
+def fail(config: tuple, error: Exception) -> None:
+    """A program that failed to compile or run (nothing written): say so once, never try it again."""
+    torch_noise._fail((config, "step"), error)
+    _programs[config] = None
 
 
 def _tensor_step(config: tuple):
@@ -129,9 +130,9 @@ def _tensor_step(config: tuple):
         # noise in the "kept" mode, then overwritten with the new noise, element by element
         quads = torch.arange((param.shape[0] + 3) // 4, device=param.device) + counters[3]
         new = _drawn(new_code, quads, counters, counters[2], floats[T.F_NEW_SCALE], param.shape[0])
-        if old_mode == _OLD_KEPT:
+        if old_mode == OLD_KEPT:
             old = kept
-        elif old_mode == _OLD_DRAWN:
+        elif old_mode == OLD_DRAWN:
             old = _drawn(old_code, quads, counters, counters[1], floats[T.F_OLD_SCALE], param.shape[0])
         else:
             old = None
@@ -145,22 +146,9 @@ def _tensor_step(config: tuple):
     return tensor_step
 
 
-def _batch_step(config: tuple):
-    """The step of a batch of small tensors laid end to end, each a whole number of quads:
-    torch_noise's batched noise (both sides drawn) and the update, on flat copies."""
-    _, op, flags, old_code, new_code, wide, *_ = config
-
-    def batch_step(param, grad, states, comp, floats, segment, tables, grad_scale):
-        lanes = torch_noise.noise_difference_lanes(old_code, new_code, wide, segment, *tables)
-        delta = torch.stack(lanes, dim=1).reshape(-1)  # element order: the segments are whole quads
-        update_one(op, param, grad, states, comp, flags, floats, delta, grad_scale)
-    return batch_step
-
-
 def _drawn(code: int, quads, counters, step, scale, numel: int) -> torch.Tensor:
     """float32(scale) * z of the elements of these quads, flat in element order, `numel` long."""
-    words = spec.philox4x32(quads & spec._MASK32, quads >> 32, counters[0], step, counters[4], counters[5])
-    lanes = [lane * scale for lane in spec.unit_lanes_of_words(code, words)]
+    lanes = torch_noise.scaled_unit_lanes(code, quads, counters[0], step, scale, counters[4], counters[5])
     return torch.stack(lanes, dim=1).reshape(-1)[:numel]
 
 
@@ -187,16 +175,16 @@ def try_step(op: int, row, ints_row, float_row, seed: int, grad_scale, cache: Pr
     old_side = (old_step, spec.NOISE_TYPES[old_code], float_row[T.F_OLD_SCALE])
     old_noise = None
     if old_step == 0:
-        old_mode = _OLD_NONE
+        old_mode = OLD_NONE
     elif cache is not None:
         old_noise = cache.find(param, noise_key(seed, key, old_side, offset, numel, param.device))
-        old_mode = _OLD_DRAWN if old_noise is None else _OLD_KEPT
+        old_mode = OLD_DRAWN if old_noise is None else OLD_KEPT
     else:
-        old_mode = _OLD_DRAWN
-    config = ("tensor", op, flags & _UPDATE_FLAGS, old_mode, old_code if old_mode == _OLD_DRAWN else None,
+        old_mode = OLD_DRAWN
+    config = ("tensor", op, flags & T.UPDATE_FLAGS, old_mode, old_code if old_mode == OLD_DRAWN else None,
               new_code, param.dtype == torch.float64, comp is not None, grad_scale is not None,
               tuple(t is not None for t in states))
-    program = _compiled(config, _tensor_step)
+    program = compiled(config, _tensor_step)
     if program is None:
         return False
     device = param.device
@@ -212,100 +200,8 @@ def try_step(op: int, row, ints_row, float_row, seed: int, grad_scale, cache: Pr
             program(flat[0], flat[1], flat_states, flat[2] if comp is not None else None,
                     floats, counters, kept, grad_scale)
     except Exception as error:  # compiling failed (a compiler missing, an unsupported op): nothing ran
-        torch_noise._fail((config, "step"), error)
-        _programs[config] = None
+        fail(config, error)
         return False
     if cache is not None:
         cache.keep(param, noise_key(seed, key, new_side, offset, numel, device), kept)
-    return True
-
-
-BATCH_ELEMENTS = 1 << 20  # small tensors share a batch up to this size: temporaries stay bounded
-
-
-def run_batches(op: int, rows, ints, float_rows, seed: int, grad_scale) -> list:
-    """Run the small rows that can share a batch step program (same update, flags, dtypes, float
-    coefficients and noise types; contiguous; whole quads; a new noise); the indices of the
-    others. A group smaller than torch_noise.COMPILE_MIN_ELEMENTS is not worth a compilation.
-    Per-row Python is what costs on thousands of small tensors: kept to a few attribute reads."""
-    groups: dict = {}
-    rest = []
-    for index, (row, ints_row, float_row) in enumerate(zip(rows, ints.tolist(), float_rows)):
-        key = _batch_key(op, row, ints_row, float_row)
-        if key is None:
-            rest.append(index)
-        else:
-            groups.setdefault(key, []).append(index)
-    for key, indices in groups.items():
-        if sum(rows[i][0].numel() for i in indices) < torch_noise.COMPILE_MIN_ELEMENTS:
-            rest.extend(indices)
-            continue
-        program = _compiled(key[:-1], _batch_step)
-        if program is None:
-            rest.extend(indices)
-            continue
-        for batch in torch_noise.consecutive_runs(indices, [rows[i][0].numel() for i in indices], BATCH_ELEMENTS):
-            if not _run_batch(program, key, [rows[i] for i in batch], ints[batch].tolist(),
-                              [float_rows[i] for i in batch], seed, grad_scale):
-                rest.extend(batch)
-    return sorted(rest)
-
-
-def _batch_key(op, row, ints_row, float_row):
-    """What a batch program is specialized on (and, last, the float coefficients its rows share),
-    or None for a row no batch program takes."""
-    param, grad, states, comp = row
-    if (op == T.OP_NOISE or grad is None or ints_row[T.I_NEW_STEP] == 0 or ints_row[T.I_NUMEL] & 3
-            or ints_row[T.I_OFFSET] & 3 or not param.is_contiguous() or not grad.is_contiguous()
-            or (comp is not None and not comp.is_contiguous())):
-        return None
-    state_dtypes = []
-    for state in states:
-        if state is None:
-            state_dtypes.append(None)
-        elif state.is_contiguous():
-            state_dtypes.append(state.dtype)
-        else:
-            return None
-    flags = ints_row[T.I_FLAGS]
-    old_code = (flags >> T.FLAG_OLD_TYPE_SHIFT) & T.NOISE_TYPE_MASK if ints_row[T.I_OLD_STEP] else None
-    new_code = (flags >> T.FLAG_NEW_TYPE_SHIFT) & T.NOISE_TYPE_MASK
-    return ("batch", op, flags & _UPDATE_FLAGS, old_code, new_code, param.dtype == torch.float64, param.dtype,
-            param.device, grad.dtype, tuple(state_dtypes), None if comp is None else comp.dtype,
-            tuple(float_row[:T.F_OLD_SCALE]))
-
-
-def _run_batch(program, key, rows, ints, float_rows, seed: int, grad_scale) -> bool:
-    """Flat copies of the rows' (contiguous) tensors, the program on them, the results copied
-    back; False (nothing written) where compiling fails."""
-    device = rows[0][0].device
-    params, grads, states, comps = zip(*rows)
-    flat = {"param": _flatten_dense_tensors(params), "grad": _flatten_dense_tensors(grads)}
-    flat_states = [None if column[0] is None else _flatten_dense_tensors(column) for column in zip(*states)]
-    flat_comp = None if comps[0] is None else _flatten_dense_tensors(comps)
-    members = [(ints_row[T.I_KEY], ints_row[T.I_OFFSET], ints_row[T.I_NUMEL],
-                (ints_row[T.I_OLD_STEP], None, float_row[T.F_OLD_SCALE]),
-                (ints_row[T.I_NEW_STEP], None, float_row[T.F_NEW_SCALE])) for ints_row, float_row in zip(ints, float_rows)]
-    counts = [ints_row[T.I_NUMEL] // 4 for ints_row in ints]
-    tables = torch_noise._segment_tables(members, counts, device)
-    k0, k1 = seed & spec._MASK32, (seed >> 32) & spec._MASK32
-    segment = torch.repeat_interleave(torch.arange(len(counts), device=device), torch.tensor(counts, device=device))
-    floats = torch.tensor(float_rows[0], dtype=torch.float32).to(device)
-    try:
-        with torch.no_grad():
-            program(flat["param"], flat["grad"], flat_states, flat_comp, floats, segment,
-                    [*tables, torch.tensor(k0, device=device), torch.tensor(k1, device=device)], grad_scale)
-    except Exception as error:  # compiling failed (a compiler missing, an unsupported op): nothing ran
-        torch_noise._fail((key[:-1], "step"), error)
-        _programs[key[:-1]] = None
-        return False
-    written = [(params, flat["param"]), (comps, flat_comp), *zip(zip(*states), flat_states)]
-    if grad_scale is not None:  # the unscaled gradients are written back, as the fused kernels do
-        written.append((grads, flat["grad"]))
-    targets, sources = [], []
-    for tensors, values in written:
-        if values is not None:
-            targets.extend(tensors)
-            sources.extend(_unflatten_dense_tensors(values, tensors))
-    torch._foreach_copy_(targets, sources)
     return True

@@ -27,9 +27,6 @@ from .torch_math import _math_dtype, _sqrt_rn
 LARGE_ROW_ELEMENTS = 1 << 16
 CHUNK_ELEMENTS = 1 << 18  # the work done from start to end at a time: temporaries stay small
 
-_UPDATE_FLAGS = (T.FLAG_WEIGHT_DECAY | T.FLAG_MOMENTUM | T.FLAG_MOMENTUM_INIT | T.FLAG_NESTEROV
-                 | T.FLAG_AMSGRAD | T.FLAG_DECOUPLED)
-
 
 def _dtype(tensor):
     return None if tensor is None else tensor.dtype
@@ -41,7 +38,7 @@ def run_grouped(op: int, rows, flags_per_row, float_rows, deltas, scale) -> None
     groups: dict = {}
     for index, ((param, grad, states, comp), flags, floats, delta) in enumerate(
             zip(rows, flags_per_row, float_rows, deltas)):
-        key = (flags & _UPDATE_FLAGS, param.dtype, param.device, _dtype(grad), tuple(map(_dtype, states)),
+        key = (flags & T.UPDATE_FLAGS, param.dtype, param.device, _dtype(grad), tuple(map(_dtype, states)),
                _dtype(comp), _dtype(delta), tuple(floats[:T.F_OLD_SCALE]))
         groups.setdefault(key, []).append(index)
     for key, indices in groups.items():
