@@ -54,7 +54,6 @@ class Workspace:
 
     def __init__(self, signature: tuple, numels: np.ndarray, columns: list):
         self.signature = signature  # (device, column dtypes, member shapes): what the views follow
-        self.numels = numels
         device, _, shapes = signature
         total = int(numels.sum())
         sizes = numels.tolist()
@@ -99,7 +98,10 @@ def _workspace(params, columns, numels: np.ndarray) -> Workspace | None:
     if entry is not None and entry[0]() is first and entry[1].signature == signature:
         workspace = entry[1]
     else:
-        workspace = Workspace(signature, numels.copy(), columns)
+        try:
+            workspace = Workspace(signature, numels, columns)
+        except torch.OutOfMemoryError:  # the eager path needs less at a time
+            return None
         ident = id(first)
         _workspaces[ident] = (weakref.ref(first, lambda _, ident=ident: _workspaces.pop(ident, None)), workspace)
     workspace.last_run = _runs
