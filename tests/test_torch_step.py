@@ -318,3 +318,32 @@ def test_zeros_keep_their_sign_in_the_programs(programs, monkeypatch):
     eager = run()
     assert all(torch.equal(a, b) for a, b in zip(ours, eager))
     assert any((t == torch.tensor(-0.0).view(torch.int32)).any() for t in ours)  # -0.0 is there to lose
+
+
+def test_a_step_interrupted_part_way_is_refused_at_the_next_step(monkeypatch):
+    """A KeyboardInterrupt after the large tensor's program has stepped it but before the small
+    ones ran (Ctrl-C in a notebook): the weights no longer agree with the optimizer's counters,
+    so the next step must raise a clear error and change nothing, not remove a noise that is
+    not there; after reset_noise() the run goes on."""
+    monkeypatch.delenv("NVRM_TORCH_COMPILE", raising=False)
+    params = [torch.nn.Parameter(torch.randn(torch_step.STEP_MIN_ELEMENTS)), torch.nn.Parameter(torch.randn(8))]
+    opt = nvrm_ext.FusedVSGD(params, lr=0.1, momentum=0.9, variability=0.05, seed=SEED, backend="torch")
+    for p in params:
+        p.grad = torch.randn(p.shape)
+    opt.step()
+    before = [p.detach().clone() for p in params]
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as patch:
+        patch.setattr(torch_batch, "run_batches", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            opt.step()
+    assert not torch.equal(params[0], before[0]) and torch.equal(params[1], before[1])  # half a step
+    after = [p.detach().clone() for p in params]
+    with pytest.raises(nvrm_ext.WeightsChangedError, match="interrupted part way"):
+        opt.step()
+    assert all(torch.equal(p, a) for p, a in zip(params, after))
+    opt.reset_noise()
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in params)

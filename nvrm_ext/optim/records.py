@@ -89,7 +89,8 @@ class WeightRecordsMixin:
         key = next(k for k, q in enumerate(self._flat_params()) if q is p)
         raise WeightsChangedError(
             f"{type(self).__name__}: parameter {key} (shape {tuple(p.shape)}) was changed outside the "
-            "optimizer (model.load_state_dict, copy_, ...) while it carried the optimizer's noise; "
+            "optimizer (model.load_state_dict, copy_, ...), or by a step() interrupted part way (an "
+            "exception or KeyboardInterrupt inside it), while it carried the optimizer's noise; "
             "removing or regenerating that noise now would corrupt it, so nothing was changed. If the "
             "parameters now hold clean weights (e.g. a clean or best checkpoint), call "
             "optimizer.reset_noise(); if they are noisy weights saved with an optimizer state, load that "
