@@ -37,8 +37,7 @@ import torch
 from .. import noise as spec
 from . import tables as T
 from . import torch_noise
-from .torch_math import update_one
-from .torch_step import OLD_DRAWN, OLD_KEPT, OLD_NONE, compiled, fail
+from .torch_step import OLD_DRAWN, OLD_KEPT, OLD_NONE, compiled, fail, swap_and_update
 
 BATCH_ELEMENTS = 1 << 20  # small tensors share a batch up to this size: the temporaries stay bounded
 
@@ -123,34 +122,20 @@ def _noise_key(side: str, ints: np.ndarray, floats: np.ndarray, seed: int) -> tu
 
 def _batch_step(config: tuple):
     """The step of a batch of small tensors laid end to end, each a whole number of quads."""
-    _, op, flags, old_mode, old_code, new_code, wide, *_ = config
+    _, _, _, _, old_code, new_code, *_ = config
 
     def batch_step(param, grad, states, comp, floats, segment, tables, kept, grad_scale):
         quad_starts, first_quads, keys, old_steps, new_steps, old_scales, new_scales, k0, k1 = tables
         positions = torch.arange(segment.shape[0], device=segment.device)
         quads = positions - quad_starts[segment] + first_quads[segment]
         keys = keys[segment]
-        new = _flat(torch_noise.scaled_unit_lanes(new_code, quads, keys, new_steps[segment],
-                                                  new_scales[segment], k0, k1))
-        if old_mode == OLD_KEPT:
-            old = kept
-        elif old_mode == OLD_DRAWN:
-            old = _flat(torch_noise.scaled_unit_lanes(old_code, quads, keys, old_steps[segment],
-                                                      old_scales[segment], k0, k1))
-        else:
-            old = None
-        if wide:
-            delta = new.to(torch.float64) if old is None else new.to(torch.float64) - old.to(torch.float64)
-        else:
-            delta = new if old is None else new - old
-        update_one(op, param, grad, states, comp, flags, floats, delta, grad_scale)
-        if kept is not None:
-            kept.copy_(new)  # element by element after reading it: the next step's old noise
+
+        def drawn(code, steps, scales):
+            return torch_noise.flat_lanes(torch_noise.scaled_unit_lanes(code, quads, keys, steps[segment],
+                                                                        scales[segment], k0, k1))
+        swap_and_update(config, drawn(new_code, new_steps, new_scales), kept,
+                        lambda: drawn(old_code, old_steps, old_scales), param, grad, states, comp, floats, grad_scale)
     return batch_step
-
-
-def _flat(lanes) -> torch.Tensor:
-    return torch.stack(lanes, dim=1).reshape(-1)  # element 4j + l is lane l of quad j
 
 
 def _table_groups(ints: np.ndarray, floats: np.ndarray) -> np.ndarray:
@@ -279,20 +264,10 @@ def _run_batch(op: int, layout: tuple, rows: list, ints: np.ndarray, floats: np.
 
 
 def _segment_tables(ints: np.ndarray, floats: np.ndarray, seed: int, device) -> list:
-    """Per member: first quad in the batch, first quad in its parameter, key, steps (the low 32
-    bits the counters take), scales; then the seed's two words. Padded to two members (a
-    one-element dimension would be specialized by torch.compile and cost a compilation)."""
-    counts = ints[:, T.I_NUMEL] // 4
-    starts = np.cumsum(counts) - counts
+    """torch_noise.segment_tables of the batch's members (whole quads), then the seed's two words."""
     mask = spec._MASK32
-    table = np.stack([starts, ints[:, T.I_OFFSET] // 4, ints[:, T.I_KEY] & mask, ints[:, T.I_OLD_STEP] & mask,
-                      ints[:, T.I_NEW_STEP] & mask])
-    scales = np.stack([floats[:, T.F_OLD_SCALE], floats[:, T.F_NEW_SCALE]])
-    if table.shape[1] == 1:
-        table = np.concatenate([table, table], axis=1)
-        table[0, 1] = counts[0]  # past the end: never selected
-        scales = np.concatenate([scales, scales], axis=1)
-    table = torch.from_numpy(table).to(device)
-    scales = torch.from_numpy(scales).to(device)
+    tables = torch_noise.segment_tables(ints[:, T.I_NUMEL] // 4, ints[:, T.I_OFFSET] // 4, ints[:, T.I_KEY],
+                                        ints[:, T.I_OLD_STEP], ints[:, T.I_NEW_STEP], floats[:, T.F_OLD_SCALE],
+                                        floats[:, T.F_NEW_SCALE], device)
     words = torch.tensor([seed & mask, (seed >> 32) & mask], dtype=torch.int64, device=device)
-    return [*table, *scales, words[0], words[1]]
+    return [*tables, words[0], words[1]]

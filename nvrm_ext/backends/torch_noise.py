@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import warnings
 
+import numpy as np
 import torch
 
 from .. import noise as spec
@@ -105,7 +106,9 @@ def noise_differences(seed: int, members, device: torch.device, compile_min: int
     k0, k1 = seed & spec._MASK32, (seed >> 32) & spec._MASK32
     program = _program(device, old_code, new_code, wide) if 4 * total >= limit else None
     if program is not None:
-        tables = _segment_tables(members, counts, device)
+        keys, offsets, _, olds, news = zip(*members)
+        tables = segment_tables(counts, np.asarray(offsets) // 4, keys, [old[0] for old in olds],
+                                [new[0] for new in news], [old[2] for old in olds], [new[2] for new in news], device)
         try:
             # no_grad as in a step: a program compiled under one grad mode is recompiled under the other
             with torch.no_grad():
@@ -113,7 +116,7 @@ def noise_differences(seed: int, members, device: torch.device, compile_min: int
                                                   torch.tensor(counts, device=device))
                 lanes = program(segment, *tables,
                                 torch.tensor(k0, device=device), torch.tensor(k1, device=device))
-                delta = torch.stack(lanes, dim=1).reshape(-1)  # element order: 4j + lane
+                delta = flat_lanes(lanes)
         except Exception as error:  # a compiler missing on this machine, an unsupported op
             _fail((device.type, old_code, new_code, wide), error)
         else:
@@ -140,22 +143,25 @@ def _code(side) -> int | None:
     return None if step == 0 else spec.noise_type_code(noise_type)
 
 
-def _segment_tables(members, counts, device):
-    """Per segment: first quad in the batch, first quad in its parameter, key, steps, scales;
-    padded to two segments (a one-element dimension would be specialized by torch.compile and
-    cost a second compilation)."""
-    rows = [(key & spec._MASK32, offset // 4, old[0] & spec._MASK32, new[0] & spec._MASK32, old[2], new[2])
-            for key, offset, _, old, new in members]
-    starts = [0]
-    for count in counts[:-1]:
-        starts.append(starts[-1] + count)
-    if len(rows) == 1:
-        rows.append(rows[0])
-        starts.append(starts[0] + counts[0])  # past the end: never selected
-    keys, firsts, old_steps, new_steps, old_scales, new_scales = zip(*rows)
-    ints = torch.tensor([starts, firsts, keys, old_steps, new_steps], dtype=torch.int64).to(device)
-    floats = torch.tensor([old_scales, new_scales], dtype=torch.float32).to(device)
-    return ints[0], ints[1], ints[2], ints[3], ints[4], floats[0], floats[1]
+def segment_tables(counts, first_quads, keys, old_steps, new_steps, old_scales, new_scales, device) -> list:
+    """Per segment (numpy columns in, tensors out): first quad in the batch, first quad in its
+    parameter, key and steps (the low 32 bits the counters take), scales. Padded to two segments
+    (a one-element dimension would be specialized by torch.compile and cost a second compilation)."""
+    counts = np.asarray(counts, dtype=np.int64)
+    mask = spec._MASK32
+    ints = np.stack([np.cumsum(counts) - counts, first_quads, np.asarray(keys) & mask,
+                     np.asarray(old_steps) & mask, np.asarray(new_steps) & mask]).astype(np.int64)
+    floats = np.stack([old_scales, new_scales]).astype(np.float32)
+    if ints.shape[1] == 1:
+        ints = np.concatenate([ints, ints], axis=1)
+        ints[0, 1] = counts[0]  # past the end: never selected
+        floats = np.concatenate([floats, floats], axis=1)
+    return [*torch.from_numpy(ints).to(device), *torch.from_numpy(floats).to(device)]
+
+
+def flat_lanes(lanes) -> torch.Tensor:
+    """Four lanes as one flat tensor in element order: element 4j + l is lane l of quad j."""
+    return torch.stack(lanes, dim=1).reshape(-1)
 
 
 def _eager_difference(old_code, new_code, seed, members, device, wide: bool) -> torch.Tensor:

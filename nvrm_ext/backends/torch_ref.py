@@ -4,7 +4,7 @@ It is the fallback where no fused backend runs (MPS, XPU, 'auto' without a kerne
 readable per-row form (TorchBackend(grouped=False), or NVRM_TORCH_COMPILE=0 for the noise), the
 oracle the fused kernels are tested against. A step takes, in order: a compiled step program
 per large tensor (torch_step: noise swap and update in one program, the previous noise kept),
-a compiled batch program per group of small tensors that share their update (torch_step), and
+a compiled batch program per group of small tensors that share their update (torch_batch), and
 for the rest the batched noise (torch_noise) with the update as foreach operations over groups
 of rows (torch_update). Every path runs the arithmetic of torch_math and the noise of
 nvrm_ext.noise (float64 transforms), so they agree with each other (docs/noise.md §8).
@@ -23,7 +23,7 @@ from .torch_update import run_grouped
 
 def _noise_deltas(rows, ints, floats, seed: int) -> list:
     """Per row, n_new - n_old laid out like the row's parameter (None where neither step
-    carries noise): one batch per (old type, new type) of up to _BATCH_ELEMENTS elements, not
+    carries noise): one batch per (old type, new type) of up to torch_batch.BATCH_ELEMENTS elements, not
     one draw per tensor (torch_noise)."""
     by_types: dict = {}
     for index, ((param, _, _, _), ints_row, floats_row) in enumerate(zip(rows, ints, floats)):
@@ -36,7 +36,8 @@ def _noise_deltas(rows, ints, floats, seed: int) -> list:
             by_types.setdefault(types, []).append((index, member))
     out = [None] * len(rows)
     for (_, _, device, wide), indexed in by_types.items():
-        for batch in torch_noise.consecutive_runs(indexed, [member[2] for _, member in indexed], _BATCH_ELEMENTS):
+        sizes = [member[2] for _, member in indexed]
+        for batch in torch_noise.consecutive_runs(indexed, sizes, torch_batch.BATCH_ELEMENTS):
             deltas = torch_noise.noise_differences(seed, [member for _, member in batch], device, wide=wide)
             for (index, _), delta in zip(batch, deltas):
                 out[index] = spec.from_memory_order(delta, rows[index][0])
@@ -47,9 +48,6 @@ def _side(step, type_bits, scale):
     """(step, noise type, scale) of one side of a row's noise swap (type None at step 0: no noise)."""
     step = int(step)
     return step, spec.NOISE_TYPES[int(type_bits) & T.NOISE_TYPE_MASK] if step else None, scale
-
-
-_BATCH_ELEMENTS = 1 << 20  # small tensors share a batch up to this size; temporaries stay bounded
 
 
 class TorchBackend:
@@ -100,8 +98,8 @@ class TorchBackend:
         # the readable per-row path (grouped=False) takes no compiled step program
         rest = list(range(len(rows)))
         if self.grouped:
-            rest = self._run_step_programs(op, rows, ints, float_rows, seed, grad_scale)
             scale_tensor = None if grad_scale is None else grad_scale.reshape(())
+            rest = self._run_step_programs(op, rows, ints, float_rows, seed, scale_tensor)
             rest = [rest[i] for i in torch_batch.run_batches(op, [rows[i] for i in rest], ints[rest], floats[rest],
                                                              seed, scale_tensor, torch_step.cache_enabled())]
         rows, rest_ints, rest_floats = [rows[i] for i in rest], ints[rest], [float_rows[i] for i in rest]
@@ -119,10 +117,9 @@ class TorchBackend:
         """Run the rows a compiled step program takes (torch_step: large tensors); the indices
         of the others. Their parameters' kept noise is forgotten: their weights change without it."""
         cache = torch_step.PREVIOUS_NOISE if torch_step.cache_enabled() else None
-        scale = None if grad_scale is None else grad_scale.reshape(())
         large = np.flatnonzero(ints[:, T.I_NUMEL] >= torch_step.STEP_MIN_ELEMENTS).tolist()
         taken = {index for index in large
-                 if torch_step.try_step(op, rows[index], ints[index], float_rows[index], seed, scale, cache)}
+                 if torch_step.try_step(op, rows[index], ints[index], float_rows[index], seed, grad_scale, cache)}
         rest = [index for index in range(len(rows)) if index not in taken]
         if cache is not None and len(cache):
             for index in rest:

@@ -126,30 +126,39 @@ def _tensor_step(config: tuple):
     _, op, flags, old_mode, old_code, new_code, wide, *_ = config
 
     def tensor_step(param, grad, states, comp, floats, counters, kept, grad_scale):
-        # kept: the parameter's kept-noise buffer (None without the cache): read as the old
-        # noise in the "kept" mode, then overwritten with the new noise, element by element
+        # kept: the parameter's kept-noise buffer (None without the cache)
         quads = torch.arange((param.shape[0] + 3) // 4, device=param.device) + counters[3]
         new = _drawn(new_code, quads, counters, counters[2], floats[T.F_NEW_SCALE], param.shape[0])
-        if old_mode == OLD_KEPT:
-            old = kept
-        elif old_mode == OLD_DRAWN:
-            old = _drawn(old_code, quads, counters, counters[1], floats[T.F_OLD_SCALE], param.shape[0])
-        else:
-            old = None
-        if wide:
-            delta = new.to(torch.float64) if old is None else new.to(torch.float64) - old.to(torch.float64)
-        else:
-            delta = new if old is None else new - old
-        update_one(op, param, grad, states, comp, flags, floats, delta, grad_scale)
-        if kept is not None:
-            kept.copy_(new)
+        swap_and_update(config, new, kept,
+                        lambda: _drawn(old_code, quads, counters, counters[1], floats[T.F_OLD_SCALE], param.shape[0]),
+                        param, grad, states, comp, floats, grad_scale)
     return tensor_step
+
+
+def swap_and_update(config: tuple, new, kept, draw_old, param, grad, states, comp, floats, grad_scale) -> None:
+    """What every step program does once it has the new noise: take the old one (the kept buffer,
+    draw_old(), or none: config's mode), the update with new - old (float64 for float64
+    parameters), then the new noise into the kept buffer, element by element after reading it."""
+    _, op, flags, old_mode, _, _, wide, *_ = config
+    if old_mode == OLD_KEPT:
+        old = kept
+    elif old_mode == OLD_DRAWN:
+        old = draw_old()
+    else:
+        old = None
+    if wide:
+        delta = new.to(torch.float64) if old is None else new.to(torch.float64) - old.to(torch.float64)
+    else:
+        delta = new if old is None else new - old
+    update_one(op, param, grad, states, comp, flags, floats, delta, grad_scale)
+    if kept is not None:
+        kept.copy_(new)
 
 
 def _drawn(code: int, quads, counters, step, scale, numel: int) -> torch.Tensor:
     """float32(scale) * z of the elements of these quads, flat in element order, `numel` long."""
     lanes = torch_noise.scaled_unit_lanes(code, quads, counters[0], step, scale, counters[4], counters[5])
-    return torch.stack(lanes, dim=1).reshape(-1)[:numel]
+    return torch_noise.flat_lanes(lanes)[:numel]
 
 
 def try_step(op: int, row, ints_row, float_row, seed: int, grad_scale, cache: PreviousNoise | None) -> bool:
